@@ -21,7 +21,18 @@ _LAZY = {
     "Router": "personafuse.router",
 }
 
-__all__ = ["NUM_POLES", "TRAIT_POLES", "TraitError", "__version__", *_LAZY]
+__all__ = [
+    "NUM_POLES",
+    "TRAIT_POLES",
+    "Generation",
+    "MixtureLinear",
+    "PersonaFuseConfig",
+    "PersonaFuseModel",
+    "Router",
+    "Routing",
+    "TraitError",
+    "__version__",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from personafuse.config import PersonaFuseConfig

@@ -1,0 +1,168 @@
+"""``personafuse chat``, ``personafuse route`` and ``personafuse demo``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+
+console = Console()
+err_console = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="'default' (embedded SmolLM2 + MiniLM router, untrained experts), a PersonaFuse checkpoint "
+        "directory, or a base model id/path to wrap with fresh experts.",
+    ),
+]
+RoutingOpt = Annotated[
+    str,
+    typer.Option(
+        "--routing",
+        "-r",
+        help="router | pole:high_A | top_k:K | random:K | fixed:high_A=0.6,low_N=0.4 | blend:ALPHA:pole=w,...",
+    ),
+]
+
+DEMO_QUERIES = [
+    "I've been feeling really anxious lately and I can't sleep before my exams. What should I do?",
+    "Solve for x: 3x + 7 = 22. Show the steps.",
+    "Let's brainstorm wild names for a coffee shop run by robots!",
+]
+
+
+def load_model(spec: str) -> Any:
+    """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
+    from personafuse.config import CONFIG_NAME, PersonaFuseConfig
+    from personafuse.model import PersonaFuseModel
+
+    p = Path(spec)
+    if p.is_dir() and (p / CONFIG_NAME).is_file():
+        return PersonaFuseModel.from_pretrained(p)
+    if p.is_dir() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
+        raise typer.BadParameter(
+            f"{spec!r} is neither a PersonaFuse checkpoint ({CONFIG_NAME}) nor a model directory"
+        )
+    return PersonaFuseModel.from_config(PersonaFuseConfig(base_model=spec))
+
+
+def _routing(text: str, seed: int):
+    from personafuse.routing import Routing
+    from personafuse.traits import TraitError
+
+    try:
+        return Routing.parse(text, seed=seed)
+    except TraitError as e:
+        raise typer.BadParameter(str(e), param_hint="--routing") from None
+
+
+def show_reply(query: str, gen: Any) -> None:
+    from personafuse.display import summary_line, weight_bars
+
+    console.print(Panel(query, title="user", border_style="cyan"))
+    console.print(Panel(gen.text or "(empty reply)", title="PersonaFuse", border_style="green"))
+    console.print(weight_bars(gen.weights, title="routing weights"))
+    console.print(f"[dim]{summary_line(gen.weights)}[/dim]\n")
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def chat(
+        message: Annotated[
+            str | None, typer.Argument(help="One message; leave out for an interactive chat.")
+        ] = None,
+        model: ModelOpt = "default",
+        routing: RoutingOpt = "router",
+        max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 128,
+        sample: Annotated[
+            bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
+        ] = False,
+        temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
+        seed: Annotated[int, typer.Option(help="Seed for sampling and random routing.")] = 0,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the reply and weights as JSON.")] = False,
+    ) -> None:
+        """Chat with a PersonaFuse model; every reply shows its ten routing weights."""
+        route_spec = _routing(routing, seed)
+        with err_console.status("loading model…"):
+            m = load_model(model)
+        kw = {
+            "routing": route_spec,
+            "max_new_tokens": max_new_tokens,
+            "do_sample": sample,
+            "temperature": temperature,
+            "seed": seed,
+        }
+        if message is not None:
+            gen = m.generate([message], **kw)[0]
+            if as_json:
+                print(
+                    json.dumps(
+                        {"reply": gen.text, "weights": gen.weights, "finish_reason": gen.finish_reason}
+                    )
+                )
+            else:
+                show_reply(message, gen)
+            return
+        console.print("[bold]Interactive chat[/bold] — empty line or Ctrl-D to quit, '/reset' to start over.")
+        history: list[dict[str, str]] = []
+        while True:
+            try:
+                text = console.input("[cyan]you> [/cyan]").strip()
+            except (EOFError, KeyboardInterrupt):
+                break
+            if not text:
+                break
+            if text == "/reset":
+                history.clear()
+                continue
+            history.append({"role": "user", "content": text})
+            gen = m.generate([history], **kw)[0]
+            history.append({"role": "assistant", "content": gen.text})
+            show_reply(text, gen)
+
+    @app.command()
+    def route(
+        queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
+        model: ModelOpt = "default",
+        as_json: Annotated[
+            bool, typer.Option("--json", help='Print JSON: {"weights": {pole: w}} per query.')
+        ] = False,
+        tau: Annotated[float | None, typer.Option(help="Override the softmax temperature.")] = None,
+    ) -> None:
+        """Show how the router would mix the ten experts for each query (no generation)."""
+        from personafuse.display import summary_line, weight_bars
+        from personafuse.traits import big_five_summary, weights_dict
+
+        with err_console.status("loading model…"):
+            m = load_model(model)
+        w = m.route(queries, tau=tau)
+        for q, row in zip(queries, w.tolist(), strict=True):
+            weights = weights_dict(row)
+            if as_json:
+                top = sorted(weights, key=weights.__getitem__, reverse=True)[:3]
+                print(
+                    json.dumps(
+                        {"query": q, "weights": weights, "top": top, "big_five": big_five_summary(row)}
+                    )
+                )
+            else:
+                console.print(weight_bars(weights, title=q))
+                console.print(f"[dim]{summary_line(weights)}[/dim]\n")
+
+    @app.command()
+    def demo(
+        model: ModelOpt = "default",
+        max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
+    ) -> None:
+        """Answer contrasting queries (anxious user, maths, brainstorm) and show each reply's weights."""
+        with err_console.status("loading model…"):
+            m = load_model(model)
+        for q, gen in zip(DEMO_QUERIES, m.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
+            show_reply(q, gen)

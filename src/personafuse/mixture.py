@@ -1,0 +1,162 @@
+"""The Persona-MoE mixture layer: ten LoRA experts stacked into one rank-10r adapter.
+
+For an adapted linear ``W`` and a batch whose row ``b`` carries weights ``w_b``::
+
+    y = W x + sum_i w_bi * (alpha/r) * B_i A_i x
+      = W x + ((x A_cat^T) * expand(w_b)) B_cat^T
+
+with ``A_cat = [A_1; ...; A_10]`` (10r x k) and ``B_cat = [B_1 ... B_10]`` (d x 10r). That is the
+exact sum of the experts' outputs, computed as one rank-80 LoRA: no Python loop over experts and
+no per-request merge. ``expand`` repeats each weight r times and folds in alpha/r; it is computed
+once per routing decision (:meth:`MixtureState.set`) and shared by every layer, so each adapted
+layer costs two skinny matmuls and one multiply.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MixtureState:
+    """Routing weights shared by all mixture layers of one model.
+
+    Weights are set per sequence before a forward pass (or a whole ``generate`` call) and held
+    for prefill and every decoding step, so the KV cache stays valid.
+    """
+
+    def __init__(self, num_experts: int, r: int, scaling: float) -> None:
+        self.num_experts = num_experts
+        self.r = r
+        self.scaling = scaling
+        self.weights: torch.Tensor | None = None  # [B, E], as given
+        self._expanded: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+
+    def set(self, weights: torch.Tensor | None) -> None:
+        if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
+            raise ValueError(
+                f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
+            )
+        self.weights = weights
+        self._expanded = {}
+
+    def expanded(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[B, 1, E*r] weights (each repeated r times, times alpha/r) in the layer's dtype."""
+        key = (dtype, device)
+        cached = self._expanded.get(key)
+        if cached is None:
+            assert self.weights is not None
+            w = self.weights.to(device=device, dtype=dtype) * self.scaling
+            cached = w.repeat_interleave(self.r, dim=1).unsqueeze(1)
+            # Keep the graph when weights carry gradients (stage 3); otherwise cache across layers.
+            self._expanded[key] = cached
+        return cached
+
+    @contextmanager
+    def use(self, weights: torch.Tensor | None) -> Iterator[None]:
+        previous = self.weights
+        self.set(weights)
+        try:
+            yield
+        finally:
+            self.set(previous)
+
+
+class MixtureLinear(nn.Module):
+    """A frozen ``nn.Linear`` plus ten stacked LoRA experts mixed by per-row weights."""
+
+    def __init__(self, base: nn.Linear, state: MixtureState, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.base = base
+        self.state = state
+        e, r = state.num_experts, state.r
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    @property
+    def in_features(self) -> int:
+        return self.base.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base.out_features
+
+    @property
+    def weight(self) -> torch.Tensor:  # some model code inspects .weight (dtype, device)
+        return self.base.weight
+
+    def reset_parameters(self) -> None:
+        # Same init as a peft LoRA for every expert: A Kaiming-uniform, B zero (a new expert is a no-op).
+        r = self.state.r
+        for i in range(self.state.num_experts):
+            nn.init.kaiming_uniform_(self.lora_A.data[i * r : (i + 1) * r], a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def expert(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_i, B_i) views of expert ``i``."""
+        r = self.state.r
+        return self.lora_A[i * r : (i + 1) * r], self.lora_B[:, i * r : (i + 1) * r]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.state.weights is None:
+            return y
+        w = self.state.expanded(x.dtype, x.device)  # [B, 1, E*r]
+        if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
+            w = w.squeeze(1)
+        if w.shape[0] != x.shape[0]:
+            w = _match_batch(w, x.shape[0])
+        h = F.linear(self.dropout(x), self.lora_A) * w
+        return y + F.linear(h, self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"experts={self.state.num_experts}, r={self.state.r}, scaling={self.state.scaling:g}"
+
+
+def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
+    # generate() expands the batch for num_return_sequences / beams with repeat_interleave.
+    if n % w.shape[0]:
+        raise ValueError(f"mixture weights are set for {w.shape[0]} sequences but the batch has {n} rows")
+    return w.repeat_interleave(n // w.shape[0], dim=0)
+
+
+def inject_mixture(
+    model: nn.Module, target_modules: list[str], state: MixtureState, dropout: float = 0.0
+) -> list[str]:
+    """Replace every ``nn.Linear`` whose name ends with a target by a :class:`MixtureLinear`.
+
+    Returns the qualified names of the adapted modules. Raises if no module matched, naming the
+    targets and a few of the model's linear layers so a wrong target list is easy to fix.
+    """
+    targets = tuple(target_modules)
+    matched: list[str] = []
+    linears: list[str] = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear) or isinstance(module, MixtureLinear):
+            continue
+        linears.append(name)
+        if name.split(".")[-1] not in targets:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, MixtureLinear(module, state, dropout))
+        matched.append(name)
+    if not matched:
+        sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])
+        raise ValueError(f"target_modules {list(targets)} matched no linear layer; the model has: {sample}")
+    missing = [t for t in targets if not any(m.split(".")[-1] == t for m in matched)]
+    if missing:
+        raise ValueError(f"target_modules {missing} matched no linear layer in {type(model).__name__}")
+    return matched
+
+
+def mixture_layers(model: nn.Module) -> dict[str, MixtureLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, MixtureLinear)}

@@ -1,0 +1,403 @@
+"""PersonaFuseModel: a frozen causal LM with mixture layers, plus the situation-aware router.
+
+model = PersonaFuseModel.from_config(PersonaFuseConfig())          # embedded defaults
+out = model.generate(["I can't sleep before my exam"])            # router decides
+out[0].text, out[0].weights                                        # reply and ten weights
+model.generate(["Prove that sqrt(2) is irrational"], routing=Routing("pole", pole="high_C"))
+model.save_pretrained("ckpt"); PersonaFuseModel.from_pretrained("ckpt")
+model.export_lora(weights, "fixed-persona")    # one standard peft LoRA of rank 10r
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from personafuse import embedded
+from personafuse.config import PersonaFuseConfig
+from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
+from personafuse.router import PersonaEncoder, Router
+from personafuse.routing import Routing
+from personafuse.traits import NUM_POLES, POLE_DESCRIPTIONS, TRAIT_POLES, weights_dict, weights_from_any
+
+EXPERTS_FILE = "experts.safetensors"
+ROUTER_FILE = "router.safetensors"
+ENCODER_DELTA_FILE = "encoder_delta.safetensors"
+
+Prompt = str | Sequence[Mapping[str, str]]
+
+
+@dataclass
+class Generation:
+    text: str
+    weights: dict[str, float]
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    msgs = [dict(m) for m in prompt]
+    for i, m in enumerate(msgs):
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+    return msgs
+
+
+def router_text(prompt: Prompt) -> str:
+    """What the router reads: the whole conversation (system prompts excluded), oldest first, each
+    turn prefixed by its role, so the latest user turn is last and survives left truncation."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = [m for m in as_messages(prompt) if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+
+
+class PersonaFuseModel(nn.Module):
+    def __init__(
+        self,
+        config: PersonaFuseConfig,
+        base_model: nn.Module,
+        tokenizer: Any,
+        router: Router,
+        encoder_tokenizer: Any,
+        state: MixtureState,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.router = router
+        self.encoder_tokenizer = encoder_tokenizer
+        self.state = state
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_config(
+        cls,
+        config: PersonaFuseConfig | None = None,
+        *,
+        base_model: nn.Module | None = None,
+        tokenizer: Any = None,
+        encoder_backbone: nn.Module | None = None,
+        encoder_tokenizer: Any = None,
+        init_experts: bool = True,
+    ) -> PersonaFuseModel:
+        """Build a fresh Persona-MoE. Models not passed in are loaded from the config's specs."""
+        config = config or PersonaFuseConfig()
+        torch.manual_seed(config.seed)
+        if base_model is None:
+            src = embedded.resolve(config.base_model, config.base_gguf_file)
+            base_model = embedded.load_causal_lm(src, config.dtype)
+            tokenizer = tokenizer or embedded.load_tokenizer(src)
+        if tokenizer is None:
+            raise ValueError("a tokenizer is required when base_model is passed in")
+        if encoder_backbone is None:
+            esrc = embedded.resolve(config.encoder_model, config.encoder_gguf_file)
+            encoder_backbone = embedded.load_backbone(esrc, config.dtype)
+            encoder_tokenizer = encoder_tokenizer or embedded.load_tokenizer(esrc)
+        if encoder_tokenizer is None:
+            raise ValueError("an encoder tokenizer is required when encoder_backbone is passed in")
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if encoder_tokenizer.pad_token is None:
+            encoder_tokenizer.pad_token = encoder_tokenizer.eos_token
+        # The router reads the end of long conversations.
+        encoder_tokenizer.truncation_side = "left"
+
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        state = MixtureState(config.num_experts, config.r, config.scaling)
+        inject_mixture(base_model, list(config.target_modules), state, config.dropout)
+        encoder = PersonaEncoder(encoder_backbone, config.embed_dim, config.encoder_pooling)
+        router = Router(encoder, config.num_experts, config.embed_dim, config.tau)
+        model = cls(config, base_model, tokenizer, router, encoder_tokenizer, state)
+        if init_experts and config.expert_init == "descriptions":
+            model.init_expert_embeddings_from_descriptions()
+        return model
+
+    @torch.no_grad()
+    def init_expert_embeddings_from_descriptions(self) -> None:
+        """Start e_i at the projected encoding of pole i's description, so that before any training
+        the router already prefers poles whose description resembles the query."""
+        texts = [f"{p.replace('_', ' ')}: {POLE_DESCRIPTIONS[p]}" for p in TRAIT_POLES]
+        self.router.expert_embeddings.copy_(self.persona_embeddings(texts).float())
+
+    # ------------------------------------------------------------------ routing
+    @property
+    def device(self) -> torch.device:
+        return next(self.router.parameters()).device
+
+    def encode_queries(self, queries: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        texts = [router_text(q) for q in queries]
+        enc = self.encoder_tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.config.encoder_max_length,
+            return_tensors="pt",
+        )
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+        }
+
+    def persona_embeddings(self, queries: Sequence[Prompt]) -> torch.Tensor:
+        enc = self.encode_queries(queries)
+        return self.router.encoder(enc["input_ids"], enc["attention_mask"])
+
+    def route(self, queries: Sequence[Prompt], tau: float | None = None) -> torch.Tensor:
+        """Router weights [B, 10] for a batch of queries (no gradients; see ``router`` to train)."""
+        if isinstance(queries, str):
+            queries = [queries]
+        with torch.no_grad():
+            enc = self.encode_queries(queries)
+            w, _ = self.router(enc["input_ids"], enc["attention_mask"], tau=tau)
+        return w.float()
+
+    def resolve_weights(self, queries: Sequence[Prompt], routing: Routing | None = None) -> torch.Tensor:
+        routing = routing or Routing()
+        router_w = self.route(queries) if routing.needs_router else None
+        return routing.resolve(len(queries), router_w)
+
+    @contextmanager
+    def mixture_weights(
+        self, weights: torch.Tensor | Sequence[float] | Mapping[str, float] | None
+    ) -> Iterator[None]:
+        """Hold these weights ([B, 10], or one vector for every row) for the forward passes inside."""
+        if weights is not None and not isinstance(weights, torch.Tensor):
+            weights = torch.tensor([weights_from_any(weights)])
+        with self.state.use(weights):
+            yield
+
+    def forward(self, input_ids: torch.Tensor, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the mixture live. ``weights``: [B, 10] (None = base only)."""
+        with self.state.use(weights):
+            return self.base_model(input_ids=input_ids, **kwargs)
+
+    # ------------------------------------------------------------------ generation
+    def chat_inputs(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            texts = [
+                tok.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+            enc = tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
+        else:
+            texts = [router_text(p) for p in prompts]
+            enc = tok(texts, padding=True, padding_side="left", return_tensors="pt")
+        return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        routing: Routing | None = None,
+        *,
+        weights: torch.Tensor | Sequence[float] | Mapping[str, float] | None = None,
+        max_new_tokens: int = 128,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        batch_size: int = 8,
+        seed: int | None = None,
+    ) -> list[Generation]:
+        """Generate replies for strings or chat-message lists. Each reply reports its ten weights.
+
+        ``weights`` (one vector for all prompts, or [B, 10]) overrides ``routing``.
+        """
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if weights is not None:
+            if isinstance(weights, torch.Tensor):
+                w_all = weights.float().reshape(-1, NUM_POLES)
+            else:
+                w_all = torch.tensor([weights_from_any(weights)])
+            if w_all.shape[0] == 1:
+                w_all = w_all.expand(len(prompts), -1)
+            if w_all.shape[0] != len(prompts):
+                raise ValueError(f"weights has {w_all.shape[0]} rows for {len(prompts)} prompts")
+        else:
+            w_all = self.resolve_weights(prompts, routing)
+        if seed is not None:
+            torch.manual_seed(seed)
+        tok = self.tokenizer
+        results: list[Generation | None] = [None] * len(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(router_text(prompts[i])))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            enc = self.chat_inputs([prompts[i] for i in idx])
+            w = w_all[idx].to(self.device)
+            gen_kwargs: dict[str, Any] = {
+                "max_new_tokens": max_new_tokens,
+                "do_sample": do_sample,
+                "pad_token_id": tok.pad_token_id,
+            }
+            if do_sample:
+                gen_kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            with self.state.use(w):
+                out = self.base_model.generate(**enc, **gen_kwargs)
+            new = out[:, enc["input_ids"].shape[1] :]
+            for row, i in enumerate(idx):
+                ids = new[row]
+                n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
+                eos_hit = tok.eos_token_id is not None and bool((ids == tok.eos_token_id).any())
+                results[i] = Generation(
+                    text=tok.decode(ids, skip_special_tokens=True).strip(),
+                    weights=weights_dict(w_all[i].tolist()),
+                    prompt_tokens=int(enc["attention_mask"][row].sum()),
+                    completion_tokens=n + int(eos_hit and tok.pad_token_id == tok.eos_token_id),
+                    finish_reason="stop" if eos_hit else "length",
+                )
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ persistence
+    @property
+    def mixture_layers(self) -> dict[str, MixtureLinear]:
+        return mixture_layers(self.base_model)
+
+    def experts_state_dict(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name, layer in self.mixture_layers.items():
+            out[f"{name}.lora_A"] = layer.lora_A.detach().contiguous()
+            out[f"{name}.lora_B"] = layer.lora_B.detach().contiguous()
+        return out
+
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        return {
+            "expert_embeddings": self.router.expert_embeddings.detach().contiguous(),
+            "proj.weight": self.router.encoder.proj.weight.detach().contiguous(),
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config + experts + router + the encoder tensors that differ from its base model.
+        Base weights are never copied: the config references them by id or path."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        meta = {"format": "personafuse", "poles": ",".join(TRAIT_POLES)}
+        save_file(self.experts_state_dict(), str(d / EXPERTS_FILE), metadata=meta)
+        save_file(self.router_state_dict(), str(d / ROUTER_FILE), metadata=meta)
+        delta = self._encoder_delta()
+        delta_path = d / ENCODER_DELTA_FILE
+        if delta:
+            save_file(delta, str(delta_path), metadata=meta)
+        elif delta_path.exists():
+            delta_path.unlink()
+        self.config.save(d)
+        return d
+
+    def _encoder_delta(self) -> dict[str, torch.Tensor]:
+        src = embedded.resolve(self.config.encoder_model, self.config.encoder_gguf_file)
+        original = embedded.load_backbone(src, self.config.dtype).state_dict()
+        delta = {}
+        for name, t in self.router.encoder.backbone.state_dict().items():
+            o = original.get(name)
+            if o is None or o.shape != t.shape or not torch.equal(o.to(t.device, t.dtype), t):
+                delta[name] = t.detach().cpu().contiguous()
+        return delta
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> PersonaFuseModel:
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"PersonaFuse checkpoint directory {str(d)!r} does not exist")
+        config = PersonaFuseConfig.load(d)
+        for k, v in overrides.items():
+            setattr(config, k, v)
+        config.validate()
+        model = cls.from_config(config, init_experts=False)
+        model.load_weights(d)
+        return model
+
+    def load_weights(self, directory: str | Path) -> None:
+        d = Path(directory)
+        for fname in (EXPERTS_FILE, ROUTER_FILE):
+            if not (d / fname).is_file():
+                raise FileNotFoundError(f"{d / fname} is missing from the checkpoint")
+        experts = load_file(str(d / EXPERTS_FILE))
+        layers = self.mixture_layers
+        expected = {f"{n}.lora_{x}" for n in layers for x in "AB"}
+        if set(experts) != expected:
+            missing = sorted(expected - set(experts))[:3]
+            extra = sorted(set(experts) - expected)[:3]
+            raise ValueError(
+                f"{d / EXPERTS_FILE}: tensors do not match the model (missing {missing}, unexpected {extra})"
+            )
+        with torch.no_grad():
+            for name, layer in layers.items():
+                for x in "AB":
+                    dst = getattr(layer, f"lora_{x}")
+                    src = experts[f"{name}.lora_{x}"]
+                    if src.shape != dst.shape:
+                        raise ValueError(
+                            f"{d / EXPERTS_FILE}: {name}.lora_{x} has shape {tuple(src.shape)}, model needs {tuple(dst.shape)}"
+                        )
+                    dst.copy_(src)
+            router = load_file(str(d / ROUTER_FILE))
+            self.router.expert_embeddings.copy_(router["expert_embeddings"])
+            self.router.encoder.proj.weight.copy_(router["proj.weight"])
+            if (d / ENCODER_DELTA_FILE).is_file():
+                delta = load_file(str(d / ENCODER_DELTA_FILE))
+                missing, unexpected = self.router.encoder.backbone.load_state_dict(delta, strict=False)
+                if unexpected:
+                    raise ValueError(f"{d / ENCODER_DELTA_FILE}: unknown encoder tensors {unexpected[:3]}")
+
+    # ------------------------------------------------------------------ export
+    def export_lora(
+        self, weights: Sequence[float] | Mapping[str, float] | torch.Tensor, directory: str | Path
+    ) -> Path:
+        """Write a fixed mixture as one standard peft LoRA (rank 10r) with identical outputs.
+
+        Per layer the mixture adds sum_i w_i (alpha/r) B_i A_i x. Scaling A_i by w_i and concatenating
+        gives B_cat (A_cat * w) x; a peft LoRA of rank 10r and lora_alpha = 10*alpha applies exactly
+        that scale (alpha/r), so vLLM, LoRAX or plain peft can serve the persona.
+        """
+        from peft import LoraConfig
+
+        if isinstance(weights, torch.Tensor):
+            weights = weights.detach().flatten().tolist()
+        w = torch.tensor(weights_from_any(weights))
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        cfg = self.config
+        rank = cfg.r * cfg.num_experts
+        w_rows = w.repeat_interleave(cfg.r)
+        tensors: dict[str, torch.Tensor] = {}
+        for name, layer in self.mixture_layers.items():
+            a = layer.lora_A.detach().float().cpu() * w_rows[:, None]
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(layer.lora_A.dtype).contiguous()
+            tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+        save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
+        base_ref = cfg.base_model
+        if base_ref.lower() in embedded.BASE_ALIASES:
+            base_ref = embedded.resolve(base_ref).path
+        LoraConfig(
+            r=rank,
+            lora_alpha=cfg.alpha * cfg.num_experts,
+            lora_dropout=0.0,
+            target_modules=sorted(set(cfg.target_modules)),
+            bias="none",
+            task_type="CAUSAL_LM",
+            base_model_name_or_path=base_ref,
+        ).save_pretrained(str(d))
+        (d / "personafuse_mixture.json").write_text(
+            json.dumps({"weights": weights_dict(w.tolist())}, indent=2) + "\n"
+        )
+        return d

@@ -1,0 +1,87 @@
+"""The situation-aware router: persona encoder f_theta, projection to h_e, ten expert embeddings.
+
+    h = proj(pool(f_theta(query)))            pooling: last token (decoder LMs) or mean (encoders)
+    w_i = softmax_i(cos(h, e_i) / tau)         paper eq. (1)
+
+Everything here is trainable end to end (paper §4.1: the encoder is not frozen).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def is_decoder_backbone(backbone: nn.Module) -> bool:
+    cfg = backbone.config
+    archs = getattr(cfg, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    if getattr(cfg, "is_decoder", False):
+        return True
+    # Models loaded from GGUF carry no architectures; fall back on the model type.
+    return cfg.model_type in {
+        "llama",
+        "qwen2",
+        "qwen3",
+        "mistral",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "gpt2",
+    }
+
+
+class PersonaEncoder(nn.Module):
+    """Any Hugging Face backbone + pooling + a linear projection to ``embed_dim``."""
+
+    def __init__(self, backbone: nn.Module, embed_dim: int, pooling: str = "auto") -> None:
+        super().__init__()
+        self.backbone = backbone
+        if pooling == "auto":
+            pooling = "last" if is_decoder_backbone(backbone) else "mean"
+        if pooling not in ("last", "mean"):
+            raise ValueError(f"pooling must be 'last', 'mean' or 'auto', got {pooling!r}")
+        self.pooling = pooling
+        hidden = backbone.config.hidden_size
+        self.proj = nn.Linear(hidden, embed_dim, bias=False, dtype=next(backbone.parameters()).dtype)
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+        # Last real token, whichever side the padding is on.
+        positions = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        last = (positions * mask).argmax(dim=1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return self.proj(self.pool(out.last_hidden_state, attention_mask))
+
+
+class Router(nn.Module):
+    """Maps tokenised queries to a distribution over the ten experts."""
+
+    def __init__(self, encoder: PersonaEncoder, num_experts: int, embed_dim: int, tau: float = 1.0) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.expert_embeddings = nn.Parameter(torch.randn(num_experts, embed_dim))
+        self.tau = tau
+
+    def similarities(self, h: torch.Tensor) -> torch.Tensor:
+        """s_bi = cos(h_b, e_i): [B, E]."""
+        e = self.expert_embeddings.to(h.dtype)
+        return F.normalize(h, dim=-1) @ F.normalize(e, dim=-1).T
+
+    def weights_from_embeddings(self, h: torch.Tensor, tau: float | None = None) -> torch.Tensor:
+        return torch.softmax(self.similarities(h) / (tau or self.tau), dim=-1)
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(weights [B, E], persona embeddings h [B, h_e])``."""
+        h = self.encoder(input_ids, attention_mask)
+        return self.weights_from_embeddings(h, tau), h

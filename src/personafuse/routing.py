@@ -1,0 +1,137 @@
+"""Routing modes: how a request's ten mixture weights are chosen.
+
+``router``  the learned router's weights (default)
+``fixed``   caller-given weights (normalised to sum to 1)
+``blend``   (1 - alpha) * router + alpha * fixed
+``top_k``   the router's k largest weights, renormalised
+``pole``    one expert with weight 1
+``random``  Random Route k (paper §6.1): k experts drawn at random, weight 1/k each (seeded)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from personafuse.traits import NUM_POLES, POLE_INDEX, TraitError, pole_name, weights_from_any
+
+MODES = ("router", "fixed", "blend", "top_k", "pole", "random")
+
+
+@dataclass
+class Routing:
+    mode: str = "router"
+    weights: Sequence[float] | Mapping[str, float] | None = None
+    alpha: float = 0.5
+    k: int = 1
+    pole: str | None = None
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise TraitError(f"unknown routing mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        if self.mode in ("fixed", "blend"):
+            if self.weights is None:
+                raise TraitError(f"routing mode {self.mode!r} needs 'weights'")
+            self.weights = weights_from_any(self.weights, normalise=True)
+        if self.mode == "blend" and not 0.0 <= float(self.alpha) <= 1.0:
+            raise TraitError(f"routing 'alpha' must be in [0, 1], got {self.alpha!r}")
+        if self.mode in ("top_k", "random") and not (
+            isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= NUM_POLES
+        ):
+            raise TraitError(f"routing 'k' must be an integer from 1 to {NUM_POLES}, got {self.k!r}")
+        if self.mode == "pole":
+            if self.pole is None:
+                raise TraitError("routing mode 'pole' needs 'pole' (e.g. high_A)")
+            self.pole = pole_name(self.pole)
+
+    @property
+    def needs_router(self) -> bool:
+        return self.mode in ("router", "blend", "top_k")
+
+    def resolve(self, batch_size: int, router_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch_size, 10] weights for this mode; ``router_weights`` is required when
+        :attr:`needs_router`."""
+        if self.needs_router and router_weights is None:
+            raise ValueError(f"routing mode {self.mode!r} needs the router's weights")
+        if self.mode == "router":
+            return router_weights  # type: ignore[return-value]
+        ref = router_weights
+        dtype = ref.dtype if ref is not None else torch.float32
+        device = ref.device if ref is not None else torch.device("cpu")
+        if self.mode in ("fixed", "blend"):
+            fixed = torch.tensor(self.weights, dtype=dtype, device=device).expand(batch_size, -1)
+            if self.mode == "fixed":
+                return fixed.clone()
+            return (1 - self.alpha) * router_weights + self.alpha * fixed  # type: ignore[operator]
+        if self.mode == "top_k":
+            vals, idx = router_weights.topk(self.k, dim=-1)  # type: ignore[union-attr]
+            out = torch.zeros_like(router_weights).scatter(-1, idx, vals)
+            return out / out.sum(-1, keepdim=True)
+        if self.mode == "pole":
+            out = torch.zeros(batch_size, NUM_POLES, dtype=dtype, device=device)
+            out[:, POLE_INDEX[self.pole]] = 1.0  # type: ignore[index]
+            return out
+        # random: a fresh draw per row, reproducible from the seed.
+        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        out = torch.zeros(batch_size, NUM_POLES, dtype=dtype)
+        for b in range(batch_size):
+            pick = torch.randperm(NUM_POLES, generator=gen)[: self.k]
+            out[b, pick] = 1.0 / self.k
+        return out.to(device)
+
+    @classmethod
+    def parse(cls, text: str, seed: int | None = 0) -> Routing:
+        """Parse the CLI form: ``router``, ``pole:high_A``, ``top_k:3``, ``random:2``,
+        ``fixed:high_A=0.6,low_N=0.4``, ``blend:0.3:high_A=1``."""
+        head, _, rest = text.strip().partition(":")
+        head = head.strip().lower().replace("-", "_")
+        if head in ("router", ""):
+            return cls("router")
+        if head == "pole":
+            return cls("pole", pole=rest)
+        if head in ("top_k", "topk", "random"):
+            try:
+                k = int(rest)
+            except ValueError:
+                raise TraitError(f"routing {text!r}: expected {head}:K with an integer K") from None
+            return cls("top_k" if head != "random" else "random", k=k, seed=seed)
+        if head == "fixed":
+            return cls("fixed", weights=_parse_weights(rest, text))
+        if head == "blend":
+            a, _, w = rest.partition(":")
+            try:
+                alpha = float(a)
+            except ValueError:
+                raise TraitError(f"routing {text!r}: expected blend:ALPHA:pole=w,...") from None
+            return cls("blend", weights=_parse_weights(w, text), alpha=alpha)
+        raise TraitError(f"unknown routing mode {head!r} in {text!r}; expected one of {', '.join(MODES)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Routing:
+        """The JSON form used by the server's ``persona`` field."""
+        known = {"mode", "weights", "alpha", "k", "pole", "seed"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise TraitError(
+                f"persona: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+            )
+        return cls(**dict(data))
+
+
+def _parse_weights(text: str, whole: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        if not eq:
+            raise TraitError(f"routing {whole!r}: expected pole=weight, got {part!r}")
+        try:
+            out[pole_name(name)] = float(value)
+        except ValueError:
+            raise TraitError(f"routing {whole!r}: weight for {name!r} is not a number: {value!r}") from None
+    if not out:
+        raise TraitError(f"routing {whole!r}: no weights given")
+    return out

@@ -1,0 +1,219 @@
+"""Shared fixtures: tiny randomly initialised models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+WORDS = [
+    "i",
+    "am",
+    "feel",
+    "so",
+    "anxious",
+    "sad",
+    "happy",
+    "angry",
+    "tired",
+    "worried",
+    "about",
+    "my",
+    "exam",
+    "work",
+    "job",
+    "boss",
+    "friend",
+    "family",
+    "what",
+    "is",
+    "the",
+    "how",
+    "do",
+    "you",
+    "solve",
+    "prove",
+    "write",
+    "a",
+    "poem",
+    "story",
+    "idea",
+    "ideas",
+    "brainstorm",
+    "for",
+    "new",
+    "product",
+    "please",
+    "help",
+    "me",
+    "with",
+    "this",
+    "math",
+    "problem",
+    "equation",
+    "x",
+    "y",
+    "plus",
+    "minus",
+    "times",
+    "two",
+    "three",
+    "four",
+    "five",
+    "can",
+    "code",
+    "python",
+    "function",
+    "bug",
+    "error",
+    "refund",
+    "order",
+    "late",
+    "package",
+    "customer",
+    "service",
+    "thanks",
+    "hello",
+    "why",
+    "when",
+    "where",
+    "who",
+    "it",
+    "not",
+    "and",
+    "or",
+    "but",
+    "to",
+    "of",
+    "in",
+    "on",
+    "at",
+    "be",
+    "was",
+    "were",
+    "will",
+    "would",
+    "should",
+    "could",
+]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)))}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", eos_token="<|end|>", bos_token="<s>"
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def tiny_causal_lm(kind: str = "llama", vocab_size: int = 160, seed: int = 0):
+    from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
+    if kind == "gemma":
+        common["head_dim"] = 8
+    cfg = configs[kind](**common)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def tiny_encoder(kind: str = "bert", vocab_size: int = 160, seed: int = 1):
+    from transformers import AutoModel, BertConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    if kind == "bert":
+        cfg = BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        )
+    else:
+        cfg = Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            pad_token_id=0,
+            architectures=["Qwen2ForCausalLM"],
+        )
+    return AutoModel.from_config(cfg).eval()
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
+
+
+def build_tiny(
+    tmp_path: Path | None = None,
+    base_kind: str = "llama",
+    encoder_kind: str = "bert",
+    randomise: bool = True,
+    **cfg,
+):
+    """A tiny PersonaFuseModel. With ``tmp_path`` the base and encoder are saved there first so the
+    config references real paths (needed for save/from_pretrained)."""
+    from personafuse import PersonaFuseConfig, PersonaFuseModel
+
+    tok = make_tokenizer()
+    base = tiny_causal_lm(base_kind)
+    enc = tiny_encoder(encoder_kind)
+    base_path = enc_path = "unused"
+    if tmp_path is not None:
+        base_path, enc_path = str(tmp_path / "base"), str(tmp_path / "encoder")
+        base.save_pretrained(base_path)
+        tok.save_pretrained(base_path)
+        enc.save_pretrained(enc_path)
+        tok.save_pretrained(enc_path)
+    config = PersonaFuseConfig(base_model=base_path, encoder_model=enc_path, embed_dim=16, **cfg)
+    model = PersonaFuseModel.from_config(
+        config, base_model=base, tokenizer=tok, encoder_backbone=enc, encoder_tokenizer=make_tokenizer()
+    )
+    if randomise:
+        randomise_experts(model)
+    return model.eval()
+
+
+def randomise_experts(model, seed: int = 123, scale: float = 0.3) -> None:
+    """Give every expert a non-zero B so that experts differ (fresh LoRA B is zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.mixture_layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)

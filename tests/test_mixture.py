@@ -1,0 +1,128 @@
+"""The mixture is the exact sum of the ten experts, batched with per-row weights."""
+
+import copy
+
+import pytest
+import torch
+
+from conftest import build_tiny, tiny_causal_lm
+from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def random_weights(b: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(b, 10, generator=g) * 2, dim=-1)
+
+
+def test_layer_equals_explicit_sum_over_experts():
+    torch.manual_seed(0)
+    base = torch.nn.Linear(24, 40)
+    state = MixtureState(10, 8, 16 / 8)
+    layer = MixtureLinear(base, state)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(5, 7, 24)
+    w = random_weights(5)
+    with state.use(w):
+        y = layer(x)
+    ref = base(x)
+    for i in range(10):
+        a, b = layer.expert(i)
+        ref = ref + w[:, i, None, None] * 2.0 * (x @ a.T @ b.T)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    # No weights set: exactly the base layer.
+    torch.testing.assert_close(layer(x), base(x), atol=0, rtol=0)
+
+
+def _peft_reference(pf, kind):
+    """A peft model holding the same ten experts as ten separate LoRA adapters."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_causal_lm(kind)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+    peft_model = get_peft_model(base, cfg, adapter_name="e0")
+    for i in range(1, 10):
+        peft_model.add_adapter(f"e{i}", cfg)
+    layers = pf.mixture_layers
+    with torch.no_grad():
+        for name, module in peft_model.named_modules():
+            if not hasattr(module, "lora_A") or not isinstance(module.lora_A, torch.nn.ModuleDict):
+                continue
+            ours = layers[name.removeprefix("base_model.model.")]
+            for i in range(10):
+                a, b = ours.expert(i)
+                module.lora_A[f"e{i}"].weight.copy_(a)
+                module.lora_B[f"e{i}"].weight.copy_(b)
+    return peft_model.eval()
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma"])
+def test_model_equals_peft_sum_of_experts_per_row(kind):
+    pf = build_tiny(base_kind=kind)
+    peft_model = _peft_reference(pf, kind)
+    ids = torch.randint(7, 150, (4, 9), generator=torch.Generator().manual_seed(1))
+    w = random_weights(4, seed=2)
+    with torch.no_grad():
+        ours = pf(ids, weights=w).logits
+        for row in range(4):
+            name = f"mix{row}"
+            peft_model.add_weighted_adapter(
+                [f"e{i}" for i in range(10)], w[row].tolist(), name, combination_type="cat"
+            )
+            peft_model.set_adapter(name)
+            ref = peft_model(input_ids=ids[row : row + 1]).logits
+            torch.testing.assert_close(ours[row : row + 1], ref, atol=1e-5, rtol=1e-5)
+        # A one-hot weight is exactly that single expert.
+        for i in (0, 7):
+            onehot = torch.zeros(1, 10)
+            onehot[0, i] = 1.0
+            peft_model.set_adapter(f"e{i}")
+            torch.testing.assert_close(
+                pf(ids[:1], weights=onehot).logits, peft_model(input_ids=ids[:1]).logits, atol=1e-5, rtol=1e-5
+            )
+    # And the mixture really differs from the base model.
+    assert not torch.allclose(ours, pf(ids).logits, atol=1e-3)
+
+
+def test_generation_with_cache_equals_without_cache():
+    pf = build_tiny()
+    enc = pf.chat_inputs(["i feel so anxious about my exam", "solve x plus two times three"])
+    w = random_weights(2, seed=5)
+    with torch.no_grad(), pf.mixture_weights(w):
+        kw = dict(
+            max_new_tokens=12, do_sample=False, pad_token_id=0, temperature=None, top_p=None, top_k=None
+        )
+        cached = pf.base_model.generate(**enc, use_cache=True, **kw)
+        uncached = pf.base_model.generate(**enc, use_cache=False, **kw)
+    assert torch.equal(cached, uncached)
+    assert cached.shape[1] > enc["input_ids"].shape[1]
+
+
+def test_batch_rows_are_independent_in_generate():
+    pf = build_tiny()
+    prompts = ["i feel so anxious", "write a poem about my boss", "solve x plus two"]
+    w = random_weights(3, seed=9)
+    together = pf.generate(prompts, weights=w, max_new_tokens=8)
+    alone = [pf.generate([p], weights=w[i : i + 1], max_new_tokens=8)[0] for i, p in enumerate(prompts)]
+    assert [g.text for g in together] == [g.text for g in alone]
+    assert together[1].weights["high_O"] == pytest.approx(float(w[1, 0]))
+
+
+def test_inject_errors_name_targets():
+    model = tiny_causal_lm()
+    state = MixtureState(10, 8, 2.0)
+    with pytest.raises(ValueError, match=r"\['c_attn'\] matched no linear layer"):
+        inject_mixture(copy.deepcopy(model), ["c_attn"], state)
+    with pytest.raises(ValueError, match=r"\['wq'\] matched no linear layer"):
+        inject_mixture(copy.deepcopy(model), ["q_proj", "wq"], state)
+
+
+def test_wrong_weight_shape_is_rejected():
+    pf = build_tiny()
+    ids = torch.randint(7, 150, (2, 5))
+    with pytest.raises(ValueError, match=r"shape \[batch, 10\]"):
+        pf(ids, weights=torch.ones(2, 9) / 9)
+    with pytest.raises(ValueError, match="set for 3 sequences but the batch has 2 rows"):
+        pf(ids, weights=torch.ones(3, 10) / 10)

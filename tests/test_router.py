@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from conftest import build_tiny
+from personafuse import Routing, TraitError
+
+
+def entropy(w: torch.Tensor) -> torch.Tensor:
+    return -(w * w.clamp_min(1e-12).log()).sum(-1)
+
+
+QUERIES = ["i feel so anxious about my exam", "solve x plus two", "brainstorm ideas for new product"]
+
+
+@pytest.mark.parametrize("encoder_kind", ["bert", "qwen2"])
+def test_router_weights_are_a_distribution_and_tau_sharpens(encoder_kind):
+    pf = build_tiny(encoder_kind=encoder_kind)
+    assert pf.router.encoder.pooling == ("mean" if encoder_kind == "bert" else "last")
+    w = pf.route(QUERIES)
+    assert w.shape == (3, 10)
+    assert torch.all(w > 0)
+    torch.testing.assert_close(w.sum(-1), torch.ones(3))
+    sharp = pf.route(QUERIES, tau=0.05)
+    assert torch.all(entropy(sharp) < entropy(w))
+    assert torch.equal(sharp.argmax(-1), w.argmax(-1))
+
+
+def test_gradients_reach_encoder_projection_and_embeddings():
+    pf = build_tiny()
+    enc = pf.encode_queries(QUERIES)
+    w, h = pf.router(enc["input_ids"], enc["attention_mask"])
+    target = torch.zeros(3, 10)
+    target[:, 6] = 1.0
+    loss = -(target * w.log()).sum()
+    loss.backward()
+    grads = {
+        "encoder": pf.router.encoder.backbone.embeddings.word_embeddings.weight.grad,
+        "projection": pf.router.encoder.proj.weight.grad,
+        "expert_embeddings": pf.router.expert_embeddings.grad,
+    }
+    for name, g in grads.items():
+        assert g is not None and g.abs().sum() > 0, name
+    # The base model stays frozen.
+    assert not any(p.requires_grad for n, p in pf.base_model.named_parameters() if "lora_" not in n)
+
+
+def test_last_token_pooling_ignores_padding_side():
+    pf = build_tiny(encoder_kind="qwen2")
+    tok = pf.encoder_tokenizer
+    texts = ["i feel so anxious about my exam today", "solve x"]
+    outs = []
+    for side in ("left", "right"):
+        tok.padding_side = side
+        enc = tok(texts, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            outs.append(pf.router.encoder(enc["input_ids"], enc["attention_mask"]))
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_routing_modes():
+    pf = build_tiny()
+    router_w = pf.route(QUERIES)
+    fixed = Routing("fixed", weights={"high_A": 3, "low_N": 1}).resolve(3, router_w)
+    assert fixed[0, 6] == pytest.approx(0.75) and fixed[0, 9] == pytest.approx(0.25)
+    blend = Routing("blend", weights={"high_A": 1}, alpha=0.25).resolve(3, router_w)
+    torch.testing.assert_close(
+        blend, 0.75 * router_w + 0.25 * fixed.new_zeros(3, 10).index_fill(1, torch.tensor([6]), 1.0)
+    )
+    top2 = Routing("top_k", k=2).resolve(3, router_w)
+    assert torch.all((top2 > 0).sum(-1) == 2)
+    assert torch.equal(top2.argmax(-1), router_w.argmax(-1))
+    torch.testing.assert_close(top2.sum(-1), torch.ones(3))
+    pole = Routing("pole", pole="Low Neuroticism").resolve(3)
+    assert torch.all(pole[:, 9] == 1) and pole.sum() == 3
+    for k in (1, 2, 5):
+        r = Routing("random", k=k, seed=7).resolve(64)
+        assert torch.all((r > 0).sum(-1) == k)
+        torch.testing.assert_close(r[r > 0], torch.full(((r > 0).sum().item(),), 1.0 / k))
+        assert torch.equal(r, Routing("random", k=k, seed=7).resolve(64))  # seeded
+        assert len({tuple(row.tolist()) for row in r}) > 1  # rows draw independently
+    assert not torch.equal(
+        Routing("random", k=2, seed=1).resolve(16), Routing("random", k=2, seed=2).resolve(16)
+    )
+
+
+def test_routing_parse_and_errors():
+    assert Routing.parse("pole:high_A").pole == "high_A"
+    assert Routing.parse("random:5").k == 5
+    assert Routing.parse("fixed:high_A=0.6,low_N=0.4").weights[9] == pytest.approx(0.4)
+    assert Routing.parse("blend:0.3:high_O=1").alpha == pytest.approx(0.3)
+    with pytest.raises(TraitError, match="unknown routing mode 'sometimes'"):
+        Routing("sometimes")
+    with pytest.raises(TraitError, match="'k' must be an integer from 1 to 10"):
+        Routing("random", k=11)
+    with pytest.raises(TraitError, match="'super_A'"):
+        Routing("pole", pole="super_A")
+    with pytest.raises(TraitError, match="negative"):
+        Routing("fixed", weights=[-1.0] + [0.2] * 9)
+    with pytest.raises(TraitError, match="9 entries"):
+        Routing("fixed", weights=[0.1] * 9)
+    with pytest.raises(TraitError, match="unknown field"):
+        Routing.from_dict({"mode": "pole", "pole": "high_A", "temperature": 2})
+
+
+def test_generate_reports_weights_of_each_mode():
+    pf = build_tiny()
+    [g] = pf.generate(["hello"], routing=Routing("pole", pole="high_C"), max_new_tokens=3)
+    assert g.weights["high_C"] == 1.0 and sum(g.weights.values()) == 1.0
+    router_gen = pf.generate(QUERIES, max_new_tokens=3)
+    for g, w in zip(router_gen, pf.route(QUERIES), strict=True):
+        assert list(g.weights.values()) == pytest.approx(w.tolist())
+    with pytest.raises(TraitError, match="negative"):
+        pf.generate(["hello"], weights=[-0.1] + [0.1] * 9)
