@@ -27,7 +27,9 @@ class MixtureState:
     """Routing weights shared by all mixture layers of one model.
 
     Weights are set per sequence before a forward pass (or a whole ``generate`` call) and held
-    for prefill and every decoding step, so the KV cache stays valid.
+    for prefill and every decoding step, so the KV cache stays valid. The expanded form is built
+    once here, not per layer. At inference the expanded weights live in one persistent buffer
+    while the batch shape holds, so a CUDA-graph-captured decode step sees each new mixture.
     """
 
     def __init__(self, num_experts: int, r: int, scaling: float) -> None:
@@ -35,7 +37,9 @@ class MixtureState:
         self.r = r
         self.scaling = scaling
         self.weights: torch.Tensor | None = None  # [B, E], as given
-        self._expanded: dict[tuple[torch.dtype, torch.device], torch.Tensor] = {}
+        self.expanded: torch.Tensor | None = None  # [B, 1, E*r], times alpha/r
+        self.dtype: torch.dtype | None = None  # the adapted layers' dtype, set by inject_mixture
+        self._buffer: torch.Tensor | None = None
 
     def set(self, weights: torch.Tensor | None) -> None:
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
@@ -43,19 +47,20 @@ class MixtureState:
                 f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
             )
         self.weights = weights
-        self._expanded = {}
-
-    def expanded(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """[B, 1, E*r] weights (each repeated r times, times alpha/r) in the layer's dtype."""
-        key = (dtype, device)
-        cached = self._expanded.get(key)
-        if cached is None:
-            assert self.weights is not None
-            w = self.weights.to(device=device, dtype=dtype) * self.scaling
-            cached = w.repeat_interleave(self.r, dim=1).unsqueeze(1)
-            # Keep the graph when weights carry gradients (stage 3); otherwise cache across layers.
-            self._expanded[key] = cached
-        return cached
+        if weights is None:
+            self.expanded = None
+            return
+        w = weights.to(dtype=self.dtype or weights.dtype) * self.scaling
+        w = w.repeat_interleave(self.r, dim=1).unsqueeze(1)
+        if not torch.is_grad_enabled() and not w.requires_grad:
+            # Inference: reuse one buffer (stable address for CUDA graphs) while the shape holds.
+            buf = self._buffer
+            if buf is not None and buf.shape == w.shape and buf.device == w.device and buf.dtype == w.dtype:
+                buf.copy_(w)
+                w = buf
+            else:
+                self._buffer = w
+        self.expanded = w
 
     @contextmanager
     def use(self, weights: torch.Tensor | None) -> Iterator[None]:
@@ -64,7 +69,8 @@ class MixtureState:
         try:
             yield
         finally:
-            self.set(previous)
+            if previous is not self.weights:
+                self.set(previous)
 
 
 class MixtureLinear(nn.Module):
@@ -107,9 +113,9 @@ class MixtureLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        if self.state.weights is None:
+        w = self.state.expanded  # [B, 1, E*r]
+        if w is None:
             return y
-        w = self.state.expanded(x.dtype, x.device)  # [B, 1, E*r]
         if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
             w = w.squeeze(1)
         if w.shape[0] != x.shape[0]:
@@ -148,6 +154,7 @@ def inject_mixture(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MixtureLinear(module, state, dropout))
+        state.dtype = module.weight.dtype
         matched.append(name)
     if not matched:
         sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])

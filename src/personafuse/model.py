@@ -185,6 +185,8 @@ class PersonaFuseModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the mixture live. ``weights``: [B, 10] (None = base only)."""
+        if weights is not None:
+            weights = weights.to(input_ids.device)
         with self.state.use(weights):
             return self.base_model(input_ids=input_ids, **kwargs)
 

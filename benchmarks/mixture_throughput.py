@@ -1,0 +1,235 @@
+"""Greedy decode throughput: base vs Persona-MoE (a different mixture on every row) vs peft.
+
+All variants share the same base weights and decode the same prompts for the same number of new
+tokens (EOS suppressed), measured in one run, interleaved round-robin so that machine noise hits
+them alike. Ratios are tokens/s relative to the base model measured in the same run.
+
+    python benchmarks/mixture_throughput.py                          # embedded SmolLM2, CPU, batch 8
+    python benchmarks/mixture_throughput.py --shape llama-3.1-8b --device cuda --dtype bfloat16 \
+        --batch 32 --json out.json                                   # random Llama-3.1-8B shapes
+
+Variants:
+  base        the base model alone
+  moe         Persona-MoE: ten stacked rank-8 experts, per-row weights, no merge
+  peft_lora   peft with one rank-8 LoRA (unmerged)
+  peft_cat    peft with the ten experts combined per request by add_weighted_adapter(..., "cat"):
+              one adapter built per row (build time included), decoded as a peft mixed batch
+  peft_cat_shared  (extra) one "cat" adapter for the whole batch, decode only
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SHAPES = {
+    # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B), randomly initialised.
+    "llama-3.1-8b": dict(
+        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False,
+    ),
+    "tiny": dict(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+    ),
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load_base(args, device, dtype):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if args.shape:
+        cfg = LlamaConfig(**SHAPES[args.shape])
+        torch.manual_seed(0)
+        with device:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        return model.eval(), f"random {args.shape} shapes"
+    from personafuse import embedded
+
+    src = embedded.resolve(args.model)
+    model = embedded.load_causal_lm(src, "float32").to(device=device, dtype=dtype)
+    return model.eval(), f"{args.model} ({src.path}/{src.gguf_file or ''})"
+
+
+def share_weights(model):
+    """A structural copy whose parameters and buffers are the very same tensors (no extra memory)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+def randomise_lora(module_iter, seed=0, scale=0.01):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module_iter:
+            p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.dtype))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="default", help="model spec when --shape is not given")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="random model of these shapes instead")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--variants", default="base,moe,peft_lora,peft_cat,peft_cat_shared")
+    ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile (GPU)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    args = ap.parse_args()
+
+    from peft import LoraConfig, get_peft_model
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    t0 = time.perf_counter()
+    base, desc = load_base(args, device, dtype)
+    print(f"loaded {desc} in {time.perf_counter() - t0:.1f}s on {device} ({dtype})", flush=True)
+    vocab = base.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, min(vocab, 30000), (args.batch, args.prompt_len), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    row_w = torch.softmax(torch.randn(args.batch, 10, generator=g) * 2, dim=-1)
+    variants = args.variants.split(",")
+    gen_kw = dict(
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+        temperature=None, top_p=None, top_k=None, pad_token_id=0,
+    )
+    if args.compile:
+        gen_kw["cache_implementation"] = "static"
+
+    runners = {}
+    if "base" in variants:
+        runners["base"] = lambda: (0.0, base.generate(input_ids=ids, attention_mask=mask, **gen_kw))
+
+    if "moe" in variants:
+        moe = share_weights(base)
+        state = MixtureState(10, 8, 16 / 8)
+        inject_mixture(moe, TARGETS, state)
+        moe.to(device)
+        randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
+        w_dev = row_w.to(device)
+
+        def run_moe():
+            with state.use(w_dev):
+                return 0.0, moe.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+
+        runners["moe"] = run_moe
+
+    need_peft = any(v.startswith("peft") for v in variants)
+    if need_peft:
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0)
+        pm = get_peft_model(share_weights(base), cfg, adapter_name="single").eval()
+        for i in range(10):
+            pm.add_adapter(f"e{i}", cfg)
+        randomise_lora([p for n, p in pm.named_parameters() if "lora_" in n])
+        experts = [f"e{i}" for i in range(10)]
+
+        def run_lora():
+            pm.set_adapter("single")
+            return 0.0, pm.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+
+        counter = {"n": 0}
+
+        def run_cat():
+            counter["n"] += 1
+            sync(device)
+            t = time.perf_counter()
+            names = []
+            for b in range(args.batch):  # one adapter per request, as a server would have to
+                name = f"req{counter['n']}_{b}"
+                pm.add_weighted_adapter(experts, row_w[b].tolist(), name, combination_type="cat")
+                names.append(name)
+            sync(device)
+            build = time.perf_counter() - t
+            pm.set_adapter(names[0])
+            out = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen_kw)
+            for name in names:
+                pm.delete_adapter(name)
+            return build, out
+
+        def run_cat_shared():
+            if "shared" not in pm.peft_config:
+                pm.add_weighted_adapter(experts, row_w[0].tolist(), "shared", combination_type="cat")
+            pm.set_adapter("shared")
+            return 0.0, pm.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+
+        for v, fn in (("peft_lora", run_lora), ("peft_cat", run_cat), ("peft_cat_shared", run_cat_shared)):
+            if v in variants:
+                runners[v] = fn
+
+    tokens = args.batch * args.new_tokens
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    builds: dict[str, list[float]] = {k: [] for k in runners}
+    with torch.inference_mode():
+        for name, fn in runners.items():  # warm-up (and compilation) outside the timings
+            fn()
+        for rep in range(args.repeats):
+            for name, fn in runners.items():
+                sync(device)
+                t = time.perf_counter()
+                build, out = fn()
+                sync(device)
+                elapsed = time.perf_counter() - t
+                assert out.shape[1] == args.prompt_len + args.new_tokens, (name, out.shape)
+                times[name].append(elapsed)
+                builds[name].append(build)
+            print(f"round {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {tokens / v[-1]:.1f} tok/s" for k, v in times.items()), flush=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    tps = {k: tokens / v for k, v in med.items()}
+    decode_tps = {k: tokens / (v - statistics.median(builds[k])) for k, v in med.items()}
+    ratios = {f"{k}_vs_base": tps[k] / tps["base"] for k in tps if k != "base"} if "base" in tps else {}
+    build_per_request = statistics.median(builds["peft_cat"]) / args.batch if "peft_cat" in builds else None
+
+    print(f"\n{desc}, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(f"{'variant':<18}{'tok/s':>10}{'vs base':>10}{'decode-only tok/s':>20}")
+    for k in tps:
+        ratio = tps[k] / tps["base"] if "base" in tps else float("nan")
+        print(f"{k:<18}{tps[k]:>10.1f}{ratio:>9.2f}x{decode_tps[k]:>20.1f}")
+    if build_per_request is not None:
+        print(f"peft_cat adapter build: {build_per_request * 1000:.0f} ms per request")
+
+    result = {
+        "ratios": ratios,
+        "tokens_per_s": tps,
+        "decode_only_tokens_per_s": decode_tps,
+        "peft_cat_build_s_per_request": build_per_request,
+        "setup": {
+            "model": desc, "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+            "repeats": args.repeats, "compile": args.compile, "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__,
+            "threads": torch.get_num_threads(),
+        },
+        "raw_seconds": times,
+    }
+    if device.type == "cuda":
+        result["setup"]["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
