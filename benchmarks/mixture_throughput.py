@@ -38,13 +38,24 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPES = {
     # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B), randomly initialised.
     "llama-3.1-8b": dict(
-        vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
         tie_word_embeddings=False,
     ),
     "tiny": dict(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
     ),
 }
 
@@ -111,8 +122,13 @@ def main() -> None:
     row_w = torch.softmax(torch.randn(args.batch, 10, generator=g) * 2, dim=-1)
     variants = args.variants.split(",")
     gen_kw = dict(
-        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-        temperature=None, top_p=None, top_k=None, pad_token_id=0,
+        max_new_tokens=args.new_tokens,
+        min_new_tokens=args.new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        pad_token_id=0,
     )
     if args.compile:
         gen_kw["cache_implementation"] = "static"
@@ -193,7 +209,11 @@ def main() -> None:
                 assert out.shape[1] == args.prompt_len + args.new_tokens, (name, out.shape)
                 times[name].append(elapsed)
                 builds[name].append(build)
-            print(f"round {rep + 1}/{args.repeats}: " + ", ".join(f"{k} {tokens / v[-1]:.1f} tok/s" for k, v in times.items()), flush=True)
+            print(
+                f"round {rep + 1}/{args.repeats}: "
+                + ", ".join(f"{k} {tokens / v[-1]:.1f} tok/s" for k, v in times.items()),
+                flush=True,
+            )
 
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: tokens / v for k, v in med.items()}
@@ -201,7 +221,9 @@ def main() -> None:
     ratios = {f"{k}_vs_base": tps[k] / tps["base"] for k in tps if k != "base"} if "base" in tps else {}
     build_per_request = statistics.median(builds["peft_cat"]) / args.batch if "peft_cat" in builds else None
 
-    print(f"\n{desc}, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}")
+    print(
+        f"\n{desc}, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}"
+    )
     print(f"{'variant':<18}{'tok/s':>10}{'vs base':>10}{'decode-only tok/s':>20}")
     for k in tps:
         ratio = tps[k] / tps["base"] if "base" in tps else float("nan")
@@ -215,10 +237,20 @@ def main() -> None:
         "decode_only_tokens_per_s": decode_tps,
         "peft_cat_build_s_per_request": build_per_request,
         "setup": {
-            "model": desc, "device": str(device), "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
-            "dtype": args.dtype, "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-            "repeats": args.repeats, "compile": args.compile, "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__, "peft": __import__("peft").__version__,
+            "model": desc,
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name()
+            if device.type == "cuda"
+            else platform.processor() or platform.machine(),
+            "dtype": args.dtype,
+            "batch": args.batch,
+            "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "compile": args.compile,
+            "torch": torch.__version__,
+            "transformers": __import__("transformers").__version__,
+            "peft": __import__("peft").__version__,
             "threads": torch.get_num_threads(),
         },
         "raw_seconds": times,

@@ -122,7 +122,7 @@ def make_tokenizer():
     return tok
 
 
-def tiny_causal_lm(kind: str = "llama", vocab_size: int = 160, seed: int = 0):
+def tiny_causal_lm(kind: str = "llama", vocab_size: int = 160, seed: int = 0, init_range: float = 0.02):
     from transformers import AutoModelForCausalLM, GemmaConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -137,6 +137,9 @@ def tiny_causal_lm(kind: str = "llama", vocab_size: int = 160, seed: int = 0):
         eos_token_id=3,
         bos_token_id=2,
         tie_word_embeddings=False,
+        # Training tests pass 0.3: with the default 0.02 a frozen random lm_head caps logits near
+        # +-0.6, so no adapter could fit a response.
+        initializer_range=init_range,
     )
     configs = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig, "gemma": GemmaConfig}
     if kind == "gemma":
@@ -185,6 +188,7 @@ def build_tiny(
     base_kind: str = "llama",
     encoder_kind: str = "bert",
     randomise: bool = True,
+    init_range: float = 0.02,
     **cfg,
 ):
     """A tiny PersonaFuseModel. With ``tmp_path`` the base and encoder are saved there first so the
@@ -192,7 +196,7 @@ def build_tiny(
     from personafuse import PersonaFuseConfig, PersonaFuseModel
 
     tok = make_tokenizer()
-    base = tiny_causal_lm(base_kind)
+    base = tiny_causal_lm(base_kind, init_range=init_range)
     enc = tiny_encoder(encoder_kind)
     base_path = enc_path = "unused"
     if tmp_path is not None:
@@ -217,3 +221,69 @@ def randomise_experts(model, seed: int = 123, scale: float = 0.3) -> None:
         for layer in model.mixture_layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * scale)
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * scale)
+
+
+# Synthetic Persona-CoT records whose wording determines p (for training tests).
+SYNTHETIC_CLASSES = {
+    "support": (
+        ["anxious", "worried", "sad", "tired"],
+        ["high_A", "low_N"],
+        "i am so sorry you feel this way",
+    ),
+    "math": (["solve", "equation", "math", "prove"], ["high_C", "high_E", "low_N"], "x is two plus three"),
+    "creative": (["brainstorm", "idea", "poem", "story"], ["high_O", "low_C"], "a new idea for a poem"),
+    "service": (
+        ["refund", "order", "package", "customer"],
+        ["high_C", "high_A", "low_N"],
+        "thanks your refund is on the way",
+    ),
+}
+FILLER = [
+    "i",
+    "am",
+    "about",
+    "my",
+    "the",
+    "with",
+    "this",
+    "please",
+    "help",
+    "me",
+    "can",
+    "you",
+    "what",
+    "how",
+]
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    from personafuse.traits import vector_from_poles
+
+    rng = random.Random(seed)
+    names = sorted(SYNTHETIC_CLASSES)
+    out = []
+    for j in range(n):
+        cls = names[j % len(names)]
+        keys, poles, reply = SYNTHETIC_CLASSES[cls]
+        words = rng.sample(keys, 2) + rng.sample(FILLER, 4)
+        rng.shuffle(words)
+        q = " ".join(words)
+        out.append(
+            {
+                "id": f"{cls}-{j}",
+                "query": q,
+                "response": reply,
+                "p": vector_from_poles(poles),
+                "situation": cls,
+            }
+        )
+    return out
+
+
+def write_jsonl(path, rows) -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -1,0 +1,124 @@
+"""Training records: load Persona-CoT (or baseline) JSONL, validate every record before training,
+and turn records into token ids with the prompt masked out of the labels."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from personafuse.traits import NUM_POLES, TRAIT_POLES
+
+
+class RecordError(ValueError):
+    """Bad training data; the message names every offending record (file, line, id)."""
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    query: str
+    response: str
+    p: tuple[int, ...] | None
+    source: str  # "file:line", for error messages
+
+
+def _files(path: str | Path) -> list[Path]:
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.glob("records*.jsonl")) or sorted(p.glob("*.jsonl"))
+        if not files:
+            raise RecordError(f"{p}: no records*.jsonl files in this directory")
+        return files
+    if p.is_file():
+        return [p]
+    raise RecordError(f"training data {str(p)!r} does not exist")
+
+
+def load_records(path: str | Path, *, require_p: bool = True) -> list[Record]:
+    """Read every record and check it; raise one :class:`RecordError` listing all problems.
+
+    Required per record: non-empty ``query`` and ``response``; with ``require_p`` also ``p``, ten 0/1
+    entries, not all zero. ``id`` defaults to a hash of the query.
+    """
+    records: list[Record] = []
+    problems: list[str] = []
+    for f in _files(path):
+        with f.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                where = f"{f}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(f"{where}: not valid JSON ({e.msg})")
+                    continue
+                if not isinstance(row, dict):
+                    problems.append(f"{where}: expected a JSON object")
+                    continue
+                rec, err = _check(row, where, require_p)
+                if err:
+                    problems.append(err)
+                else:
+                    records.append(rec)  # type: ignore[arg-type]
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise RecordError(f"{len(problems)} bad training record(s):\n  {shown}{more}")
+    if not records:
+        raise RecordError(f"{path}: no training records")
+    return records
+
+
+def _check(row: dict[str, Any], where: str, require_p: bool) -> tuple[Record | None, str | None]:
+    query = row.get("query")
+    rid = str(
+        row.get("id") or (hashlib.sha256(query.encode()).hexdigest()[:16] if isinstance(query, str) else "?")
+    )
+    label = f"{where} (id {rid})"
+    missing = [
+        k for k in ("query", "response") + (("p",) if require_p else ()) if k not in row or row[k] is None
+    ]
+    if missing:
+        return None, f"{label}: missing field(s) {', '.join(missing)}"
+    if not isinstance(query, str) or not query.strip():
+        return None, f"{label}: 'query' is empty"
+    response = row["response"]
+    if not isinstance(response, str) or not response.strip():
+        return None, f"{label}: 'response' is empty"
+    p = row.get("p")
+    vec: tuple[int, ...] | None = None
+    if p is not None:
+        if not isinstance(p, list) or len(p) != NUM_POLES:
+            n = len(p) if isinstance(p, list) else type(p).__name__
+            return (
+                None,
+                f"{label}: 'p' must be a list of {NUM_POLES} entries ({', '.join(TRAIT_POLES)}), got {n}",
+            )
+        if any(v not in (0, 1) for v in p):
+            return None, f"{label}: 'p' entries must be 0 or 1, got {p}"
+        if not any(p):
+            return None, f"{label}: 'p' is all zero (no active pole)"
+        vec = tuple(int(v) for v in p)
+    return Record(rid, query, response, vec, where), None
+
+
+def encode_record(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) for one chat turn; labels are -100 on the prompt (response tokens only)."""
+    msgs = [{"role": "user", "content": query}]
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(query)["input_ids"]
+    resp_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    # Keep the whole response when possible; cut the prompt from the left first.
+    room = max_length - len(resp_ids)
+    if room < 8:
+        resp_ids = resp_ids[: max(max_length // 2, 1)]
+        room = max_length - len(resp_ids)
+    prompt_ids = prompt_ids[-room:]
+    return prompt_ids + resp_ids, [-100] * len(prompt_ids) + resp_ids

@@ -1,0 +1,773 @@
+"""The three training stages (paper §4.3) and the single-LoRA baselines, on one accelerate loop.
+
+    stage 1  warmup  experts learn L_lm on their own records; all ten in one batched job
+    stage 2  router  experts frozen; encoder + projection + expert embeddings learn L_router
+    stage 3  joint   mixture live; experts + router learn L_lm + gamma * L_router
+    sft      baseline: one peft LoRA, plain SFT (Direct / Human-Like / Persona-CoT finetuned)
+
+Every step's batch is a pure function of (seed, step), so ``--resume`` continues exactly where a
+run stopped: the checkpoint holds the trainable tensors, optimiser, scheduler and RNG states.
+Each step's loss is normalised by token counts of the whole step, so splitting a step into
+micro-batches (or processes) changes nothing but rounding.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from personafuse.losses import contrastive_loss, lm_loss_sums, trait_consistency_loss
+from personafuse.model import PersonaFuseModel
+from personafuse.records import Record, encode_record
+from personafuse.train_config import StageConfig, TrainConfig
+
+Row = tuple[int, int]  # (record index, expert index or -1)
+
+
+# --------------------------------------------------------------------------- batch plans
+class ShuffledStream:
+    """An endless stream over ``indices``, reshuffled every epoch; position -> item is pure."""
+
+    def __init__(self, indices: Sequence[int], seed: int) -> None:
+        self.indices = list(indices)
+        self.seed = seed
+        self._perms: dict[int, list[int]] = {}
+
+    def take(self, start: int, count: int) -> list[int]:
+        n = len(self.indices)
+        out = []
+        for pos in range(start, start + count):
+            epoch, i = divmod(pos, n)
+            perm = self._perms.get(epoch)
+            if perm is None:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm = torch.randperm(n, generator=g).tolist()
+                self._perms = {epoch: perm}  # epochs are visited in order; keep one
+            out.append(self.indices[perm[i]])
+        return out
+
+
+def warmup_plan(
+    records: Sequence[Record], rows_per_expert: int, seed: int, experts: Sequence[int] | None = None
+) -> Callable[[int], list[Row]]:
+    """Stage 1: each step takes ``rows_per_expert`` records of every expert i from its own stream
+    over ``{r | p_i = 1}``: the same rows expert i would see in a run of its own."""
+    experts = list(range(10)) if experts is None else list(experts)
+    streams = {}
+    for i in experts:
+        idx = [k for k, r in enumerate(records) if r.p and r.p[i]]
+        if idx:
+            streams[i] = ShuffledStream(idx, seed + 7919 * (i + 1))
+
+    def plan(step: int) -> list[Row]:
+        return [(k, i) for i, s in streams.items() for k in s.take(step * rows_per_expert, rows_per_expert)]
+
+    return plan
+
+
+def same_p_plan(
+    records: Sequence[Record], batch: int, steps: int, seed: int, min_group: int = 2
+) -> Callable[[int], list[Row]]:
+    """Stage 2: every batch holds queries that share one activation vector (for L_trait). Groups are
+    drawn in proportion to their size; vectors with fewer than ``min_group`` records are pooled into
+    one mixed group, where L_trait only counts pairs that do share a vector."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, r in enumerate(records):
+        groups.setdefault(r.p or (), []).append(k)
+    pooled = [k for g in groups.values() if len(g) < min_group for k in g]
+    members = [g for g in groups.values() if len(g) >= min_group] + ([pooled] if pooled else [])
+    streams = [ShuffledStream(g, seed + 104729 * j) for j, g in enumerate(members)]
+    sizes = np.array([len(g) for g in members], dtype=float)
+    rng = np.random.default_rng(seed)
+    choices = rng.choice(len(members), size=steps, p=sizes / sizes.sum()).tolist()
+    offsets, seen = [], [0] * len(members)
+    for c in choices:  # how far into its group's stream each step starts
+        size = min(batch, len(members[c]))
+        offsets.append((c, seen[c], size))
+        seen[c] += size
+
+    def plan(step: int) -> list[Row]:
+        c, start, size = offsets[step]
+        return [(k, -1) for k in streams[c].take(start, size)]
+
+    return plan
+
+
+def uniform_plan(records: Sequence[Record], batch: int, seed: int) -> Callable[[int], list[Row]]:
+    stream = ShuffledStream(range(len(records)), seed)
+    return lambda step: [(k, -1) for k in stream.take(step * batch, batch)]
+
+
+# --------------------------------------------------------------------------- objectives
+# nn.Modules so that DDP / FSDP (through accelerate) see every parameter used in forward.
+class WarmupObjective(nn.Module):
+    def __init__(self, pf: PersonaFuseModel) -> None:
+        super().__init__()
+        self.pf = pf
+
+    def forward(self, input_ids, attention_mask, labels, onehot):
+        with self.pf.state.use(onehot):
+            logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return lm_loss_sums(logits, labels)
+
+
+class RouterObjective(nn.Module):
+    def __init__(self, pf: PersonaFuseModel, beta: float, margin: float) -> None:
+        super().__init__()
+        self.pf, self.beta, self.margin = pf, beta, margin
+
+    def forward(self, enc_ids, enc_mask, p):
+        h = self.pf.router.encoder(enc_ids, enc_mask)
+        lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
+        lt = trait_consistency_loss(h, p)
+        return lc, lt
+
+
+class JointObjective(nn.Module):
+    def __init__(self, pf: PersonaFuseModel, beta: float, margin: float) -> None:
+        super().__init__()
+        self.pf, self.beta, self.margin = pf, beta, margin
+
+    def forward(self, input_ids, attention_mask, labels, enc_ids, enc_mask, p):
+        w, h = self.pf.router(enc_ids, enc_mask)
+        with self.pf.state.use(w):
+            logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        sums, counts = lm_loss_sums(logits, labels)
+        lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
+        lt = trait_consistency_loss(h, p)
+        return sums, counts, lc, lt
+
+
+class SFTObjective(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        return lm_loss_sums(self.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+
+
+# --------------------------------------------------------------------------- the loop
+@dataclass
+class StageResult:
+    stage: str
+    out_dir: Path
+    steps_done: int
+    losses: list[dict[str, float]]
+
+
+class Featurizer:
+    """Tokenises records once (LM side and router side) and pads micro-batches."""
+
+    def __init__(
+        self,
+        records: Sequence[Record],
+        tokenizer: Any,
+        encoder_tokenizer: Any,
+        max_length: int,
+        encoder_max_length: int,
+    ) -> None:
+        self.records, self.tok, self.enc_tok = records, tokenizer, encoder_tokenizer
+        self.max_length, self.encoder_max_length = max_length, encoder_max_length
+        self._lm: dict[int, tuple[list[int], list[int]]] = {}
+
+    def lm(self, k: int) -> tuple[list[int], list[int]]:
+        if k not in self._lm:
+            r = self.records[k]
+            self._lm[k] = encode_record(self.tok, r.query, r.response, self.max_length)
+        return self._lm[k]
+
+    def lm_batch(self, ks: Sequence[int], device) -> dict[str, torch.Tensor]:
+        pairs = [self.lm(k) for k in ks]
+        width = max(len(ids) for ids, _ in pairs)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
+        ids = torch.full((len(ks), width), pad, dtype=torch.long)
+        labels = torch.full((len(ks), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(ks), width), dtype=torch.long)
+        for row, (i, lab) in enumerate(pairs):
+            ids[row, : len(i)] = torch.tensor(i)
+            labels[row, : len(lab)] = torch.tensor(lab)
+            mask[row, : len(i)] = 1
+        return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
+
+    def response_tokens(self, k: int) -> int:
+        return sum(1 for x in self.lm(k)[1][1:] if x != -100)
+
+    def enc_batch(self, ks: Sequence[int], device) -> dict[str, torch.Tensor]:
+        enc = self.enc_tok(
+            [self.records[k].query for k in ks],
+            padding=True,
+            truncation=True,
+            max_length=self.encoder_max_length,
+            return_tensors="pt",
+        )
+        return {"enc_ids": enc["input_ids"].to(device), "enc_mask": enc["attention_mask"].to(device)}
+
+    def p_batch(self, ks: Sequence[int], device) -> torch.Tensor:
+        return torch.tensor(
+            [list(self.records[k].p or (0,) * 10) for k in ks], dtype=torch.float32, device=device
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    ckpts = sorted(
+        stage_dir.glob("checkpoint-*"),
+        key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1,
+    )
+    ckpts = [c for c in ckpts if (c / "state.pt").is_file()]
+    return ckpts[-1] if ckpts else None
+
+
+def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
+    """Clip each expert's gradient on its own, so that the batched warm-up equals ten separate runs
+    (a global norm would couple the experts)."""
+    sq = None
+    for layer in layers:
+        for p, view in (
+            (layer.lora_A, lambda g: g.view(num_experts, r, -1)),
+            (layer.lora_B, lambda g: g.view(g.shape[0], num_experts, r).transpose(0, 1)),
+        ):
+            if p.grad is None:
+                continue
+            s = view(p.grad).float().pow(2).sum(dim=(1, 2))
+            sq = s if sq is None else sq + s
+    if sq is None:
+        return
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for layer in layers:
+        if layer.lora_A.grad is not None:
+            layer.lora_A.grad.view(num_experts, r, -1).mul_(scale[:, None, None].to(layer.lora_A.grad.dtype))
+        if layer.lora_B.grad is not None:
+            layer.lora_B.grad.view(layer.lora_B.shape[0], num_experts, r).mul_(
+                scale[None, :, None].to(layer.lora_B.grad.dtype)
+            )
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def train_loop(
+    name: str,
+    sc: StageConfig,
+    tc: TrainConfig,
+    objective: nn.Module,
+    trainable: dict[str, nn.Parameter],
+    step_fn: Callable[..., dict[str, float]],
+    plan: Callable[[int], list[Row]],
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    clip_fn: Callable[[float], None] | None = None,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``."""
+    from accelerate import Accelerator
+    from transformers import get_scheduler
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tc.save(out_dir / "train_config.json")
+    acc = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision))
+    for p in objective.parameters():
+        p.requires_grad_(False)
+    for p in trainable.values():
+        p.requires_grad_(True)
+    params = list(trainable.values())
+    if not params:
+        raise ValueError(f"stage {name}: nothing to train")
+    if sc.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay)
+    elif sc.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=sc.lr, weight_decay=sc.weight_decay)
+    else:
+        raise ValueError(f"stage {name}: unknown optimizer {sc.optimizer!r}; expected adamw or sgd")
+    scheduler = get_scheduler(
+        sc.scheduler,
+        optimizer,
+        num_warmup_steps=math.ceil(sc.warmup_ratio * sc.steps),
+        num_training_steps=sc.steps,
+    )
+    objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+
+    start = 0
+    log_path = out_dir / "losses.jsonl"
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
+        with torch.no_grad():
+            for k, t in state["params"].items():
+                trainable[k].copy_(t)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+        if log_path.exists():  # drop log lines past the checkpoint
+            kept = [
+                line
+                for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start
+            ]
+            log_path.write_text("".join(line + "\n" for line in kept))
+    elif log_path.exists():
+        log_path.unlink()
+    if start >= sc.steps:
+        return StageResult(name, out_dir, start, _read_log(log_path))
+
+    writer = None
+    if acc.is_main_process:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
+        except ImportError:  # tensorboard is optional
+            writer = None
+    bar = tqdm(
+        total=sc.steps, initial=start, desc=f"{name}", disable=not acc.is_main_process, dynamic_ncols=True
+    )
+    objective.train()
+    log_file = log_path.open("a")
+    try:
+        for step in range(start, sc.steps):
+            t0 = time.perf_counter()
+            rows = plan(step)
+            stats = step_fn(acc, objective, rows, step)
+            if sc.max_grad_norm:
+                if clip_fn is not None:
+                    clip_fn(sc.max_grad_norm)
+                else:
+                    acc.clip_grad_norm_(params, sc.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "seconds": dt, **stats}
+            if acc.is_main_process:
+                log_file.write(json.dumps(entry) + "\n")
+                log_file.flush()
+                if writer is not None:
+                    for k, v in stats.items():
+                        writer.add_scalar(f"{name}/{k}", v, step + 1)
+                bar.set_postfix(
+                    {k: f"{v:.4f}" for k, v in stats.items() if k.startswith("loss")}
+                    | {"tok/s": f"{stats.get('tokens', 0) / dt:.0f}"}
+                )
+                bar.update(1)
+            done = step + 1
+            if acc.is_main_process and (done % tc.save_every == 0 or done == sc.steps or done == stop_after):
+                _save_checkpoint(out_dir, done, trainable, optimizer, scheduler)
+            if stop_after is not None and done >= stop_after:
+                break
+    finally:
+        log_file.close()
+        bar.close()
+        if writer is not None:
+            writer.close()
+    losses = _read_log(log_path)
+    if acc.is_main_process:
+        plot_losses(losses, out_dir / "loss.png", title=name)
+    return StageResult(name, out_dir, done, losses)
+
+
+def _save_checkpoint(out_dir: Path, step: int, trainable, optimizer, scheduler, keep: int = 2) -> None:
+    final = out_dir / f"checkpoint-{step}"
+    tmp = out_dir / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    state = {
+        "step": step,
+        "params": {k: p.detach().cpu().clone() for k, p in trainable.items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+    }
+    torch.save(state, tmp / "state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)  # atomic: a crash leaves either the old or the new checkpoint
+    for old in sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _read_log(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(losses: list[dict[str, float]], path: Path, title: str = "") -> None:
+    if not losses:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in losses[0] if k.startswith("loss")]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [e["step"] for e in losses]
+    for k in keys:
+        ax.plot(steps, [e.get(k, float("nan")) for e in losses], label=k)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _chunks(rows: list[Row], size: int) -> list[list[Row]]:
+    return [rows[i : i + size] for i in range(0, len(rows), max(size, 1))]
+
+
+def _shard(acc, rows: list[Row]) -> list[Row]:
+    return rows[acc.process_index :: acc.num_processes]
+
+
+# --------------------------------------------------------------------------- stages
+def _stage_dir(tc: TrainConfig, name: str) -> Path:
+    return Path(tc.out) / name
+
+
+def run_warmup(
+    pf: PersonaFuseModel,
+    records: Sequence[Record],
+    tc: TrainConfig,
+    *,
+    resume: bool = False,
+    experts: Sequence[int] | None = None,
+    stop_after: int | None = None,
+    out_dir: Path | None = None,
+) -> StageResult:
+    sc = tc.warmup
+    feats = Featurizer(
+        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
+    )
+    plan = warmup_plan(records, sc.batch_size * sc.grad_accum, tc.seed, experts)
+    trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n}
+    layers = list(pf.mixture_layers.values())
+    E, r = pf.config.num_experts, pf.config.r
+
+    def step_fn(acc, objective, rows, step):
+        # Loss = sum over experts of (token-mean LM loss over that expert's rows of this step).
+        norms = [0] * E
+        for k, i in rows:
+            norms[i] += feats.response_tokens(k)
+        mine = _shard(acc, rows)
+        total = torch.zeros((), device=acc.device)
+        chunks = _chunks(mine, sc.micro_batch_size)
+        for c, chunk in enumerate(chunks):
+            b = feats.lm_batch([k for k, _ in chunk], acc.device)
+            onehot = torch.zeros(len(chunk), E, device=acc.device)
+            onehot[torch.arange(len(chunk)), torch.tensor([i for _, i in chunk])] = 1.0
+            denom = torch.tensor([norms[i] for _, i in chunk], dtype=torch.float32, device=acc.device)
+            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
+            with ctx:
+                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], onehot)
+                loss = (sums / denom.clamp(min=1)).sum() * acc.num_processes
+                acc.backward(loss)
+            total += loss.detach() / acc.num_processes
+        total = acc.reduce(total, reduction="sum")
+        active = sum(1 for n in norms if n)
+        return {
+            "loss_lm": float(total) / max(active, 1),
+            "experts": float(active),
+            "tokens": float(sum(norms)),
+        }
+
+    return train_loop(
+        "warmup",
+        sc,
+        tc,
+        WarmupObjective(pf),
+        trainable,
+        step_fn,
+        plan,
+        out_dir or _stage_dir(tc, "warmup"),
+        resume=resume,
+        clip_fn=lambda m: clip_per_expert(layers, m, E, r),
+        stop_after=stop_after,
+    )
+
+
+def run_router(
+    pf: PersonaFuseModel,
+    records: Sequence[Record],
+    tc: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> StageResult:
+    sc = tc.router
+    feats = Featurizer(
+        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
+    )
+    plan = same_p_plan(records, sc.batch_size * sc.grad_accum, sc.steps, tc.seed)
+    trainable = {n: p for n, p in pf.named_parameters() if n.startswith("router.")}
+
+    def step_fn(acc, objective, rows, step):
+        mine = _shard(acc, rows)
+        chunks = _chunks(mine, sc.micro_batch_size)
+        lc_tot = lt_tot = 0.0
+        for c, chunk in enumerate(chunks):
+            ks = [k for k, _ in chunk]
+            enc = feats.enc_batch(ks, acc.device)
+            frac = len(chunk) / max(len(mine), 1)
+            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
+            with ctx:
+                lc, lt = objective(enc["enc_ids"], enc["enc_mask"], feats.p_batch(ks, acc.device))
+                acc.backward((lc + tc.beta * lt) * frac)
+            lc_tot += float(lc.detach()) * frac
+            lt_tot += float(lt.detach()) * frac
+        return {
+            "loss_router": lc_tot + tc.beta * lt_tot,
+            "loss_contrastive": lc_tot,
+            "loss_trait": lt_tot,
+            "batch": float(len(rows)),
+        }
+
+    return train_loop(
+        "router",
+        sc,
+        tc,
+        RouterObjective(pf, tc.beta, tc.margin),
+        trainable,
+        step_fn,
+        plan,
+        _stage_dir(tc, "router"),
+        resume=resume,
+        stop_after=stop_after,
+    )
+
+
+def run_joint(
+    pf: PersonaFuseModel,
+    records: Sequence[Record],
+    tc: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> StageResult:
+    sc = tc.joint
+    feats = Featurizer(
+        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
+    )
+    plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
+    trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n or n.startswith("router.")}
+
+    def step_fn(acc, objective, rows, step):
+        norm = sum(feats.response_tokens(k) for k, _ in rows)
+        mine = _shard(acc, rows)
+        chunks = _chunks(mine, sc.micro_batch_size)
+        lm_tot = lc_tot = lt_tot = 0.0
+        for c, chunk in enumerate(chunks):
+            ks = [k for k, _ in chunk]
+            b = feats.lm_batch(ks, acc.device)
+            enc = feats.enc_batch(ks, acc.device)
+            frac = len(chunk) / max(len(mine), 1)
+            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
+            with ctx:
+                sums, _, lc, lt = objective(
+                    b["input_ids"],
+                    b["attention_mask"],
+                    b["labels"],
+                    enc["enc_ids"],
+                    enc["enc_mask"],
+                    feats.p_batch(ks, acc.device),
+                )
+                lm = sums.sum() / max(norm, 1) * acc.num_processes
+                acc.backward(lm + tc.gamma * (lc + tc.beta * lt) * frac)
+            lm_tot += float(lm.detach()) / acc.num_processes
+            lc_tot += float(lc.detach()) * frac
+            lt_tot += float(lt.detach()) * frac
+        lr_ = lc_tot + tc.beta * lt_tot
+        return {
+            "loss": lm_tot + tc.gamma * lr_,
+            "loss_lm": lm_tot,
+            "loss_router": lr_,
+            "loss_contrastive": lc_tot,
+            "loss_trait": lt_tot,
+            "tokens": float(norm),
+        }
+
+    return train_loop(
+        "joint",
+        sc,
+        tc,
+        JointObjective(pf, tc.beta, tc.margin),
+        trainable,
+        step_fn,
+        plan,
+        _stage_dir(tc, "joint"),
+        resume=resume,
+        stop_after=stop_after,
+    )
+
+
+def run_sft(
+    model: nn.Module,
+    tokenizer: Any,
+    records: Sequence[Record],
+    tc: TrainConfig,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> StageResult:
+    """One LoRA, plain SFT on (query, response): the paper's finetuned baselines."""
+    sc = tc.sft
+    feats = Featurizer(records, tokenizer, tokenizer, tc.max_length, tc.max_length)
+    plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
+    trainable = {n: p for n, p in model.named_parameters() if "lora_" in n}
+
+    def step_fn(acc, objective, rows, step):
+        norm = sum(feats.response_tokens(k) for k, _ in rows)
+        mine = _shard(acc, rows)
+        chunks = _chunks(mine, sc.micro_batch_size)
+        total = 0.0
+        for c, chunk in enumerate(chunks):
+            b = feats.lm_batch([k for k, _ in chunk], acc.device)
+            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
+            with ctx:
+                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"])
+                loss = sums.sum() / max(norm, 1) * acc.num_processes
+                acc.backward(loss)
+            total += float(loss.detach()) / acc.num_processes
+        return {"loss_lm": total, "tokens": float(norm)}
+
+    return train_loop(
+        "sft",
+        sc,
+        tc,
+        SFTObjective(model),
+        trainable,
+        step_fn,
+        plan,
+        out_dir,
+        resume=resume,
+        stop_after=stop_after,
+    )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------- pipelines
+def _prepare(pf: PersonaFuseModel, tc: TrainConfig) -> PersonaFuseModel:
+    if tc.gradient_checkpointing:
+        pf.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return pf
+
+
+def stage_model_dir(tc: TrainConfig, stage: str) -> Path:
+    return _stage_dir(tc, stage) / "model"
+
+
+def train(
+    tc: TrainConfig, stage: str = "all", *, resume: bool = False, records: Sequence[Record] | None = None
+) -> Path:
+    """Run one stage or all three; each stage starts from the previous stage's saved model.
+    Returns the directory of the last model saved (``OUT/joint/model`` after a full run)."""
+    from personafuse.records import load_records
+    from personafuse.train_config import STAGES
+
+    if stage != "all" and stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; expected warmup, router, joint or all")
+    records = records if records is not None else load_records(tc.data, require_p=True)
+    todo = list(STAGES) if stage == "all" else [stage]
+    runners = {"warmup": run_warmup, "router": run_router, "joint": run_joint}
+    last = None
+    for name in todo:
+        done_dir = stage_model_dir(tc, name)
+        if resume and (done_dir / "personafuse_config.json").is_file():
+            last = done_dir  # finished earlier
+            continue
+        prev = STAGES[STAGES.index(name) - 1] if name != "warmup" else None
+        if prev is None:
+            pf = PersonaFuseModel.from_config(tc.model)
+        else:
+            prev_dir = stage_model_dir(tc, prev)
+            if not (prev_dir / "personafuse_config.json").is_file():
+                raise FileNotFoundError(
+                    f"stage {name} starts from the {prev} stage's model, but {prev_dir} does not exist; run --stage {prev} first"
+                )
+            pf = PersonaFuseModel.from_pretrained(prev_dir)
+        runners[name](_prepare(pf, tc), records, tc, resume=resume)
+        if tc.gradient_checkpointing:
+            pf.base_model.gradient_checkpointing_disable()
+        last = pf.save_pretrained(done_dir)
+    assert last is not None
+    return last
+
+
+BASELINE_KINDS = ("direct", "human_like", "cot_sft")
+
+
+def train_baseline(tc: TrainConfig, kind: str, *, resume: bool = False) -> Path:
+    """A single LoRA (rank r, alpha as the experts) fitted by SFT: Direct-, Human-Like- or
+    Persona-CoT-finetuned depending on which records ``tc.data`` holds. Saved as a peft adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from personafuse import embedded
+    from personafuse.records import load_records
+
+    if kind not in BASELINE_KINDS:
+        raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")
+    records = load_records(tc.data, require_p=False)
+    src = embedded.resolve(tc.model.base_model, tc.model.base_gguf_file)
+    base = embedded.load_causal_lm(src, tc.model.dtype)
+    tok = embedded.load_tokenizer(src)
+    torch.manual_seed(tc.seed)
+    cfg = LoraConfig(
+        r=tc.model.r,
+        lora_alpha=tc.model.alpha,
+        lora_dropout=tc.model.dropout,
+        target_modules=list(tc.model.target_modules),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, cfg)
+    out = Path(tc.out) / f"baseline-{kind}"
+    adapter_dir = out / "adapter"
+    if resume and (adapter_dir / "adapter_config.json").is_file():
+        return adapter_dir
+    run_sft(model, tok, records, tc, out, resume=resume)
+    model.save_pretrained(str(adapter_dir))
+    tok.save_pretrained(str(adapter_dir))
+    (adapter_dir / "personafuse_baseline.json").write_text(
+        json.dumps({"kind": kind, "base_model": tc.model.base_model, "data": tc.data}, indent=2) + "\n"
+    )
+    return adapter_dir

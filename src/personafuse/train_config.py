@@ -1,0 +1,117 @@
+"""One config per training run (YAML or JSON), defaults from the paper's Appendix A.
+
+Saved as ``train_config.json`` beside every checkpoint it produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personafuse.config import PersonaFuseConfig
+
+STAGES = ("warmup", "router", "joint")
+
+
+@dataclass
+class StageConfig:
+    steps: int
+    batch_size: int
+    grad_accum: int = 1
+    lr: float = 1e-4
+    # Rows per forward/backward pass; a step's rows are split into chunks of this size.
+    micro_batch_size: int = 8
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    optimizer: str = "adamw"  # or "sgd"
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+
+
+def _warmup() -> StageConfig:  # Appendix A: batch 32 x accumulation 8, 1,000 steps, lr 1e-4
+    return StageConfig(steps=1000, batch_size=32, grad_accum=8, lr=1e-4)
+
+
+def _router() -> StageConfig:  # Appendix A: batch 64, lr 1e-4 (steps not given)
+    return StageConfig(steps=1000, batch_size=64, grad_accum=1, lr=1e-4, micro_batch_size=64)
+
+
+def _joint() -> StageConfig:  # Appendix A: batch 32, lr 1e-5, 300 steps
+    return StageConfig(steps=300, batch_size=32, grad_accum=1, lr=1e-5)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "runs/data"  # a directory of records*.jsonl (or one JSONL file)
+    out: str = "runs/train"
+    model: PersonaFuseConfig = field(default_factory=PersonaFuseConfig)
+    warmup: StageConfig = field(default_factory=_warmup)  # per-expert batch size in stage 1
+    router: StageConfig = field(default_factory=_router)
+    joint: StageConfig = field(default_factory=_joint)
+    sft: StageConfig = field(default_factory=_warmup)  # single-LoRA baselines
+    beta: float = 1.0  # L_router = L_contrastive + beta * L_trait (paper text; Appendix A says 0.5)
+    gamma: float = 0.2  # L_joint = L_lm + gamma * L_router (paper text; Appendix A says 1.0)
+    margin: float = 0.0  # m in L_contrastive
+    max_length: int = 1024
+    mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else no
+    gradient_checkpointing: bool = False
+    save_every: int = 200
+    log_every: int = 1
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        data = dict(data)
+        _reject_unknown(cls, data, source)
+        kwargs: dict[str, Any] = {}
+        defaults = cls()
+        for key, value in data.items():
+            if key == "model":
+                kwargs[key] = PersonaFuseConfig.from_dict(value, source=f"{source}: model")
+            elif key in ("warmup", "router", "joint", "sft"):
+                if not isinstance(value, dict):
+                    raise ValueError(f"{source}: '{key}' must be a mapping of stage settings")
+                _reject_unknown(StageConfig, value, f"{source}: {key}")
+                kwargs[key] = dataclasses.replace(getattr(defaults, key), **value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path) -> TrainConfig:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"training config {str(p)!r} does not exist")
+        text = p.read_text()
+        try:
+            if p.suffix in (".yaml", ".yml"):
+                import yaml
+
+                data = yaml.safe_load(text) or {}
+            else:
+                data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
+        except Exception as e:  # yaml.YAMLError carries its own line numbers
+            raise ValueError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{p}: expected a mapping at the top level")
+        return cls.from_dict(data, source=str(p))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _reject_unknown(cls: type, data: dict[str, Any], source: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(
+            f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )

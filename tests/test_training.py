@@ -1,0 +1,187 @@
+"""Three-stage training on tiny random models."""
+
+import json
+
+import pytest
+import torch
+from conftest import build_tiny as _build_tiny
+from conftest import synthetic_records, write_jsonl
+
+from personafuse.records import RecordError, load_records
+from personafuse.stages import run_joint, run_router, run_warmup
+from personafuse.train_config import StageConfig, TrainConfig
+
+
+def build_tiny():
+    return _build_tiny(init_range=0.3)
+
+
+def make_tc(tmp_path, **stages) -> TrainConfig:
+    tc = TrainConfig(
+        data=str(tmp_path / "data"), out=str(tmp_path / "out"), save_every=1000, mixed_precision="no"
+    )
+    for name, sc in stages.items():
+        setattr(tc, name, sc)
+    return tc
+
+
+def records_from(rows, tmp_path, name="records-00000.jsonl"):
+    write_jsonl(tmp_path / "data" / name, rows)
+    return load_records(tmp_path / "data")
+
+
+def topk_exact(pf, rows) -> float:
+    w = pf.route([r["query"] for r in rows])
+    hits = 0
+    for row, wr in zip(rows, w, strict=True):
+        active = {i for i, v in enumerate(row["p"]) if v}
+        hits += set(wr.topk(len(active)).indices.tolist()) == active
+    return hits / len(rows)
+
+
+def test_batched_warmup_equals_ten_separate_runs(tmp_path):
+    rows = synthetic_records(24, seed=1)
+    records = records_from(rows, tmp_path)
+    sc = StageConfig(
+        steps=4,
+        batch_size=2,
+        grad_accum=2,
+        lr=0.5,
+        micro_batch_size=5,
+        max_grad_norm=0.05,
+        warmup_ratio=0.0,
+        scheduler="linear",
+        optimizer="sgd",
+    )
+    tc = make_tc(tmp_path, warmup=sc)
+    batched = build_tiny()
+    run_warmup(batched, records, tc, out_dir=tmp_path / "batched")
+    moved = 0
+    for i in range(10):
+        alone = build_tiny()
+        before = {n: m.expert(i) for n, m in alone.mixture_layers.items()}
+        before = {n: (a.detach().clone(), b.detach().clone()) for n, (a, b) in before.items()}
+        run_warmup(alone, records, tc, experts=[i], out_dir=tmp_path / f"alone-{i}")
+        for name, layer in batched.mixture_layers.items():
+            a_b, b_b = layer.expert(i)
+            a_s, b_s = alone.mixture_layers[name].expert(i)
+            torch.testing.assert_close(a_b, a_s, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(b_b, b_s, atol=1e-5, rtol=1e-5)
+            moved += int(not torch.allclose(a_s, before[name][0]))
+    assert moved > 0  # experts with records really trained
+
+
+ROUTER_SC = StageConfig(
+    steps=300, batch_size=16, lr=3e-3, micro_batch_size=16, warmup_ratio=0.0, scheduler="constant"
+)
+
+
+@pytest.fixture(scope="module")
+def router_trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("router")
+    records = records_from(synthetic_records(160, seed=2), tmp)
+    tc = make_tc(tmp, router=ROUTER_SC)
+    pf = build_tiny()
+    held_out = synthetic_records(40, seed=99)
+    before = topk_exact(pf, held_out)
+    result = run_router(pf, records, tc)
+    return pf.eval(), result, records, held_out, before, tmp
+
+
+def test_router_stage_learns_synthetic_routing(router_trained):
+    pf, result, _, held_out, before, tmp = router_trained
+    first, last = result.losses[:5], result.losses[-5:]
+    mean = lambda xs, k: sum(x[k] for x in xs) / len(xs)  # noqa: E731
+    assert mean(last, "loss_contrastive") < 0.5 * mean(first, "loss_contrastive")
+    assert mean(last, "loss_trait") < mean(first, "loss_trait")
+    assert before < 0.5
+    assert topk_exact(pf, held_out) >= 0.9
+    assert (tmp / "out" / "router" / "loss.png").stat().st_size > 1000
+    assert (tmp / "out" / "router" / "tensorboard").is_dir()
+    # experts were frozen in this stage
+    assert all(not p.requires_grad for n, p in pf.named_parameters() if ".lora_" in n)
+
+
+def test_joint_stage_lowers_lm_loss_and_keeps_routing(router_trained, tmp_path):
+    import copy
+
+    trained, _, records, held_out, _, _ = router_trained
+    pf = copy.deepcopy(trained)
+    tc = make_tc(
+        tmp_path,
+        joint=StageConfig(
+            steps=30, batch_size=8, lr=1e-2, micro_batch_size=8, warmup_ratio=0.0, scheduler="constant"
+        ),
+    )
+    result = run_joint(pf, records, tc)
+    lm = [e["loss_lm"] for e in result.losses]
+    assert sum(lm[-5:]) / 5 < 0.7 * sum(lm[:5]) / 5
+    assert topk_exact(pf.eval(), held_out) >= 0.9
+    moved = [n for n, p in pf.named_parameters() if not torch.equal(p, dict(trained.named_parameters())[n])]
+    assert any(".lora_" in n for n in moved) and any(n.startswith("router.") for n in moved)
+
+
+@pytest.mark.parametrize("stage", ["warmup", "joint"])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, stage):
+    rows = synthetic_records(40, seed=4)
+    records = records_from(rows, tmp_path)
+    sc = StageConfig(steps=6, batch_size=3, lr=5e-3, micro_batch_size=4)
+    run = run_warmup if stage == "warmup" else run_joint
+
+    full_tc = make_tc(tmp_path / "full", **{stage: sc})
+    full = build_tiny()
+    run(full, records, full_tc)
+
+    tc = make_tc(tmp_path / "split", **{stage: sc})
+    part = build_tiny()
+    run(part, records, tc, stop_after=3)  # as if the process died after step 3's checkpoint
+    resumed = build_tiny()  # a fresh process: fresh model, state from the checkpoint
+    result = run(resumed, records, tc, resume=True)
+
+    for (n1, p1), (n2, p2) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
+        assert n1 == n2
+        torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-6, msg=n1)
+    steps = [e["step"] for e in result.losses]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_bad_records_are_rejected_with_their_ids(tmp_path):
+    rows = synthetic_records(6)
+    rows[1]["p"] = [0] * 10
+    rows[2]["p"] = [1, 0, 1]
+    rows[3]["response"] = "  "
+    del rows[4]["query"]
+    write_jsonl(tmp_path / "data" / "records-00000.jsonl", rows)
+    with (tmp_path / "data" / "records-00000.jsonl").open("a") as f:
+        f.write("{not json\n")
+    with pytest.raises(RecordError) as e:
+        load_records(tmp_path / "data")
+    msg = str(e.value)
+    assert "5 bad training record(s)" in msg
+    assert "id math-1" in msg and "all zero" in msg
+    assert "id service-2" in msg and "got 3" in msg
+    assert "id support-3" in msg and "'response' is empty" in msg
+    assert "missing field(s) query" in msg
+    assert "records-00000.jsonl:7: not valid JSON" in msg
+    with pytest.raises(RecordError, match="does not exist"):
+        load_records(tmp_path / "nope")
+
+
+def test_train_config_round_trip_and_errors(tmp_path):
+    tc = TrainConfig()
+    assert (tc.warmup.batch_size, tc.warmup.grad_accum, tc.warmup.steps, tc.warmup.lr) == (32, 8, 1000, 1e-4)
+    assert (tc.router.batch_size, tc.router.lr) == (64, 1e-4)
+    assert (tc.joint.batch_size, tc.joint.lr, tc.joint.steps) == (32, 1e-5, 300)
+    assert (tc.beta, tc.gamma) == (1.0, 0.2)
+    path = tmp_path / "c.json"
+    tc.save(path)
+    assert TrainConfig.load(path).to_dict() == tc.to_dict()
+    (tmp_path / "c.yaml").write_text("gamma: 1.0\nwarmup:\n  steps: 5\n")
+    loaded = TrainConfig.load(tmp_path / "c.yaml")
+    assert loaded.gamma == 1.0 and loaded.warmup.steps == 5 and loaded.warmup.lr == 1e-4
+    (tmp_path / "bad.yaml").write_text("warmup:\n  stepz: 5\n")
+    with pytest.raises(ValueError, match="warmup: unknown field.*stepz"):
+        TrainConfig.load(tmp_path / "bad.yaml")
+    (tmp_path / "bad.json").write_text(json.dumps({"model": {"rank": 4}}))
+    with pytest.raises(ValueError, match="model: unknown field.*rank"):
+        TrainConfig.load(tmp_path / "bad.json")
