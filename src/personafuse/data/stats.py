@@ -55,6 +55,12 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
     }
 
 
+def _short(pole: str) -> str:
+    """``high_A`` -> ``+A`` so ten columns fit a terminal."""
+    level, code = pole.split("_")
+    return ("+" if level == "high" else "-") + code
+
+
 def print_stats(st: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -76,19 +82,19 @@ def print_stats(st: dict[str, Any]) -> None:
     for k, v in st["pole_frequency"].items():
         t.add_row(k, str(v), f"{100 * v / n:.1f}%")
     con.print(t)
-    t = Table(title="Co-activation (records with both poles)")
+    t = Table(title="Co-activation (records with both poles; +A = high_A, -A = low_A)")
     t.add_column("")
     for p in TRAIT_POLES:
-        t.add_column(p, justify="right")
+        t.add_column(_short(p), justify="right")
     for p, row in zip(TRAIT_POLES, st["coactivation"], strict=True):
-        t.add_row(p, *map(str, row))
+        t.add_row(_short(p), *map(str, row))
     con.print(t)
     if st["situation_by_pole"]:
         t = Table(title="Situation x pole (share of the situation's records)")
         t.add_column("situation")
         t.add_column("n", justify="right")
         for p in TRAIT_POLES:
-            t.add_column(p, justify="right")
+            t.add_column(_short(p), justify="right")
         for sit, row in sorted(st["situation_by_pole"].items()):
             k = max(1, st["situation_counts"].get(sit, 0))
             t.add_row(sit, str(k), *(f"{v / k:.2f}" for v in row))
