@@ -9,16 +9,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from personafuse.data.stub_server import StubServer
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def stub() -> Iterator[StubServer]:
-    """A real OpenAI-compatible HTTP server on loopback playing the teacher."""
+def stub_server() -> Iterator[StubServer]:
+    """A real OpenAI-compatible HTTP server on loopback playing the teacher (wrap in a fixture)."""
     with StubServer(latency=0.0) as s:
         yield s
 

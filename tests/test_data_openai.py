@@ -7,15 +7,19 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import stub  # noqa: F401 - fixture
-from data_fixtures import cli, lines, write_jsonl
 
+from data_fixtures import cli, lines, stub_server, write_jsonl
 from personafuse.data.persona_cot import PipelineConfig, generate
 from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
 from personafuse.data.stub_server import StubServer
 from personafuse.data.teachers import GenParams, OpenAITeacher, TeacherError, TeacherRequestError
 from personafuse.traits import TRAIT_POLES
+
+
+@pytest.fixture()
+def stub():
+    yield from stub_server()
 
 
 def _run(queries: list[Query], teacher: OpenAITeacher, out: Path, **cfg: object):

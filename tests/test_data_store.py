@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from data_fixtures import REPO, cli, cli_env, lines, write_jsonl
 
+from data_fixtures import REPO, cli, cli_env, lines, write_jsonl
 from personafuse.data.sources import seed_queries
 from personafuse.data.store import ShardStore, StoreError, read_all, repair_shard
 from personafuse.data.stub_server import StubServer
@@ -70,10 +71,8 @@ def _generate_cmd(base_url: str, src: Path, out: Path) -> list[str]:
 def _count_lines(out: Path) -> int:
     n = 0
     for p in out.glob("*.jsonl"):
-        try:
+        with contextlib.suppress(FileNotFoundError):  # a shard can appear between glob and read
             n += p.read_bytes().count(b"\n")
-        except FileNotFoundError:
-            pass
     return n
 
 

@@ -73,16 +73,12 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise SourceError(f"{path}: is a folder; pass a file")
     fmt = _format_of(path)
     if fmt == "jsonl":
-        with open(path, encoding="utf-8", errors="strict") as f:
-            n = 0
-            while True:
-                n += 1
+        with open(path, "rb") as f:  # binary + per-line decode so errors name the right line
+            for n, raw in enumerate(f, start=1):
                 try:
-                    line = f.readline()
+                    line = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise SourceError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
-                if not line:
-                    break
                 if not line.strip():
                     continue
                 try:
@@ -106,10 +102,12 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 raise SourceError(f"{path}: item {i}: expected an object, got {type(row).__name__}")
             yield f"{path}: item {i}", row
     elif fmt in ("csv", "tsv"):
+        data = path.read_bytes()
         try:
-            text = path.read_text(encoding="utf-8-sig")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as e:
-            raise SourceError(f"{path}: not valid UTF-8 ({e.reason})") from None
+            line = data[: e.start].count(b"\n") + 1
+            raise SourceError(f"{path}:{line}: not valid UTF-8 ({e.reason})") from None
         reader = csv.DictReader(io.StringIO(text), delimiter="\t" if fmt == "tsv" else ",")
         try:
             for row in reader:
