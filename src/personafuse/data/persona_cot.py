@@ -207,7 +207,7 @@ class PersonaCoT:
     # -- constrained mode (small local teachers)
     async def _constrained(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
         t0 = time.perf_counter()
-        params = self._params(min(self.cfg.cue_tokens, 64))
+        params = self._params(min(self.cfg.cue_tokens, 40))  # one sentence
         cs, ct = await asyncio.gather(
             self.teacher.complete(prompts.local_cue_messages(q.text, "social"), params),
             self.teacher.complete(prompts.local_cue_messages(q.text, "task"), params),
@@ -249,7 +249,7 @@ class PersonaCoT:
                              self.cfg.response_tokens)
         response, _ = self._finish(c3, ResponseParts(c3.text.strip(), None), asked_rationale=False)
         t0 = time.perf_counter()
-        c4 = await self.teacher.complete(prompts.local_rationale_messages(response, poles), self._params(64))
+        c4 = await self.teacher.complete(prompts.local_rationale_messages(response, poles), self._params(40))
         ctx.timings["response"] = (ctx.timings["response"] or 0.0) + time.perf_counter() - t0
         ctx.raw["rationale"] = c4.text
         rationale = _one_sentence(c4.text) if c4.finish_reason == "length" else c4.text.strip()

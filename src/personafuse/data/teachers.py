@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import inspect
 import os
 import random
 import time
@@ -158,6 +159,9 @@ class HFTeacher(Teacher):
         self.device = next(model.parameters()).device
         self._gen = _Batcher(self._generate_batch, max_batch)
         self._score = _Batcher(self._score_batch, score_batch)
+        # transformers renamed forward(past_key_values=) to forward(cache=); accept both
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, *, gguf_file: str | None = None, device: str | None = None,
@@ -226,26 +230,41 @@ class HFTeacher(Teacher):
         return res
 
     def _score_batch(self, _key: str, items: list[tuple[Messages, str]]) -> list[float]:
-        torch = self.torch
-        seqs, spans = [], []
-        for messages, option in items:
-            p = self.tok(self._prompt_text(messages), add_special_tokens=False)["input_ids"]
-            o = self.tok(option, add_special_tokens=False)["input_ids"]
-            seqs.append(p + o)
-            spans.append((len(p), len(p) + len(o)))
-        width = max(len(s) for s in seqs)
-        pad = self.tok.pad_token_id
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=self.device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=self.device)
-        with torch.inference_mode():
-            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        tgt = logp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-        out = []
-        for i, (a, b) in enumerate(spans):
-            # token t is predicted at position t-1
-            out.append(float(tgt[i, a - 1: b - 1].mean()) if b > a else float("-inf"))
+        # Options that share a prompt are scored from one cached prefix: the prompt runs once and
+        # only the short option tokens run per option (about 5x less compute than full sequences).
+        groups: dict[str, list[int]] = {}
+        for i, (messages, _) in enumerate(items):
+            groups.setdefault(self._prompt_text(messages), []).append(i)
+        out = [0.0] * len(items)
+        for prompt, idx in groups.items():
+            for i, s in zip(idx, self._score_group(prompt, [items[i][1] for i in idx]), strict=True):
+                out[i] = s
         return out
+
+    def _score_group(self, prompt: str, options: list[str]) -> list[float]:
+        torch = self.torch
+        p = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        opts = [self.tok(o, add_special_tokens=False)["input_ids"] for o in options]
+        n, width = len(opts), max(len(o) for o in opts)
+        pad = self.tok.pad_token_id
+        with torch.inference_mode():
+            pre = self.model(input_ids=torch.tensor([p], device=self.device), use_cache=True)
+            cache = getattr(pre, "cache", None) or pre.past_key_values
+            cache.batch_repeat_interleave(n)
+            ids = torch.tensor([o + [pad] * (width - len(o)) for o in opts], device=self.device)
+            # right padding: pads come after every real token, so they never affect the scores
+            mask = torch.ones(n, len(p) + width, dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids, attention_mask=mask, use_cache=True, **{self._cache_kw: cache}).logits
+        first = torch.log_softmax(pre.logits[0, -1].float(), -1)  # predicts each option's first token
+        logp = torch.log_softmax(logits.float(), -1)
+        res = []
+        for i, o in enumerate(opts):
+            if not o:
+                res.append(float("-inf"))
+                continue
+            total = first[o[0]] + sum((logp[i, t - 1, o[t]] for t in range(1, len(o))), torch.tensor(0.0))
+            res.append(float(total) / len(o))
+        return res
 
 
 # ------------------------------------------------------------------------------- OpenAI-compatible
