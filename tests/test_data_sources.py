@@ -169,3 +169,14 @@ def test_hub_adapter_with_nothing_usable(tmp_path: Path) -> None:
 def test_conversation_stored_as_json_string(tmp_path: Path) -> None:
     p = write_jsonl(tmp_path / "s.jsonl", [{"conversations": json.dumps([{"from": "human", "value": "Stringified turn here?"}])}])
     assert hub_queries("sharegpt", str(p))[0].text == "Stringified turn here?"
+
+
+def test_folder_goes_through_datasets_streaming(tmp_path: Path) -> None:
+    """A local folder (like a downloaded Hub snapshot) takes the same streaming path as a Hub id."""
+    d = tmp_path / "snapshot"
+    d.mkdir()
+    write_jsonl(d / "train.jsonl", _sharegpt_rows())
+    st = HubStats()
+    qs = hub_queries("sharegpt", str(d), stats=st, seed=0)
+    assert sorted(normalise_query(q.text) for q in qs) == ["explain quantum tunnelling simply.", "how do i learn to juggle?"]
+    assert st.seen == 7 and st.duplicates == 1

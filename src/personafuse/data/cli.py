@@ -39,7 +39,7 @@ def generate(
     field: Annotated[list[str] | None, typer.Option("--field", help="Field mapping for files: query=COL, situation=COL (repeatable).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (default: $OPENAI_API_KEY).")] = None,
-    concurrency: Annotated[int, typer.Option(help="Queries in flight (and the cap on HTTP requests in flight).")] = 32,
+    concurrency: Annotated[int | None, typer.Option(help="Queries in flight, also the cap on HTTP requests in flight (default 32; 2 x --batch-size for local teachers).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
     max_retries: Annotated[int, typer.Option(help="Retries per request on 429/5xx/timeouts.")] = 5,
     backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
@@ -83,6 +83,9 @@ def generate(
         _fail(f"source {source!r} gave no queries")
 
     local = teacher == "default" or teacher.startswith("hf:")
+    # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
+    # letting queries finish (and the progress bar move) in waves.
+    concurrency = concurrency or (2 * batch_size if local else 32)
     is_constrained = (local if constrained is None else constrained) and mode == "persona_cot"
     cfg = PipelineConfig(
         mode=mode,

@@ -318,7 +318,8 @@ def hub_queries(
     stats = stats if stats is not None else HubStats()
     defaults = HUB_DEFAULTS[kind]
     target = id_or_path or str(defaults["repo"])
-    local = Path(target).exists() or Path(target).suffix.lower() in {".jsonl", ".json", ".parquet", ".ndjson"}
+    # A file is read directly; a folder (e.g. a downloaded Hub snapshot) or a Hub id goes through datasets.
+    local = Path(target).is_file() or Path(target).suffix.lower() in {".jsonl", ".json", ".parquet", ".ndjson"}
     rows: Iterable[tuple[str, Mapping[str, Any]]]
     if local:
         all_rows = list(read_rows(target))
