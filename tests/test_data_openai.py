@@ -156,3 +156,19 @@ def test_cli_generate_against_http_teacher(stub: StubServer, tmp_path: Path) -> 
     r = cli("generate", "--teacher", "openai:stub", "--base-url", stub.base_url, "--source", f"file:{src}",
             "--field", "query=instruction", "--mode", "direct", "--out", str(out), check=False)
     assert r.returncode == 2 and "different settings" in r.stderr and "mode" in r.stderr
+
+
+def test_a_parser_bug_rejects_one_query_and_keeps_the_raw_text(
+    stub: StubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import personafuse.data.persona_cot as pc
+
+    def buggy(text: str):
+        raise ZeroDivisionError("simulated parser bug")
+
+    monkeypatch.setattr(pc, "parse_traits", buggy)
+    qs = [Query("boom goes the parser"), Query("What is the capital of France?")]
+    s = _run(qs, OpenAITeacher("stub", base_url=stub.base_url), tmp_path)
+    assert s.records == 0 and dict(s.reasons) == {"unparseable": 2}  # the run went on after the first
+    rej = next(r for r in lines(tmp_path, "rejects") if r["query"] == "boom goes the parser")
+    assert "ZeroDivisionError" in rej["detail"] and rej["raw"]["traits"] and rej["raw"]["cues"]

@@ -98,10 +98,27 @@ class PersonaCoT:
 
     async def _ask(self, ctx: _Ctx, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
         t0 = time.perf_counter()
-        c = await self.teacher.complete(messages, self._params(max_tokens))
+        c = await self._complete(messages, self._params(max_tokens))
         ctx.timings[step] = (ctx.timings[step] or 0.0) + time.perf_counter() - t0
         ctx.raw[step] = c.text if ctx.raw[step] is None else ctx.raw[step] + "\n\n" + c.text
         return c
+
+    async def _complete(self, messages: prompts.Messages, params: GenParams) -> Completion:
+        """Teacher call; a failure inside the teacher (not its text) counts as ``teacher_error``."""
+        try:
+            return await self.teacher.complete(messages, params)
+        except (TeacherError, TeacherRequestError):
+            raise
+        except Exception as e:  # e.g. a local model running out of memory
+            raise TeacherRequestError(f"{type(e).__name__}: {e}"[:500]) from e
+
+    async def _score(self, messages: prompts.Messages, options: list[str]) -> list[float]:
+        try:
+            return await self.teacher.score(messages, options)
+        except (TeacherError, TeacherRequestError):
+            raise
+        except Exception as e:
+            raise TeacherRequestError(f"{type(e).__name__}: {e}"[:500]) from e
 
     def _params(self, max_tokens: int) -> GenParams:
         return GenParams(max_tokens, self.cfg.temperature, repetition_penalty=self.cfg.repetition_penalty)
@@ -120,13 +137,16 @@ class PersonaCoT:
                 rec = await self._free(ctx, q)
         except Rejection as r:
             ctx.timings["total"] = time.perf_counter() - t0
-            r.ctx = ctx  # type: ignore[attr-defined]
+            r.ctx = ctx
             raise
         except TeacherRequestError as e:
             ctx.timings["total"] = time.perf_counter() - t0
-            r = Rejection(TEACHER_ERROR, str(e))
-            r.ctx = ctx  # type: ignore[attr-defined]
-            raise r from None
+            raise Rejection(TEACHER_ERROR, str(e), ctx=ctx) from None
+        except TeacherError:
+            raise
+        except Exception as e:  # a parser bug must not stop the run: reject with the raw text kept
+            ctx.timings["total"] = time.perf_counter() - t0
+            raise Rejection(UNPARSEABLE, f"{type(e).__name__}: {e}"[:500], ctx=ctx) from None
         ctx.timings["total"] = time.perf_counter() - t0
         return self._record(q, ctx, rec)
 
@@ -209,8 +229,8 @@ class PersonaCoT:
         t0 = time.perf_counter()
         params = self._params(min(self.cfg.cue_tokens, 40))  # one sentence
         cs, ct = await asyncio.gather(
-            self.teacher.complete(prompts.local_cue_messages(q.text, "social"), params),
-            self.teacher.complete(prompts.local_cue_messages(q.text, "task"), params),
+            self._complete(prompts.local_cue_messages(q.text, "social"), params),
+            self._complete(prompts.local_cue_messages(q.text, "task"), params),
         )
         ctx.timings["cues"] = time.perf_counter() - t0
         ctx.raw["cues"] = f"social: {cs.text}\ntask: {ct.text}"
@@ -222,8 +242,8 @@ class PersonaCoT:
         options = [prompts.pole_option_text(p) for p in TRAIT_POLES]
         (s_soc, s_task), base_soc, base_task = await asyncio.gather(
             asyncio.gather(
-                self.teacher.score(prompts.pole_choice_messages(q.text, "social", social), options),
-                self.teacher.score(prompts.pole_choice_messages(q.text, "task", task), options),
+                self._score(prompts.pole_choice_messages(q.text, "social", social), options),
+                self._score(prompts.pole_choice_messages(q.text, "task", task), options),
             ),
             self._content_free("social", options),
             self._content_free("task", options),
@@ -249,7 +269,7 @@ class PersonaCoT:
                              self.cfg.response_tokens)
         response, _ = self._finish(c3, ResponseParts(c3.text.strip(), None), asked_rationale=False)
         t0 = time.perf_counter()
-        c4 = await self.teacher.complete(prompts.local_rationale_messages(response, poles), self._params(40))
+        c4 = await self._complete(prompts.local_rationale_messages(response, poles), self._params(40))
         ctx.timings["response"] = (ctx.timings["response"] or 0.0) + time.perf_counter() - t0
         ctx.raw["rationale"] = c4.text
         rationale = _one_sentence(c4.text) if c4.finish_reason == "length" else c4.text.strip()
@@ -258,7 +278,7 @@ class PersonaCoT:
     async def _content_free(self, kind: str, options: list[str]) -> list[float]:
         async with self._baseline_lock:
             if kind not in self._baseline:
-                self._baseline[kind] = await self.teacher.score(prompts.pole_choice_messages("N/A", kind, "N/A"), options)
+                self._baseline[kind] = await self._score(prompts.pole_choice_messages("N/A", kind, "N/A"), options)
         return self._baseline[kind]
 
 
@@ -386,7 +406,7 @@ async def generate(
             try:
                 rec = await pipe.run(q)
             except Rejection as rej:
-                ctx = getattr(rej, "ctx", None)
+                ctx = rej.ctx
                 store.write_reject(_reject_line(q, q.id, rej, cfg, teacher, ctx))
                 summary.rejected += 1
                 summary.reasons[rej.reason] += 1

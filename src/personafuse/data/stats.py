@@ -66,6 +66,8 @@ def print_stats(st: dict[str, Any]) -> None:
     from rich.table import Table
 
     con = Console()
+    if not con.is_terminal:  # piped or captured: wide enough for the ten pole columns
+        con = Console(width=150)
     con.print(f"[bold]{st['folder']}[/]: {st['records']} records, {st['rejected']} rejected "
               f"({100 * st['kept_fraction']:.1f}% kept)")
     t = Table(title="Reject reasons")

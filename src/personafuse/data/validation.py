@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from personafuse.traits import POLE_INDEX, TRAIT_NAMES, TRAITS, pole_name, vector_from_poles
 
@@ -36,13 +37,14 @@ REJECT_REASONS: tuple[str, ...] = (
 class Rejection(Exception):
     """A query the pipeline gives up on, with a counted reason and a human-readable detail."""
 
-    def __init__(self, reason: str, detail: str = "", step: str | None = None):
+    def __init__(self, reason: str, detail: str = "", step: str | None = None, ctx: Any = None):
         if reason not in REJECT_REASONS:
             raise ValueError(f"unknown reject reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.step = step
+        self.ctx = ctx  # the pipeline attaches raw teacher text and timings here
 
 
 def activation_from_poles(poles: Iterable[str]) -> list[int]:
