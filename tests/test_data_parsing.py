@@ -158,3 +158,25 @@ def test_parse_full_paper_layout() -> None:
 def test_extract_json_never_raises_on_junk() -> None:
     for junk in ["{", "}{", "{{{{", '{"a": [1, 2', "{'a': __import__('os')}", "{" * 5000, "\x00{\x00}"]:
         assert extract_json(junk) is None or isinstance(extract_json(junk), dict)
+
+
+def test_fuzzed_teacher_output_only_ever_rejects() -> None:
+    """Random splices of realistic fragments: every parser returns a value or a Rejection, nothing else."""
+    import random
+
+    fragments = [
+        "Social Cue:", "Task Cue:", "Based on social cue:", "##Response:", "## Rationale", "{", "}", '"social":',
+        "[", "]", "• High Agreeableness: (kind)", "- Low Happiness", "```json", "```", "high neuroticism", ",",
+        "##Persona Behavior Rationale:", "**Response**", "\n", "\n\n", "'task': ['+C']", "null", "Step 3:", "…",
+        '{"p": [1,0,1]}', "Low Openness to Experience", "\\", '"', "：", "🙂",
+    ]
+    rng = random.Random(1234)
+    for _ in range(400):
+        text = " ".join(rng.choice(fragments) for _ in range(rng.randint(0, 25)))
+        for fn in (parse_cues, parse_traits, parse_response, parse_full):
+            try:
+                out = fn(text)
+                if fn is parse_traits:
+                    out.p  # noqa: B018
+            except Rejection:
+                pass
