@@ -19,6 +19,7 @@ import importlib.util
 import inspect
 import os
 import random
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -157,8 +158,11 @@ class HFTeacher(Teacher):
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self.device = next(model.parameters()).device
-        self._gen = _Batcher(self._generate_batch, max_batch)
-        self._score = _Batcher(self._score_batch, score_batch)
+        # One model call at a time: generation and scoring batches run in worker threads, and two
+        # concurrent forwards would only fight over the same cores.
+        self._lock = threading.Lock()
+        self._gen = _Batcher(self._locked(self._generate_batch), max_batch)
+        self._score = _Batcher(self._locked(self._score_batch), score_batch)
         # transformers renamed forward(past_key_values=) to forward(cache=); accept both
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
@@ -183,6 +187,13 @@ class HFTeacher(Teacher):
     def embedded(cls, **kw: Any) -> HFTeacher:
         folder, fname = embedded_teacher_path()
         return cls.from_pretrained(folder, gguf_file=fname, name="default:SmolLM2-135M-Instruct", **kw)
+
+    def _locked(self, fn: Callable[[Any, list[Any]], list[Any]]) -> Callable[[Any, list[Any]], list[Any]]:
+        def run(key: Any, items: list[Any]) -> list[Any]:
+            with self._lock:
+                return fn(key, items)
+
+        return run
 
     def _prompt_text(self, messages: Messages) -> str:
         if getattr(self.tok, "chat_template", None):
