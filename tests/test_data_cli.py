@@ -90,3 +90,24 @@ def test_root_cli_registers_data() -> None:
         root._register()
     res = typer.testing.CliRunner().invoke(root.app, ["data", "--help"])
     assert res.exit_code == 0 and "generate" in res.output and "stats" in res.output
+
+
+def test_small_shards_with_missing_optional_values_still_load(server: StubServer, tmp_path: Path) -> None:
+    """A resumed run writes small shards; the first one may lack a situation or a rationale. Every
+    key keeps one type, so datasets can read the folder whatever order the shards come in."""
+    src = tmp_path / "q.jsonl"
+    src.write_text(
+        json.dumps({"query": "First query has no situation [norationale]"}) + "\n"
+        + json.dumps({"query": "Second query has one", "situation": "advice"}) + "\n"
+        + json.dumps({"query": "Third query", "situation": "maths"}) + "\n"
+    )
+    out = tmp_path / "out"
+    cli("generate", "--teacher", "openai:stub", "--base-url", server.base_url, "--source", f"file:{src}",
+        "--out", str(out), "--concurrency", "1", "--shard-size", "1", "--no-progress")
+    first = json.loads(sorted(out.glob("records-*.jsonl"))[0].read_text())
+    assert first["situation"] == "" and first["rationale"] == ""
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(out / "records-*.jsonl"), split="train")
+    assert ds.num_rows == 3 and sorted(ds["situation"]) == ["", "advice", "maths"]
+    assert {t["cue"] for row in ds for t in row["trait_reasons"]} == {"social", "task"}

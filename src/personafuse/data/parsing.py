@@ -221,8 +221,9 @@ class TraitChoice:
             ("overall", p, r) for p, r in self.other
         ]
 
-    def as_json(self) -> dict[str, list[dict[str, str]]]:
-        return {k: [{"pole": p, "reason": r} for p, r in getattr(self, k)] for k in ("social", "task", "other")}
+    def as_json(self) -> list[dict[str, str]]:
+        """Flat ``[{"cue", "pole", "reason"}]`` list (one stable shape for Arrow/datasets)."""
+        return [{"cue": cue, "pole": p, "reason": r} for cue, p, r in self.triples()]
 
 
 def _canon_pole(s: str) -> str:

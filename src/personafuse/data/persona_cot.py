@@ -150,12 +150,14 @@ class PersonaCoT:
         ctx.timings["total"] = time.perf_counter() - t0
         return self._record(q, ctx, rec)
 
-    # -- record layout (docs/data.md documents it)
+    # -- record layout (docs/data.md documents it). Every key has one type per output folder
+    # (strings are "" rather than null when absent): datasets infers a column's type from the
+    # first shard, and a small shard written after a resume must not pin a column to null.
     def _record(self, q: Query, ctx: _Ctx, part: dict[str, Any]) -> dict[str, Any]:
         return {
             "id": q.id,
             "query": q.text,
-            "situation": q.situation,
+            "situation": q.situation or "",
             "source": q.source,
             "mode": self.cfg.mode,
             "cues": part.get("cues"),
@@ -163,7 +165,7 @@ class PersonaCoT:
             "trait_reasons": part.get("trait_reasons"),
             "p": part.get("p"),
             "response": part["response"],
-            "rationale": part.get("rationale"),
+            "rationale": part.get("rationale") or "",
             "teacher": self.teacher.name,
             "prompt_version": prompts.PROMPT_VERSION,
             "constrained": self.cfg.constrained and self.cfg.mode == "persona_cot",
@@ -337,7 +339,7 @@ def _reject_line(q: Query, key: str, rej: Rejection, cfg: PipelineConfig, teache
         "key": key,
         "id": q.id,
         "query": q.text,
-        "situation": q.situation,
+        "situation": q.situation or "",
         "source": q.source,
         "mode": cfg.mode,
         "reason": rej.reason,

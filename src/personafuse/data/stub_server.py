@@ -7,7 +7,7 @@ trigger bad behaviour, to exercise the pipeline's error handling:
 
 ``[malformed]`` unparseable traits · ``[allzero]`` no poles · ``[bothpoles]`` high and low of one trait ·
 ``[unknown]`` a pole that does not exist · ``[empty]`` empty response · ``[truncated]`` cut at the limit ·
-``[paper]`` traits and response in the paper's Table 2 / Table 9 layout · ``[slow]`` 4x latency ·
+``[paper]`` traits and response in the paper's Table 2 / Table 9 layout · ``[norationale]`` no rationale · ``[slow]`` 4x latency ·
 ``[500xN]`` / ``[429xN]`` the first N attempts of each request fail with that status ·
 ``[down]`` always 500.
 
@@ -85,6 +85,8 @@ def reply_for(messages: list[dict[str, str]]) -> tuple[str, str]:
             return "## Analysis\nThinking.\n## Response\n\n## Rationale\nNone.", "stop"
         if "[truncated]" in q:
             return "## Analysis\nThe person needs help.\n## Response\nHere is the beginning of an answer that", "length"
+        if "[norationale]" in q:
+            return f"## Analysis\nBrief.\n## Response\nAn answer without a rationale to: {q}", "stop"
         head = "##Response:" if "[paper]" in q else "## Response"
         rat = "##Persona Behavior Rationale:" if "[paper]" in q else "## Rationale"
         return (f"## Analysis\nSocial cue read; task cue read; traits planned.\n{head}\n"
