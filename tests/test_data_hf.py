@@ -18,7 +18,7 @@ from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
 from personafuse.data.teachers import GenParams, HFTeacher, TeacherError, embedded_teacher_path, make_teacher
 from personafuse.data.validation import REJECT_REASONS
-from personafuse.traits import POLE_INDEX, TRAITS
+from personafuse.traits import POLE_INDEX, TRAIT_POLES, TRAITS
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +133,10 @@ def test_embedded_smollm2_three_queries(tmp_path: Path) -> None:
     for rec in recs:
         assert rec["teacher"] == "default:SmolLM2-135M-Instruct" and rec["constrained"] is True
         assert 1 <= sum(rec["p"]) <= 4 and rec["response"].strip() and rec["cues"]["social"]
+    import datasets
+
+    ds = datasets.load_dataset("json", data_files=str(out / "records-*.jsonl"), split="train")
+    assert ds.num_rows == len(recs) and set(ds[0]["raw"]["scores"]["social"]) == set(TRAIT_POLES)
 
 
 def test_missing_embedded_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:
