@@ -14,6 +14,9 @@ app = typer.Typer(
 
 
 def _register() -> None:
+    from personafuse.data.cli import app as data_app
+
+    app.add_typer(data_app, name="data")
     from personafuse.chat_cli import register as register_chat
 
     register_chat(app)

@@ -1,0 +1,176 @@
+"""``personafuse data``: generate Persona-CoT (or baseline) records and summarise a run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from personafuse.data.persona_cot import PipelineConfig, RunSummary
+    from personafuse.data.sources import Query
+    from personafuse.data.store import ShardStore
+    from personafuse.data.teachers import Teacher
+
+app = typer.Typer(name="data", help="Generate and inspect Persona-CoT training data.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_show_locals=False)
+
+LOCAL_RESPONSE_TOKENS = 256
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def generate(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (records*.jsonl, rejects*.jsonl, run.json).")],
+    teacher: Annotated[str, typer.Option(help="default | hf:ID_OR_PATH | openai:MODEL | vllm:ID")] = "default",
+    source: Annotated[str, typer.Option(help="seeds | file:PATH | sharegpt|wildchat|personahub|infinity[:HUB_ID_OR_PATH]")] = "seeds",
+    limit: Annotated[int | None, typer.Option(help="Use at most N queries from the source.")] = None,
+    mode: Annotated[str, typer.Option(help="persona_cot | direct | human_like")] = "persona_cot",
+    field: Annotated[list[str] | None, typer.Option("--field", help="Field mapping for files: query=COL, situation=COL (repeatable).")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key (default: $OPENAI_API_KEY).")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Queries in flight, also the cap on HTTP requests in flight (default 32; 2 x --batch-size for local teachers).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request on 429/5xx/timeouts.")] = 5,
+    backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
+    constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (default for local hf teachers) or parsed from free text.")] = None,
+    single_call: Annotated[bool, typer.Option(help="Free mode: all three steps in one request.")] = False,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Token limit for the response step.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    shuffle: Annotated[bool, typer.Option(help="Shuffle the seed set or file before --limit (Hub sources always sample).")] = False,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and shuffling.")] = 0,
+    lang: Annotated[str | None, typer.Option(help="Hub sources: keep this language ('' for all).")] = "en",
+    min_chars: Annotated[int, typer.Option(help="Hub sources: shortest query kept.")] = 8,
+    max_chars: Annotated[int, typer.Option(help="Hub sources: longest query kept.")] = 4000,
+    hub_config: Annotated[str | None, typer.Option(help="Hub sources: dataset config name.")] = None,
+    hub_split: Annotated[str | None, typer.Option(help="Hub sources: split.")] = None,
+    shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = 10_000,
+    fsync: Annotated[bool, typer.Option(help="fsync after every line (survives power loss, slower).")] = False,
+    retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Redo queries rejected for this reason (e.g. teacher_error).")] = None,
+    device: Annotated[str | None, typer.Option(help="Local teachers: cpu, cuda, cuda:1 ...")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Generate records for a query source; rerun the same command to resume after a crash."""
+    from personafuse.data.persona_cot import MODES, PipelineConfig
+    from personafuse.data.sources import SourceError, load_source, parse_fields
+    from personafuse.data.store import ShardStore, StoreError
+    from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
+    from personafuse.data.validation import REJECT_REASONS
+
+    if mode not in MODES:
+        _fail(f"--mode must be one of {', '.join(MODES)}")
+    for r in retry_reasons or []:
+        if r not in REJECT_REASONS:
+            _fail(f"--retry-reasons {r!r}: known reasons are {', '.join(REJECT_REASONS)}")
+    try:
+        queries = load_source(source, fields=parse_fields(field or []), limit=limit, shuffle=shuffle, seed=seed,
+                              lang=lang or None, min_chars=min_chars, max_chars=max_chars, config=hub_config,
+                              split=hub_split)
+    except SourceError as e:
+        _fail(str(e))
+    if not queries:
+        _fail(f"source {source!r} gave no queries")
+
+    local = teacher == "default" or teacher.startswith("hf:")
+    # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
+    # letting queries finish (and the progress bar move) in waves.
+    concurrency = concurrency or (2 * batch_size if local else 32)
+    is_constrained = (local if constrained is None else constrained) and mode == "persona_cot"
+    cfg = PipelineConfig(
+        mode=mode,
+        constrained=is_constrained,
+        single_call=single_call,
+        concurrency=concurrency,
+        response_tokens=max_new_tokens or (LOCAL_RESPONSE_TOKENS if local else 1024),
+        temperature=temperature,
+        trim_truncated=is_constrained or (local and mode != "persona_cot"),
+        repetition_penalty=1.2 if local else 1.0,
+    )
+    opts = TeacherOptions(base_url=base_url, api_key=api_key, max_in_flight=concurrency, timeout=timeout,
+                          max_retries=max_retries, backoff=backoff, batch_size=batch_size, device=device)
+    try:
+        store = ShardStore(out, shard_size=shard_size, fsync=fsync)
+        store.open()
+    except (StoreError, OSError) as e:
+        _fail(str(e))
+    try:
+        t0 = time.perf_counter()
+        t = make_teacher(teacher, opts)
+        typer.echo(f"teacher {t.name} ready in {time.perf_counter() - t0:.1f}s; mode {mode}"
+                   f"{' (constrained)' if is_constrained else ''}; {len(queries)} queries from {source}", err=True)
+        summary = asyncio.run(_run(queries, t, store, cfg, retry_reasons or [], progress))
+    except (TeacherError, StoreError) as e:
+        _fail(str(e))
+    except KeyboardInterrupt:
+        typer.echo("interrupted; rerun the same command to resume", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        store.close()
+    typer.echo(json.dumps(summary.as_dict()), err=False)
+
+
+async def _run(queries: list[Query], teacher: Teacher, store: ShardStore, cfg: PipelineConfig,
+               retry_reasons: list[str], show: bool) -> RunSummary:
+    from tqdm import tqdm
+
+    from personafuse.data.persona_cot import generate as run_generate
+
+    bar: tqdm | None = None
+
+    def on_start(n: int) -> None:
+        nonlocal bar
+        bar = tqdm(total=n, unit="q", disable=not show, file=sys.stderr, dynamic_ncols=True, desc="generate")
+
+    def on_progress(s: RunSummary) -> None:
+        if bar is not None:
+            bar.n = s.records + s.rejected - s.reasons.get("duplicate_query", 0)
+            bar.set_postfix(done=s.records, rejected=s.rejected, skipped=s.skipped, refresh=False)
+            bar.refresh()
+
+    try:
+        return await run_generate(queries, teacher, store, cfg, retry_reasons=retry_reasons, on_start=on_start,
+                                  progress=on_progress)
+    finally:
+        if bar is not None:
+            bar.close()
+        await teacher.aclose()
+
+
+@app.command()
+def stats(
+    folder: Annotated[Path, typer.Argument(help="A generate --out folder.")],
+    png: Annotated[Path | None, typer.Option(help="Heat map path (default FOLDER/stats.png).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON instead of tables.")] = False,
+) -> None:
+    """Counts per reject reason, pole frequencies, co-activation and situation x pole tables + a PNG."""
+    from personafuse.data.stats import compute_stats, heatmap, print_stats
+
+    if not folder.is_dir():
+        _fail(f"{folder}: no such folder")
+    st = compute_stats(folder)
+    if as_json:
+        typer.echo(json.dumps(st, indent=2))
+    else:
+        print_stats(st)
+    path = heatmap(st, png or folder / "stats.png")
+    typer.echo(f"heat map: {path}", err=True)
+
+
+def main() -> None:  # python -m personafuse.data.cli
+    app()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()
