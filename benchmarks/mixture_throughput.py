@@ -197,7 +197,7 @@ def main() -> None:
     times: dict[str, list[float]] = {k: [] for k in runners}
     builds: dict[str, list[float]] = {k: [] for k in runners}
     with torch.inference_mode():
-        for name, fn in runners.items():  # warm-up (and compilation) outside the timings
+        for fn in runners.values():  # warm-up (and compilation) outside the timings
             fn()
         for rep in range(args.repeats):
             for name, fn in runners.items():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+
 from conftest import build_tiny as _build_tiny
 from conftest import synthetic_records, write_jsonl
-
 from personafuse.records import RecordError, load_records
 from personafuse.stages import run_joint, run_router, run_warmup
 from personafuse.train_config import StageConfig, TrainConfig
@@ -185,3 +185,28 @@ def test_train_config_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"model": {"rank": 4}}))
     with pytest.raises(ValueError, match="model: unknown field.*rank"):
         TrainConfig.load(tmp_path / "bad.json")
+
+
+def test_sft_baseline_trains_a_peft_adapter(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from personafuse.config import PersonaFuseConfig
+    from personafuse.stages import train_baseline
+
+    base_dir = tmp_path / "base"
+    _build_tiny(tmp_path, init_range=0.3)  # writes base/ and encoder/ there
+    rows = synthetic_records(40, seed=5)
+    for r in rows:
+        r["p"] = None  # baseline data modes carry no activation vector
+    write_jsonl(tmp_path / "direct" / "records-00000.jsonl", rows)
+    tc = make_tc(tmp_path, sft=StageConfig(steps=20, batch_size=8, lr=1e-2, micro_batch_size=8, warmup_ratio=0.0, scheduler="constant"))
+    tc.data = str(tmp_path / "direct")
+    tc.model = PersonaFuseConfig(base_model=str(base_dir), encoder_model=str(tmp_path / "encoder"))
+    adapter = train_baseline(tc, "direct")
+    losses = [json.loads(x)["loss_lm"] for x in (tmp_path / "out" / "baseline-direct" / "losses.jsonl").read_text().splitlines()]
+    assert sum(losses[-3:]) < 0.7 * sum(losses[:3])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match="unknown baseline kind 'funny'"):
+        train_baseline(tc, "funny")

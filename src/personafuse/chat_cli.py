@@ -31,13 +31,6 @@ RoutingOpt = Annotated[
     ),
 ]
 
-DEMO_QUERIES = [
-    "I've been feeling really anxious lately and I can't sleep before my exams. What should I do?",
-    "Solve for x: 3x + 7 = 22. Show the steps.",
-    "Let's brainstorm wild names for a coffee shop run by robots!",
-]
-
-
 def load_model(spec: str) -> Any:
     """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
     from personafuse.config import CONFIG_NAME, PersonaFuseConfig
@@ -158,11 +151,19 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        model: ModelOpt = "default",
+        out: Annotated[Path, typer.Option(help="Working folder (data and checkpoints are cached here).")] = Path("runs/demo"),
+        queries: Annotated[int, typer.Option(help="Seed queries the embedded teacher turns into records.")] = 24,
         max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
+        untrained: Annotated[bool, typer.Option("--untrained", help="Skip data and training: show the untrained model.")] = False,
     ) -> None:
-        """Answer contrasting queries (anxious user, maths, brainstorm) and show each reply's weights."""
-        with err_console.status("loading model…"):
-            m = load_model(model)
-        for q, gen in zip(DEMO_QUERIES, m.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
-            show_reply(q, gen)
+        """The whole pipeline on the embedded models: Persona-CoT data, three training stages, then
+        contrasting queries (anxious user, maths, brainstorm) with each reply's ten weights."""
+        from personafuse.demo import DEMO_QUERIES, run_demo
+
+        if untrained:
+            with err_console.status("loading model…"):
+                m = load_model("default")
+            for q, gen in zip(DEMO_QUERIES, m.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
+                show_reply(q, gen)
+            return
+        run_demo(out, queries=queries, max_new_tokens=max_new_tokens)
