@@ -19,7 +19,8 @@ from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
 from personafuse.evaluation.data import DataError, field, read_jsonl
 
 HUB_ID = "openai/gsm8k"
-_NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?|-?\$?\.\d+"
+# Thousands groups must be exact ("1,300"), so "12, wait" reads as 12.
+_NUM = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-−]?\$?\.\d+"
 
 
 def normalize_number(s: str) -> Fraction | None:
