@@ -8,8 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from eval_support import FIXTURE_BENCHDATA, ChatServer
 
+from eval_support import FIXTURE_BENCHDATA, ChatServer
 from personafuse.evaluation.judges import (
     Battle,
     battles_from_verdict,

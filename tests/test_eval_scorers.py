@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from eval_support import FIXTURE_BENCHDATA
 
+from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.choice import parse_choice
 from personafuse.evaluation.benchmarks.emobench import score_eu
