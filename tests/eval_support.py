@@ -26,7 +26,7 @@ def real_benchdata() -> Path | None:
 
 class ChatServer:
     """An OpenAI-compatible ``/v1/chat/completions`` server in a thread. ``reply(messages, body)``
-    decides each answer; every request body is kept in ``requests``."""
+    decides each answer (a string, or (string, extra fields)); every request body is kept in ``requests``."""
 
     def __init__(self, reply: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> None:
         self.reply = reply
@@ -46,6 +46,9 @@ class ChatServer:
                     self.end_headers()
                     return
                 text = server.reply(body["messages"], body)
+                extra: dict[str, Any] = {}
+                if isinstance(text, tuple):  # (text, extra top-level fields), e.g. routing weights
+                    text, extra = text
                 payload = {
                     "id": f"cmpl-{len(server.requests)}",
                     "object": "chat.completion",
@@ -53,6 +56,7 @@ class ChatServer:
                     "model": body.get("model", "test"),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                    **extra,
                 }
                 data = json.dumps(payload).encode()
                 self.send_response(200)
