@@ -17,6 +17,9 @@ def _register() -> None:
     from personafuse.chat_cli import register as register_chat
 
     register_chat(app)
+    from personafuse.evaluation.cli import register as register_eval
+
+    register_eval(app)
 
 
 def main() -> None:

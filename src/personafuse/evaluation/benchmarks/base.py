@@ -60,6 +60,8 @@ class Benchmark:
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})
+        if "max_new_tokens" in self.options:  # e.g. -o gsm8k.max_new_tokens=128
+            self.max_new_tokens = int(self.options["max_new_tokens"])
 
     # ---- data -------------------------------------------------------------------------
     def resolve_source(self, data: str | Path | None) -> Path | None:
