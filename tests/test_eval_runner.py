@@ -177,3 +177,16 @@ def test_personafuse_subject_records_weights(tmp_path: Path) -> None:
     assert model.seen[0] == {"mode": "random", "k": 2, "seed": 1}
     assert subj.route(["q"])[0]["low_N"] == pytest.approx(0.1)
     assert subj.describe()["routing"]["mode"] == "random"
+
+
+def test_cli_reports_bad_data_cleanly(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    d = tmp_path / "data" / "gsm8k"
+    d.mkdir(parents=True)
+    (d / "test.jsonl").write_text('{"question": "q"}\n')
+    r = CliRunner().invoke(app, ["eval", "--model", "openai:m", "--benchmarks", "gsm8k", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert r.exit_code == 2
+    assert "test.jsonl:1: missing field 'answer'" in r.output
+    r = CliRunner().invoke(app, ["eval", "--model", "openai:m", "--benchmarks", "nope", "--out", str(tmp_path / "o2"), "--no-progress"])
+    assert r.exit_code == 2 and "unknown benchmark 'nope'" in r.output

@@ -53,8 +53,9 @@ def eval_command(
         torch.set_num_threads(threads)
     from rich.console import Console
 
+    from personafuse.evaluation.data import DataError
     from personafuse.evaluation.report import summary_table
-    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
     cfg = EvalConfig(
@@ -72,14 +73,19 @@ def eval_command(
     )
     sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed)
     jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size)
-    runner = Runner(
-        cfg,
-        lambda: load_subject(model, sopts),
-        judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
-        progress=progress,
-        overwrite=overwrite,
-    )
-    results = runner.run()
+    try:
+        runner = Runner(
+            cfg,
+            lambda: load_subject(model, sopts),
+            judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
+            progress=progress,
+            overwrite=overwrite,
+        )
+        results = runner.run()
+    except (DataError, RunMismatch, KeyError, ValueError) as e:
+        # Bad data, an unknown benchmark or a mismatched run directory: say what, not a traceback.
+        typer.echo(f"error: {e.args[0] if e.args else e}", err=True)
+        raise typer.Exit(2) from None
     Console().print(summary_table(results))
     Console().print(f"wrote {out / 'results.json'}")
 

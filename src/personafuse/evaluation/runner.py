@@ -36,7 +36,7 @@ class EvalConfig:
     judge: str | None = None
     routing: str | None = None
     batch_size: int = 8
-    chunk_size: int = 32  # items generated and written per step (the unit of resumption)
+    chunk_size: int = 16  # items generated and written per step (the unit of resumption)
     max_new_tokens: int | None = None  # override every benchmark's default
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-benchmark options
 

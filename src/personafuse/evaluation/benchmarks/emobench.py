@@ -17,7 +17,7 @@ from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
 from personafuse.evaluation.benchmarks.choice import LETTERS, format_options, parse_choice
 from personafuse.evaluation.data import DataError, field, read_jsonl
 
-HUB_ID = "SahandFer/EmoBench"
+HUB_ID = "SahandSab/EmoBench"  # the dataset repo holds the same EU.jsonl / EA.jsonl files
 
 
 def _eu_prompt(row: Mapping[str, Any], lang: str) -> str:
@@ -76,11 +76,11 @@ class EmoBench(Benchmark):
         tasks = self.options.get("tasks", ("EU", "EA"))
         rows: list[tuple[str, Path | None, dict[str, Any]]] = []
         if source is None:
-            from datasets import load_dataset
+            from huggingface_hub import hf_hub_download
 
             for task in tasks:
-                ds = load_dataset(HUB_ID, task, split="test")
-                rows += [(task, None, dict(r, __line__=i + 1)) for i, r in enumerate(ds)]
+                p = Path(hf_hub_download(HUB_ID, f"{task}.jsonl", repo_type="dataset"))
+                rows += [(task, p, r) for r in read_jsonl(p)]
         elif source.is_file():
             task = "EU" if source.stem.upper().startswith("EU") else "EA"
             rows += [(task, source, r) for r in read_jsonl(source)]
