@@ -88,3 +88,31 @@ def test_routing_analysis_without_weights_is_a_clear_error(tmp_path: Path) -> No
         Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url), progress=False).run()
     with pytest.raises(ValueError, match="no routing weights"):
         analyse([str(tmp_path / "run")])
+
+
+def test_probe_and_routing_commands(tmp_path: Path) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from personafuse.evaluation.cli import register
+
+    app = typer.Typer()
+    register(app)
+    r = CliRunner().invoke(app, ["probe", "--dataset", str(INTENTS), "--text-field", "utterance", "--label-field", "domain", "--encoder", "minilm", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert "| minilm |" in r.output and (tmp_path / "probe_intents.md").is_file()
+    with ChatServer(_weights_reply) as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["safetybench"], out=str(tmp_path / "run"), data=str(FIXTURE_BENCHDATA))
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url), progress=False).run()
+    r = CliRunner().invoke(app, ["routing", str(tmp_path / "run"), "--out", str(tmp_path / "routing")])
+    assert r.exit_code == 0, r.output
+    assert "| run | safetybench | 3 |" in r.output and (tmp_path / "routing" / "radar_benchmarks__run.png").is_file()
+
+
+def test_root_cli_registers_eval_commands() -> None:
+    pytest.importorskip("personafuse.chat_cli", reason="the chat commands (registered first) are not on this branch yet")
+    from personafuse import cli
+
+    cli._register()
+    names = {c.name for c in cli.app.registered_commands}
+    assert {"eval", "report", "routing", "probe", "lm-eval"} <= names
