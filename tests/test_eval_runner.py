@@ -158,8 +158,8 @@ class _DuckPersonaFuse:
     def __init__(self):
         self.seen = []
 
-    def generate(self, prompts, max_new_tokens, do_sample, routing):
-        self.seen.append(routing.kw)
+    def generate(self, prompts, routing=None, *, max_new_tokens=128, do_sample=False, batch_size=8):
+        self.seen.append((routing.kw, batch_size, len(prompts)))
         w = torch.zeros(10)
         w[6] = 1.0
         return [type("G", (), {"text": f" reply {i} ", "weights": w})() for i, _ in enumerate(prompts)]
@@ -172,9 +172,9 @@ def test_personafuse_subject_records_weights(tmp_path: Path) -> None:
     model = _DuckPersonaFuse()
     subj = PersonaFuseSubject(model, parse_routing("random:2", seed=1), routing_factory=_FakeRouting, batch_size=2)
     gens = subj.generate(["a", "b", "c"], max_new_tokens=3)
-    assert [g.text for g in gens] == ["reply 0", "reply 1", "reply 0"]
+    assert [g.text for g in gens] == ["reply 0", "reply 1", "reply 2"]
     assert gens[0].weights == {p: (1.0 if p == "high_A" else 0.0) for p in TRAIT_POLES}
-    assert model.seen[0] == {"mode": "random", "k": 2, "seed": 1}
+    assert model.seen == [({"mode": "random", "k": 2, "seed": 1}, 2, 3)]  # one call, model batches
     assert subj.route(["q"])[0]["low_N"] == pytest.approx(0.1)
     assert subj.describe()["routing"]["mode"] == "random"
 

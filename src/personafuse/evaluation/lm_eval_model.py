@@ -98,7 +98,12 @@ class PersonaFuseLM(HFLM):
 
     def _weights_for(self, ids: torch.Tensor) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
-        w = resolve_weights(self._routing, texts, self._pf.route, rng=self._rng)
+        if hasattr(self._pf, "resolve_weights"):  # the model's own Routing semantics
+            from personafuse import Routing
+
+            w = self._pf.resolve_weights(texts, Routing(**self._routing)).float()
+        else:
+            w = resolve_weights(self._routing, texts, self._pf.route, rng=self._rng)
         self.last_weights = w
         return w.to(self.device)
 

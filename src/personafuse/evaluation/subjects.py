@@ -242,19 +242,16 @@ class PersonaFuseSubject:
         self.routing = routing_factory(**routing)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
-        out: list[Generation] = []
-        for s in range(0, len(prompts), self.batch_size):
-            batch = list(prompts[s : s + self.batch_size])
-            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "routing": self.routing}
-            if do_sample and temperature is not None:
+        # One call for the whole list: the model batches internally, and Random Route draws a
+        # fresh expert set per row within a call.
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "routing": self.routing, "batch_size": self.batch_size}
+        if do_sample:
+            if temperature is not None:
                 kw["temperature"] = temperature
-            if do_sample and seed is not None:
-                import torch
-
-                torch.manual_seed(seed)
-            for g in self.model.generate(batch, **kw):
-                out.append(Generation(text=str(g.text).strip(), weights=_weights_to_dict(getattr(g, "weights", None))))
-        return out
+            if seed is not None:
+                kw["seed"] = seed
+        gens = self.model.generate(list(prompts), **kw)
+        return [Generation(text=str(g.text).strip(), weights=_weights_to_dict(getattr(g, "weights", None))) for g in gens]
 
     def route(self, queries: Sequence[str]) -> list[dict[str, float]]:
         w = self.model.route(list(queries))
