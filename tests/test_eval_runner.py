@@ -64,6 +64,21 @@ def test_resume_generates_only_missing_items(tmp_path: Path) -> None:
     assert len(read_records(tmp_path / "gsm8k.jsonl")) == 3
 
 
+def test_rescore_reparses_stored_responses(tmp_path: Path) -> None:
+    with ChatServer(_gsm_reply) as srv:
+        _runner(srv, tmp_path, ["gsm8k"]).run()
+        p = tmp_path / "gsm8k.jsonl"
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        recs[2]["response"] = "-2"  # as if the stored reply had been parsed wrongly before
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        n0 = len(srv.requests)
+        cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA))
+        res = Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url), progress=False, rescore=True).run()
+        assert len(srv.requests) == n0  # nothing regenerated
+    assert res["benchmarks"]["gsm8k"]["score"] == 1.0
+    assert json.loads(p.read_text().splitlines()[2])["parsed"] == "-2"
+
+
 def test_resume_after_a_torn_last_line(tmp_path: Path) -> None:
     with ChatServer(_gsm_reply) as srv:
         _runner(srv, tmp_path, ["gsm8k"]).run()

@@ -152,6 +152,8 @@ def test_tombench_aggregate_task_and_ability_averages() -> None:
         ("The answer is $1,300.", "$1,300"),
         ("So he has 4 apples. The answer is 12, wait, 3 + 9 = 12 apples in total.", "12"),
         ("Total: \\boxed{-2}", "-2"),
+        ("She spent $8 on lemons. The final answer is $8 + 8 = $16.", "$16"),
+        ("The answer is 600,000. The house cost 350,000 + 250,000.", "600,000"),
         ("**Answer:** 18 dollars per day, i.e. 3 for 6 days", "18"),
         ("It is 1,000,000 grains.", "1,000,000"),
         ("No idea.", None),

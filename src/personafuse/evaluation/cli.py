@@ -44,6 +44,7 @@ def eval_command(
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="BENCHMARK.KEY=VALUE, e.g. eqbench.version=v1, emobench.language=zh")] = None,
     overwrite: Annotated[bool, typer.Option(help="start the run directory afresh")] = False,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    rescore: Annotated[bool, typer.Option(help="re-parse and re-score the stored responses (no regeneration)")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is much faster on a busy shared CPU)")] = None,
 ) -> None:
     """Evaluate a model on the paper's benchmarks; writes OUT/results.json and OUT/NAME.jsonl."""
@@ -80,6 +81,7 @@ def eval_command(
             judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
             progress=progress,
             overwrite=overwrite,
+            rescore=rescore,
         )
         results = runner.run()
     except (DataError, RunMismatch, KeyError, ValueError) as e:

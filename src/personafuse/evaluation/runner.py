@@ -101,8 +101,10 @@ class Runner:
         embedder_factory: Callable[[], Any] | None = None,
         progress: bool = True,
         overwrite: bool = False,
+        rescore: bool = False,
     ) -> None:
         self.cfg = cfg
+        self.rescore = rescore  # re-parse and re-score stored responses (after a scorer fix)
         self.out = Path(cfg.out)
         self._subject_factory = subject_factory
         self._judge_factory = judge_factory
@@ -166,6 +168,8 @@ class Runner:
         items = subsample(bench.load(self.cfg.data), self.cfg.limit, self.cfg.seed)
         path = self.out / f"{bench.name}.jsonl"
         done = read_records(path)
+        if self.rescore:
+            self._rescore(bench, items, done, path)
         todo = [it for it in items if it.id not in done]
         t0 = time.perf_counter()
         gen_s = 0.0
@@ -197,6 +201,18 @@ class Runner:
         tm["total_generate_s"] = round(sum(float(r.get("time_s", 0)) for r in selected), 3)
         _write_json_atomic(self.out / RESULTS, self.results)
         return agg
+
+    def _rescore(self, bench: Benchmark, items: Sequence[Item], done: dict[str, dict[str, Any]], path: Path) -> None:
+        sel = [it for it in items if it.id in done]
+        if not sel:
+            return
+        self._ensure_ctx(bench)
+        responses = [[r] if isinstance(r := done[it.id]["response"], str) else list(r) for it in sel]
+        for it, sc in zip(sel, bench.score_batch(sel, responses, self.ctx), strict=True):
+            done[it.id].update(sc)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in done.values()), encoding="utf-8")
+        os.replace(tmp, path)
 
     def _do_chunk(self, bench: Benchmark, chunk: Sequence[Item]) -> tuple[list[dict[str, Any]], float]:
         prompts = [bench.prompts(it) for it in chunk]
@@ -232,7 +248,10 @@ class Runner:
             temp = 0.01 + 0.15 * (attempt - 1)
             t = time.perf_counter()
             regen = self.subject.generate([prompts[i][0] for i in pend], max_new_tokens=max_new, do_sample=True, temperature=temp, seed=self.cfg.seed + attempt)
-            gen_s += time.perf_counter() - t
+            dt = time.perf_counter() - t
+            gen_s += dt
+            for i in pend:  # retries count towards the item's generation time
+                recs[i]["time_s"] = round(recs[i]["time_s"] + dt / len(pend), 4)
             rescored = bench.score_batch([chunk[i] for i in pend], [[g.text] for g in regen], self.ctx)
             for i, g, sc in zip(pend, regen, rescored, strict=True):
                 recs[i].update({"response": g.text, "weights": g.weights, "attempts": attempt, "temperature": round(temp, 3), **sc})

@@ -39,18 +39,28 @@ def normalize_number(s: str) -> Fraction | None:
 
 
 def extract_number(text: str) -> str | None:
-    """The final numeric answer in a model reply (as written), or ``None``."""
+    """The final numeric answer in a model reply (as written), or ``None``.
+
+    Order: the last ``#### N``; else the last "answer is ..."/"Answer: ..." statement, taking the
+    last number of that sentence (so "the answer is 8 + 8 = 16" gives 16); else the last
+    ``\\boxed{N}``; else the last number anywhere.
+    """
     if not text:
         return None
     t = text.replace("**", "")
-    for pat in (
-        rf"####\s*({_NUM})",
-        rf"(?i)answer\s*(?:is|:|=)\s*[:\s]*({_NUM})",
-        rf"\\boxed\{{\s*({_NUM})\s*\}}",
-    ):
-        m = re.findall(pat, t)
-        if m:
-            return m[-1].strip()
+    m = re.findall(rf"####\s*({_NUM})", t)
+    if m:
+        return m[-1].strip()
+    stmts = list(re.finditer(r"(?i)answer\s*(?:is|:|=)", t))
+    if stmts:
+        rest = t[stmts[-1].end() :]
+        sentence = re.split(r"\n|\.(?:\s|$)", rest, maxsplit=1)[0]
+        nums = re.findall(_NUM, sentence)
+        if nums:
+            return nums[-1].strip()
+    m = re.findall(rf"\\boxed\{{\s*({_NUM})\s*\}}", t)
+    if m:
+        return m[-1].strip()
     m = re.findall(_NUM, t)
     return m[-1].strip() if m else None
 
