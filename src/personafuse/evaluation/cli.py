@@ -40,6 +40,7 @@ def eval_command(
     judge_base_url: Annotated[str | None, typer.Option(help="base URL of the judge endpoint")] = None,
     judge_api_key: Annotated[str | None, typer.Option(help="API key of the judge endpoint")] = None,
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
+    system_prompt: Annotated[str | None, typer.Option(help="system message for hf/openai subjects (prompting baselines)")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="override every benchmark's generation length")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="BENCHMARK.KEY=VALUE, e.g. eqbench.version=v1, emobench.language=zh")] = None,
     overwrite: Annotated[bool, typer.Option(help="start the run directory afresh")] = False,
@@ -70,9 +71,10 @@ def eval_command(
         routing=routing,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
         options=_parse_options(option),
     )
-    sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed)
+    sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed, system_prompt=system_prompt)
     jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size)
     try:
         runner = Runner(

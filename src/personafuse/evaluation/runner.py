@@ -38,11 +38,12 @@ class EvalConfig:
     batch_size: int = 8
     chunk_size: int = 16  # items generated and written per step (the unit of resumption)
     max_new_tokens: int | None = None  # override every benchmark's default
+    system_prompt: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-benchmark options
 
     def identity(self) -> dict[str, Any]:
         """What must match for a directory to be resumed (limit and batch sizes may change)."""
-        return {"model": self.model, "seed": self.seed, "routing": self.routing, "judge": self.judge, "options": self.options, "max_new_tokens": self.max_new_tokens}
+        return {"model": self.model, "seed": self.seed, "routing": self.routing, "judge": self.judge, "options": self.options, "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt}
 
 
 class RunMismatch(RuntimeError):
@@ -72,6 +73,11 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _unset_dropped(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Identity without unset (None/empty) entries, so adding a new option keeps old runs resumable."""
+    return {k: v for k, v in d.items() if v not in (None, {}, [])}
 
 
 def _json_default(o: Any) -> Any:
@@ -121,7 +127,8 @@ class Runner:
         if p.is_file() and not overwrite:
             old = json.loads(p.read_text(encoding="utf-8"))
             old_id = old.get("config", {}).get("identity")
-            if old_id is not None and old_id != json.loads(json.dumps(self.cfg.identity(), default=_json_default)):
+            new_id = json.loads(json.dumps(self.cfg.identity(), default=_json_default))
+            if old_id is not None and _unset_dropped(old_id) != _unset_dropped(new_id):
                 raise RunMismatch(
                     f"{p} was written by a different configuration ({old_id}); use another --out or --overwrite"
                 )
