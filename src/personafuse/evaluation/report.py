@@ -154,7 +154,9 @@ def plot_scores(runs: Sequence[str], metrics: Mapping[str, Mapping[tuple[str, st
     files = []
     others = [r for r in runs if r != baseline] if baseline else list(runs)
     for title, benches in GROUPS.items():
-        present = [b for b in benches if any((b, "score") in metrics[r] for r in runs)]
+        present = [b for b in benches if any((b, "score") in metrics[r] for r in others)]
+        if baseline:  # a relative change needs a non-zero baseline score
+            present = [b for b in present if metrics[baseline].get((b, "score")) not in (None, 0.0)]
         if not present:
             continue
         fig, axes = plt.subplots(1, len(present), figsize=(3.2 * len(present) + 1, 3.4), squeeze=False)
@@ -174,7 +176,9 @@ def plot_scores(runs: Sequence[str], metrics: Mapping[str, Mapping[tuple[str, st
                     vals.append(v)
                 labels.append(label_of[r])
             colors = [f"C{i}" for i in range(len(vals))]
-            ax.bar(range(len(vals)), vals, color=colors)
+            bars = ax.bar(range(len(vals)), vals, color=colors)
+            ax.bar_label(bars, fmt="%+.1f%%" if baseline else "%.3g", fontsize=8)
+            ax.margins(y=0.15)
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
             ax.axhline(0, color="black", linewidth=0.6)
