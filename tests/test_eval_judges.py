@@ -131,3 +131,24 @@ def test_missing_judge_is_a_clear_error(tmp_path: Path) -> None:
 def test_win_rate_extremes() -> None:
     r = bradley_terry([Battle("m", "base", "b")] * 3, anchor="base")
     assert r["m"] == -math.inf and win_rate(r, "m", "base") == 0.0
+
+
+def test_local_hf_judge_garbage_is_counted_not_guessed(tmp_path: Path) -> None:
+    import torch
+
+    from eval_support import make_tiny_llama
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
+
+    torch.set_num_threads(1)
+    judge_dir = make_tiny_llama(tmp_path / "judge")  # random weights: never a valid verdict
+    with ChatServer(_reply) as srv:
+        cfg = EvalConfig(model="openai:subject", benchmarks=["arenahard", "mentalchat"], out=str(tmp_path / "run"), data=str(FIXTURE_BENCHDATA), judge=f"hf:{judge_dir}", options={"arenahard": {"judge_max_tokens": 8}, "mentalchat": {"judge_max_tokens": 8}})
+        res = Runner(
+            cfg,
+            lambda: OpenAISubject("subject", base_url=srv.base_url),
+            judge_factory=lambda: load_subject(f"hf:{judge_dir}", SubjectOptions(batch_size=4)),
+            progress=False,
+        ).run()
+    arena, mental = res["benchmarks"]["arenahard"], res["benchmarks"]["mentalchat"]
+    assert arena["n_unparseable_verdicts"] == 4 and arena["score"] is None
+    assert mental["n_unparseable_verdicts"] == 2 and mental["score"] is None

@@ -105,3 +105,26 @@ def test_resolve_weights_modes() -> None:
     assert ((rnd > 0).sum(-1) == 5).all() and torch.allclose(rnd.sum(-1), torch.ones(3))
     pole = resolve_weights(parse_routing("pole:low_N"), ["q"], router, rng=rng)
     assert pole[0, 9] == 1 and pole.sum() == 1
+
+
+def test_documented_command_line(tmp_path: Path) -> None:
+    """``python -m personafuse.evaluation.lm_eval_model`` (what ``personafuse lm-eval`` runs) hands
+    its arguments to lm-eval's own CLI with the ``personafuse`` model registered."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-m", "personafuse.evaluation.lm_eval_model", "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
+         "--tasks", "pf_tiny_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2", "--apply_chat_template", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pf_tiny_mc" in out.stdout and "acc" in out.stdout
+    assert list((tmp_path / "out").rglob("results_*.json"))
