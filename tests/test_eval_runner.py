@@ -205,3 +205,25 @@ def test_cli_reports_bad_data_cleanly(tmp_path: Path) -> None:
     assert "test.jsonl:1: missing field 'answer'" in r.output
     r = CliRunner().invoke(app, ["eval", "--model", "openai:m", "--benchmarks", "nope", "--out", str(tmp_path / "o2"), "--no-progress"])
     assert r.exit_code == 2 and "unknown benchmark 'nope'" in r.output
+
+
+def test_lora_subject_loads_adapter_on_its_base(tmp_path: Path) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base_dir = make_tiny_llama(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    torch.manual_seed(0)  # a fixed random (non-zero) adapter
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(base_dir)
+    subj = load_subject(f"lora:{tmp_path / 'adapter'}")
+    plain = load_subject(f"hf:{base_dir}")
+    prompts = ["Hello there", "What is two plus two?"]
+    with_adapter = subj.generate(prompts, max_new_tokens=6)
+    without = plain.generate(prompts, max_new_tokens=6)
+    assert subj.describe()["base"] == str(base_dir)
+    assert [g.text for g in with_adapter] != [g.text for g in without]  # the adapter is live
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        load_subject(f"lora:{tmp_path / 'base'}")
