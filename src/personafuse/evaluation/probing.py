@@ -95,7 +95,16 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
         fn = getattr(pf, "persona_embeddings", None) or getattr(getattr(pf, "router", None), "encode", None)
         if fn is None:
             raise ValueError(f"{s}: the model exposes neither persona_embeddings() nor router.encode()")
-        return lambda texts: np.asarray(fn(list(texts)).detach().float().cpu())
+        def encode_pf(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+            import torch
+
+            out = []
+            with torch.no_grad():  # batches keep memory flat on CLINC150-sized inputs
+                for i in range(0, len(texts), batch_size):
+                    out.append(fn(list(texts[i : i + batch_size])).detach().float().cpu().numpy())
+            return np.concatenate(out)
+
+        return encode_pf
     path, pooling = _path_pooling(s)
     emb = SentenceEmbedder.from_pretrained(path, pooling=pooling)
     return lambda texts: emb.encode(list(texts)).numpy()
