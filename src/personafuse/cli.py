@@ -22,6 +22,9 @@ def _register() -> None:
 
     register_chat(app)
     app.add_typer(train_app, name="train")
+    from personafuse.evaluation.cli import register as register_eval
+
+    register_eval(app)
 
 
 def main() -> None:

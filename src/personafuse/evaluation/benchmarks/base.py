@@ -1,0 +1,147 @@
+"""What every benchmark provides: a loader, prompts, a parser/scorer per item and an aggregate.
+
+The runner only talks to this interface, so a new benchmark is one module with one subclass.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from personafuse.evaluation.data import DataError, find_benchdata, hub_allowed
+
+# A prompt is either a plain user message or a full chat (list of {"role", "content"}).
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Item:
+    """One benchmark question. ``reference`` is whatever the scorer needs; ``categories`` maps a
+    breakdown name (``category``, ``task``, ``ability`` ...) to this item's value for it."""
+
+    id: str
+    prompt: Prompt
+    reference: Any = None
+    categories: dict[str, str | list[str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreContext:
+    """Shared scoring resources, created lazily by the runner: an LLM judge and a sentence embedder."""
+
+    judge: Any = None  # a Subject used as judge (see judges.py)
+    embedder: Any = None  # personafuse.evaluation.embedding.SentenceEmbedder
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+class Benchmark:
+    """Base class. Subclasses set ``name``, ``max_new_tokens`` and implement ``load_items`` and
+    ``score_item``; override ``prompts`` for several generations per item (ToMBench) and
+    ``aggregate`` for a non-mean score."""
+
+    name: str = ""
+    title: str = ""
+    max_new_tokens: int = 256
+    # How many generations one item needs (ToMBench: five shuffles).
+    needs_judge: bool = False
+    needs_embedder: bool = False
+    # EQ-Bench's retry rule: regenerate an unparseable answer with a rising temperature.
+    max_attempts: int = 1
+    # Multiply mean item scores by this for the headline (e.g. SafetyBench reports percent).
+    score_scale: float = 1.0
+    # Folder name inside a benchdata-like directory.
+    folder: str = ""
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        self.options = dict(options or {})
+        if "max_new_tokens" in self.options:  # e.g. -o gsm8k.max_new_tokens=128
+            self.max_new_tokens = int(self.options["max_new_tokens"])
+
+    # ---- data -------------------------------------------------------------------------
+    def resolve_source(self, data: str | Path | None) -> Path | None:
+        """A file or folder for this benchmark: ``data`` may be a benchdata-like root (we take its
+        ``self.folder``), the benchmark's own folder, or one file. ``None`` means "use the Hub"."""
+        if data is not None:
+            p = Path(data)
+            if not p.exists():
+                raise DataError(f"{p}: no such file or folder (given as data for {self.name})")
+            if p.is_dir() and self.folder and (p / self.folder).is_dir():
+                return p / self.folder
+            return p
+        root = find_benchdata()
+        if root is not None and self.folder and (root / self.folder).is_dir():
+            return root / self.folder
+        return None
+
+    def load_items(self, source: Path | None) -> list[Item]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def load(self, data: str | Path | None = None) -> list[Item]:
+        src = self.resolve_source(data)
+        if src is None and not hub_allowed():
+            raise DataError(
+                f"{self.name}: no local data found and the Hub is off (HF_HUB_OFFLINE=1); pass --data "
+                f"pointing at a folder with '{self.folder}/' or at the benchmark's file"
+            )
+        items = self.load_items(src)
+        if not items:
+            raise DataError(f"{self.name}: {src or 'the Hub'} gave no items")
+        ids = [it.id for it in items]
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise DataError(f"{self.name}: duplicate item id {dup!r} in {src}")
+        return items
+
+    # ---- generation -------------------------------------------------------------------
+    def prompts(self, item: Item) -> list[Prompt]:
+        return [item.prompt]
+
+    # ---- scoring ----------------------------------------------------------------------
+    def score_item(self, item: Item, responses: Sequence[str], ctx: ScoreContext) -> dict[str, Any]:
+        """Return at least ``parsed`` and ``score`` (``None`` when unscorable). Extra keys are kept
+        in the per-item JSONL record."""
+        raise NotImplementedError  # pragma: no cover
+
+    def score_batch(self, items: Sequence[Item], responses: Sequence[Sequence[str]], ctx: ScoreContext) -> list[dict[str, Any]]:
+        return [self.score_item(it, rs, ctx) for it, rs in zip(items, responses, strict=True)]
+
+    def needs_retry(self, record: Mapping[str, Any]) -> bool:
+        return False
+
+    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        """Mean item score (unscorable items count as 0 unless the benchmark says otherwise) plus a
+        breakdown per category key."""
+        out: dict[str, Any] = {"score": _mean([_num(r.get("score")) for r in records]) * self.score_scale}
+        out["n"] = len(records)
+        out["n_unparsed"] = sum(1 for r in records if r.get("parsed") is None)
+        out.update(self.breakdowns(records))
+        return out
+
+    def breakdowns(self, records: Sequence[Mapping[str, Any]], key: str = "score") -> dict[str, Any]:
+        groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+        for r in records:
+            for cat, val in (r.get("categories") or {}).items():
+                for v in val if isinstance(val, list) else [val]:
+                    groups[cat][str(v)].append(_num(r.get(key)))
+        return {
+            f"by_{cat}": {v: round(_mean(xs) * self.score_scale, 6) for v, xs in sorted(vals.items())}
+            for cat, vals in groups.items()
+        }
+
+
+def _num(v: Any) -> float:
+    if v is None:
+        return 0.0
+    if isinstance(v, bool):
+        return float(v)
+    return float(v)
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return statistics.fmean(xs) if xs else 0.0

@@ -1,0 +1,153 @@
+"""``personafuse eval``, ``personafuse report``, ``personafuse routing``, ``personafuse probe`` and
+``personafuse lm-eval`` (lm-evaluation-harness with the ``personafuse`` model class registered)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+
+def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
+    """``-o eqbench.version=v1 -o emobench.language=zh`` → ``{"eqbench": {"version": "v1"}, ...}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for v in values or []:
+        key, eq, val = v.partition("=")
+        bench, dot, opt = key.partition(".")
+        if not eq or not dot:
+            raise typer.BadParameter(f"option {v!r} should look like BENCHMARK.KEY=VALUE")
+        try:
+            parsed: Any = json.loads(val)
+        except json.JSONDecodeError:
+            parsed = val
+        out.setdefault(bench.strip().lower(), {})[opt.strip()] = parsed
+    return out
+
+
+def eval_command(
+    model: Annotated[str, typer.Option(help="default | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
+    benchmarks: Annotated[str, typer.Option(help="comma-separated: emobench,eqbench,tombench,gpqa,gsm8k,arenahard,safetybench,shopmmlu,mentalchat")] = "emobench,eqbench,gsm8k",
+    out: Annotated[Path, typer.Option(help="run directory (results.json + NAME.jsonl); resumed if it exists")] = Path("runs/eval"),
+    data: Annotated[str | None, typer.Option(help="folder laid out like ../shared/benchdata, or one benchmark's file")] = None,
+    limit: Annotated[int | None, typer.Option(help="seeded subsample of N items per benchmark")] = None,
+    seed: Annotated[int, typer.Option(help="subsampling, option shuffles and routing seed")] = 0,
+    routing: Annotated[str | None, typer.Option(help="PersonaFuse routing: router | fixed:POLE=W,... | random:K | pole:NAME | top_k:K")] = None,
+    base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for openai:MODEL")] = None,
+    api_key: Annotated[str | None, typer.Option(help="API key for openai:MODEL (else OPENAI_API_KEY)")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge for arenahard/mentalchat: openai:MODEL or hf:PATH")] = None,
+    judge_base_url: Annotated[str | None, typer.Option(help="base URL of the judge endpoint")] = None,
+    judge_api_key: Annotated[str | None, typer.Option(help="API key of the judge endpoint")] = None,
+    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
+    system_prompt: Annotated[str | None, typer.Option(help="system message for hf/openai subjects (prompting baselines)")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="override every benchmark's generation length")] = None,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="BENCHMARK.KEY=VALUE, e.g. eqbench.version=v1, emobench.language=zh")] = None,
+    overwrite: Annotated[bool, typer.Option(help="start the run directory afresh")] = False,
+    progress: Annotated[bool, typer.Option(help="progress bars")] = True,
+    rescore: Annotated[bool, typer.Option(help="re-parse and re-score the stored responses (no regeneration)")] = False,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is much faster on a busy shared CPU)")] = None,
+) -> None:
+    """Evaluate a model on the paper's benchmarks; writes OUT/results.json and OUT/NAME.jsonl."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    from rich.console import Console
+
+    from personafuse.evaluation.data import DataError
+    from personafuse.evaluation.report import summary_table
+    from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
+
+    cfg = EvalConfig(
+        model=model,
+        benchmarks=[b.strip() for b in benchmarks.split(",") if b.strip()],
+        out=str(out),
+        data=data,
+        limit=limit,
+        seed=seed,
+        judge=judge,
+        routing=routing,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        system_prompt=system_prompt,
+        options=_parse_options(option),
+    )
+    sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed, system_prompt=system_prompt)
+    jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size)
+    try:
+        runner = Runner(
+            cfg,
+            lambda: load_subject(model, sopts),
+            judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
+            progress=progress,
+            overwrite=overwrite,
+            rescore=rescore,
+        )
+        results = runner.run()
+    except (DataError, RunMismatch, KeyError, ValueError) as e:
+        # Bad data, an unknown benchmark or a mismatched run directory: say what, not a traceback.
+        typer.echo(f"error: {e.args[0] if e.args else e}", err=True)
+        raise typer.Exit(2) from None
+    Console().print(summary_table(results))
+    Console().print(f"wrote {out / 'results.json'}")
+
+
+def report_command(
+    runs: Annotated[list[Path], typer.Argument(help="run directories (each with results.json)")],
+    baseline: Annotated[Path | None, typer.Option(help="run to compare against (relative change)")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for report.md, report.csv and the bar charts")] = None,
+    names: Annotated[str | None, typer.Option(help="comma-separated display names, one per run")] = None,
+) -> None:
+    """Paper-style comparison: absolute scores and % change vs the baseline, Markdown + CSV + plots."""
+    from personafuse.evaluation.report import build_report
+
+    rep = build_report([str(r) for r in runs], baseline=str(baseline) if baseline else None, names=names.split(",") if names else None, out=str(out) if out else None)
+    typer.echo(rep.markdown)
+    if out:
+        typer.echo(f"\nwrote {', '.join(str(p) for p in rep.files)}")
+
+
+def routing_command(
+    runs: Annotated[list[Path], typer.Argument(help="run directories whose items carry routing weights")] = None,  # type: ignore[assignment]
+    situations: Annotated[Path | None, typer.Option(help="JSONL with fields query and situation, routed by --model")] = None,
+    model: Annotated[str | None, typer.Option(help="PersonaFuse checkpoint (pf:DIR) to route --situations")] = None,
+    out: Annotated[Path, typer.Option(help="folder for routing.md, routing.csv and radar PNGs")] = Path("runs/routing"),
+) -> None:
+    """Mean routing weight per pole for each benchmark and each held-out situation, plus radar charts."""
+    from personafuse.evaluation.routing_analysis import analyse
+
+    rep = analyse([str(r) for r in runs or []], situations=str(situations) if situations else None, model=model, out=str(out))
+    typer.echo(rep.markdown)
+    typer.echo(f"\nwrote {', '.join(str(p) for p in rep.files)}")
+
+
+def probe_command(
+    dataset: Annotated[str, typer.Option(help="clinc150 | emotion | ecommerce, or a local CSV/JSONL file")],
+    encoder: Annotated[list[str], typer.Option(help="encoder(s) to compare: hf:PATH[@mean|last], pf:DIR, minilm; repeat")],
+    text_field: Annotated[str | None, typer.Option(help="text column of a local file")] = None,
+    label_field: Annotated[str | None, typer.Option(help="label column of a local file")] = None,
+    limit: Annotated[int | None, typer.Option(help="seeded subsample of N examples")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    out: Annotated[Path | None, typer.Option(help="write probe.json and probe.md here")] = None,
+) -> None:
+    """Persona-encoder probing (paper Table 6): softmax regression on frozen embeddings."""
+    from personafuse.evaluation.probing import run_probe
+
+    rep = run_probe(dataset, encoder, text_field=text_field, label_field=label_field, limit=limit, seed=seed, out=str(out) if out else None)
+    typer.echo(rep["markdown"])
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("report")(report_command)
+    app.command("routing")(routing_command)
+    app.command("probe")(probe_command)
+
+    @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def lm_eval_command(ctx: typer.Context) -> None:
+        """Run lm-evaluation-harness with ``--model personafuse`` available (arguments pass through)."""
+        from personafuse.evaluation.lm_eval_model import cli_main
+
+        cli_main(list(ctx.args))

@@ -1,0 +1,332 @@
+"""Models under test ("subjects") behind one small interface.
+
+A subject turns a batch of prompts (strings or chat message lists) into :class:`Generation` objects
+carrying the text and, for PersonaFuse, the ten routing weights used. Specs accepted by
+:func:`load_subject`:
+
+* ``default`` — the embedded SmolLM2-135M-Instruct (plain, no experts);
+* ``hf:ID_OR_PATH`` — any Hugging Face causal LM;
+* ``lora:DIR`` — a peft LoRA adapter on the base named in its ``adapter_config.json``;
+* ``openai:MODEL`` — an OpenAI-compatible endpoint (``base_url``/``api_key`` or
+  ``OPENAI_BASE_URL``/``OPENAI_API_KEY``);
+* ``pf:DIR`` or a folder holding ``personafuse_config.json`` — a PersonaFuse checkpoint, wrapped by
+  duck typing (``from_pretrained``, ``generate(..., routing=)``, ``route``), with a routing spec
+  ``router | fixed:POLE=W,... | random:K | pole:NAME | top_k:K | blend:ALPHA:POLE=W,...``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from personafuse.traits import TRAIT_POLES, pole_name, weights_dict, weights_from_any
+
+Prompt = str | list[dict[str, str]]
+
+
+@dataclass
+class Generation:
+    text: str
+    weights: dict[str, float] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class Subject(Protocol):
+    name: str
+
+    def generate(
+        self,
+        prompts: Sequence[Prompt],
+        *,
+        max_new_tokens: int,
+        do_sample: bool = False,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> list[Generation]: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def as_messages(p: Prompt, system: str | None = None) -> list[dict[str, str]]:
+    msgs = [{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]
+    if system and not any(m["role"] == "system" for m in msgs):
+        msgs.insert(0, {"role": "system", "content": system})
+    return msgs
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face causal LM (plain, LoRA, or the embedded default)
+# ---------------------------------------------------------------------------------------------
+class HFSubject:
+    """Batched greedy (or seeded sampled) generation with left padding and the chat template."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", batch_size: int = 8, system_prompt: str | None = None, source: dict[str, Any] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.batch_size = batch_size
+        self.system_prompt = system_prompt
+        self.source = source or {}
+        tokenizer.padding_side = "left"  # decoder-only batched generation needs left padding
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.model.eval()
+
+    def _encode(self, prompts: Sequence[Prompt]) -> Any:
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            chats = [as_messages(p, self.system_prompt) for p in prompts]
+            return tok.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
+        texts = [p if isinstance(p, str) else "\n\n".join(m["content"] for m in p) for p in prompts]
+        return tok(texts, return_tensors="pt", padding=True)
+
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
+        import torch
+
+        out: list[Generation | None] = [None] * len(prompts)
+        # Sort by length so each batch pads little; restore the order at the end.
+        order = sorted(range(len(prompts)), key=lambda i: len(str(prompts[i])))
+        for s in range(0, len(order), self.batch_size):
+            idx = order[s : s + self.batch_size]
+            enc = self._encode([prompts[i] for i in idx])
+            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
+            if do_sample:
+                if seed is not None:
+                    torch.manual_seed(seed)
+                kw.update(do_sample=True, temperature=max(float(temperature or 1.0), 1e-3), top_p=1.0, top_k=0)
+            else:
+                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+            with torch.no_grad():
+                gen = self.model.generate(**enc, **kw)
+            new = gen[:, enc["input_ids"].shape[1] :]
+            texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+            for i, t in zip(idx, texts, strict=True):
+                out[i] = Generation(text=t.strip())
+        return [g for g in out if g is not None]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "hf", "name": self.name, **self.source}
+
+
+def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw: dict[str, Any] = {}
+    if gguf_file:
+        kw["gguf_file"] = gguf_file
+    tok = AutoTokenizer.from_pretrained(path, **kw)
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if gguf_file:
+        torch_dtype = torch.float32  # GGUF weights are de-quantised to float32
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+    if device:
+        model.to(device)
+    return model, tok
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI-compatible endpoint
+# ---------------------------------------------------------------------------------------------
+class OpenAISubject:
+    """Chat completions against any OpenAI-compatible server, a few requests in flight at once."""
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None, concurrency: int = 4, system_prompt: str | None = None, max_retries: int = 3, timeout: float = 120.0) -> None:
+        from openai import OpenAI
+
+        self.name = model
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
+        self.client = OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY", max_retries=max_retries, timeout=timeout)
+        self.concurrency = concurrency
+        self.system_prompt = system_prompt
+        self._lock = threading.Lock()
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
+
+    def _one(self, p: Prompt, max_new_tokens: int, temperature: float, seed: int | None) -> Generation:
+        kw: dict[str, Any] = {"model": self.model, "messages": as_messages(p, self.system_prompt), "max_tokens": max_new_tokens, "temperature": temperature}
+        if seed is not None:
+            kw["seed"] = seed
+        resp = self.client.chat.completions.create(**kw)
+        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        with self._lock:
+            self.usage["requests"] += 1
+            if resp.usage is not None:
+                self.usage["prompt_tokens"] += resp.usage.prompt_tokens or 0
+                self.usage["completion_tokens"] += resp.usage.completion_tokens or 0
+        # Some servers (vLLM, ours) report the routing weights beside the message.
+        extra = getattr(resp, "model_extra", None) or {}
+        w = extra.get("personafuse", {}).get("weights") if isinstance(extra.get("personafuse"), dict) else None
+        return Generation(text=text.strip(), weights=w)
+
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
+        temp = float(temperature) if (do_sample and temperature is not None) else (1.0 if do_sample else 0.0)
+        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as ex:
+            return list(ex.map(lambda p: self._one(p, max_new_tokens, temp, seed), prompts))
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "openai", "name": self.model, "base_url": self.base_url}
+
+
+# ---------------------------------------------------------------------------------------------
+# PersonaFuse checkpoint (duck-typed; the model class lives in personafuse.model)
+# ---------------------------------------------------------------------------------------------
+def parse_routing(spec: str | None, seed: int = 0) -> dict[str, Any]:
+    """A routing spec → keyword arguments for ``personafuse.Routing``.
+
+    ``router`` · ``random:K`` · ``top_k:K`` · ``pole:high_A`` · ``fixed:high_A=0.5,low_N=0.5`` (or ten
+    comma-separated numbers) · ``blend:0.3:high_A=1`` (alpha of the fixed part).
+    """
+    s = (spec or "router").strip()
+    head, _, rest = s.partition(":")
+    head = head.lower()
+    try:
+        if head == "router":
+            return {"mode": "router"}
+        if head == "random":
+            return {"mode": "random", "k": int(rest or 1), "seed": seed}
+        if head in ("top_k", "topk"):
+            return {"mode": "top_k", "k": int(rest)}
+        if head == "pole":
+            return {"mode": "pole", "pole": pole_name(rest)}
+        if head in ("fixed", "blend"):
+            alpha = None
+            if head == "blend":
+                a, _, rest = rest.partition(":")
+                alpha = float(a)
+            if "=" in rest:
+                w = weights_from_any({k.strip(): float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv.strip())}, normalise=True)
+            else:
+                w = weights_from_any([float(x) for x in rest.split(",")], normalise=True)
+            out: dict[str, Any] = {"mode": head, "weights": w}
+            if alpha is not None:
+                out["alpha"] = alpha
+            return out
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"bad routing spec {spec!r}: {e}") from None
+    raise ValueError(f"bad routing spec {spec!r}; use router, fixed:..., random:K, pole:NAME, top_k:K or blend:ALPHA:...")
+
+
+def _weights_to_dict(w: Any) -> dict[str, float] | None:
+    if w is None:
+        return None
+    if isinstance(w, dict):
+        return {pole_name(k): float(v) for k, v in w.items()}
+    try:
+        vals = [float(x) for x in (w.tolist() if hasattr(w, "tolist") else w)]
+    except TypeError:
+        return None
+    return weights_dict(vals) if len(vals) == len(TRAIT_POLES) else None
+
+
+class PersonaFuseSubject:
+    """Wraps a PersonaFuse model: ``model.generate(prompts, ..., routing=Routing(...))`` returning
+    objects with ``.text`` and ``.weights``; ``model.route(queries)`` giving [B, 10]."""
+
+    def __init__(self, model: Any, routing: dict[str, Any], *, name: str = "personafuse", batch_size: int = 8, source: dict[str, Any] | None = None, routing_factory: Any = None) -> None:
+        self.model = model
+        self.routing_kwargs = routing
+        self.name = name
+        self.batch_size = batch_size
+        self.source = source or {}
+        if routing_factory is None:
+            from personafuse import Routing
+
+            routing_factory = Routing
+        self.routing = routing_factory(**routing)
+
+    def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
+        # One call for the whole list: the model batches internally, and Random Route draws a
+        # fresh expert set per row within a call.
+        kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "routing": self.routing, "batch_size": self.batch_size}
+        if do_sample:
+            if temperature is not None:
+                kw["temperature"] = temperature
+            if seed is not None:
+                kw["seed"] = seed
+        gens = self.model.generate(list(prompts), **kw)
+        return [Generation(text=str(g.text).strip(), weights=_weights_to_dict(getattr(g, "weights", None))) for g in gens]
+
+    def route(self, queries: Sequence[str]) -> list[dict[str, float]]:
+        w = self.model.route(list(queries))
+        return [weights_dict([float(x) for x in row]) for row in (w.tolist() if hasattr(w, "tolist") else w)]
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "personafuse", "name": self.name, "routing": self.routing_kwargs, **self.source}
+
+
+# ---------------------------------------------------------------------------------------------
+def is_personafuse_dir(path: str) -> bool:
+    return Path(path).is_dir() and (Path(path) / "personafuse_config.json").is_file()
+
+
+@dataclass
+class SubjectOptions:
+    base_url: str | None = None
+    api_key: str | None = None
+    routing: str | None = None
+    batch_size: int = 8
+    dtype: str = "auto"
+    device: str | None = None
+    concurrency: int = 4
+    system_prompt: str | None = None
+    seed: int = 0
+
+
+def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
+    """Build a subject from a ``--model`` spec (see the module docstring)."""
+    o = opts or SubjectOptions()
+    spec = spec.strip()
+    head, sep, rest = spec.partition(":")
+    if spec == "default":
+        from personafuse.evaluation._embedded import smollm2_source
+
+        src = smollm2_source()
+        model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
+        return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": src.path, "gguf_file": src.gguf_file})
+    if sep and head == "openai":
+        return OpenAISubject(rest, base_url=o.base_url, api_key=o.api_key, concurrency=o.concurrency, system_prompt=o.system_prompt)
+    if sep and head == "hf":
+        model, tok = load_hf(rest, dtype=o.dtype, device=o.device)
+        return HFSubject(model, tok, name=Path(rest).name or rest, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": rest})
+    if sep and head == "lora":
+        import json
+
+        from peft import PeftModel
+
+        cfg_path = Path(rest) / "adapter_config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path}: not found (lora:DIR needs a peft adapter folder)")
+        base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
+        if base in ("default", "embedded:smollm2") or not base:
+            from personafuse.evaluation._embedded import smollm2_source
+
+            src = smollm2_source()
+            model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
+        else:
+            model, tok = load_hf(base, dtype=o.dtype, device=o.device)
+        model = PeftModel.from_pretrained(model, rest)
+        return HFSubject(model, tok, name=Path(rest).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"adapter": rest, "base": base})
+    if (sep and head == "pf") or is_personafuse_dir(spec):
+        path = rest if (sep and head == "pf") else spec
+        from personafuse import PersonaFuseModel
+
+        model = PersonaFuseModel.from_pretrained(path)
+        routing = parse_routing(o.routing, seed=o.seed)
+        return PersonaFuseSubject(model, routing, name=Path(path).name, batch_size=o.batch_size, source={"path": path})
+    if Path(spec).is_dir():  # a bare local folder: treat as a Hugging Face model
+        model, tok = load_hf(spec, dtype=o.dtype, device=o.device)
+        return HFSubject(model, tok, name=Path(spec).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": spec})
+    raise ValueError(f"unknown --model {spec!r}; use default, hf:ID_OR_PATH, lora:DIR, openai:MODEL or pf:DIR")
+
+
+def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
+    t = time.perf_counter()
+    r = fn(*a, **kw)
+    return r, time.perf_counter() - t

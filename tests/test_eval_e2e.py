@@ -1,0 +1,62 @@
+"""End to end on the embedded SmolLM2-135M-Instruct: ``eval --limit 5`` on EmoBench, EQ-Bench and
+GSM8K (real model, real prompts, our fixture files or the real benchdata), then ``report`` with a
+table and a plot, then a resumed run that generates nothing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from eval_support import FIXTURE_BENCHDATA, real_benchdata
+from personafuse.evaluation.cli import register
+
+pytestmark = pytest.mark.e2e
+torch.set_num_threads(1)  # shared CPUs: one thread per process avoids oversubscription stalls
+
+
+def test_embedded_model_eval_report_and_plot(tmp_path: Path) -> None:
+    app = typer.Typer()
+    register(app)
+    cli = CliRunner()
+    data = real_benchdata() or FIXTURE_BENCHDATA
+    run = tmp_path / "smollm2"
+    args = [
+        "eval", "--model", "default", "--benchmarks", "emobench,eqbench,gsm8k", "--limit", "5",
+        "--data", str(data), "--out", str(run), "--batch-size", "5", "--no-progress",
+        "-o", "gsm8k.max_new_tokens=160",
+    ]
+    t = time.perf_counter()
+    r = cli.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    first = time.perf_counter() - t
+    res = json.loads((run / "results.json").read_text())
+    for name in ("emobench", "eqbench", "gsm8k"):
+        block = res["benchmarks"][name]
+        assert block["n_items"] == (5 if data != FIXTURE_BENCHDATA else block["n_items"])
+        assert isinstance(block["score"], float)
+        lines = [json.loads(x) for x in (run / f"{name}.jsonl").read_text().splitlines()]
+        assert len(lines) == block["n_items"]
+        assert all({"id", "response", "parsed", "score"} <= set(x) for x in lines)
+        assert all(isinstance(x["response"], str) for x in lines)
+    eq = res["benchmarks"]["eqbench"]
+    assert 0.0 <= eq["percent_parseable"] <= 100.0 and eq["mean_attempts"] >= 1
+    assert res["subject"]["name"] == "smollm2-135m-instruct"
+
+    rep = cli.invoke(app, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert rep.exit_code == 0, rep.output
+    assert "EmoBench" in rep.output and "EQ-Bench" in rep.output and "GSM8K" in rep.output
+    pngs = sorted((tmp_path / "report").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 5000 for p in pngs)
+
+    # Resuming a finished run loads no model and generates nothing.
+    t = time.perf_counter()
+    again = cli.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert time.perf_counter() - t < min(10.0, first / 2)
+    assert json.loads((run / "results.json").read_text())["benchmarks"] == res["benchmarks"]

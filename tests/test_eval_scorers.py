@@ -1,0 +1,226 @@
+"""Parsers and scorers on hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from eval_support import FIXTURE_BENCHDATA
+from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
+from personafuse.evaluation.benchmarks.choice import parse_choice
+from personafuse.evaluation.benchmarks.emobench import score_eu
+from personafuse.evaluation.benchmarks.eqbench import parse_answers, score_v1, score_v2
+from personafuse.evaluation.benchmarks.gsm8k import exact_match, extract_number
+from personafuse.evaluation.benchmarks.tombench import majority_vote
+
+CTX = ScoreContext()
+
+
+# ---- EQ-Bench ---------------------------------------------------------------------------------
+def _eq_items():
+    b = get_benchmark("eqbench", {"seed": 0})
+    return b, {i.id: i for i in b.load(FIXTURE_BENCHDATA)}
+
+
+def test_eqbench_perfect_answers_score_100_v1_and_v2() -> None:
+    for version, ref_key in (("v2", "v2"), ("v1", "v1")):
+        b = get_benchmark("eqbench", {"version": version})
+        items = b.load(FIXTURE_BENCHDATA)
+        recs = []
+        for it in items:
+            ref = it.reference[ref_key]
+            answer = "\n".join(f"{ref[f'emotion{i}']}: {int(float(ref[f'emotion{i}_score']))}" for i in range(1, 5))
+            recs.append({"id": it.id, **b.score_item(it, [answer], CTX)})
+        agg = b.aggregate(recs)
+        assert agg["score"] == pytest.approx(100.0), version
+        assert agg["percent_parseable"] == 100.0
+
+
+def test_eqbench_v2_worked_example() -> None:
+    # Reference (fullscale): Hurt 8, Amused 0, Indifferent 1, Suspicious 6. Answer: 7, 0, 3, 6.
+    # d = 1, 0, 2, 0; f(1) = 6.5/(1+e^3.6) = 0.1728812, f(2) = 6.5/(1+e^2.4) = 0.5406222;
+    # item = 10 - 0.7477 * 0.7135034 = 9.4665138.
+    b, items = _eq_items()
+    rec = b.score_item(items["1"], ["Hurt: 7\nAmused: 0\nIndifferent: 3\nSuspicious: 6"], CTX)
+    assert rec["score"] == pytest.approx(9.4665138, abs=1e-6)
+    # A difference above 5 counts linearly: Hurt 0 vs 8 → 10 - 0.7477*8 = 4.0184.
+    assert score_v2(items["1"].reference["v2"], {"Hurt": "0", "Amused": "0", "Indifferent": "1", "Suspicious": "6"}) == pytest.approx(10 - 0.7477 * 8)
+
+
+def test_eqbench_v1_worked_example_normalises_to_ten() -> None:
+    # Reference (v1): Hurt 6, Amused 0, Indifferent 0, Suspicious 4. Answer 3,0,1,1 sums to 5 →
+    # rescaled 6,0,2,2 → |diff| = 0+0+2+2 = 4 → 10 - 4 = 6.
+    _, items = _eq_items()
+    assert score_v1(items["1"].reference["v1"], {"Hurt": "3", "Amused": "0", "Indifferent": "1", "Suspicious": "1"}) == pytest.approx(6.0)
+    assert score_v1(items["1"].reference["v1"], {"Hurt": "0", "Amused": "0", "Indifferent": "0", "Suspicious": "0"}) is None
+
+
+def test_eqbench_parse_rule_and_unparseable() -> None:
+    b, items = _eq_items()
+    it = items["1"]
+    # Markdown is stripped; emotion names match case-insensitively.
+    assert b.score_item(it, ["**hurt**: 8\nAmused: 0\n# Indifferent: 1\nSuspicious: 6"], CTX)["score"] == pytest.approx(10.0)
+    # Three emotions, a wrong emotion, or five pairs are all unparseable.
+    for bad in ("Hurt: 8\nAmused: 0\nIndifferent: 1", "Hurt: 8\nAmused: 0\nIndifferent: 1\nAngry: 6", "Note: 1\nHurt: 8\nAmused: 0\nIndifferent: 1\nSuspicious: 6"):
+        rec = b.score_item(it, [bad], CTX)
+        assert rec["score"] is None and rec["parsed"] is None and b.needs_retry({"id": "x", **rec})
+    first, revised = parse_answers("First pass scores:\nA: 1\nB: 2\nCritique: ok\nRevised scores:\nA: 3\nB: 4", True)
+    assert first == {"A": "1", "B": "2"} and revised == {"A": "3", "B": "4"}
+
+
+def test_eqbench_aggregate_reports_parseable_share() -> None:
+    b, items = _eq_items()
+    good = b.score_item(items["1"], ["Hurt: 7\nAmused: 0\nIndifferent: 3\nSuspicious: 6"], CTX)
+    bad = b.score_item(items["2"], ["I cannot say."], CTX)
+    agg = b.aggregate([{"id": "1", **good}, {"id": "2", **bad}])
+    assert agg["score"] == pytest.approx(94.665138, abs=1e-4)  # over parseable answers (official)
+    assert agg["percent_parseable"] == 50.0
+    assert agg["score_all"] == pytest.approx(47.332569, abs=1e-4)  # unparseable counted as 0
+
+
+# ---- EmoBench ---------------------------------------------------------------------------------
+def test_emobench_eu_needs_both_parts() -> None:
+    ref = {"emotion": 0, "cause": 0}
+    emos, causes = ["Joy", "Anger", "Fear", "Pride"], ["c0", "c1", "c2", "c3"]
+    half = score_eu("Emotion: A\nCause: B", ref, emos, causes)
+    assert half["emotion_correct"] and not half["cause_correct"] and half["score"] == 0.0
+    assert score_eu("Emotion: A\nCause: A", ref, emos, causes)["score"] == 1.0
+    assert score_eu("**Emotion:** A. Joy\n**Cause:** (A)", ref, emos, causes)["score"] == 1.0
+    assert score_eu("Cause: A\nEmotion: A", ref, emos, causes)["score"] == 1.0
+    assert score_eu("Emotion: B", ref, emos, causes)["score"] == 0.0
+
+
+def test_emobench_aggregate_means_eu_and_ea() -> None:
+    b = get_benchmark("emobench")
+    items = {i.id: i for i in b.load(FIXTURE_BENCHDATA)}
+    recs = [
+        {"id": "EU-1", "categories": items["EU-1"].categories, **b.score_item(items["EU-1"], ["Emotion: A\nCause: A"], CTX)},
+        {"id": "EU-2", "categories": items["EU-2"].categories, **b.score_item(items["EU-2"], ["Emotion: B\nCause: B"], CTX)},
+        {"id": "EA-1", "categories": items["EA-1"].categories, **b.score_item(items["EA-1"], ["Answer: B"], CTX)},
+        {"id": "EA-2", "categories": items["EA-2"].categories, **b.score_item(items["EA-2"], ["Answer: D"], CTX)},
+    ]
+    agg = b.aggregate(recs)
+    assert agg["EU"] == 0.5 and agg["EU_emotion"] == 1.0 and agg["EU_cause"] == 0.5
+    assert agg["EA"] == 0.5 and agg["score"] == 0.5
+
+
+# ---- ToMBench ---------------------------------------------------------------------------------
+def test_majority_vote() -> None:
+    assert majority_vote([1, 2, 1, None, 2]) == 1  # tie → first seen
+    assert majority_vote([None, 3, 2, 2, None]) == 2
+    assert majority_vote([None] * 5) is None
+
+
+def test_tombench_votes_map_shuffled_letters_back() -> None:
+    b = get_benchmark("tombench", {"seed": 7})
+    item = next(i for i in b.load(FIXTURE_BENCHDATA) if i.id == "False Belief Task-1")
+    shuffles = b.shuffles(item, 7)
+    assert shuffles == b.shuffles(item, 7) and len({tuple(s) for s in shuffles}) > 1
+
+    def reply_for(opts, letter):  # answer with the shown letter of original option `letter`
+        k = [o[0] for o in opts].index(letter)
+        return f"[[{'ABCD'[k]}]]"
+
+    # Three of five votes for the right option (A), two for C.
+    responses = [reply_for(s, x) for s, x in zip(shuffles, "AACAC", strict=True)]
+    rec = b.score_item(item, responses, CTX)
+    assert rec["votes"] == ["A", "A", "C", "A", "C"] and rec["parsed"] == "A" and rec["score"] == 1.0
+    responses = [reply_for(s, x) for s, x in zip(shuffles, "BBCAB", strict=True)]
+    assert b.score_item(item, responses, CTX)["score"] == 0.0
+
+
+def test_tombench_aggregate_task_and_ability_averages() -> None:
+    b = get_benchmark("tombench")
+    recs = [
+        {"categories": {"task": "False Belief Task", "dimension": ["Belief"]}, "score": 1.0, "parsed": "A"},
+        {"categories": {"task": "False Belief Task", "dimension": ["Belief"]}, "score": 0.0, "parsed": "B"},
+        {"categories": {"task": "Hidden Emotions", "dimension": ["Emotion"]}, "score": 1.0, "parsed": "A"},
+    ]
+    agg = b.aggregate(recs)
+    assert agg["task_oriented"] == 0.5  # only classic task files count
+    assert agg["ability_oriented"] == pytest.approx(0.75)  # mean of Belief 0.5 and Emotion 1.0
+    assert agg["score"] == pytest.approx(0.625)
+    assert agg["by_task"] == {"False Belief Task": 0.5, "Hidden Emotions": 1.0}
+
+
+# ---- GSM8K ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("12 * 5 = 60, 60 - 7 = 53.\n#### 53", "53"),
+        ("The answer is $1,300.", "$1,300"),
+        ("So he has 4 apples. The answer is 12, wait, 3 + 9 = 12 apples in total.", "12"),
+        ("Total: \\boxed{-2}", "-2"),
+        ("She spent $8 on lemons. The final answer is $8 + 8 = $16.", "$16"),
+        ("The answer is 600,000. The house cost 350,000 + 250,000.", "600,000"),
+        ("**Answer:** 18 dollars per day, i.e. 3 for 6 days", "18"),
+        ("It is 1,000,000 grains.", "1,000,000"),
+        ("No idea.", None),
+    ],
+)
+def test_gsm8k_number_extraction(text: str, number: str | None) -> None:
+    assert extract_number(text) == number
+
+
+def test_gsm8k_exact_match_normalises() -> None:
+    assert exact_match("$1,300.", "1,300")
+    assert exact_match("53.00", "53")
+    assert exact_match("−2", "-2")
+    assert not exact_match("52", "53")
+    assert not exact_match(None, "53")
+
+
+# ---- choice parsing, SafetyBench, GPQA ------------------------------------------------------
+def test_parse_choice_prefers_explicit_markers() -> None:
+    opts = ["Photon", "Gluon", "W boson", "Graviton"]
+    assert parse_choice("Answer: C", 4, opts) == 2
+    assert parse_choice("[[b]]", 4, opts) == 1
+    assert parse_choice("D. Graviton", 4, opts) == 3
+    assert parse_choice("The force carrier is the photon.", 4, opts) == 0
+    assert parse_choice("A good question; I am not sure.", 4, opts) is None
+    assert parse_choice("Answer: E", 4, opts) is None
+
+
+def test_safetybench_aggregate_per_category_percent() -> None:
+    b = get_benchmark("safetybench")
+    items = b.load(FIXTURE_BENCHDATA)
+    replies = ["Answer: B", "Answer: A", "B"]
+    recs = [{"categories": it.categories, **b.score_item(it, [r], CTX)} for it, r in zip(items, replies, strict=True)]
+    agg = b.aggregate(recs)
+    assert agg["score"] == pytest.approx(200 / 3)
+    assert (agg["OFF"], agg["PH"], agg["PP"]) == (100.0, 0.0, 100.0)
+
+
+def test_gpqa_score_is_mean_of_subsets() -> None:
+    b = get_benchmark("gpqa", {"seed": 0})
+    items = b.load(FIXTURE_BENCHDATA)
+    recs = []
+    for it in items:
+        right = "ABCD"[it.reference]
+        reply = f"Answer: {right}" if it.categories["subset"] == "main" else "Answer: Z"
+        recs.append({"categories": it.categories, **b.score_item(it, [reply], CTX)})
+    agg = b.aggregate(recs)
+    assert agg["by_subset"] == {"diamond": 0.0, "main": 1.0}
+    assert agg["score"] == 0.5 and agg["accuracy"] == pytest.approx(1 / 3)
+
+
+# ---- Shop-MMLU with the real embedded all-MiniLM-L6-v2 ---------------------------------------
+def test_shopmmlu_cosine_with_minilm() -> None:
+    from personafuse.evaluation.embedding import SentenceEmbedder
+
+    emb = SentenceEmbedder.from_pretrained()
+    v = emb.encode(["hello world", "hello world", "The stock market fell sharply today."])
+    assert v.shape == (3, 384)
+    assert math.isclose(float(v[0] @ v[1]), 1.0, abs_tol=1e-5)
+    b = get_benchmark("shopmmlu")
+    items = b.load(FIXTURE_BENCHDATA)
+    ctx = ScoreContext(embedder=emb)
+    same = b.score_batch(items[:1], [[items[0].reference]], ctx)[0]["score"]
+    other = b.score_batch(items[:1], [["Penguins live in the southern hemisphere."]], ctx)[0]["score"]
+    assert same == pytest.approx(1.0, abs=1e-4) and other < 0.3
+    # A list target scores the mean similarity over its references.
+    refs = items[1].reference
+    multi = b.score_batch(items[1:2], [[refs[0]]], ctx)[0]["score"]
+    r = emb.encode(refs)
+    assert multi == pytest.approx((1.0 + float(r[0] @ r[1])) / 2, abs=1e-4)
