@@ -171,7 +171,7 @@ class PersonaFuseModel(nn.Module):
     def resolve_weights(self, queries: Sequence[Prompt], routing: Routing | None = None) -> torch.Tensor:
         routing = routing or Routing()
         router_w = self.route(queries) if routing.needs_router else None
-        return routing.resolve(len(queries), router_w)
+        return routing.resolve(len(queries), router_w, keys=[router_text(q) for q in queries])
 
     @contextmanager
     def mixture_weights(

@@ -10,8 +10,9 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ class Routing:
     k: int = 1
     pole: str | None = None
     seed: int | None = 0
+    _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -52,9 +54,15 @@ class Routing:
     def needs_router(self) -> bool:
         return self.mode in ("router", "blend", "top_k")
 
-    def resolve(self, batch_size: int, router_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def resolve(
+        self, batch_size: int, router_weights: torch.Tensor | None = None, keys: Sequence[str] | None = None
+    ) -> torch.Tensor:
         """[batch_size, 10] weights for this mode; ``router_weights`` is required when
-        :attr:`needs_router`."""
+        :attr:`needs_router`.
+
+        Random Route draws: with ``keys`` (the query texts) each row's draw is seeded by
+        ``(seed, key)``, so a query gets the same experts however it is batched or chunked; without
+        keys the draws continue one seeded stream across calls, never repeating a pattern."""
         if self.needs_router and router_weights is None:
             raise ValueError(f"routing mode {self.mode!r} needs the router's weights")
         if self.mode == "router":
@@ -75,10 +83,17 @@ class Routing:
             out = torch.zeros(batch_size, NUM_POLES, dtype=dtype, device=device)
             out[:, POLE_INDEX[self.pole]] = 1.0  # type: ignore[index]
             return out
-        # random: a fresh draw per row, reproducible from the seed.
-        gen = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        # random: k distinct experts per row, weight 1/k each.
         out = torch.zeros(batch_size, NUM_POLES, dtype=dtype)
         for b in range(batch_size):
+            if keys is not None:
+                digest = hashlib.sha256(f"{self.seed}:{keys[b]}".encode()).digest()
+                gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            else:
+                if self._generator is None:
+                    self._generator = torch.Generator()
+                    self._generator.manual_seed(self.seed if self.seed is not None else torch.seed())
+                gen = self._generator
             pick = torch.randperm(NUM_POLES, generator=gen)[: self.k]
             out[b, pick] = 1.0 / self.k
         return out.to(device)
