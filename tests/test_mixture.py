@@ -126,3 +126,22 @@ def test_wrong_weight_shape_is_rejected():
         pf(ids, weights=torch.ones(2, 9) / 9)
     with pytest.raises(ValueError, match="set for 3 sequences but the batch has 2 rows"):
         pf(ids, weights=torch.ones(3, 10) / 10)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    ids = torch.randint(7, 150, (3, 10), generator=torch.Generator().manual_seed(4))
+    w = random_weights(3, seed=6).requires_grad_(True)
+    grads = []
+    for ckpt in (False, True):
+        pf = build_tiny()
+        pf.train()
+        if ckpt:
+            pf.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for n, p in pf.named_parameters():
+            p.requires_grad_(".lora_" in n)
+        w.grad = None
+        pf(ids, weights=w).logits.pow(2).mean().backward()
+        layer = next(iter(pf.mixture_layers.values()))
+        grads.append((layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), w.grad.clone()))
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

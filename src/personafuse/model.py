@@ -184,11 +184,14 @@ class PersonaFuseModel(nn.Module):
             yield
 
     def forward(self, input_ids: torch.Tensor, weights: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        """The base model's forward with the mixture live. ``weights``: [B, 10] (None = base only)."""
+        """The base model's forward with the mixture live. ``weights``: [B, 10] (None = base only).
+
+        The weights stay set after the call (until the next forward or :meth:`mixture_weights`), so
+        that activation checkpointing recomputes the same mixture during backward."""
         if weights is not None:
             weights = weights.to(input_ids.device)
-        with self.state.use(weights):
-            return self.base_model(input_ids=input_ids, **kwargs)
+        self.state.set(weights)
+        return self.base_model(input_ids=input_ids, **kwargs)
 
     # ------------------------------------------------------------------ generation
     def chat_inputs(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:

@@ -118,8 +118,10 @@ class WarmupObjective(nn.Module):
         self.pf = pf
 
     def forward(self, input_ids, attention_mask, labels, onehot):
-        with self.pf.state.use(onehot):
-            logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        # set(), not use(): the weights must stay in place for activation-checkpointing recompute
+        # during backward.
+        self.pf.state.set(onehot)
+        logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
         return lm_loss_sums(logits, labels)
 
 
@@ -142,8 +144,8 @@ class JointObjective(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels, enc_ids, enc_mask, p):
         w, h = self.pf.router(enc_ids, enc_mask)
-        with self.pf.state.use(w):
-            logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
+        self.pf.state.set(w)  # kept for activation-checkpointing recompute (see WarmupObjective)
+        logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
         sums, counts = lm_loss_sums(logits, labels)
         lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
         lt = trait_consistency_loss(h, p)
@@ -376,10 +378,10 @@ def train_loop(
                 if writer is not None:
                     for k, v in stats.items():
                         writer.add_scalar(f"{name}/{k}", v, step + 1)
-                bar.set_postfix(
-                    {k: f"{v:.4f}" for k, v in stats.items() if k.startswith("loss")}
-                    | {"tok/s": f"{stats.get('tokens', 0) / dt:.0f}"}
-                )
+                postfix = {k: f"{v:.4f}" for k, v in stats.items() if k.startswith("loss")}
+                if "tokens" in stats:
+                    postfix["tok/s"] = f"{stats['tokens'] / dt:.0f}"
+                bar.set_postfix(postfix)
                 bar.update(1)
             done = step + 1
             if acc.is_main_process and (done % tc.save_every == 0 or done == sc.steps or done == stop_after):
