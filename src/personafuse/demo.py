@@ -31,7 +31,7 @@ def demo_config(out: Path) -> TrainConfig:
     """Steps small enough for two CPU cores; the paper's recipe otherwise (losses, ratios of lr)."""
     tc = TrainConfig(data=str(out / "data"), out=str(out / "train"), max_length=320, save_every=20, mixed_precision="no")
     tc.warmup = StageConfig(steps=24, batch_size=1, grad_accum=1, lr=1e-3, micro_batch_size=4)
-    tc.router = StageConfig(steps=200, batch_size=8, lr=2e-3, micro_batch_size=8)
+    tc.router = StageConfig(steps=60, batch_size=8, lr=1e-3, micro_batch_size=8)
     tc.joint = StageConfig(steps=8, batch_size=4, lr=2e-4, micro_batch_size=4)
     return tc
 
