@@ -59,7 +59,7 @@ def main() -> None:
     labels = [q.situation for q in qs]
     idx_train, idx_test = train_test_split(list(range(len(texts))), test_size=0.3, random_state=0, stratify=labels)
     results = {}
-    for name, spec in (("all-MiniLM-L6-v2", "default-encoder"), ("SmolLM2-135M", "smollm2")):
+    for name, spec in (("all-MiniLM-L6-v2", "minilm"), ("SmolLM2-135M", "smollm2")):
         x, latency, pooling, n = embed(spec, texts)
         x = torch.nn.functional.normalize(x, dim=-1).numpy()
         scaler = StandardScaler().fit(x[idx_train])

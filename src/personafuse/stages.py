@@ -13,6 +13,7 @@ micro-batches (or processes) changes nothing but rounding.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -451,6 +452,11 @@ def _chunks(rows: list[Row], size: int) -> list[list[Row]]:
     return [rows[i : i + size] for i in range(0, len(rows), max(size, 1))]
 
 
+def _sync_last(acc, objective: nn.Module, chunk: int, n_chunks: int):
+    """Skip DDP's gradient all-reduce on every micro-batch but a step's last."""
+    return acc.no_sync(objective) if chunk < n_chunks - 1 else contextlib.nullcontext()
+
+
 def _shard(acc, rows: list[Row]) -> list[Row]:
     return rows[acc.process_index :: acc.num_processes]
 
@@ -492,8 +498,7 @@ def run_warmup(
             onehot = torch.zeros(len(chunk), E, device=acc.device)
             onehot[torch.arange(len(chunk)), torch.tensor([i for _, i in chunk])] = 1.0
             denom = torch.tensor([norms[i] for _, i in chunk], dtype=torch.float32, device=acc.device)
-            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
-            with ctx:
+            with _sync_last(acc, objective, c, len(chunks)):
                 sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], onehot)
                 loss = (sums / denom.clamp(min=1)).sum() * acc.num_processes
                 acc.backward(loss)
@@ -544,8 +549,7 @@ def run_router(
             ks = [k for k, _ in chunk]
             enc = feats.enc_batch(ks, acc.device)
             frac = len(chunk) / max(len(mine), 1)
-            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
-            with ctx:
+            with _sync_last(acc, objective, c, len(chunks)):
                 lc, lt = objective(enc["enc_ids"], enc["enc_mask"], feats.p_batch(ks, acc.device))
                 acc.backward((lc + tc.beta * lt) * frac)
             lc_tot += float(lc.detach()) * frac
@@ -596,8 +600,7 @@ def run_joint(
             b = feats.lm_batch(ks, acc.device)
             enc = feats.enc_batch(ks, acc.device)
             frac = len(chunk) / max(len(mine), 1)
-            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
-            with ctx:
+            with _sync_last(acc, objective, c, len(chunks)):
                 sums, _, lc, lt = objective(
                     b["input_ids"],
                     b["attention_mask"],
@@ -658,8 +661,7 @@ def run_sft(
         total = 0.0
         for c, chunk in enumerate(chunks):
             b = feats.lm_batch([k for k, _ in chunk], acc.device)
-            ctx = acc.no_sync(objective) if c < len(chunks) - 1 else _nullcontext()
-            with ctx:
+            with _sync_last(acc, objective, c, len(chunks)):
                 sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"])
                 loss = sums.sum() / max(norm, 1) * acc.num_processes
                 acc.backward(loss)
@@ -680,12 +682,6 @@ def run_sft(
     )
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------- pipelines

@@ -50,7 +50,7 @@ def smollm2_source() -> ModelSource:
 
 
 def minilm_path() -> str:
-    shared = _shared_resolve("default-encoder")
+    shared = _shared_resolve("minilm")
     if shared is not None:
         return shared.path
     try:
