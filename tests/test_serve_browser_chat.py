@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_tiny
-from serve_support import CHROMIUM, CHROMIUM_ARGS, LiveServer
 
+from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
+from serve_support import CHROMIUM, CHROMIUM_ARGS, LiveServer
 
 torch.set_num_threads(1)
 ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import build_tiny
-from serve_support import LiveServer
 
+from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
+from serve_support import LiveServer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from serve_load import run_load  # noqa: E402
