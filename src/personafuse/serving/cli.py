@@ -60,21 +60,25 @@ def register(app: typer.Typer) -> None:
 
     @annotate_app.command("serve")
     def annotate_serve(
-        responses: Annotated[list[Path], typer.Argument(help="JSONL files, one per system (see docs/serving.md).")],
+        responses: Annotated[
+            list[Path] | None, typer.Argument(help="JSONL files, one per system (see docs/serving.md); leave out to reuse the database.")
+        ] = None,
         db: Annotated[Path, typer.Option(help="SQLite file holding pairs and judgements.")] = Path("annotations.sqlite"),
         annotators_per_pair: Annotated[int, typer.Option(help="Judgements wanted per pair (the paper used 7).")] = 7,
         host: Annotated[str, typer.Option()] = "127.0.0.1",
         port: Annotated[int, typer.Option()] = 8100,
-        seed: Annotated[int, typer.Option(help="Seed for the A/B order of each pair.")] = 0,
+        reference: Annotated[
+            str | None, typer.Option(help="Only pair this system with each other one (e.g. personafuse vs each baseline).")
+        ] = None,
     ) -> None:
         """Load responses (once; later runs reuse the database) and serve the annotation page."""
         import uvicorn
 
         from personafuse.serving.annotation import AnnotationStore, create_annotation_app
 
-        store = AnnotationStore(db, annotators_per_pair=annotators_per_pair)
+        store = AnnotationStore(db, annotators_per_pair=annotators_per_pair, reference=reference)
         if responses:
-            added = store.load_responses(responses, seed=seed)
+            added = store.load_responses(responses)
             typer.echo(f"{added} new pairs; {store.count_pairs()} in {db}", err=True)
         typer.echo(f"annotation page: http://{host}:{port}/", err=True)
         uvicorn.run(create_annotation_app(store), host=host, port=port, log_level="warning")

@@ -134,7 +134,10 @@ class BatchDecode:
         # Left padding: positions count real tokens only, exactly as HF generate does.
         pos = (mask.long().cumsum(-1) - 1).clamp(min=0)
         with model.mixture_weights(self.weights):
-            out = model.base_model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            # logits_to_keep=1: only the last position's logits are needed (saves a [B, T, vocab] tensor).
+            out = model.base_model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
+            )
             # Newer transformers call the KV cache `cache` (and warn on `past_key_values`).
             cache_kw = "cache" if hasattr(out, "cache") else "past_key_values"
             past = getattr(out, cache_kw)
