@@ -110,13 +110,13 @@ def test_export_files(tmp_path, files):
     judge_all(store, ["a"], lambda p: "A" if "good" in p["response_a"] else "B")
     paths = export(store, tmp_path / "out", n_boot=100)
     assert [p.name for p in paths] == ["win_rates.csv", "win_rates.md", "win_rates.png", "judgements.csv"]
-    rows = list(csv.DictReader(open(paths[0])))
+    rows = list(csv.DictReader(paths[0].read_text().splitlines()))
     overall = [r for r in rows if r["task"] == "all" and r["criterion"] == "preferred"]
     assert overall[0]["system"] == "baseline" and float(overall[0]["win_rate"]) == 0.0
     assert {r["task"] for r in rows} == {"all", "emotion", "reasoning"}
     assert "perceived usefulness" in paths[1].read_text()
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
-    judg = list(csv.DictReader(open(paths[3])))
+    judg = list(csv.DictReader(paths[3].read_text().splitlines()))
     assert len(judg) == 6 and {j["preferred"] for j in judg} == {"personafuse"}
 
 

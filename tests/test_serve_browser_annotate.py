@@ -109,11 +109,11 @@ def test_judgement_survives_restart_and_is_exported(tmp_path):
 
     out = tmp_path / "export"
     subprocess.run(cli("annotate", "export", "--db", str(db), "--out", str(out), "--bootstrap", "200"), env=env(), check=True)
-    rows = list(csv.DictReader(open(out / "win_rates.csv")))
+    rows = list(csv.DictReader((out / "win_rates.csv").read_text().splitlines()))
     overall = next(r for r in rows if r["task"] == "all" and r["criterion"] == "preferred")
     assert overall["system"] == "personafuse" and overall["opponent"] == "baseline" and overall["pairs"] == "1"
     assert float(overall["win_rate"]) == (1.0 if chosen == "personafuse" else 0.0)
-    judg = list(csv.DictReader(open(out / "judgements.csv")))
+    judg = list(csv.DictReader((out / "judgements.csv").read_text().splitlines()))
     assert len(judg) == 1 and judg[0]["annotator"] == "alice" and judg[0]["confidence"] == "4"
     assert judg[0]["preferred"] == chosen and judg[0]["usefulness"] == chosen
     assert judg[0]["social_presence"] == ("baseline" if chosen == "personafuse" else "personafuse")
