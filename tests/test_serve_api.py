@@ -272,3 +272,41 @@ def test_stop_sequences_and_json_body(server):
         ).json()
         assert r2["choices"][0]["message"]["content"] == text[: text.find(stop)]
         assert r2["choices"][0]["finish_reason"] == "stop"
+
+
+def test_evaluation_subject_records_weights_from_the_server(server):
+    """`personafuse eval --model openai:...` against this server keeps each reply's weights."""
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    subject = OpenAISubject("tiny", base_url=server.url + "/v1", api_key="x", concurrency=2, max_retries=0)
+    gens = subject.generate(["i am so anxious", "what is two plus three"], max_new_tokens=3)
+    for g in gens:
+        assert g.weights is not None and list(g.weights) == list(TRAIT_POLES)
+        assert sum(g.weights.values()) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_shutdown_finishes_requests_in_flight(tiny):
+    cfg = ServeConfig(model_name="tiny", max_batch=1, batch_wait_ms=0, max_tokens_limit=24)
+    live = LiveServer(create_app(tiny, cfg))
+    codes: list[int] = []
+
+    def one() -> None:
+        r = httpx.post(
+            live.url + "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 0},
+            timeout=60,
+        )
+        codes.append(r.status_code if r.json()["choices"][0]["finish_reason"] else -1)
+
+    with live:
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for _ in range(200):  # bounded: wait until the server has work
+            h = httpx.get(live.url + "/health").json()
+            if h["running"] or h["queue_depth"]:
+                break
+        live.server.should_exit = True  # what SIGTERM does
+        for t in threads:
+            t.join(60)
+    assert codes == [200] * 6

@@ -62,4 +62,5 @@ def test_default_model_server():
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(60) == 0  # a clean shutdown
+        # uvicorn shuts down gracefully, then re-raises the signal, so -SIGTERM is a clean exit too.
+        assert proc.wait(60) in (0, -signal.SIGTERM)

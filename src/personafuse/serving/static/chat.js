@@ -77,10 +77,12 @@ function miniBars(weights) {
   const span = document.createElement("span");
   span.className = "mini";
   span.title = POLES.map((p) => `${p} ${weights[p].toFixed(2)}`).join("\n");
+  // Scaled to this reply's largest weight, so near-uniform mixtures still show their shape.
+  const top = Math.max(...POLES.map((p) => weights[p]), 1e-6);
   for (const p of POLES) {
     const b = document.createElement("span");
     b.className = p.startsWith("low") ? "low" : "";
-    b.style.height = `${Math.max(1, Math.round(weights[p] * 16))}px`;
+    b.style.height = `${Math.max(1, Math.round((weights[p] / top) * 16))}px`;
     span.appendChild(b);
   }
   return span;
