@@ -27,6 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
+from personafuse.model import router_text
 from personafuse.routing import Routing
 from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
@@ -110,6 +111,13 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
     context = int(getattr(getattr(model.base_model, "config", None), "max_position_embeddings", 0) or 0)
     state: dict[str, Batcher] = {}
 
+    def count_prompt_tokens(messages: list[dict[str, str]]) -> int:
+        # The same text the model will read (model.chat_inputs): chat template, or plain turns without one.
+        if getattr(count_tok, "chat_template", None):
+            ids = count_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            return len(ids)
+        return len(count_tok(router_text(messages))["input_ids"])
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state["batcher"] = Batcher(
@@ -185,7 +193,7 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
             raise APIError(400, str(e), "messages") from None
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages: at least one message must have role 'user'", "messages")
-        n_prompt = len(count_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False))
+        n_prompt = count_prompt_tokens(messages)
         if n_prompt > cfg.max_prompt_tokens:
             raise APIError(
                 400, f"messages: the prompt is {n_prompt} tokens; this server allows at most {cfg.max_prompt_tokens}", "messages"
