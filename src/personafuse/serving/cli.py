@@ -64,7 +64,10 @@ def register(app: typer.Typer) -> None:
             list[Path] | None, typer.Argument(help="JSONL files, one per system (see docs/serving.md); leave out to reuse the database.")
         ] = None,
         db: Annotated[Path, typer.Option(help="SQLite file holding pairs and judgements.")] = Path("annotations.sqlite"),
-        annotators_per_pair: Annotated[int, typer.Option(help="Judgements wanted per pair (the paper used 7).")] = 7,
+        annotators_per_pair: Annotated[
+            int | None,
+            typer.Option(help="Judgements wanted per pair (7 as in the paper if never set; later runs keep the stored value)."),
+        ] = None,
         host: Annotated[str, typer.Option()] = "127.0.0.1",
         port: Annotated[int, typer.Option()] = 8100,
         reference: Annotated[
