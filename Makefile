@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
+	@# Browser tests drive Debian's chromium (never a downloaded browser); they skip without it.
+	if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -q && apt-get install -y -q chromium || echo "chromium not installed: browser tests will skip"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

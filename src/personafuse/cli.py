@@ -25,6 +25,9 @@ def _register() -> None:
     from personafuse.evaluation.cli import register as register_eval
 
     register_eval(app)
+    from personafuse.serving.cli import register as register_serving
+
+    register_serving(app)
 
 
 def main() -> None:

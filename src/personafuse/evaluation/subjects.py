@@ -162,7 +162,9 @@ class OpenAISubject:
                 self.usage["completion_tokens"] += resp.usage.completion_tokens or 0
         # Some servers (vLLM, ours) report the routing weights beside the message.
         extra = getattr(resp, "model_extra", None) or {}
-        w = extra.get("personafuse", {}).get("weights") if isinstance(extra.get("personafuse"), dict) else None
+        # `persona` is our server's field; `personafuse` is kept for older servers.
+        info = next((extra[k] for k in ("persona", "personafuse") if isinstance(extra.get(k), dict)), {})
+        w = info.get("weights")
         return Generation(text=text.strip(), weights=w)
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:

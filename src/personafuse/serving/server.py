@@ -1,0 +1,343 @@
+"""The OpenAI-compatible HTTP server (FastAPI).
+
+``create_app(model, ServeConfig(...))`` serves:
+
+* ``POST /v1/chat/completions`` – streaming (SSE) and not; the request may carry a ``persona``
+  object choosing the routing; every response carries ``persona: {"weights": {...}, "mode": ...}``;
+* ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus text);
+* ``GET /`` – the chat page (``static/``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import ValidationError
+
+from personafuse.model import router_text
+from personafuse.routing import Routing
+from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
+from personafuse.serving.decode import RowSpec
+from personafuse.serving.metrics import Metrics
+from personafuse.serving.schemas import ChatCompletionRequest
+from personafuse.traits import TraitError
+
+STATIC = Path(__file__).parent / "static"
+CHAT = "/v1/chat/completions"
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "personafuse"
+    api_key: str | None = None
+    max_batch: int = 16
+    max_queue: int = 256
+    batch_wait_ms: float = 10.0
+    max_prompt_tokens: int = 2048
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 256
+    default_temperature: float = 0.7
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(
+            status, "server_error"
+        )
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "1"} if self.status in (429, 503) else None
+        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.status}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def parse_persona(persona: dict[str, Any] | None, request_seed: int | None) -> tuple[Routing, dict[str, Any]]:
+    """The request's ``persona`` object → a Routing and the description echoed in responses.
+
+    A missing ``mode`` is inferred: ``weights`` alone means fixed, ``pole`` alone means pole.
+    A random route without its own seed uses the request's ``seed`` (fresh draw if neither).
+    """
+    data = dict(persona or {})
+    if "mode" not in data:
+        data["mode"] = "fixed" if "weights" in data else "pole" if "pole" in data else "router"
+    if data["mode"] == "random" and "seed" not in data:
+        data["seed"] = request_seed
+    try:
+        routing = Routing.from_dict(data)
+    except TraitError as e:
+        msg = str(e)
+        raise APIError(400, msg if msg.startswith("persona") else f"persona: {msg}", "persona") from None
+    except TypeError as e:
+        raise APIError(400, f"persona: {e}", "persona") from None
+    desc: dict[str, Any] = {"mode": routing.mode}
+    if routing.mode in ("top_k", "random"):
+        desc["k"] = routing.k
+    if routing.mode == "blend":
+        desc["alpha"] = routing.alpha
+    if routing.mode == "pole":
+        desc["pole"] = routing.pole
+    return routing, desc
+
+
+def _validation_message(e: ValidationError) -> tuple[str, str]:
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"]) or "body"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+    return f"{loc}: {msg}{more}", loc
+
+
+def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
+    cfg = config or ServeConfig()
+    metrics = Metrics()
+    # The request handlers count prompt tokens with their own tokenizer copy: a fast tokenizer
+    # shared with the worker thread can fail with "Already borrowed" when both use it at once.
+    count_tok = copy.deepcopy(model.tokenizer)
+    context = int(getattr(getattr(model.base_model, "config", None), "max_position_embeddings", 0) or 0)
+    state: dict[str, Batcher] = {}
+
+    def count_prompt_tokens(messages: list[dict[str, str]]) -> int:
+        # The same text the model will read (model.chat_inputs): chat template, or plain turns without one.
+        if getattr(count_tok, "chat_template", None):
+            ids = count_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+            return len(ids)
+        return len(count_tok(router_text(messages))["input_ids"])
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        state["batcher"] = Batcher(
+            model,
+            max_batch=cfg.max_batch,
+            max_queue=cfg.max_queue,
+            batch_wait_s=cfg.batch_wait_ms / 1000,
+            metrics=metrics,
+        )
+        yield
+        await asyncio.to_thread(state["batcher"].close)
+
+    app = FastAPI(title="PersonaFuse", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.config = cfg
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    def check_key(request: Request) -> None:
+        if not cfg.api_key:
+            return
+        auth = request.headers.get("authorization", "")
+        given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        if not given:
+            raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'")
+        if not secrets.compare_digest(given.encode(), cfg.api_key.encode()):
+            raise APIError(401, "invalid API key")
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        if request.url.path == CHAT:
+            metrics.request("chat_completions", exc.status)
+        return exc.response()
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC / "chat.html")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        b = state.get("batcher")
+        ok = b is not None and b.healthy
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "unavailable",
+                "model": cfg.model_name,
+                "queue_depth": b.queue_depth if b else 0,
+                "running": b.running if b else 0,
+            },
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics")
+    async def metrics_text() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        check_key(request)
+        return {
+            "object": "list",
+            "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "personafuse"}],
+        }
+
+    def build_job(req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
+        routing, desc = parse_persona(req.persona, req.seed)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
+        if max_tokens > cfg.max_tokens_limit:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", param)
+        try:
+            messages = req.conversation()
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        if not any(m["role"] == "user" for m in messages):
+            raise APIError(400, "messages: at least one message must have role 'user'", "messages")
+        n_prompt = count_prompt_tokens(messages)
+        if n_prompt > cfg.max_prompt_tokens:
+            raise APIError(
+                400, f"messages: the prompt is {n_prompt} tokens; this server allows at most {cfg.max_prompt_tokens}", "messages"
+            )
+        if context and n_prompt + max_tokens > context:
+            raise APIError(
+                400,
+                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds the model's context of {context} tokens",
+                "max_tokens",
+            )
+        temperature = cfg.default_temperature if req.temperature is None else req.temperature
+        spec = RowSpec(max_tokens, temperature, req.top_p or 1.0, req.seed, req.stop_list())
+        return Job(messages, routing, spec, asyncio.get_running_loop()), desc
+
+    @app.post(CHAT)
+    async def chat_completions(request: Request) -> Response:
+        check_key(request)
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            msg, loc = _validation_message(e)
+            raise APIError(400, msg, loc) from None
+        job, desc = build_job(req)
+        batcher = state["batcher"]
+        try:
+            batcher.submit(job)
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry shortly") from None
+        except Unavailable as e:
+            raise APIError(503, f"unavailable: {e}") from None
+        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        try:
+            kind, first = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if kind == "error":
+            raise APIError(500, first)
+        persona = {"weights": first["weights"], **desc}
+        prompt_tokens = first["prompt_tokens"]
+
+        def finish(completion_tokens: int, first_at: float | None) -> None:
+            now = time.monotonic()
+            metrics.tokens(prompt_tokens, completion_tokens)
+            metrics.observe_latency(now - job.arrived)
+            if first_at is not None:
+                metrics.observe_first_token(first_at - job.arrived)
+            metrics.request("chat_completions", 200)
+
+        usage = lambda n: {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}  # noqa: E731
+
+        if not req.stream:
+            parts: list[str] = []
+            first_at = None
+            try:
+                while True:
+                    kind, payload = await job.events.get()
+                    if kind == "delta":
+                        first_at = first_at or time.monotonic()
+                        parts.append(payload)
+                    elif kind == "error":
+                        raise APIError(500, payload)
+                    elif kind == "end":
+                        break
+            except asyncio.CancelledError:
+                job.cancelled = True  # client went away: free its row in the batch
+                raise
+            finish(payload["completion_tokens"], first_at)
+            return JSONResponse(
+                {
+                    "id": cid,
+                    "object": "chat.completion",
+                    "created": created,
+                    "model": cfg.model_name,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": "".join(parts)},
+                            "finish_reason": payload["finish_reason"],
+                            "logprobs": None,
+                        }
+                    ],
+                    "usage": usage(payload["completion_tokens"]),
+                    "persona": persona,
+                }
+            )
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
+            obj = {
+                "id": cid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": cfg.model_name,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
+                **extra,
+            }
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            done = False
+            first_at = None
+            try:
+                # The weights are known before the first token: send them at once (the chat page
+                # draws the trait display while the reply streams) and again with the last chunk.
+                yield chunk({"role": "assistant", "content": ""}, persona=persona)
+                while True:
+                    kind, payload = await job.events.get()
+                    if kind == "delta":
+                        first_at = first_at or time.monotonic()
+                        yield chunk({"content": payload})
+                    elif kind == "error":
+                        err = {"message": payload, "type": "server_error", "param": None, "code": 500}
+                        yield f"data: {json.dumps({'error': err})}\n\n"
+                        metrics.request("chat_completions", 500)
+                        break
+                    elif kind == "end":
+                        yield chunk({}, payload["finish_reason"], persona=persona)
+                        if include_usage:
+                            obj = {
+                                "id": cid,
+                                "object": "chat.completion.chunk",
+                                "created": created,
+                                "model": cfg.model_name,
+                                "choices": [],
+                                "usage": usage(payload["completion_tokens"]),
+                            }
+                            yield f"data: {json.dumps(obj)}\n\n"
+                        finish(payload["completion_tokens"], first_at)
+                        break
+                yield "data: [DONE]\n\n"
+                done = True
+            finally:
+                if not done:
+                    job.cancelled = True
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    return app

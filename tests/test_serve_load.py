@@ -1,0 +1,30 @@
+"""64 concurrent clients with mixed personas against a real server (tiny model): every reply is
+complete, the only non-200s are the documented 429s, and requests were batched."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import build_tiny
+from personafuse.serving import ServeConfig, create_app
+from serve_support import LiveServer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from serve_load import run_load  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def test_64_concurrent_clients_mixed_personas():
+    # A small queue so that some requests meet the 429 back-pressure and retry.
+    cfg = ServeConfig(model_name="tiny", max_batch=16, max_queue=24, batch_wait_ms=20, max_tokens_limit=16)
+    with LiveServer(create_app(build_tiny(), cfg)) as s:
+        res = asyncio.run(run_load(s.url, clients=64, requests_per_client=2, max_tokens=12, time_limit=120))
+    assert res["errors"] == [] and res["ok"] == res["requests"] == 128
+    assert res["retried_429"] > 0  # the bound was reached and handled
+    assert res["batches_over_1"] >= 1 and res["mean_batch"] > 2, res
+    assert res["completion_tokens"] > 0
