@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +44,8 @@ def _run(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except (RecordError, ModelNotFoundError, FileNotFoundError, ValueError) as e:
-        console.print(f"[red]error:[/red] {e}")
+        # Plain stderr, not rich: paths and ids must not be re-wrapped or read as markup.
+        print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
 
 
