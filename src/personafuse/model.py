@@ -10,6 +10,7 @@ model.export_lora(weights, "fixed-persona")    # one standard peft LoRA of rank 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -83,6 +84,9 @@ class PersonaFuseModel(nn.Module):
         self.router = router
         self.encoder_tokenizer = encoder_tokenizer
         self.state = state
+        # Fingerprints of the encoder as loaded, so save_pretrained can store only changed tensors
+        # without reloading the encoder from its source.
+        self._encoder_digests = _digests(router.encoder.backbone)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -309,14 +313,13 @@ class PersonaFuseModel(nn.Module):
         return d
 
     def _encoder_delta(self) -> dict[str, torch.Tensor]:
-        src = embedded.resolve(self.config.encoder_model, self.config.encoder_gguf_file)
-        original = embedded.load_backbone(src, self.config.dtype).state_dict()
-        delta = {}
-        for name, t in self.router.encoder.backbone.state_dict().items():
-            o = original.get(name)
-            if o is None or o.shape != t.shape or not torch.equal(o.to(t.device, t.dtype), t):
-                delta[name] = t.detach().cpu().contiguous()
-        return delta
+        current = _digests(self.router.encoder.backbone)
+        state = self.router.encoder.backbone.state_dict()
+        return {
+            name: state[name].detach().cpu().contiguous()
+            for name, d in current.items()
+            if self._encoder_digests.get(name) != d
+        }
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, **overrides: Any) -> PersonaFuseModel:
@@ -406,3 +409,12 @@ class PersonaFuseModel(nn.Module):
             json.dumps({"weights": weights_dict(w.tolist())}, indent=2) + "\n"
         )
         return d
+
+
+def _digests(module: nn.Module) -> dict[str, str]:
+    """A content hash per tensor (exact: any changed bit changes it)."""
+    out = {}
+    for name, t in module.state_dict().items():
+        data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        out[name] = f"{t.dtype}:{tuple(t.shape)}:" + hashlib.blake2b(data, digest_size=16).hexdigest()
+    return out

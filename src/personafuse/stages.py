@@ -186,6 +186,10 @@ class Featurizer:
         self.max_length, self.encoder_max_length = max_length, encoder_max_length
         self._lm: dict[int, tuple[list[int], list[int]]] = {}
 
+    @classmethod
+    def for_model(cls, records: Sequence[Record], pf: PersonaFuseModel, tc: TrainConfig) -> Featurizer:
+        return cls(records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length)
+
     def lm(self, k: int) -> tuple[list[int], list[int]]:
         if k not in self._lm:
             r = self.records[k]
@@ -477,9 +481,7 @@ def run_warmup(
     out_dir: Path | None = None,
 ) -> StageResult:
     sc = tc.warmup
-    feats = Featurizer(
-        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
-    )
+    feats = Featurizer.for_model(records, pf, tc)
     plan = warmup_plan(records, sc.batch_size * sc.grad_accum, tc.seed, experts)
     trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n}
     layers = list(pf.mixture_layers.values())
@@ -535,9 +537,7 @@ def run_router(
     stop_after: int | None = None,
 ) -> StageResult:
     sc = tc.router
-    feats = Featurizer(
-        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
-    )
+    feats = Featurizer.for_model(records, pf, tc)
     plan = same_p_plan(records, sc.batch_size * sc.grad_accum, sc.steps, tc.seed)
     trainable = {n: p for n, p in pf.named_parameters() if n.startswith("router.")}
 
@@ -584,9 +584,7 @@ def run_joint(
     stop_after: int | None = None,
 ) -> StageResult:
     sc = tc.joint
-    feats = Featurizer(
-        records, pf.tokenizer, pf.encoder_tokenizer, tc.max_length, pf.config.encoder_max_length
-    )
+    feats = Featurizer.for_model(records, pf, tc)
     plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
     trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n or n.startswith("router.")}
 
