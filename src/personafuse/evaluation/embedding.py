@@ -23,9 +23,9 @@ class SentenceEmbedder:
     def from_pretrained(cls, path: str | None = None, *, pooling: str = "mean", **kw: object) -> SentenceEmbedder:
         from transformers import AutoModel, AutoTokenizer
 
-        from personafuse.evaluation._embedded import minilm_path
+        from personafuse.embedded import resolve
 
-        path = path or minilm_path()
+        path = path or resolve("minilm").path
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModel.from_pretrained(path)
         model.eval()

@@ -111,11 +111,11 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
 
 
 def _path_pooling(s: str) -> tuple[str | None, str]:
-    from personafuse.evaluation._embedded import minilm_path
+    from personafuse.embedded import resolve
 
     body, _, pooling = s.partition("@")
     if body in ("minilm", "default-encoder"):
-        return minilm_path(), pooling or "mean"
+        return resolve("minilm").path, pooling or "mean"
     if body.startswith("hf:"):
         return body[3:], pooling or "mean"
     raise ValueError(f"unknown encoder {s!r}; use minilm, hf:PATH[@mean|@last], random:SPEC or pf:DIR")

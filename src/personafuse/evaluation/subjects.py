@@ -287,9 +287,9 @@ def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
     spec = spec.strip()
     head, sep, rest = spec.partition(":")
     if spec == "default":
-        from personafuse.evaluation._embedded import smollm2_source
+        from personafuse.embedded import resolve
 
-        src = smollm2_source()
+        src = resolve("default")
         model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
         return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": src.path, "gguf_file": src.gguf_file})
     if sep and head == "openai":
@@ -307,9 +307,9 @@ def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
             raise FileNotFoundError(f"{cfg_path}: not found (lora:DIR needs a peft adapter folder)")
         base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
         if base in ("default", "embedded:smollm2") or not base:
-            from personafuse.evaluation._embedded import smollm2_source
+            from personafuse.embedded import resolve
 
-            src = smollm2_source()
+            src = resolve("default")
             model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
         else:
             model, tok = load_hf(base, dtype=o.dtype, device=o.device)
