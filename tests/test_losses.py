@@ -60,3 +60,40 @@ def test_trait_consistency_with_p_counts_only_same_vector_pairs():
     same = torch.ones(3, 2)
     assert trait_consistency_loss(h, same).item() == pytest.approx(trait_consistency_loss(h).item())
     assert trait_consistency_loss(h, torch.eye(3)).item() == 0.0
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "peft"])
+def test_loss_on_scored_positions_only_equals_full_logits(kind):
+    # causal_lm_loss_sums projects only response positions through the LM head; value and
+    # gradients must equal the plain full-logits computation.
+    from conftest import tiny_causal_lm
+    from personafuse.losses import causal_lm_loss_sums, lm_loss_sums
+
+    torch.manual_seed(0)
+    model = tiny_causal_lm("llama" if kind == "peft" else kind, init_range=0.3)
+    if kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ids = torch.randint(7, 150, (3, 8))
+    mask = torch.ones_like(ids)
+    mask[2, 6:] = 0
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[2, 6:] = -100
+    labels[1, 3:5] = -100
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = []
+    for fn in ("full", "scored"):
+        for p in params:
+            p.grad = None
+        if fn == "full":
+            sums, counts = lm_loss_sums(model(input_ids=ids, attention_mask=mask).logits, labels)
+        else:
+            sums, counts = causal_lm_loss_sums(model, ids, mask, labels)
+        sums.sum().backward()
+        results.append((sums.detach(), counts, [p.grad.clone() for p in params]))
+    torch.testing.assert_close(results[0][0], results[1][0], atol=1e-5, rtol=1e-5)
+    assert results[1][1].tolist() == [5.0, 3.0, 3.0]
+    for a, b in zip(results[0][2], results[1][2], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

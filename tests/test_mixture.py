@@ -145,3 +145,45 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append((layer.lora_A.grad.clone(), layer.lora_B.grad.clone(), w.grad.clone()))
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_one_expert_per_row_equals_one_hot_mixture(kind):
+    # set_experts runs only each row's expert (gathered bmm); it must equal the stacked one-hot
+    # mixture in value and in every gradient, for prefill (3-D) and decode-shaped (2-D) inputs.
+    ids = torch.randint(7, 150, (4, 9), generator=torch.Generator().manual_seed(1))
+    experts = torch.tensor([3, 0, 3, 9])
+    outs = []
+    for sparse in (False, True):
+        pf = build_tiny(base_kind=kind)
+        pf.train()
+        for n, p in pf.named_parameters():
+            p.requires_grad_(".lora_" in n)
+        if sparse:
+            pf.state.set_experts(experts)
+        else:
+            pf.state.set(torch.nn.functional.one_hot(experts, 10).float())
+        logits = pf.base_model(input_ids=ids).logits
+        logits.pow(2).mean().backward()
+        layer = pf.mixture_layers["model.layers.1.mlp.down_proj"]
+        outs.append((logits.detach(), layer.lora_A.grad.clone(), layer.lora_B.grad.clone()))
+    for a, b in zip(*outs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    # Experts with no row get no gradient, exactly.
+    grad_b = outs[1][2].view(-1, 10, 8)
+    assert grad_b[:, [1, 2, 4, 5, 6, 7, 8]].abs().max() == 0 and grad_b[:, 3].abs().max() > 0
+
+    layer = MixtureLinear(torch.nn.Linear(6, 5), MixtureState(10, 2, 1.0))
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 6)
+    layer.state.set_experts(torch.tensor([0, 5, 9]))
+    y_sparse = layer(x)
+    layer.state.set(torch.nn.functional.one_hot(torch.tensor([0, 5, 9]), 10).float())
+    torch.testing.assert_close(y_sparse, layer(x))
+
+
+def test_expert_index_out_of_range_is_named():
+    state = MixtureState(10, 8, 2.0)
+    with pytest.raises(ValueError, match=r"out of range 0..9: \[2, 10\]"):
+        state.set_experts(torch.tensor([2, 10]))

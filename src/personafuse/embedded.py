@@ -7,12 +7,19 @@
                      encoder; also the Shop-MMLU scorer.
 
 Anything else is passed to transformers as a Hub id or local path.
+
+A local GGUF is converted once into a transformers checkpoint under ``~/.cache/personafuse/gguf``
+(``PERSONAFUSE_CACHE`` moves it, ``PERSONAFUSE_GGUF_CACHE=0`` turns it off): transformers spends
+~10 s parsing the GGUF's metadata on every load, the converted copy loads in about one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
+import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,9 +89,61 @@ def _wrap_load_error(source: ModelSource, err: Exception) -> ModelNotFoundError:
     return ModelNotFoundError(f"could not load model {source.spec!r} from {source.path!r}{hint}: {err}")
 
 
+def _converted_dir(source: ModelSource) -> Path | None:
+    if not source.gguf_file or os.environ.get("PERSONAFUSE_GGUF_CACHE", "1") == "0":
+        return None
+    f = Path(source.path) / source.gguf_file
+    if not f.is_file():
+        return None  # a GGUF on the Hub: transformers caches the download itself
+    import transformers
+
+    st = f.stat()
+    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    root = Path(os.environ.get("PERSONAFUSE_CACHE", "~/.cache/personafuse")).expanduser()
+    return root / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def converted(source: ModelSource) -> ModelSource:
+    """The source to load: for a local GGUF, its converted transformers checkpoint (made on first
+    use, written to a temporary folder and renamed, so a crash or a parallel run never leaves a
+    half-written one). Anything else, or a cache that cannot be written, is returned unchanged."""
+    d = _converted_dir(source)
+    if d is None:
+        return source
+    if not (d / "complete").is_file():
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **source.kwargs())
+            tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
+        except (OSError, ValueError) as e:
+            raise _wrap_load_error(source, e) from e
+        # The GGUF loader has already dequantised every tensor to float32; what remains of the
+        # "quantised" marker only stops save_pretrained.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = d.parent / f".{d.name}.{os.getpid()}.tmp"
+        try:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            (tmp / "complete").write_text(f"{Path(source.path) / source.gguf_file}\n")
+            try:
+                os.replace(tmp, d)
+            except OSError:  # another process finished first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            warnings.warn(f"could not cache the converted GGUF in {d} ({e}); loading the GGUF each time", stacklevel=2)
+            return source
+    return ModelSource(source.spec, str(d))
+
+
 def load_tokenizer(source: ModelSource):
     from transformers import AutoTokenizer
 
+    source = converted(source)
     try:
         tok = AutoTokenizer.from_pretrained(source.path, **source.kwargs())
     except (OSError, ValueError) as e:
@@ -98,6 +157,7 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
+    source = converted(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source.path, dtype=getattr(torch, dtype), **source.kwargs()
@@ -112,6 +172,7 @@ def load_backbone(source: ModelSource, dtype: str = "float32"):
     import torch
     from transformers import AutoModel
 
+    source = converted(source)
     try:
         return AutoModel.from_pretrained(source.path, dtype=getattr(torch, dtype), **source.kwargs())
     except (OSError, ValueError) as e:

@@ -86,3 +86,33 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean")
     if reduction == "none":
         return sums / counts.clamp(min=1)
     return sums.sum() / counts.sum().clamp(min=1)
+
+
+# Output-layer options that change logits after the LM head; models that set one take the plain path.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def causal_lm_loss_sums(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lm_loss_sums` of ``model``'s logits, projecting only the positions that are scored.
+
+    Prompt and padding positions never reach the LM head: with a masked prompt that skips most of
+    the head's matmul and never builds the [batch, length, vocab] fp32 logits (8 GB at batch 32 x
+    512 with Llama-3's 128k vocabulary). Same value as the plain path up to rounding; models whose
+    logits are post-processed (soft-capping, scaling) take the plain path.
+    """
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wrapper
+    config = getattr(lm, "config", None)
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    body = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    if head is None or body is None or any(getattr(config, a, None) for a in _LOGIT_POSTPROCESSING):
+        return lm_loss_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    shift_labels = labels[:, 1:]
+    keep = shift_labels != -100
+    rows = keep.nonzero()[:, 0]
+    logits = head(hidden[:, :-1][keep]).float()
+    tok = F.cross_entropy(logits, shift_labels[keep], reduction="none")
+    sums = torch.zeros(labels.shape[0], dtype=tok.dtype, device=tok.device).index_add(0, rows, tok)
+    return sums, keep.sum(1).to(tok.dtype)

@@ -39,6 +39,7 @@ class MixtureState:
         self.weights: torch.Tensor | None = None  # [B, E], as given
         self.expanded: torch.Tensor | None = None  # [B, 1, E*r], times alpha/r
         self.dtype: torch.dtype | None = None  # the adapted layers' dtype, set by inject_mixture
+        self.expert_index: torch.Tensor | None = None  # [B]: one expert per row (see set_experts)
         self._buffer: torch.Tensor | None = None
 
     def set(self, weights: torch.Tensor | None) -> None:
@@ -47,6 +48,7 @@ class MixtureState:
                 f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
             )
         self.weights = weights
+        self.expert_index = None
         if weights is None:
             self.expanded = None
             return
@@ -62,14 +64,29 @@ class MixtureState:
                 self._buffer = w
         self.expanded = w
 
+    def set_experts(self, index: torch.Tensor) -> None:
+        """One whole expert per row (a one-hot mixture), e.g. the stage-1 warm-up.
+
+        Equal to ``set(one_hot(index))`` but each layer then runs only row b's rank-r expert
+        (a gathered batched matmul) instead of all ten, a tenth of the adapter arithmetic.
+        """
+        if index.dim() != 1:
+            raise ValueError(f"expert index must have shape [batch], got {tuple(index.shape)}")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.num_experts):
+            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {index.tolist()}")
+        self.set(F.one_hot(index, self.num_experts).to(self.dtype or torch.float32))
+        self.expert_index = index
+
     @contextmanager
     def use(self, weights: torch.Tensor | None) -> Iterator[None]:
-        previous = self.weights
+        previous, previous_index = self.weights, self.expert_index
         self.set(weights)
         try:
             yield
         finally:
-            if previous is not self.weights:
+            if previous_index is not None:
+                self.set_experts(previous_index)
+            elif previous is not self.weights:
                 self.set(previous)
 
 
@@ -115,7 +132,10 @@ class MixtureLinear(nn.Module):
         base = self.base
         # F.linear instead of base(x): this runs 7x per layer per token, module-call overhead shows.
         y = F.linear(x, base.weight, base.bias)
-        w = self.state.expanded  # [B, 1, E*r]
+        state = self.state
+        if state.expert_index is not None:
+            return y + self._one_expert_per_row(x, state.expert_index)
+        w = state.expanded  # [B, 1, E*r]
         if w is None:
             return y
         if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
@@ -129,6 +149,22 @@ class MixtureLinear(nn.Module):
             return y + F.linear(h * w, self.lora_B)
         # Inference: update in place (no autograd graph to protect), two fewer allocations.
         return y.add_(F.linear(h.mul_(w), self.lora_B))
+
+    def _one_expert_per_row(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        # Gather row b's (A_i, B_i) and run two batched matmuls: the same sum as the stacked path
+        # with a one-hot weight, without the nine zero-weighted experts' arithmetic.
+        e, r = self.state.num_experts, self.state.r
+        if index.shape[0] != x.shape[0]:
+            index = _match_batch(index.unsqueeze(1), x.shape[0]).squeeze(1)
+        squeeze = x.dim() == 2
+        x3 = x.unsqueeze(1) if squeeze else x
+        if self.dropout_p and self.training:
+            x3 = F.dropout(x3, self.dropout_p)
+        a = self.lora_A.view(e, r, -1)[index]  # [B, r, k]
+        b = self.lora_B.view(-1, e, r).transpose(0, 1)[index]  # [B, d, r]
+        h = torch.bmm(x3, a.transpose(1, 2)) * self.state.scaling
+        out = torch.bmm(h, b.transpose(1, 2))
+        return out.squeeze(1) if squeeze else out
 
     def extra_repr(self) -> str:
         return f"experts={self.state.num_experts}, r={self.state.r}, scaling={self.state.scaling:g}"

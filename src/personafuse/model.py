@@ -10,6 +10,7 @@ model.export_lora(weights, "fixed-persona")    # one standard peft LoRA of rank 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
@@ -103,6 +104,7 @@ class PersonaFuseModel(nn.Module):
         """Build a fresh Persona-MoE. Models not passed in are loaded from the config's specs."""
         config = config or PersonaFuseConfig()
         torch.manual_seed(config.seed)
+        src = None
         if base_model is None:
             src = embedded.resolve(config.base_model, config.base_gguf_file)
             base_model = embedded.load_causal_lm(src, config.dtype)
@@ -111,8 +113,14 @@ class PersonaFuseModel(nn.Module):
             raise ValueError("a tokenizer is required when base_model is passed in")
         if encoder_backbone is None:
             esrc = embedded.resolve(config.encoder_model, config.encoder_gguf_file)
-            encoder_backbone = embedded.load_backbone(esrc, config.dtype)
-            encoder_tokenizer = encoder_tokenizer or embedded.load_tokenizer(esrc)
+            if src is not None and (esrc.path, esrc.gguf_file) == (src.path, src.gguf_file):
+                # The encoder starts as the base model's own body (the default): copy it rather
+                # than load the same checkpoint twice. Its own copy, since stage 2 trains it.
+                encoder_backbone = copy.deepcopy(base_model.get_decoder())
+                encoder_tokenizer = encoder_tokenizer or copy.deepcopy(tokenizer)
+            else:
+                encoder_backbone = embedded.load_backbone(esrc, config.dtype)
+                encoder_tokenizer = encoder_tokenizer or embedded.load_tokenizer(esrc)
         if encoder_tokenizer is None:
             raise ValueError("an encoder tokenizer is required when encoder_backbone is passed in")
         if tokenizer.pad_token is None:

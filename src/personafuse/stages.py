@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from personafuse.losses import contrastive_loss, lm_loss_sums, trait_consistency_loss
+from personafuse.losses import causal_lm_loss_sums, contrastive_loss, trait_consistency_loss
 from personafuse.model import PersonaFuseModel
 from personafuse.records import Record, encode_record
 from personafuse.train_config import StageConfig, TrainConfig
@@ -118,12 +118,11 @@ class WarmupObjective(nn.Module):
         super().__init__()
         self.pf = pf
 
-    def forward(self, input_ids, attention_mask, labels, onehot):
-        # set(), not use(): the weights must stay in place for activation-checkpointing recompute
-        # during backward.
-        self.pf.state.set(onehot)
-        logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return lm_loss_sums(logits, labels)
+    def forward(self, input_ids, attention_mask, labels, experts):
+        # set_experts(), not use(): the experts must stay in place for activation-checkpointing
+        # recompute during backward. One expert per row: only its rank-r adapter runs.
+        self.pf.state.set_experts(experts)
+        return causal_lm_loss_sums(self.pf.base_model, input_ids, attention_mask, labels)
 
 
 class RouterObjective(nn.Module):
@@ -146,8 +145,7 @@ class JointObjective(nn.Module):
     def forward(self, input_ids, attention_mask, labels, enc_ids, enc_mask, p):
         w, h = self.pf.router(enc_ids, enc_mask)
         self.pf.state.set(w)  # kept for activation-checkpointing recompute (see WarmupObjective)
-        logits = self.pf.base_model(input_ids=input_ids, attention_mask=attention_mask).logits
-        sums, counts = lm_loss_sums(logits, labels)
+        sums, counts = causal_lm_loss_sums(self.pf.base_model, input_ids, attention_mask, labels)
         lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
         lt = trait_consistency_loss(h, p)
         return sums, counts, lc, lt
@@ -159,7 +157,7 @@ class SFTObjective(nn.Module):
         self.model = model
 
     def forward(self, input_ids, attention_mask, labels):
-        return lm_loss_sums(self.model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+        return causal_lm_loss_sums(self.model, input_ids, attention_mask, labels)
 
 
 # --------------------------------------------------------------------------- the loop
@@ -456,6 +454,12 @@ def _chunks(rows: list[Row], size: int) -> list[list[Row]]:
     return [rows[i : i + size] for i in range(0, len(rows), max(size, 1))]
 
 
+def _by_length(feats: Featurizer, rows: list[Row]) -> list[Row]:
+    """Rows sorted by token length, so micro-batches pad little. Only for losses that are sums of
+    per-row terms (warm-up, SFT): there the grouping changes nothing but rounding."""
+    return sorted(rows, key=lambda row: len(feats.lm(row[0])[0]))
+
+
 def _sync_last(acc, objective: nn.Module, chunk: int, n_chunks: int):
     """Skip DDP's gradient all-reduce on every micro-batch but a step's last."""
     return acc.no_sync(objective) if chunk < n_chunks - 1 else contextlib.nullcontext()
@@ -492,16 +496,15 @@ def run_warmup(
         norms = [0] * E
         for k, i in rows:
             norms[i] += feats.response_tokens(k)
-        mine = _shard(acc, rows)
+        mine = _by_length(feats, _shard(acc, rows))
         total = torch.zeros((), device=acc.device)
         chunks = _chunks(mine, sc.micro_batch_size)
         for c, chunk in enumerate(chunks):
             b = feats.lm_batch([k for k, _ in chunk], acc.device)
-            onehot = torch.zeros(len(chunk), E, device=acc.device)
-            onehot[torch.arange(len(chunk)), torch.tensor([i for _, i in chunk])] = 1.0
+            experts = torch.tensor([i for _, i in chunk], device=acc.device)
             denom = torch.tensor([norms[i] for _, i in chunk], dtype=torch.float32, device=acc.device)
             with _sync_last(acc, objective, c, len(chunks)):
-                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], onehot)
+                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], experts)
                 loss = (sums / denom.clamp(min=1)).sum() * acc.num_processes
                 acc.backward(loss)
             total += loss.detach() / acc.num_processes
@@ -654,7 +657,7 @@ def run_sft(
 
     def step_fn(acc, objective, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
-        mine = _shard(acc, rows)
+        mine = _by_length(feats, _shard(acc, rows))
         chunks = _chunks(mine, sc.micro_batch_size)
         total = 0.0
         for c, chunk in enumerate(chunks):
