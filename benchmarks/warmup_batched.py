@@ -2,8 +2,11 @@
 
 Both sides see the same records, steps, per-expert batch size, optimiser, schedule and initial
 adapter weights (each peft LoRA starts from the matching expert's A, B = 0), so their losses
-should agree; the batched job wins on wall-clock because it loads the base once and runs the
-ten experts' rows through the frozen base together.
+should agree. Both run on the same device (CUDA when present, else CPU), in float32. The batched
+job loads the base once and runs the experts' rows through the frozen base together; the JSON
+separates wall-clock with model loading ("speedup") from the training steps alone
+("train_speedup"), since on two CPU cores batching buys little once a batch of two rows already
+keeps both cores busy.
 
     python benchmarks/warmup_batched.py --records runs/demo/data --steps 8 --batch 2 --json out.json
 
@@ -68,16 +71,23 @@ def main() -> None:
     records = load_records(args.records) if args.records else synthetic_records(args.n_records)
     sc = StageConfig(steps=args.steps, batch_size=args.batch, lr=args.lr, micro_batch_size=args.micro_batch, warmup_ratio=0.0, scheduler="constant")
     tc = TrainConfig(out="/tmp/pf-warmup-bench", warmup=sc, max_length=args.max_length, save_every=10**9, mixed_precision="no")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def now() -> float:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     experts_with_data = [i for i in range(10) if any(r.p and r.p[i] for r in records)]
     print(f"{len(records)} records; experts with data: {[TRAIT_POLES[i] for i in experts_with_data]}", flush=True)
 
     # --- batched: one job, all experts --------------------------------------------------------
-    t0 = time.perf_counter()
+    t0 = now()
     pf = PersonaFuseModel.from_config(PersonaFuseConfig())
     init = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in pf.mixture_layers.items()}
-    t_load = time.perf_counter() - t0
+    t_load = now() - t0
     result = run_warmup(pf, records, tc, out_dir=Path(tc.out) / "batched")
-    t_batched = time.perf_counter() - t0
+    t_batched = now() - t0
     # per-expert loss at the last step, recomputed on that step's rows for a like-for-like number
     print(f"batched: {t_batched:.1f}s (load {t_load:.1f}s)", flush=True)
 
@@ -88,9 +98,11 @@ def main() -> None:
     r = pf.config.r
     feats_tok = None
     seq_final: dict[int, float] = {}
-    t1 = time.perf_counter()
+    t1 = now()
+    seq_load = 0.0
     for i in experts_with_data:
-        base = embedded.load_causal_lm(src)
+        tl = now()
+        base = embedded.load_causal_lm(src).to(dev)
         tok = feats_tok or embedded.load_tokenizer(src)
         feats_tok = tok
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=pf.config.alpha, target_modules=list(pf.config.target_modules), lora_dropout=0.0))
@@ -100,6 +112,7 @@ def main() -> None:
                 if key in init and hasattr(module, "lora_A"):
                     module.lora_A["default"].weight.copy_(init[key][0][i * r : (i + 1) * r])
                     module.lora_B["default"].weight.zero_()
+        seq_load += now() - tl
         params = [p for n, p in model.named_parameters() if "lora_" in n]
         opt = torch.optim.AdamW(params, lr=args.lr)
         feats = Featurizer(records, tok, tok, args.max_length, args.max_length)
@@ -111,7 +124,7 @@ def main() -> None:
             norm = sum(feats.response_tokens(k) for k in rows)
             total = 0.0
             for c in range(0, len(rows), args.micro_batch):
-                b = feats.lm_batch(rows[c : c + args.micro_batch], "cpu")
+                b = feats.lm_batch(rows[c : c + args.micro_batch], dev)
                 sums, _ = lm_loss_sums(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
                 loss = sums.sum() / max(norm, 1)
                 loss.backward()
@@ -122,7 +135,7 @@ def main() -> None:
             last = total
         seq_final[i] = last
         print(f"  peft run for {TRAIT_POLES[i]}: final loss {last:.4f}", flush=True)
-    t_seq = time.perf_counter() - t1
+    t_seq = now() - t1
 
     # Both sides log the same quantity for the last step: the mean over experts of each expert's
     # token-mean LM loss on that step's rows (computed before the step's update).
@@ -130,19 +143,26 @@ def main() -> None:
     seq_logged = statistics.mean(seq_final.values())
     rel = abs(bat_logged - seq_logged) / seq_logged
     speedup = t_seq / t_batched
+    train_speedup = (t_seq - seq_load) / (t_batched - t_load)
     print(f"\nrecords {len(records)}, steps {args.steps}, per-expert batch {args.batch}, experts {len(experts_with_data)}")
     print(f"batched job: {t_batched:.1f}s   ten sequential peft runs: {t_seq:.1f}s   speedup {speedup:.2f}x")
+    print(f"  model loading: batched {t_load:.1f}s  sequential {seq_load:.1f}s;  training alone: "
+          f"batched {t_batched - t_load:.1f}s  sequential {t_seq - seq_load:.1f}s  speedup {train_speedup:.2f}x")
     print(f"final-step loss (mean over experts): batched {bat_logged:.4f}  sequential {seq_logged:.4f}  rel diff {rel:.2%}")
     out = {
         "speedup": speedup,
         "final_loss_rel_diff": rel,
+        "train_speedup": train_speedup,
         "batched_seconds": t_batched,
+        "batched_load_seconds": t_load,
+        "sequential_load_seconds": seq_load,
         "sequential_seconds": t_seq,
         "batched_final_loss": bat_logged,
         "sequential_final_loss": seq_logged,
         "per_expert_sequential_final": {TRAIT_POLES[i]: v for i, v in seq_final.items()},
         "setup": {"records": len(records), "steps": args.steps, "batch_per_expert": args.batch, "micro_batch": args.micro_batch,
-                  "max_length": args.max_length, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                  "max_length": args.max_length, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                  "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"},
     }
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
