@@ -71,7 +71,8 @@ class SafetyBench(Benchmark):
             ds = load_dataset(hub_path(HUB_ID), "test", split=lang)
             rows = [dict(r, __line__=i) for i, r in enumerate(ds)]
             qpath: Any = HUB_ID
-            answers: dict[str, int] = {}
+            # The Hub's test questions carry no answers: only an explicit answers file can score them.
+            answers: dict[str, int] = self._answers(Path(".")) if self.options.get("answers") else {}
         else:
             qpath = source
             if source.is_dir():
