@@ -128,3 +128,47 @@ def test_documented_command_line(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     assert "pf_tiny_mc" in out.stdout and "acc" in out.stdout
     assert list((tmp_path / "out").rglob("results_*.json"))
+
+
+def test_gsm8k_local_task_runs_offline_through_the_cli(tmp_path: Path) -> None:
+    """The shipped ``gsm8k_local`` task (lm-eval's gsm8k config over a local official-format
+    test.jsonl, passed with ``--metadata``) end to end through ``personafuse lm-eval``, offline; the
+    task folder is added to ``--include_path`` by our entry point."""
+    import os
+    import subprocess
+    import sys
+
+    from eval_support import FIXTURE_BENCHDATA
+
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    data = FIXTURE_BENCHDATA / "gsm8k" / "test.jsonl"
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [sys.executable, "-m", "personafuse.evaluation.lm_eval_model", "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
+         "--tasks", "gsm8k_local", "--metadata", json.dumps({"data_file": str(data)}), "--device", "cpu", "--batch_size", "3",
+         "--apply_chat_template", "--gen_kwargs", "max_gen_toks=8", "--log_samples", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    r = res["results"]["gsm8k_local"]
+    assert 0.0 <= r["exact_match,strict-match"] <= 1.0 and 0.0 <= r["exact_match,flexible-extract"] <= 1.0
+    assert res["n-samples"]["gsm8k_local"]["effective"] == 3
+    samples = [json.loads(x) for x in next((tmp_path / "out").rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines()]
+    fixture = [json.loads(x)["question"] for x in data.read_text().splitlines()]
+    assert sorted({s["doc"]["question"] for s in samples}) == sorted(fixture)  # one sample per filter
+
+
+def test_gsm8k_local_without_data_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from personafuse.evaluation.data import DataError
+    from personafuse.evaluation.lm_eval_tasks import gsm8k_local
+
+    monkeypatch.setattr("personafuse.evaluation.data.find_benchdata", lambda explicit=None: None)
+    with pytest.raises(DataError, match="gsm8k_local: no data file"):
+        gsm8k_local.load()
+    bad = tmp_path / "test.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"test\.jsonl:1: missing field 'answer'"):
+        gsm8k_local.load(data_file=str(bad), version=3.0)

@@ -116,3 +116,93 @@ def test_root_cli_registers_eval_commands() -> None:
     cli._register()
     names = {c.name for c in cli.app.registered_commands}
     assert {"eval", "report", "routing", "probe", "lm-eval"} <= names
+
+
+# ---- CLINC150 by domain (paper Table 6: 10 domains + out-of-scope) ------------------------------
+CLINC = FIXTURES / "probing" / "clinc150_plus_train.jsonl"
+
+
+def _hub_parquet(path: Path) -> list[str]:
+    """Our CLINC rows as the Hub stores them: parquet with ``intent`` as a class id, the id → name
+    table in the file's embedded features. Returns the class names."""
+    from datasets import ClassLabel, Dataset, Features, Value
+
+    rows = [json.loads(x) for x in CLINC.read_text().splitlines()]
+    names = sorted({r["intent"] for r in rows})
+    feats = Features({"text": Value("string"), "intent": ClassLabel(names=names)})
+    ds = Dataset.from_dict({"text": [r["text"] for r in rows], "intent": [names.index(r["intent"]) for r in rows]}, features=feats)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(path))
+    return names
+
+
+def test_clinc_domain_map_is_the_official_one() -> None:
+    from personafuse.evaluation.probing import CLINC150_DOMAINS, INTENT_DOMAIN
+
+    assert len(CLINC150_DOMAINS) == 10 and all(len(v) == 15 for v in CLINC150_DOMAINS.values())
+    assert len(INTENT_DOMAIN) == 151 and set(INTENT_DOMAIN.values()) == {*CLINC150_DOMAINS, "oos"}
+    assert INTENT_DOMAIN["book_hotel"] == "travel" and INTENT_DOMAIN["timer"] == "utility"
+
+
+def test_clinc150_labels_domains_by_default_and_intents_on_request(tmp_path: Path) -> None:
+    dom = load_probe_data("clinc150", data=str(CLINC))
+    assert sorted(set(dom.labels)) == ["banking", "oos", "travel", "utility"] and len(dom.texts) == 24
+    intents = load_probe_data("clinc150-intents", data=str(CLINC))
+    assert len(set(intents.labels)) == 7 and "book_flight" in intents.labels
+    # The Hub's parquet (ids + embedded names), as a file and as a mirrored Hub snapshot.
+    pq = tmp_path / "train.parquet"
+    _hub_parquet(pq)
+    assert load_probe_data("clinc150", data=str(pq)).labels == dom.labels
+
+
+def test_clinc150_from_hub_snapshot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    repo = tmp_path / "mirror" / "clinc" / "clinc_oos"
+    _hub_parquet(repo / "plus" / "train-00000-of-00001.parquet")
+    (repo / "README.md").write_text("---\nconfigs:\n- config_name: plus\n  data_files:\n  - split: train\n    path: plus/train-*\n---\n")
+    monkeypatch.setenv("PERSONAFUSE_HUB_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    d = load_probe_data("clinc150")
+    assert sorted(set(d.labels)) == ["banking", "oos", "travel", "utility"] and d.name == "clinc150"
+    monkeypatch.delenv("PERSONAFUSE_HUB_MIRROR")
+    with pytest.raises(DataError, match=r"clinc150 comes from the Hub \(clinc/clinc_oos\)"):
+        load_probe_data("clinc150")
+
+
+def test_clinc150_unknown_intent_is_an_error(tmp_path: Path) -> None:
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"text": "hi", "intent": "greeting"}\n{"text": "yo", "intent": "not_an_intent"}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: intent 'not_an_intent' is not a CLINC150 intent"):
+        load_probe_data("clinc150", data=str(p))
+
+
+def test_clinc150_probe_runs_with_minilm(tmp_path: Path) -> None:
+    rep = run_probe("clinc150", ["minilm"], data_file=str(CLINC), out=str(tmp_path))
+    r = rep["results"]["minilm"]
+    assert r["n_classes"] == 4 and r["n_test"] == 5 and 0.0 <= r["accuracy"] <= 1.0
+    assert (tmp_path / "probe_clinc150.md").is_file()
+
+
+# ---- encoder names mean what training means by them ---------------------------------------------
+def test_encoder_names_follow_embedded_resolve() -> None:
+    from personafuse.embedded import SMOLLM2_GGUF
+    from personafuse.evaluation.probing import encoder_source
+
+    for name in ("default-encoder", "smollm2"):
+        src, pooling = encoder_source(name)
+        assert src.gguf_file == SMOLLM2_GGUF and pooling == "auto"
+    src, _ = encoder_source("minilm")
+    assert src.gguf_file is None and src.path.endswith("model")
+    assert encoder_source("minilm@last")[1] == "last"
+    with pytest.raises(ValueError, match="unknown encoder"):
+        encoder_source("bert")
+
+
+def test_default_encoder_embeds_with_smollm2() -> None:
+    """default-encoder is SmolLM2 (hidden size 576, last-token pooling), minilm is MiniLM (384)."""
+    from personafuse.evaluation.probing import make_encoder
+
+    texts = ["I can't sleep before my exam", "Solve 3x + 7 = 31"]
+    smol = make_encoder("default-encoder")(texts)
+    mini = make_encoder("minilm")(texts)
+    assert smol.shape == (2, 576) and mini.shape == (2, 384)

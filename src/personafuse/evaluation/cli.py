@@ -124,18 +124,19 @@ def routing_command(
 
 
 def probe_command(
-    dataset: Annotated[str, typer.Option(help="clinc150 | emotion | ecommerce, or a local CSV/JSONL file")],
-    encoder: Annotated[list[str], typer.Option(help="encoder(s) to compare: hf:PATH[@mean|last], pf:DIR, minilm; repeat")],
+    dataset: Annotated[str, typer.Option(help="clinc150 (11 domains) | clinc150-intents | emotion | ecommerce, or a local CSV/JSONL file")],
+    encoder: Annotated[list[str], typer.Option(help="encoder(s) to compare: minilm, default-encoder (SmolLM2), hf:PATH[@mean|@last], random:SPEC, pf:DIR; repeat")],
     text_field: Annotated[str | None, typer.Option(help="text column of a local file")] = None,
     label_field: Annotated[str | None, typer.Option(help="label column of a local file")] = None,
     limit: Annotated[int | None, typer.Option(help="seeded subsample of N examples")] = None,
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="write probe.json and probe.md here")] = None,
+    data: Annotated[str | None, typer.Option(help="a local copy for a preset: Hub parquet file, CSV/JSONL, or CLINC's data_oos_plus.json")] = None,
 ) -> None:
     """Persona-encoder probing (paper Table 6): softmax regression on frozen embeddings."""
     from personafuse.evaluation.probing import run_probe
 
-    rep = run_probe(dataset, encoder, text_field=text_field, label_field=label_field, limit=limit, seed=seed, out=str(out) if out else None)
+    rep = run_probe(dataset, encoder, text_field=text_field, label_field=label_field, limit=limit, seed=seed, out=str(out) if out else None, data_file=data)
     typer.echo(rep["markdown"])
 
 

@@ -13,10 +13,17 @@ import math
 import os
 import random
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 BENCHDATA_ENV = "PERSONAFUSE_BENCHDATA"
+# A local folder laid out like the remote repositories (``<folder>/<owner>/<repo>/<path>``) that
+# stands in for the Hub and GitHub: air-gapped machines and the tests use it.
+HUB_MIRROR_ENV = "PERSONAFUSE_HUB_MIRROR"
+GITHUB_RAW_ENV = "PERSONAFUSE_GITHUB_RAW"  # base URL for raw GitHub files (a proxy, or a test server)
+GITHUB_RAW = "https://raw.githubusercontent.com"
+CACHE_ENV = "PERSONAFUSE_CACHE"
 
 
 class DataError(ValueError):
@@ -42,8 +49,81 @@ def find_benchdata(explicit: str | os.PathLike[str] | None = None) -> Path | Non
 
 
 def hub_allowed() -> bool:
-    """Whether a loader may fall back to the Hugging Face Hub (not when offline mode is set)."""
+    """Whether a loader may fall back to the Hugging Face Hub (not when offline mode is set, unless
+    a local mirror stands in for it)."""
+    if os.environ.get(HUB_MIRROR_ENV):
+        return True
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("1", "true", "True", "YES", "yes")
+
+
+def hub_path(repo_id: str) -> str:
+    """What to hand ``datasets.load_dataset`` for a Hub dataset: the id, or its snapshot folder in
+    the mirror (``$PERSONAFUSE_HUB_MIRROR/<repo_id>``) when one is set."""
+    mirror = os.environ.get(HUB_MIRROR_ENV)
+    return str(Path(mirror) / repo_id) if mirror else repo_id
+
+
+@dataclass(frozen=True)
+class Remote:
+    """Where a benchmark's official files live online: a Hub dataset repository (``host="hf"``) or,
+    for benchmarks that are not on the Hub in their official form, the authors' GitHub repository."""
+
+    host: str  # "hf" | "github"
+    repo: str  # owner/name
+    revision: str = "main"
+
+    def describe(self) -> str:
+        if self.host == "hf":
+            return f"the Hub dataset {self.repo}"
+        return f"GitHub {self.repo}@{self.revision}"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "personafuse")
+
+
+def fetch(remote: Remote, path: str, *, bench: str) -> Path:
+    """A local copy of ``path`` in ``remote``: from the mirror when ``$PERSONAFUSE_HUB_MIRROR`` is set,
+    else downloaded (Hub files through huggingface_hub's cache, GitHub files into ours). Failures
+    raise :class:`DataError` naming the benchmark, the file and where it was looked for."""
+    mirror = os.environ.get(HUB_MIRROR_ENV)
+    if mirror:
+        p = Path(mirror) / remote.repo / path
+        if not p.is_file():
+            raise DataError(f"{bench}: {path} is not in the mirror of {remote.describe()} ({p} not found)")
+        return p
+    if not hub_allowed():
+        raise DataError(f"{bench}: {path} would come from {remote.describe()}, but HF_HUB_OFFLINE is set; pass --data")
+    try:
+        if remote.host == "hf":
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(remote.repo, path, repo_type="dataset", revision=remote.revision))
+        return _github_download(remote, path)
+    except DataError:
+        raise
+    except Exception as e:  # network, HTTP and Hub errors alike: say which source failed
+        raise DataError(f"{bench}: could not fetch {path} from {remote.describe()}: {e}") from e
+
+
+def _github_download(remote: Remote, path: str) -> Path:
+    import urllib.parse
+    import urllib.request
+
+    dest = cache_dir() / "remote" / remote.repo / remote.revision / path
+    if dest.is_file():
+        return dest
+    base = os.environ.get(GITHUB_RAW_ENV, GITHUB_RAW).rstrip("/")
+    url = f"{base}/{remote.repo}/{remote.revision}/{urllib.parse.quote(path)}"
+    with urllib.request.urlopen(url, timeout=60) as r:
+        data = r.read()
+    if data.startswith(b"version https://git-lfs"):
+        raise DataError(f"{url} is a Git LFS pointer, not the file; download it by hand and pass --data")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.write_bytes(data)
+    tmp.replace(dest)  # atomic: a crash never leaves a truncated file in the cache
+    return dest
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:

@@ -121,10 +121,16 @@ class PersonaFuseLM(HFLM):
 
 
 def cli_main(argv: Sequence[str]) -> None:
-    """Run lm-eval's command line with the ``personafuse`` model registered."""
+    """Run lm-eval's command line with the ``personafuse`` model registered and, unless the caller
+    names its own ``--include_path`` (lm-eval takes one), our local-file tasks (``gsm8k_local``)."""
     from lm_eval.__main__ import cli_evaluate
 
-    sys.argv = ["lm-eval", *argv]
+    from personafuse.evaluation.lm_eval_tasks import TASKS_DIR
+
+    args = list(argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+        args += ["--include_path", str(TASKS_DIR)]
+    sys.argv = ["lm-eval", *args]
     cli_evaluate()
 
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext, _mean
 from personafuse.evaluation.benchmarks.choice import LETTERS, format_options, parse_choice
-from personafuse.evaluation.data import DataError, field, read_jsonl
+from personafuse.evaluation.data import DataError, Remote, fetch, field, read_jsonl
 
 HUB_ID = "SahandSab/EmoBench"  # the dataset repo holds the same EU.jsonl / EA.jsonl files
+REMOTE = Remote("hf", HUB_ID)
 
 
 def _eu_prompt(row: Mapping[str, Any], lang: str) -> str:
@@ -76,10 +77,8 @@ class EmoBench(Benchmark):
         tasks = self.options.get("tasks", ("EU", "EA"))
         rows: list[tuple[str, Path | None, dict[str, Any]]] = []
         if source is None:
-            from huggingface_hub import hf_hub_download
-
             for task in tasks:
-                p = Path(hf_hub_download(HUB_ID, f"{task}.jsonl", repo_type="dataset"))
+                p = fetch(REMOTE, f"{task}.jsonl", bench=self.name)
                 rows += [(task, p, r) for r in read_jsonl(p)]
         elif source.is_file():
             task = "EU" if source.stem.upper().startswith("EU") else "EA"

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext, _mean
-from personafuse.evaluation.data import DataError, read_json
+from personafuse.evaluation.data import DataError, hub_path, read_json
 
 HUB_ID = "pbevan11/EQ-Bench"
 ADJUST_CONST = 0.7477
@@ -143,7 +143,7 @@ class EQBench(Benchmark):
         if source is None:
             from datasets import load_dataset
 
-            ds = load_dataset(HUB_ID, split="validation")
+            ds = load_dataset(hub_path(HUB_ID), split="validation")
             raw = {str(r.get("id", i + 1)): dict(r) for i, r in enumerate(ds)}
             path = HUB_ID
         else:

@@ -15,7 +15,7 @@ from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext, _mean
 from personafuse.evaluation.benchmarks.choice import LETTERS, format_options, parse_choice
-from personafuse.evaluation.data import DataError, field, is_missing, read_csv, stable_rng
+from personafuse.evaluation.data import DataError, field, hub_path, is_missing, read_csv, stable_rng
 
 HUB_ID = "Idavidrein/gpqa"
 SUBSETS = ("diamond", "main", "extended")
@@ -42,7 +42,7 @@ class GPQA(Benchmark):
             from datasets import load_dataset
 
             for sub in self._subsets():
-                ds = load_dataset(HUB_ID, f"gpqa_{sub}", split="train")
+                ds = load_dataset(hub_path(HUB_ID), f"gpqa_{sub}", split="train")
                 rows += [(sub, HUB_ID, dict(r, __line__=i + 2)) for i, r in enumerate(ds)]
         elif source.is_file():
             sub = next((s for s in SUBSETS if s in source.stem), "main")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
-from personafuse.evaluation.data import DataError, field, read_jsonl
+from personafuse.evaluation.data import DataError, field, hub_path, read_jsonl
 
 HUB_ID = "openai/gsm8k"
 # Thousands groups must be exact ("1,300"), so "12, wait" reads as 12.
@@ -88,7 +88,7 @@ class GSM8K(Benchmark):
         if source is None:
             from datasets import load_dataset
 
-            rows = [dict(r, __line__=i + 1) for i, r in enumerate(load_dataset(HUB_ID, "main", split="test"))]
+            rows = [dict(r, __line__=i + 1) for i, r in enumerate(load_dataset(hub_path(HUB_ID), "main", split="test"))]
             path: Any = HUB_ID
         else:
             path = source / "test.jsonl" if source.is_dir() else source

@@ -7,6 +7,13 @@ MentalChat16K official file: ``question.jsonl`` in FastChat format (``question_i
 ``prompt``; older copies use ``question_id`` and ``turns``) and the baseline answers
 ``gpt-4-0314.jsonl`` (``uid`` and ``messages`` whose assistant ``content`` holds ``answer``; older
 copies use ``question_id`` and ``choices[0].turns[0].content``).
+
+Online sources: Arena-Hard-Auto's data repository on the Hub (``lmarena-ai/arena-hard-auto``:
+``data/arena-hard-v0.1/question.jsonl`` and ``.../model_answer/gpt-4-0314.jsonl``; a local copy of
+that folder works as ``--data`` too). The Hub's ``ShenLab/MentalChat16K`` holds the 16K training
+conversations, not the 200 evaluation questions, so those come from the authors' repository
+(``ChiaPatricia/MentalChat16K_Main``, ``data/eval_jsonl/evalq_bench/question.jsonl``, the commit our
+reference copy was taken from).
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext, _mean
-from personafuse.evaluation.data import DataError, field, read_jsonl
+from personafuse.evaluation.data import DataError, Remote, fetch, field, read_jsonl
 from personafuse.evaluation.judges import (
     MENTAL_KEYS,
     arena_judge_prompt,
@@ -26,6 +33,11 @@ from personafuse.evaluation.judges import (
     parse_arena_verdict,
     parse_mental_verdict,
 )
+
+MENTAL_REMOTE = Remote("github", "ChiaPatricia/MentalChat16K_Main", "9eb19df747fa26524f7024ad0da4084ff0f47f6a")
+MENTAL_PATH = "data/eval_jsonl/evalq_bench/question.jsonl"
+ARENA_REMOTE = Remote("hf", "lmarena-ai/arena-hard-auto")
+ARENA_DIR = "data/arena-hard-v0.1"
 
 
 def _first_turn(row: Mapping[str, Any], path: Any) -> str:
@@ -53,8 +65,9 @@ class MentalChat(Benchmark):
 
     def load_items(self, source: Path | None) -> list[Item]:
         if source is None:
-            raise DataError("mentalchat: pass --data pointing at a folder with question.jsonl (MentalChat16K evalq_bench)")
-        path = source / "question.jsonl" if source.is_dir() else source
+            path = fetch(MENTAL_REMOTE, MENTAL_PATH, bench=self.name)
+        else:
+            path = source / "question.jsonl" if source.is_dir() else source
         items = []
         for row in read_jsonl(path):
             qid = str(row.get("question_id", row["__line__"]))
@@ -95,16 +108,27 @@ class ArenaHard(Benchmark):
         return str(self.options.get("baseline", "gpt-4-0314"))
 
     def load_items(self, source: Path | None) -> list[Item]:
+        explicit = Path(self.options["baseline_file"]) if self.options.get("baseline_file") else None
         if source is None:
-            raise DataError("arenahard: pass --data pointing at a folder with question.jsonl and the baseline answers")
-        folder = source if source.is_dir() else source.parent
-        qpath = source / "question.jsonl" if source.is_dir() else source
-        bpath = Path(self.options["baseline_file"]) if self.options.get("baseline_file") else folder / f"{self.baseline_name}.jsonl"
-        if not bpath.is_file():
-            cands = [p for p in folder.glob("*.jsonl") if p.name != qpath.name]
-            if len(cands) != 1:
-                raise DataError(f"arenahard: baseline answers {bpath} not found")
-            bpath = cands[0]
+            qpath = fetch(ARENA_REMOTE, f"{ARENA_DIR}/question.jsonl", bench=self.name)
+            bpath = explicit or fetch(ARENA_REMOTE, f"{ARENA_DIR}/model_answer/{self.baseline_name}.jsonl", bench=self.name)
+        else:
+            folder = source if source.is_dir() else source.parent
+            qpath = source / "question.jsonl" if source.is_dir() else source
+            bpath = explicit or self._local_baseline(folder, qpath)
+        return self._items(qpath, bpath)
+
+    def _local_baseline(self, folder: Path, qpath: Path) -> Path:
+        # Beside question.jsonl (our benchdata) or in model_answer/ (the official data layout).
+        for cand in (folder / f"{self.baseline_name}.jsonl", folder / "model_answer" / f"{self.baseline_name}.jsonl"):
+            if cand.is_file():
+                return cand
+        cands = [p for p in folder.glob("*.jsonl") if p.name != qpath.name]
+        if len(cands) != 1:
+            raise DataError(f"arenahard: baseline answers {self.baseline_name}.jsonl not found in {folder} or {folder / 'model_answer'}")
+        return cands[0]
+
+    def _items(self, qpath: Path, bpath: Path) -> list[Item]:
         baseline: dict[str, str] = {}
         for row in read_jsonl(bpath):
             uid = str(row.get("uid", row.get("question_id", "")))

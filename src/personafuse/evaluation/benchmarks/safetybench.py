@@ -16,7 +16,7 @@ from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
 from personafuse.evaluation.benchmarks.choice import LETTERS, format_options, parse_choice
-from personafuse.evaluation.data import DataError, field, read_json, read_json_or_jsonl
+from personafuse.evaluation.data import DataError, field, hub_path, read_json, read_json_or_jsonl
 
 HUB_ID = "thu-coai/SafetyBench"
 CATEGORIES = {
@@ -68,10 +68,11 @@ class SafetyBench(Benchmark):
         if source is None:
             from datasets import load_dataset
 
-            ds = load_dataset(HUB_ID, "test", split=lang)
+            ds = load_dataset(hub_path(HUB_ID), "test", split=lang)
             rows = [dict(r, __line__=i) for i, r in enumerate(ds)]
             qpath: Any = HUB_ID
-            answers: dict[str, int] = {}
+            # The Hub's test questions carry no answers: only an explicit answers file can score them.
+            answers: dict[str, int] = self._answers(Path(".")) if self.options.get("answers") else {}
         else:
             qpath = source
             if source.is_dir():

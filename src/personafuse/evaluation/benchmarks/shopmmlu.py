@@ -5,18 +5,43 @@ Official layout (``data.zip`` of the Shopping MMLU repository): ``generation/<ta
 JSON lines with ``input_field`` (the full instruction) and ``target_field`` (a string, or a list of
 strings whose similarities are averaged). Tasks scored by ROUGE/BLEU (``*extraction*``,
 ``*translation*``) and the multilingual ones are skipped unless named explicitly with ``tasks``.
+
+Online source: Shopping MMLU is not on the Hugging Face Hub; its ``data.zip`` is in the authors'
+repository (``KL4805/ShoppingMMLU``). Without local data that zip is fetched and unpacked into the
+cache; ``--data`` may also point at the zip itself.
 """
 
 from __future__ import annotations
 
+import hashlib
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
-from personafuse.evaluation.data import DataError, field, read_json_or_jsonl
+from personafuse.evaluation.data import DataError, Remote, cache_dir, fetch, field, read_json_or_jsonl
 
 SKIP = ("extraction", "translation", "multilingual")
+REMOTE = Remote("github", "KL4805/ShoppingMMLU", "main")
+
+
+def unpack(zip_path: Path) -> Path:
+    """The folder holding ``generation/`` inside the official ``data.zip``, unpacked once into the
+    cache (keyed by the zip's content, so a new release unpacks afresh)."""
+    digest = hashlib.sha256(zip_path.read_bytes()).hexdigest()[:16]
+    dest = cache_dir() / "unpacked" / f"shopmmlu-{digest}"
+    if not (dest / ".complete").is_file():
+        try:
+            with zipfile.ZipFile(zip_path) as z:
+                z.extractall(dest)  # zipfile drops absolute and ".." parts of member names
+        except zipfile.BadZipFile as e:
+            raise DataError(f"shopmmlu: {zip_path} is not a readable zip ({e})") from None
+        (dest / ".complete").touch()
+    gens = sorted(d for d in dest.rglob("generation") if d.is_dir() and "__MACOSX" not in d.parts)
+    if not gens:
+        raise DataError(f"shopmmlu: {zip_path} holds no generation/ folder")
+    return gens[0].parent
 
 
 class ShopMMLU(Benchmark):
@@ -43,7 +68,9 @@ class ShopMMLU(Benchmark):
 
     def load_items(self, source: Path | None) -> list[Item]:
         if source is None:
-            raise DataError("shopmmlu: pass --data pointing at the unzipped Shopping MMLU data/ folder (or a generation file)")
+            source = unpack(fetch(REMOTE, "data.zip", bench=self.name))
+        elif source.suffix == ".zip":
+            source = unpack(source)
         items = []
         for path in self._files(source):
             task = path.stem.removesuffix("_dataset")

@@ -11,6 +11,9 @@ Breakdowns (paper Table 13): accuracy per task file; per ability (an ABILITY cel
 dimension (Emotion, Desire, Intention, Knowledge, Belief, Non-literal communication). ``task_oriented``
 is the mean accuracy over the 8 classic task files, ``ability_oriented`` the mean over the six ability
 dimensions, and the headline ``score`` their mean.
+
+Online source: ToMBench is not on the Hugging Face Hub in its official form, so without local data
+the 20 files are fetched from the authors' repository (``zhchen18/ToMBench``, ``data/*.jsonl``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext, _mean
 from personafuse.evaluation.benchmarks.choice import LETTERS, format_options, parse_choice
-from personafuse.evaluation.data import DataError, is_missing, read_jsonl, stable_rng
+from personafuse.evaluation.data import DataError, Remote, fetch, is_missing, read_jsonl, stable_rng
 
 TASK_FILES = (
     "Unexpected Outcome Test",
@@ -35,6 +38,22 @@ TASK_FILES = (
     "Strange Story Task",
     "Faux-pas Recognition Test",
 )
+# The ability-oriented (ATOMS) files; with TASK_FILES, the 20 files of the official data/ folder.
+ABILITY_FILES = (
+    "Completion of Failed Actions",
+    "Discrepant Desires",
+    "Discrepant Emotions",
+    "Discrepant Intentions",
+    "Emotion Regulation",
+    "Hidden Emotions",
+    "Knowledge-Attention Links",
+    "Knowledge-Pretend Play Links",
+    "Moral Emotions",
+    "Multiple Desires",
+    "Percepts-Knowledge Links",
+    "Prediction of Actions",
+)
+REMOTE = Remote("github", "zhchen18/ToMBench", "main")
 DIMENSIONS = ("Emotion", "Desire", "Intention", "Knowledge", "Belief", "Non-Literal Communication")
 FIELDS = {
     "en": {"story": "STORY", "question": "QUESTION", "options": ["OPTION-A", "OPTION-B", "OPTION-C", "OPTION-D"]},
@@ -88,10 +107,14 @@ class ToMBench(Benchmark):
 
     def load_items(self, source: Path | None) -> list[Item]:
         if source is None:
-            raise DataError("tombench: the data is not on the Hub in its official form; pass --data pointing at ToMBench's data/ folder")
-        files = [source] if source.is_file() else sorted(source.glob("*.jsonl"))
+            files = [fetch(REMOTE, f"data/{name}.jsonl", bench=self.name) for name in sorted(TASK_FILES + ABILITY_FILES)]
+        else:
+            files = [source] if source.is_file() else sorted(source.glob("*.jsonl"))
         if not files:
             raise DataError(f"tombench: no .jsonl files in {source}")
+        return self._items(files)
+
+    def _items(self, files: Sequence[Path]) -> list[Item]:
         f = FIELDS[self.language]
         items: list[Item] = []
         for path in files:
