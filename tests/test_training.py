@@ -210,3 +210,44 @@ def test_sft_baseline_trains_a_peft_adapter(tmp_path):
     assert any("lora_A" in n for n, _ in model.named_parameters())
     with pytest.raises(ValueError, match="unknown baseline kind 'funny'"):
         train_baseline(tc, "funny")
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    # The same training code under torchrun (2 CPU processes, gloo over loopback): each process
+    # takes half of every step's rows and DDP averages gradients, which must give the one-process
+    # parameters (warm-up with per-expert clipping, then the joint stage).
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import ddp_worker
+
+    rows = synthetic_records(24, seed=1)
+    for d in ("one", "two"):
+        records_from(rows, tmp_path / d)
+    one = ddp_worker.train(tmp_path / "one")
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path / "two")],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "two" / "params.pt")
+    assert (saved["processes"], saved["backend"]) == (2, "gloo")  # really distributed
+    two = saved["params"]
+    assert one.keys() == two.keys() and any(".lora_B" in k for k in one)
+    for k in one:
+        torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4, msg=k)
+    logs = (tmp_path / "two" / "out" / "joint" / "losses.jsonl").read_text().splitlines()
+    assert len(logs) == 3  # one writer, no duplicate lines
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -39,6 +39,10 @@ class PersonaEncoder(nn.Module):
 
     def __init__(self, backbone: nn.Module, embed_dim: int, pooling: str = "auto") -> None:
         super().__init__()
+        if getattr(backbone, "pooler", None) is not None:
+            # BERT-style pooler output is never used (we pool last_hidden_state ourselves); left in,
+            # its weights would get no gradient and DDP would wait for them forever.
+            backbone.pooler = None
         self.backbone = backbone
         if pooling == "auto":
             pooling = "last" if is_decoder_backbone(backbone) else "mean"

@@ -14,6 +14,7 @@ micro-batches (or processes) changes nothing but rounding.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -275,6 +276,14 @@ def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
             )
 
 
+def _cpu_only() -> bool:
+    # Tells accelerate that a torchrun launch on a machine without accelerators means DDP over
+    # gloo on CPU processes (it otherwise runs each process as a separate single-process job).
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or has_mps or has_xpu)
+
+
 def _mixed_precision(setting: str) -> str:
     if setting != "auto":
         return setting
@@ -299,9 +308,15 @@ def train_loop(
     from accelerate import Accelerator
     from transformers import get_scheduler
 
+    # step_scheduler_with_optimizer=False: every process runs every step (each on its shard of the
+    # step's rows), so the schedule advances once per step, not once per process.
+    acc = Accelerator(
+        mixed_precision=_mixed_precision(tc.mixed_precision), cpu=_cpu_only(), step_scheduler_with_optimizer=False
+    )
+    main = acc.is_main_process  # files are written by one process; every process reads them
     out_dir.mkdir(parents=True, exist_ok=True)
-    tc.save(out_dir / "train_config.json")
-    acc = Accelerator(mixed_precision=_mixed_precision(tc.mixed_precision))
+    if main:
+        tc.save(out_dir / "train_config.json")
     for p in objective.parameters():
         p.requires_grad_(False)
     for p in trainable.values():
@@ -335,15 +350,16 @@ def train_loop(
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start = state["step"]
-        if log_path.exists():  # drop log lines past the checkpoint
+        if main and log_path.exists():  # drop log lines past the checkpoint
             kept = [
                 line
                 for line in log_path.read_text().splitlines()
                 if line.strip() and json.loads(line)["step"] <= start
             ]
             log_path.write_text("".join(line + "\n" for line in kept))
-    elif log_path.exists():
+    elif main and log_path.exists():
         log_path.unlink()
+    acc.wait_for_everyone()
     if start >= sc.steps:
         return StageResult(name, out_dir, start, _read_log(log_path))
 
@@ -359,7 +375,7 @@ def train_loop(
         total=sc.steps, initial=start, desc=f"{name}", disable=not acc.is_main_process, dynamic_ncols=True
     )
     objective.train()
-    log_file = log_path.open("a")
+    log_file = log_path.open("a") if main else None
     try:
         for step in range(start, sc.steps):
             t0 = time.perf_counter()
@@ -375,7 +391,7 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "seconds": dt, **stats}
-            if acc.is_main_process:
+            if log_file is not None:
                 log_file.write(json.dumps(entry) + "\n")
                 log_file.flush()
                 if writer is not None:
@@ -392,12 +408,14 @@ def train_loop(
             if stop_after is not None and done >= stop_after:
                 break
     finally:
-        log_file.close()
+        if log_file is not None:
+            log_file.close()
         bar.close()
         if writer is not None:
             writer.close()
+    acc.wait_for_everyone()
     losses = _read_log(log_path)
-    if acc.is_main_process:
+    if main:
         plot_losses(losses, out_dir / "loss.png", title=name)
     return StageResult(name, out_dir, done, losses)
 
@@ -728,7 +746,8 @@ def train(
         runners[name](_prepare(pf, tc), records, tc, resume=resume)
         if tc.gradient_checkpointing:
             pf.base_model.gradient_checkpointing_disable()
-        last = pf.save_pretrained(done_dir)
+        _on_main(functools.partial(pf.save_pretrained, done_dir))
+        last = done_dir
     assert last is not None
     return last
 
@@ -764,9 +783,23 @@ def train_baseline(tc: TrainConfig, kind: str, *, resume: bool = False) -> Path:
     if resume and (adapter_dir / "adapter_config.json").is_file():
         return adapter_dir
     run_sft(model, tok, records, tc, out, resume=resume)
-    model.save_pretrained(str(adapter_dir))
-    tok.save_pretrained(str(adapter_dir))
-    (adapter_dir / "personafuse_baseline.json").write_text(
-        json.dumps({"kind": kind, "base_model": tc.model.base_model, "data": tc.data}, indent=2) + "\n"
-    )
+    def save() -> None:
+        model.save_pretrained(str(adapter_dir))
+        tok.save_pretrained(str(adapter_dir))
+        (adapter_dir / "personafuse_baseline.json").write_text(
+            json.dumps({"kind": kind, "base_model": tc.model.base_model, "data": tc.data}, indent=2) + "\n"
+        )
+
+    _on_main(save)
     return adapter_dir
+
+
+def _on_main(fn: Callable[[], object]) -> None:
+    """Run ``fn`` on the main process only (under DDP every process holds the same model), then
+    let every process wait until it is written."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=_cpu_only())
+    if state.is_main_process:
+        fn()
+    state.wait_for_everyone()
