@@ -119,11 +119,18 @@ def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", dev
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw: dict[str, Any] = {}
+    from_gguf = bool(gguf_file)
     if gguf_file:
-        kw["gguf_file"] = gguf_file
+        from personafuse.embedded import ModelSource, converted
+
+        # A local GGUF loads from its converted copy (made once): the same tensors, ~10 s faster.
+        src = converted(ModelSource(path, path, gguf_file))
+        path, gguf_file = src.path, src.gguf_file
+        if gguf_file:
+            kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(path, **kw)
     torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if gguf_file:
+    if from_gguf:
         torch_dtype = torch.float32  # GGUF weights are de-quantised to float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
     if device:
