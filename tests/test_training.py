@@ -251,3 +251,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_encoder_lr_sets_the_backbone_rate_apart(tmp_path):
+    # encoder_lr=0 freezes the pretrained encoder in effect while projection and expert
+    # embeddings still learn at lr; unset, the backbone moves too.
+    rows = synthetic_records(24, seed=2)
+    records = records_from(rows, tmp_path)
+    moved = {}
+    for enc_lr in (0.0, None):
+        sc = StageConfig(steps=3, batch_size=8, lr=1e-2, micro_batch_size=8, warmup_ratio=0.0, encoder_lr=enc_lr)
+        tc = make_tc(tmp_path / str(enc_lr), router=sc)
+        pf = build_tiny()
+        before = {n: p.detach().clone() for n, p in pf.named_parameters() if n.startswith("router.")}
+        run_router(pf, records, tc)
+        after = dict(pf.named_parameters())
+        moved[enc_lr] = {
+            part: any(not torch.equal(before[n], after[n]) for n in before if n.startswith(prefix))
+            for part, prefix in (("backbone", "router.encoder.backbone."), ("proj", "router.encoder.proj"),
+                                 ("embeddings", "router.expert_embeddings"))
+        }
+    assert moved[0.0] == {"backbone": False, "proj": True, "embeddings": True}
+    assert moved[None] == {"backbone": True, "proj": True, "embeddings": True}
+    assert TrainConfig.from_dict({"router": {"encoder_lr": 1e-5}}).router.encoder_lr == 1e-5

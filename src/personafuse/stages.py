@@ -276,6 +276,9 @@ def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
             )
 
 
+ENCODER_BACKBONE = "router.encoder.backbone."  # the pretrained part of the router (StageConfig.encoder_lr)
+
+
 def _cpu_only() -> bool:
     # Tells accelerate that a torchrun launch on a machine without accelerators means DDP over
     # gloo on CPU processes (it otherwise runs each process as a separate single-process job).
@@ -324,10 +327,15 @@ def train_loop(
     params = list(trainable.values())
     if not params:
         raise ValueError(f"stage {name}: nothing to train")
+    groups: list[dict[str, Any]] = [{"params": params}]
+    if sc.encoder_lr is not None:
+        enc = [p for n, p in trainable.items() if n.startswith(ENCODER_BACKBONE)]
+        rest = [p for n, p in trainable.items() if not n.startswith(ENCODER_BACKBONE)]
+        groups = [g for g in ({"params": rest}, {"params": enc, "lr": sc.encoder_lr}) if g["params"]]
     if sc.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=sc.lr, weight_decay=sc.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
     elif sc.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=sc.lr, weight_decay=sc.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=sc.lr, weight_decay=sc.weight_decay)
     else:
         raise ValueError(f"stage {name}: unknown optimizer {sc.optimizer!r}; expected adamw or sgd")
     scheduler = get_scheduler(

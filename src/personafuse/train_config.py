@@ -29,6 +29,10 @@ class StageConfig:
     optimizer: str = "adamw"  # or "sgd"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    # Learning rate for the persona encoder's pretrained backbone (router and joint stages); None
+    # means ``lr``. The paper uses one rate; a lower one here keeps a small encoder from drifting
+    # while the fresh projection and expert embeddings move fast.
+    encoder_lr: float | None = None
 
 
 def _warmup() -> StageConfig:  # Appendix A: batch 32 x accumulation 8, 1,000 steps, lr 1e-4
