@@ -187,3 +187,35 @@ def test_expert_index_out_of_range_is_named():
     state = MixtureState(10, 8, 2.0)
     with pytest.raises(ValueError, match=r"out of range 0..9: \[2, 10\]"):
         state.set_experts(torch.tensor([2, 10]))
+
+
+def test_siblings_share_one_shrink_at_inference_and_see_weight_updates():
+    from personafuse.mixture import SharedShrink
+
+    pf = build_tiny()
+    layers = pf.mixture_layers
+    q = layers["model.layers.0.self_attn.q_proj"]
+    k, v, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("k_proj", "v_proj", "o_proj"))
+    gate, up = layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]
+    assert isinstance(q._shared[0], SharedShrink) and q._shared[0] is k._shared[0] is v._shared[0]
+    assert gate._shared[0] is up._shared[0] and o._shared is None
+
+    calls = []
+    group = q._shared[0]
+    original = group._weight
+    group._weight = lambda: calls.append(1) or original()
+    ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
+    w = random_weights(3, seed=4)
+    with torch.no_grad():
+        fast = pf(ids, weights=w).logits
+    assert len(calls) == 1  # one shrink for q, k and v
+    with torch.enable_grad():
+        plain = pf(ids, weights=w).logits  # the grad path never groups
+    torch.testing.assert_close(fast, plain.detach(), atol=1e-6, rtol=1e-5)
+
+    with torch.no_grad():  # an in-place update of one member's A must reach the shared copy
+        k.lora_A.mul_(3.0)
+        fast = pf(ids, weights=w).logits
+    with torch.enable_grad():
+        plain = pf(ids, weights=w).logits
+    torch.testing.assert_close(fast, plain.detach(), atol=1e-6, rtol=1e-5)

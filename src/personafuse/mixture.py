@@ -102,6 +102,7 @@ class MixtureLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
         self.dropout_p = float(dropout)
+        self._shared: tuple[SharedShrink, int] | None = None  # set by inject_mixture
         self.reset_parameters()
 
     @property
@@ -144,11 +145,19 @@ class MixtureLinear(nn.Module):
             w = _match_batch(w, x.shape[0])
         if self.dropout_p and self.training:
             x = F.dropout(x, self.dropout_p)
-        h = F.linear(x, self.lora_A)
         if torch.is_grad_enabled():
-            return y + F.linear(h * w, self.lora_B)
-        # Inference: update in place (no autograd graph to protect), two fewer allocations.
-        return y.add_(F.linear(h.mul_(w), self.lora_B))
+            return y + F.linear(F.linear(x, self.lora_A) * w, self.lora_B)
+        # Inference: no autograd graph to protect, so fewer, in-place ops. Siblings that read the
+        # same input (q/k/v, gate/up) share one shrink matmul and one multiply.
+        h = None
+        if self._shared is not None and not torch.compiler.is_compiling():
+            group, pos = self._shared
+            h = group.take(pos, x, w)
+        if h is None:
+            h = F.linear(x, self.lora_A).mul_(w)
+        d = y.shape[-1]
+        y.view(-1, d).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        return y
 
     def _one_expert_per_row(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # Gather row b's (A_i, B_i) and run two batched matmuls: the same sum as the stacked path
@@ -168,6 +177,62 @@ class MixtureLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"experts={self.state.num_experts}, r={self.state.r}, scaling={self.state.scaling:g}"
+
+
+class SharedShrink:
+    """The shrink ``x A^T`` of sibling layers that read the same input, as one matmul.
+
+    Attention calls q_proj, k_proj and v_proj on the same hidden-states tensor (the MLP: gate and
+    up). At inference the first sibling called computes ``x [A_q; A_k; A_v]^T`` times the mixture
+    weights in two ops and keeps it; the others find their slice by tensor identity. A sibling
+    called on another tensor (cross-attention) computes its own. The concatenated A is rebuilt when
+    any member's ``lora_A`` changes (version counter, storage).
+    """
+
+    def __init__(self, members: list[MixtureLinear]) -> None:
+        self.members = members
+        self._key: tuple | None = None
+        self._a: torch.Tensor | None = None
+        self._x: torch.Tensor | None = None
+        self._w: tuple | None = None
+        self._h: torch.Tensor | None = None
+        self._pending: set[int] = set()
+
+    def _weight(self) -> torch.Tensor:
+        key = tuple((m.lora_A._version, m.lora_A.data_ptr()) for m in self.members)
+        if key != self._key or self._a is None:
+            self._a = torch.cat([m.lora_A.detach() for m in self.members])
+            self._key = key
+        return self._a
+
+    def take(self, pos: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        w_key = (w.data_ptr(), w.shape)  # w may be a fresh view of the same weights per sibling
+        if not (pos in self._pending and self._x is x and self._w == w_key):
+            n = len(self.members)
+            h = F.linear(x, self._weight())
+            h = h.view(*h.shape[:-1], n, -1).mul_(w.unsqueeze(-2))
+            self._x, self._w, self._h = x, w_key, h
+            self._pending = set(range(n)) - {pos}
+            return h[..., pos, :]
+        self._pending.discard(pos)
+        h = self._h
+        if not self._pending:  # every sibling served: drop the references
+            self._x = self._w = self._h = None
+        return h[..., pos, :]
+
+
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def _group_siblings(model: nn.Module) -> None:
+    for parent in model.modules():
+        for names in SHARED_INPUT_GROUPS:
+            members = [getattr(parent, n, None) for n in names]
+            members = [m for m in members if isinstance(m, MixtureLinear)]
+            if len(members) > 1 and len({m.in_features for m in members}) == 1:
+                group = SharedShrink(members)
+                for pos, m in enumerate(members):
+                    m._shared = (group, pos)
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -205,6 +270,7 @@ def inject_mixture(
     missing = [t for t in targets if not any(m.split(".")[-1] == t for m in matched)]
     if missing:
         raise ValueError(f"target_modules {missing} matched no linear layer in {type(model).__name__}")
+    _group_siblings(model)
     return matched
 
 
