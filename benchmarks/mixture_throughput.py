@@ -105,6 +105,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--variants", default="base,moe,peft_lora,peft_cat,peft_cat_shared")
+    ap.add_argument("--expert-rank", type=int, default=8,
+                    help="rank of each of the ten experts in the moe variant (the paper: 8); lower it to "
+                    "separate per-op overhead from adapter arithmetic")
     ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile (GPU)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
@@ -139,7 +142,7 @@ def main() -> None:
 
     if "moe" in variants:
         moe = share_weights(base)
-        state = MixtureState(10, 8, 16 / 8)
+        state = MixtureState(10, args.expert_rank, 16 / 8)
         inject_mixture(moe, TARGETS, state)
         moe.to(device)
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
@@ -238,6 +241,7 @@ def main() -> None:
         "peft_cat_build_s_per_request": build_per_request,
         "setup": {
             "model": desc,
+            "expert_rank": args.expert_rank,
             "device": str(device),
             "device_name": torch.cuda.get_device_name()
             if device.type == "cuda"

@@ -1,6 +1,7 @@
 """Three-stage training on tiny random models."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -274,3 +275,29 @@ def test_encoder_lr_sets_the_backbone_rate_apart(tmp_path):
     assert moved[0.0] == {"backbone": False, "proj": True, "embeddings": True}
     assert moved[None] == {"backbone": True, "proj": True, "embeddings": True}
     assert TrainConfig.from_dict({"router": {"encoder_lr": 1e-5}}).router.encoder_lr == 1e-5
+
+
+def test_half_precision_model_trains_float32_master_weights(tmp_path):
+    # A bf16 model: at lr 1e-5 a bf16 weight of size ~0.1 cannot move (its spacing is ~4e-4), so
+    # the adapters must train as float32 and be cast back after the stage.
+    rows = synthetic_records(24, seed=3)
+    records = records_from(rows, tmp_path)
+    sc = StageConfig(steps=3, batch_size=2, lr=1e-5, micro_batch_size=10, warmup_ratio=0.0, scheduler="constant")
+    tc = make_tc(tmp_path, warmup=sc)
+    pf = build_tiny().to(torch.bfloat16)
+    pf.state.dtype = torch.bfloat16
+    layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
+    a0 = layer.lora_A.detach().float().clone()
+    seen = []
+    original = layer.forward
+    layer.forward = lambda x: seen.append((layer.lora_A.dtype, x.dtype)) or original(x)
+    result = run_warmup(pf, records, tc)
+    assert seen and set(seen) == {(torch.float32, torch.bfloat16)}  # fp32 master weights, bf16 compute
+    assert layer.lora_A.dtype == torch.bfloat16  # restored after the stage
+    moved = (layer.lora_A.float() - a0).abs()
+    assert moved.max() > 0 and moved.max() < 1e-3  # small fp32 updates survived the round trip
+    assert all(math.isfinite(e["loss_lm"]) for e in result.losses)
+    pure = layer.lora_A.detach().clone()
+    pure = pure[pure.abs() > 0.01]
+    # the same size of update applied to bf16 weights directly is lost
+    assert torch.equal(pure + 1e-5 * torch.sign(pure), pure)

@@ -327,6 +327,19 @@ def train_loop(
     params = list(trainable.values())
     if not params:
         raise ValueError(f"stage {name}: nothing to train")
+    # Trainable tensors of a half-precision model train as float32 master weights (a bf16 weight
+    # cannot take an update 1e-4 of its size: the joint stage's lr of 1e-5 would mostly vanish).
+    # Compute stays in the model's dtype through autocast; the dtypes are restored at the end.
+    original_dtypes = {k: p.dtype for k, p in trainable.items()}
+    half = next((d for d in original_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
+    for p in params:
+        if p.dtype in (torch.float16, torch.bfloat16):
+            p.data = p.data.float()
+    autocast = (
+        torch.autocast(acc.device.type, dtype=half)
+        if half is not None and acc.mixed_precision == "no"
+        else contextlib.nullcontext()
+    )
     groups: list[dict[str, Any]] = [{"params": params}]
     if sc.encoder_lr is not None:
         enc = [p for n, p in trainable.items() if n.startswith(ENCODER_BACKBONE)]
@@ -369,6 +382,7 @@ def train_loop(
         log_path.unlink()
     acc.wait_for_everyone()
     if start >= sc.steps:
+        _restore_dtypes(trainable, original_dtypes)
         return StageResult(name, out_dir, start, _read_log(log_path))
 
     writer = None
@@ -388,7 +402,8 @@ def train_loop(
         for step in range(start, sc.steps):
             t0 = time.perf_counter()
             rows = plan(step)
-            stats = step_fn(acc, objective, rows, step)
+            with autocast:
+                stats = step_fn(acc, objective, rows, step)
             if sc.max_grad_norm:
                 if clip_fn is not None:
                     clip_fn(sc.max_grad_norm)
@@ -421,11 +436,18 @@ def train_loop(
         bar.close()
         if writer is not None:
             writer.close()
+    _restore_dtypes(trainable, original_dtypes)
     acc.wait_for_everyone()
     losses = _read_log(log_path)
     if main:
         plot_losses(losses, out_dir / "loss.png", title=name)
     return StageResult(name, out_dir, done, losses)
+
+
+def _restore_dtypes(trainable: dict[str, nn.Parameter], dtypes: dict[str, torch.dtype]) -> None:
+    for k, p in trainable.items():
+        if p.dtype != dtypes[k]:
+            p.data = p.data.to(dtypes[k])
 
 
 def _save_checkpoint(out_dir: Path, step: int, trainable, optimizer, scheduler, keep: int = 2) -> None:
