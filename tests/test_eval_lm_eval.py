@@ -107,9 +107,11 @@ def test_resolve_weights_modes() -> None:
     assert pole[0, 9] == 1 and pole.sum() == 1
 
 
-def test_documented_command_line(tmp_path: Path) -> None:
-    """``python -m personafuse.evaluation.lm_eval_model`` (what ``personafuse lm-eval`` runs) hands
-    its arguments to lm-eval's own CLI with the ``personafuse`` model registered."""
+@pytest.mark.parametrize("entry", ["lm_eval", "module"])
+def test_documented_command_line(tmp_path: Path, entry: str) -> None:
+    """lm-eval's own ``lm_eval`` script finds ``--model personafuse`` (through the start-up hook the
+    package installs), and ``python -m personafuse.evaluation.lm_eval_model`` (what
+    ``personafuse lm-eval`` runs) hands the same arguments to lm-eval's CLI."""
     import os
     import subprocess
     import sys
@@ -121,7 +123,8 @@ def test_documented_command_line(tmp_path: Path) -> None:
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "personafuse.evaluation.lm_eval_model", "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
+        [*([str(Path(sys.executable).parent / "lm_eval")] if entry == "lm_eval" else [sys.executable, "-m", "personafuse.evaluation.lm_eval_model"]),
+         "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
          "--tasks", "pf_tiny_mc", "--include_path", str(tasks), "--device", "cpu", "--batch_size", "2", "--apply_chat_template", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=300,
     )

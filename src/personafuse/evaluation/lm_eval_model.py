@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from lm_eval.api.registry import register_model
+from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
 from personafuse.traits import NUM_POLES, POLE_INDEX
@@ -78,7 +78,6 @@ def resolve_weights(routing: dict[str, Any], texts: Sequence[str], router: Any, 
     raise ValueError(f"unknown routing mode {mode!r}")
 
 
-@register_model("personafuse")
 class PersonaFuseLM(HFLM):
     """lm-eval's HFLM over our model loaders, with PersonaFuse mixture weights applied per batch."""
 
@@ -120,6 +119,12 @@ class PersonaFuseLM(HFLM):
             return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
 
+if __name__ != "__main__":
+    # Under the module's real name, so the lazy entry of the start-up hook (_personafuse_lm_eval)
+    # upgrades to this class instead of clashing with it.
+    model_registry.register("personafuse")(PersonaFuseLM)
+
+
 def cli_main(argv: Sequence[str]) -> None:
     """Run lm-eval's command line with the ``personafuse`` model registered and, unless the caller
     names its own ``--include_path`` (lm-eval takes one), our local-file tasks (``gsm8k_local``)."""
@@ -135,4 +140,8 @@ def cli_main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":  # python -m personafuse.evaluation.lm_eval_model --model personafuse ...
-    cli_main(sys.argv[1:])
+    # Run the module under its real name: lm-eval's registry holds "personafuse" as
+    # personafuse.evaluation.lm_eval_model:PersonaFuseLM (see _personafuse_lm_eval).
+    from personafuse.evaluation.lm_eval_model import cli_main as _cli_main
+
+    _cli_main(sys.argv[1:])
