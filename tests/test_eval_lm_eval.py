@@ -175,3 +175,47 @@ def test_gsm8k_local_without_data_is_a_clear_error(monkeypatch: pytest.MonkeyPat
     bad.write_text('{"question": "q"}\n')
     with pytest.raises(DataError, match=r"test\.jsonl:1: missing field 'answer'"):
         gsm8k_local.load(data_file=str(bad), version=3.0)
+
+
+def test_eq_bench_local_task_runs_offline_through_lm_eval(tmp_path: Path) -> None:
+    """The shipped ``eq_bench_local`` task (lm-eval's eq_bench config and scorer over an official
+    EQ-Bench questions JSON) through lm-eval's own ``lm_eval`` script, offline."""
+    import os
+    import subprocess
+    import sys
+
+    from eval_support import FIXTURE_BENCHDATA
+    from personafuse.evaluation.lm_eval_tasks import TASKS_DIR
+
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    data = sorted((FIXTURE_BENCHDATA / "eq-bench").glob("*.json"))[0]
+    n_items = len(json.loads(data.read_text()))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    out = subprocess.run(
+        [str(Path(sys.executable).parent / "lm_eval"), "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
+         "--tasks", "eq_bench_local", "--include_path", str(TASKS_DIR), "--metadata", json.dumps({"eq_bench_file": str(data)}),
+         "--device", "cpu", "--batch_size", "2", "--gen_kwargs", "max_gen_toks=6", "--output_path", str(tmp_path / "out")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    r = res["results"]["eq_bench_local"]
+    # a random tiny model never writes four parseable emotions: lm-eval's scorer gives 0 and 0 %
+    assert r["eqbench,none"] == 0 and r["percent_parseable,none"] == 0
+    assert res["n-samples"]["eq_bench_local"]["effective"] == n_items
+
+
+def test_eq_bench_local_docs_score_100_with_the_reference_answer() -> None:
+    import ast
+
+    from eval_support import FIXTURE_BENCHDATA
+    from personafuse.evaluation.lm_eval_tasks import eq_bench_local
+
+    data = sorted((FIXTURE_BENCHDATA / "eq-bench").glob("*.json"))[0]
+    docs = eq_bench_local.load(eq_bench_file=str(data))["validation"]
+    ref = ast.literal_eval(docs[0]["reference_answer_fullscale"])
+    answer = "\n".join(f"{ref[f'emotion{i}']}: {ref[f'emotion{i}_score']}" for i in range(1, 5))
+    assert eq_bench_local.calculate_score_fullscale(docs[0], [answer]) == {"eqbench": 100.0, "percent_parseable": 100}
+    with pytest.raises(Exception, match="no_such.json"):
+        eq_bench_local.load(eq_bench_file="/nonexistent/no_such.json")

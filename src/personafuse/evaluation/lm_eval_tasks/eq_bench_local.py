@@ -1,0 +1,45 @@
+"""The dataset of ``eq_bench_local.yaml``: official EQ-Bench questions (v1 or v2 JSON) from disk.
+
+The official files map question ids to items whose ``reference_answer_fullscale`` is a dict; the
+Hub copy that lm-eval's ``eq_bench`` reads stores it as a Python-literal string, which is what its
+scorer (reused unchanged) parses. lm-eval loads this module from its file path, hence the absolute
+imports.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from lm_eval.tasks.eq_bench.utils import calculate_score_fullscale  # noqa: F401  (the task's scorer)
+
+
+def load(eq_bench_file: str | None = None, **_: Any) -> Any:
+    from datasets import Dataset, DatasetDict
+
+    from personafuse.evaluation.data import DataError, find_benchdata
+
+    if eq_bench_file:
+        path = Path(eq_bench_file).expanduser()
+    else:
+        root = find_benchdata()
+        files = sorted((root / "eq-bench").glob("*.json")) if root else []
+        if not files:
+            raise DataError("eq_bench_local: no questions file; pass --metadata '{\"eq_bench_file\": \"PATH.json\"}' or set PERSONAFUSE_BENCHDATA")
+        path = files[-1]  # v2 (eq_bench_v2_questions_171.json) sorts after v1 when both are there
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"eq_bench_local: cannot read {path}: {e}") from None
+    items = data.values() if isinstance(data, dict) else data
+    docs = []
+    for n, item in enumerate(items):
+        missing = [k for k in ("prompt", "reference_answer_fullscale") if k not in item]
+        if missing:
+            raise DataError(f"eq_bench_local: {path}: item {n} lacks {', '.join(missing)}")
+        ref = item["reference_answer_fullscale"]
+        docs.append({"prompt": item["prompt"], "reference_answer_fullscale": ref if isinstance(ref, str) else repr(ref)})
+    if not docs:
+        raise DataError(f"eq_bench_local: {path} holds no questions")
+    return DatasetDict({"validation": Dataset.from_list(docs)})
