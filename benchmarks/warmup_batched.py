@@ -17,6 +17,7 @@ short template responses, activation vectors from the TAT prior of their situati
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -65,6 +66,10 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=160)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--model", default="default", help="base model spec (default: the embedded SmolLM2)")
+    ap.add_argument("--random-init", action="store_true",
+                    help="random weights from the model's config (seeded, identical on both sides): for a GPU "
+                    "machine where only config and tokenizer travel; timing does not depend on the weights")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -82,8 +87,25 @@ def main() -> None:
     print(f"{len(records)} records; experts with data: {[TRAIT_POLES[i] for i in experts_with_data]}", flush=True)
 
     # --- batched: one job, all experts --------------------------------------------------------
+    src = embedded.resolve(args.model)
+
+    def load_base():
+        if args.random_init:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            conv = embedded.converted(src)
+            torch.manual_seed(1234)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(conv.path, **conv.kwargs()))
+        return embedded.load_causal_lm(src)
+
     t0 = now()
-    pf = PersonaFuseModel.from_config(PersonaFuseConfig())
+    base0, tok0 = load_base(), embedded.load_tokenizer(src)
+    # The persona encoder starts as a copy of the base body (the default); stage 1 never runs it.
+    pf = PersonaFuseModel.from_config(
+        PersonaFuseConfig(base_model=args.model, encoder_model=args.model),
+        base_model=base0, tokenizer=tok0, encoder_backbone=copy.deepcopy(base0.get_decoder()),
+        encoder_tokenizer=copy.deepcopy(tok0),
+    )
     init = {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in pf.mixture_layers.items()}
     t_load = now() - t0
     result = run_warmup(pf, records, tc, out_dir=Path(tc.out) / "batched")
@@ -94,7 +116,6 @@ def main() -> None:
     # --- sequential: one peft LoRA run per expert ----------------------------------------------
     from peft import LoraConfig, get_peft_model
 
-    src = embedded.resolve("default")
     r = pf.config.r
     feats_tok = None
     seq_final: dict[int, float] = {}
@@ -102,7 +123,7 @@ def main() -> None:
     seq_load = 0.0
     for i in experts_with_data:
         tl = now()
-        base = embedded.load_causal_lm(src).to(dev)
+        base = load_base().to(dev)
         tok = feats_tok or embedded.load_tokenizer(src)
         feats_tok = tok
         model = get_peft_model(base, LoraConfig(r=r, lora_alpha=pf.config.alpha, target_modules=list(pf.config.target_modules), lora_dropout=0.0))
@@ -160,7 +181,7 @@ def main() -> None:
         "batched_final_loss": bat_logged,
         "sequential_final_loss": seq_logged,
         "per_expert_sequential_final": {TRAIT_POLES[i]: v for i, v in seq_final.items()},
-        "setup": {"records": len(records), "steps": args.steps, "batch_per_expert": args.batch, "micro_batch": args.micro_batch,
+        "setup": {"model": args.model, "random_init": args.random_init, "records": len(records), "steps": args.steps, "batch_per_expert": args.batch, "micro_batch": args.micro_batch,
                   "max_length": args.max_length, "torch": torch.__version__, "threads": torch.get_num_threads(),
                   "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"},
     }
