@@ -97,8 +97,15 @@ def _converted_dir(source: ModelSource) -> Path | None:
         return None  # a GGUF on the Hub: transformers caches the download itself
     import transformers
 
-    st = f.stat()
-    key = f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{transformers.__version__}"
+    # Keyed by content, not path: every virtualenv holding the same GGUF shares one converted copy.
+    # Size plus the first and last 4 MiB (header, metadata and tensor tail) identify it cheaply.
+    size = f.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    with f.open("rb") as fh:
+        h.update(fh.read(4 << 20))
+        fh.seek(max(size - (4 << 20), 0))
+        h.update(fh.read(4 << 20))
+    key = f"{size}|{h.hexdigest()}|{transformers.__version__}"
     root = Path(os.environ.get("PERSONAFUSE_CACHE", "~/.cache/personafuse")).expanduser()
     return root / "gguf" / f"{f.stem}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
