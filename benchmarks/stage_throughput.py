@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixture_throughput import SHAPES  # noqa: E402
 from personafuse.config import PersonaFuseConfig  # noqa: E402
 from personafuse.model import PersonaFuseModel  # noqa: E402
-from personafuse.stages import JointObjective, RouterObjective, WarmupObjective  # noqa: E402
+from personafuse.stages import JointObjective, RouterObjective, WarmupObjective, set_activation_checkpointing  # noqa: E402
 
 ENCODERS = {
     # Qwen2.5-0.5B (config.json of Qwen/Qwen2.5-0.5B), randomly initialised.
@@ -70,7 +70,7 @@ def main() -> None:
     pf = PersonaFuseModel.from_config(cfg, base_model=base, tokenizer=dummy, encoder_backbone=enc, encoder_tokenizer=dummy, init_experts=False)
     pf.to(device)
     if not args.no_grad_ckpt:
-        pf.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(pf.base_model, True)
     print(f"built {args.shape} + {args.encoder_shape} encoder in {time.perf_counter() - t0:.1f}s", flush=True)
 
     B, T, Q = args.batch, args.seq, args.query_len

@@ -7,6 +7,7 @@ import torch
 
 from conftest import build_tiny, tiny_causal_lm
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture
+from personafuse.stages import set_activation_checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -136,7 +137,7 @@ def test_activation_checkpointing_gives_the_same_gradients():
         pf = build_tiny()
         pf.train()
         if ckpt:
-            pf.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            set_activation_checkpointing(pf.base_model, True)
         for n, p in pf.named_parameters():
             p.requires_grad_(".lora_" in n)
         w.grad = None

@@ -734,9 +734,22 @@ def run_sft(
 
 
 # --------------------------------------------------------------------------- pipelines
+def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+    """Recent transformers call it activation checkpointing (the gradient_* names warn); older
+    releases only have the gradient_* spelling."""
+    if on:
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def _prepare(pf: PersonaFuseModel, tc: TrainConfig) -> PersonaFuseModel:
     if tc.gradient_checkpointing:
-        pf.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(pf.base_model, True)
     return pf
 
 
@@ -775,7 +788,7 @@ def train(
             pf = PersonaFuseModel.from_pretrained(prev_dir)
         runners[name](_prepare(pf, tc), records, tc, resume=resume)
         if tc.gradient_checkpointing:
-            pf.base_model.gradient_checkpointing_disable()
+            set_activation_checkpointing(pf.base_model, False)
         _on_main(functools.partial(pf.save_pretrained, done_dir))
         last = done_dir
     assert last is not None
