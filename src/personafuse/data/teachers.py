@@ -30,7 +30,6 @@ from typing import Any
 Messages = list[dict[str, str]]
 
 
-
 class TeacherError(RuntimeError):
     """A problem that stops the run: missing package or model, bad credentials, unknown model."""
 
