@@ -10,7 +10,9 @@ them alike. Ratios are tokens/s relative to the base model measured in the same 
 
 Variants:
   base        the base model alone
-  moe         Persona-MoE: ten stacked rank-8 experts, per-row weights, no merge
+  moe         Persona-MoE: ten stacked rank-8 experts, per-row weights, no merge (default
+              settings: the packed inference layout on accelerators, the plain one on CPU)
+  moe_packed / moe_unpacked  (extra) the same with MixtureState.pack forced on / off
   peft_lora   peft with one rank-8 LoRA (unmerged)
   peft_cat    peft with the ten experts combined per request by add_weighted_adapter(..., "cat"):
               one adapter built per row (build time included), decoded as a peft mixed batch
@@ -140,9 +142,10 @@ def main() -> None:
     if "base" in variants:
         runners["base"] = lambda: (0.0, base.generate(input_ids=ids, attention_mask=mask, **gen_kw))
 
-    if "moe" in variants:
+    def make_moe(pack: bool | None):
         moe = share_weights(base)
         state = MixtureState(10, args.expert_rank, 16 / 8)
+        state.pack = pack
         inject_mixture(moe, TARGETS, state)
         moe.to(device)
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
@@ -152,7 +155,11 @@ def main() -> None:
             with state.use(w_dev):
                 return 0.0, moe.generate(input_ids=ids, attention_mask=mask, **gen_kw)
 
-        runners["moe"] = run_moe
+        return run_moe
+
+    for v, pack in (("moe", None), ("moe_packed", True), ("moe_unpacked", False)):
+        if v in variants:
+            runners[v] = make_moe(pack)
 
     need_peft = any(v.startswith("peft") for v in variants)
     if need_peft:

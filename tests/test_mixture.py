@@ -59,9 +59,11 @@ def _peft_reference(pf, kind):
     return peft_model.eval()
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma"])
-def test_model_equals_peft_sum_of_experts_per_row(kind):
+def test_model_equals_peft_sum_of_experts_per_row(kind, pack):
     pf = build_tiny(base_kind=kind)
+    pf.state.pack = pack  # the inference layout (on by default on accelerators only) and the plain one
     peft_model = _peft_reference(pf, kind)
     ids = torch.randint(7, 150, (4, 9), generator=torch.Generator().manual_seed(1))
     w = random_weights(4, seed=2)
@@ -190,33 +192,132 @@ def test_expert_index_out_of_range_is_named():
         state.set_experts(torch.tensor([2, 10]))
 
 
-def test_siblings_share_one_shrink_at_inference_and_see_weight_updates():
-    from personafuse.mixture import SharedShrink
+def _matmuls(fn) -> int:
+    """How many matrix multiplications (aten mm/addmm/bmm) ``fn`` dispatches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
 
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in {"mm", "addmm", "addmm_", "bmm"}:
+                Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def _param_bytes(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(storages.values())
+
+
+def test_inference_packs_base_and_shrinks_into_one_matmul_per_group_without_extra_memory():
     pf = build_tiny()
+    pf.state.pack = True  # on CPU packing is opt-in
     layers = pf.mixture_layers
-    q = layers["model.layers.0.self_attn.q_proj"]
-    k, v, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("k_proj", "v_proj", "o_proj"))
+    q, k, v, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     gate, up = layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]
-    assert isinstance(q._shared[0], SharedShrink) and q._shared[0] is k._shared[0] is v._shared[0]
-    assert gate._shared[0] is up._shared[0] and o._shared is None
-
-    calls = []
-    group = q._shared[0]
-    original = group._weight
-    group._weight = lambda: calls.append(1) or original()
+    assert q._group[0] is k._group[0] is v._group[0] and gate._group[0] is up._group[0]
+    assert len(o._group[0].members) == 1 and o._group[0] is not q._group[0]
     ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
     w = random_weights(3, seed=4)
-    with torch.no_grad():
-        fast = pf(ids, weights=w).logits
-    assert len(calls) == 1  # one shrink for q, k and v
-    with torch.enable_grad():
-        plain = pf(ids, weights=w).logits  # the grad path never groups
-    torch.testing.assert_close(fast, plain.detach(), atol=1e-6, rtol=1e-5)
+    before = _param_bytes(pf)
+    with torch.enable_grad():  # the autograd path never uses the pack
+        plain = pf(ids, weights=w).logits.detach()
+        plain_mm = _matmuls(lambda: pf(ids, weights=w))
 
-    with torch.no_grad():  # an in-place update of one member's A must reach the shared copy
+    with torch.no_grad():
+        n_mm = _matmuls(lambda: pf(ids, weights=w))
+        packed = pf(ids, weights=w).logits
+    torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-5)
+    group = q._group[0]
+    assert group.weight is not None
+    storage = group.weight.untyped_storage().data_ptr()
+    for m in (q, k, v):  # base weights and A are row views of the packed matrix
+        assert m.base.weight.untyped_storage().data_ptr() == storage
+        assert m.lora_A.untyped_storage().data_ptr() == storage
+    assert _param_bytes(pf) == before  # packing moves storage, it copies nothing
+    n_layers = pf.base_model.config.num_hidden_layers
+    # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 x (base + shrinks) + 7 expands.
+    assert plain_mm == 21 * n_layers + 1
+    assert n_mm == 11 * n_layers + 1
+
+
+def test_pack_follows_in_place_updates_reassignment_moves_and_training():
+    pf = build_tiny()
+    pf.state.pack = True  # on CPU packing is opt-in
+    layers = pf.mixture_layers
+    k = layers["model.layers.0.self_attn.k_proj"]
+    ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
+    w = random_weights(3, seed=4)
+
+    def both():
+        with torch.no_grad():
+            fast = pf(ids, weights=w).logits
+        with torch.enable_grad():
+            plain = pf(ids, weights=w).logits.detach()
+        torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-5)
+        return fast
+
+    first = both()
+    with torch.no_grad():  # an in-place update of one member's A is an update of the pack
         k.lora_A.mul_(3.0)
-        fast = pf(ids, weights=w).logits
+    changed = both()
+    assert not torch.allclose(first, changed)
+    k.lora_A.data = k.lora_A.data * 0.5  # new storage: the stale pack must not be used
+    both()
+    assert k._group[0].weight is not None  # ... and the next routing decision packs again
+    pf.to(torch.float64)  # .to() gives all parameters new storage
+    assert both().dtype == torch.float64 and k._group[0].weight.dtype == torch.float64
+    pf.to(torch.float32)
+
+    # Train after packing (inside inference mode): the optimiser's update reaches the pack.
+    with torch.inference_mode():
+        pf(ids, weights=w)
+    params = [p for n, p in pf.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=0.5)
     with torch.enable_grad():
-        plain = pf(ids, weights=w).logits
-    torch.testing.assert_close(fast, plain.detach(), atol=1e-6, rtol=1e-5)
+        pf(ids, weights=w).logits.square().mean().backward()
+    opt.step()
+    both()
+
+
+def test_packed_model_saves_and_reloads(tmp_path):
+    from personafuse import PersonaFuseModel
+
+    pf = build_tiny(tmp_path)
+    pf.state.pack = True
+    ids = torch.randint(7, 150, (2, 5), generator=torch.Generator().manual_seed(5))
+    w = random_weights(2, seed=6)
+    with torch.no_grad():
+        ref = pf(ids, weights=w).logits  # packs: parameters now share storage
+    pf.save_pretrained(tmp_path / "pf")
+    loaded = PersonaFuseModel.from_pretrained(tmp_path / "pf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, weights=w).logits, ref, atol=0, rtol=0)
+
+
+def test_packed_forward_compiles_without_graph_breaks():
+    pf = build_tiny()
+    pf.state.pack = True  # on CPU packing is opt-in
+    ids = torch.randint(7, 150, (2, 5), generator=torch.Generator().manual_seed(5))
+    w = random_weights(2, seed=6)
+    model = pf.base_model
+    torch._dynamo.reset()
+    with torch.no_grad():
+        pf.state.set(w)  # packs, from a fresh state
+        assert pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group[0].weight is not None
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        outs = [compiled(ids, use_cache=False).logits for _ in range(2)]
+        # the second call reuses the graph: the pack's bookkeeping ends each call as it began
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+        ref = model(ids, use_cache=False).logits
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    pf.state.set(None)
+    torch._dynamo.reset()

@@ -286,6 +286,11 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     tc = make_tc(tmp_path, warmup=sc)
     pf = build_tiny().to(torch.bfloat16)
     pf.state.dtype = torch.bfloat16
+    pf.state.pack = True  # packed for inference before training: the stage must not leave it stale
+    ids = torch.randint(7, 150, (2, 6), generator=torch.Generator().manual_seed(1))
+    w = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(2)), -1)
+    with torch.no_grad():
+        pf(ids, weights=w)
     layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
     a0 = layer.lora_A.detach().float().clone()
     seen = []
@@ -301,3 +306,28 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     pure = pure[pure.abs() > 0.01]
     # the same size of update applied to bf16 weights directly is lost
     assert torch.equal(pure + 1e-5 * torch.sign(pure), pure)
+    pf.state.set(None)
+    with torch.no_grad():  # inference after training sees the trained adapters, packed or not
+        packed = pf(ids, weights=w).logits
+        pack = layer._group[0].weight
+        assert pack is not None and layer.lora_A.untyped_storage().data_ptr() == pack.untyped_storage().data_ptr()
+        pf.state.pack = False
+        pf.state.invalidate_packs()
+        plain = pf(ids, weights=w).logits
+    torch.testing.assert_close(packed, plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("engine", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
+def test_sharded_engines_are_refused_before_anything_is_written(tmp_path, monkeypatch, engine):
+    # `accelerate launch` with an FSDP/DeepSpeed config sets these; the checkpoints here read whole
+    # tensors, so a sharded run must stop with a clear error instead of saving shards.
+    records = records_from(synthetic_records(8, seed=1), tmp_path)
+    tc = make_tc(tmp_path, warmup=StageConfig(steps=1, batch_size=2, micro_batch_size=2))
+    pf = build_tiny()
+    before = {n: p.detach().clone() for n, p in pf.named_parameters() if ".lora_" in n}
+    monkeypatch.setenv(engine, "true")
+    name = "FSDP" if "FSDP" in engine else "DeepSpeed"
+    with pytest.raises(NotImplementedError, match=rf"{name} is not supported .* Use DDP"):
+        run_warmup(pf, records, tc)
+    assert not (tmp_path / "out" / "warmup").exists() or not any((tmp_path / "out" / "warmup").iterdir())
+    assert all(torch.equal(before[n], p) for n, p in pf.named_parameters() if n in before)

@@ -41,14 +41,21 @@ class MixtureState:
         self.dtype: torch.dtype | None = None  # the adapted layers' dtype, set by inject_mixture
         self.expert_index: torch.Tensor | None = None  # [B]: one expert per row (see set_experts)
         self._buffer: torch.Tensor | None = None
+        self.groups: list[PackedGroup] = []  # filled by inject_mixture
+        # Fold the shrinks into the base matmul at inference (PackedGroup). None = on accelerators
+        # only: a CPU decode step is bound by memory bandwidth, not kernel count, and measured no
+        # faster packed (docs/performance.md).
+        self.pack: bool | None = None
 
-    def set(self, weights: torch.Tensor | None) -> None:
+    def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
             raise ValueError(
                 f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
             )
         self.weights = weights
         self.expert_index = None
+        for group in self.groups:  # outputs cached for the old weights are stale now
+            group.drop_cache()
         if weights is None:
             self.expanded = None
             return
@@ -63,6 +70,16 @@ class MixtureState:
             else:
                 self._buffer = w
         self.expanded = w
+        if pack and self.pack is not False and not weights.requires_grad:
+            # Inference-style weights: (re)pack here, once per routing decision and outside any
+            # compiled region, so the forward uses the packs without checking them.
+            for group in self.groups:
+                group.ensure(force=self.pack is True)
+
+    def invalidate_packs(self) -> None:
+        """Call after giving parameters new storage by hand (``param.data = ...``)."""
+        for group in self.groups:
+            group.invalidate()
 
     def set_experts(self, index: torch.Tensor) -> None:
         """One whole expert per row (a one-hot mixture), e.g. the stage-1 warm-up.
@@ -74,7 +91,7 @@ class MixtureState:
             raise ValueError(f"expert index must have shape [batch], got {tuple(index.shape)}")
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.num_experts):
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {index.tolist()}")
-        self.set(F.one_hot(index, self.num_experts).to(self.dtype or torch.float32))
+        self.set(F.one_hot(index, self.num_experts).to(self.dtype or torch.float32), pack=False)
         self.expert_index = index
 
     @contextmanager
@@ -102,7 +119,7 @@ class MixtureLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
         self.dropout_p = float(dropout)
-        self._shared: tuple[SharedShrink, int] | None = None  # set by inject_mixture
+        self._group: tuple[PackedGroup, int] | None = None  # set by inject_mixture
         self.reset_parameters()
 
     @property
@@ -131,33 +148,36 @@ class MixtureLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        # F.linear instead of base(x): this runs 7x per layer per token, module-call overhead shows.
-        y = F.linear(x, base.weight, base.bias)
         state = self.state
         if state.expert_index is not None:
-            return y + self._one_expert_per_row(x, state.expert_index)
+            return F.linear(x, base.weight, base.bias) + self._one_expert_per_row(x, state.expert_index)
         w = state.expanded  # [B, 1, E*r]
         if w is None:
-            return y
+            # F.linear instead of base(x): this runs 7x per layer per token, call overhead shows.
+            return F.linear(x, base.weight, base.bias)
         if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
             w = w.squeeze(1)
         if w.shape[0] != x.shape[0]:
             w = _match_batch(w, x.shape[0])
-        if self.dropout_p and self.training:
-            x = F.dropout(x, self.dropout_p)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or (self.dropout_p and self.training):
+            y = F.linear(x, base.weight, base.bias)
+            if self.dropout_p and self.training:
+                x = F.dropout(x, self.dropout_p)
             return y + F.linear(F.linear(x, self.lora_A) * w, self.lora_B)
-        # Inference: no autograd graph to protect, so fewer, in-place ops. Siblings that read the
-        # same input (q/k/v, gate/up) share one shrink matmul and one multiply.
-        h = None
-        if self._shared is not None and not torch.compiler.is_compiling():
-            group, pos = self._shared
-            h = group.take(pos, x, w)
-        if h is None:
-            h = F.linear(x, self.lora_A).mul_(w)
-        d = y.shape[-1]
-        y.view(-1, d).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
+        # Inference: no autograd graph to protect, so fewer, in-place ops (see PackedGroup).
+        if self._group is not None and self._group[0].weight is not None:
+            return self._group[0].forward(self._group[1], x, w)
+        y = F.linear(x, base.weight, base.bias)
+        h = F.linear(x, self.lora_A).mul_(w)
+        y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return y
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give every parameter new storage: the pack no longer aliases it.
+        out = super()._apply(fn, recurse)
+        if self._group is not None:
+            self._group[0].invalidate()
+        return out
 
     def _one_expert_per_row(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # Gather row b's (A_i, B_i) and run two batched matmuls: the same sum as the stacked path
@@ -179,60 +199,154 @@ class MixtureLinear(nn.Module):
         return f"experts={self.state.num_experts}, r={self.state.r}, scaling={self.state.scaling:g}"
 
 
-class SharedShrink:
-    """The shrink ``x A^T`` of sibling layers that read the same input, as one matmul.
+class PackedGroup:
+    """Inference layout: frozen base weights and experts' ``A`` of sibling layers in one matrix.
 
-    Attention calls q_proj, k_proj and v_proj on the same hidden-states tensor (the MLP: gate and
-    up). At inference the first sibling called computes ``x [A_q; A_k; A_v]^T`` times the mixture
-    weights in two ops and keeps it; the others find their slice by tensor identity. A sibling
-    called on another tensor (cross-attention) computes its own. The concatenated A is rebuilt when
-    any member's ``lora_A`` changes (version counter, storage).
+    q/k/v read the same hidden states, as do gate/up; o and down form groups of one. At inference
+    the group stores ``P = [W_1; ...; W_n; A_1; ...; A_n]`` and the members' ``base.weight`` and
+    ``lora_A`` become row views of it, so packing costs no memory and an optimiser's in-place update
+    of ``A`` is seen at once. The first member called computes ``x P^T`` (every base output and
+    every shrink in one matmul) and multiplies the shrinks by the mixture weights; each member then
+    adds its expand in place into its slice of that output and returns the slice. Per layer that is
+    4 matmuls + 4 multiplies + 7 expands, where the plain path runs 7 base matmuls + 7 shrinks +
+    7 multiplies + 7 expands (the base model alone: 7 matmuls). A GPU pays per kernel, in eager mode
+    and under CUDA graphs alike; a CPU decode step pays per byte, so there it is off by default.
+
+    Packing happens in :meth:`MixtureState.set` (once per routing decision, outside compiled
+    code), which first checks that the members still alias the pack. ``.to()``/``.half()`` drop the
+    pack (``MixtureLinear._apply``); after ``param.data = ...`` by hand, call
+    :meth:`MixtureState.invalidate_packs` or set the weights again.
     """
 
     def __init__(self, members: list[MixtureLinear]) -> None:
         self.members = members
-        self._key: tuple | None = None
-        self._a: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.bounds: list[tuple[int, int]] = []  # each member's columns in x P^T
+        self.split = 0  # first column of the shrinks
+        self._ptrs: tuple[int, ...] = ()
+        self._last_storage = 0  # storage of the latest pack (its views may be packed again)
         self._x: torch.Tensor | None = None
-        self._w: tuple | None = None
+        self._out: torch.Tensor | None = None
         self._h: torch.Tensor | None = None
-        self._pending: set[int] = set()
+        self._served = 0  # bit per member served from the cached output
+        self._all = (1 << len(members)) - 1
 
-    def _weight(self) -> torch.Tensor:
-        key = tuple((m.lora_A._version, m.lora_A.data_ptr()) for m in self.members)
-        if key != self._key or self._a is None:
-            self._a = torch.cat([m.lora_A.detach() for m in self.members])
-            self._key = key
-        return self._a
+    def _current_ptrs(self) -> tuple[int, ...]:
+        ptrs = []
+        for m in self.members:
+            ptrs += [m.base.weight.data_ptr(), m.lora_A.data_ptr()]
+            if m.base.bias is not None:
+                ptrs.append(m.base.bias.data_ptr())
+        return tuple(ptrs)
 
-    def take(self, pos: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        w_key = (w.data_ptr(), w.shape)  # w may be a fresh view of the same weights per sibling
-        if not (pos in self._pending and self._x is x and self._w == w_key):
-            n = len(self.members)
-            h = F.linear(x, self._weight())
-            h = h.view(*h.shape[:-1], n, -1).mul_(w.unsqueeze(-2))
-            self._x, self._w, self._h = x, w_key, h
-            self._pending = set(range(n)) - {pos}
-            return h[..., pos, :]
-        self._pending.discard(pos)
-        h = self._h
-        if not self._pending:  # every sibling served: drop the references
-            self._x = self._w = self._h = None
-        return h[..., pos, :]
+    def ready(self) -> bool:
+        if self.weight is not None and self._current_ptrs() != self._ptrs:
+            self.invalidate()
+        return self.weight is not None
+
+    def invalidate(self) -> None:
+        self.weight = self.bias = None
+        self._ptrs = ()
+        self.drop_cache()
+
+    def drop_cache(self) -> None:
+        self._x = self._out = self._h = None
+        self._served = 0
+
+    def ensure(self, force: bool = False) -> bool:
+        """Pack if needed and possible; False keeps the members on the plain path."""
+        return self.ready() or self._pack(force)
+
+    def _packable(self, force: bool) -> bool:
+        ref = self.members[0].base.weight
+        if ref.device.type == "cpu" and not force:
+            return False
+        for m in self.members:
+            if type(m.base) is not nn.Linear or m.in_features != self.members[0].in_features:
+                return False  # quantised or otherwise special linears keep their own forward
+            for t in (m.base.weight, m.lora_A, m.base.bias):
+                if t is None:
+                    continue
+                if t.device != ref.device or t.dtype != ref.dtype or t.device.type == "meta":
+                    return False
+                # Re-pointing storage that something else manages (FSDP's flat or sharded
+                # parameters, DTensors) would break it: pack only tensors that own their storage.
+                storage = t.untyped_storage()
+                owned = storage.nbytes() == t.numel() * t.element_size()
+                if type(t.data) is not torch.Tensor or not (owned or storage.data_ptr() == self._last_storage):
+                    return False
+        return True
+
+    def _pack(self, force: bool = False) -> bool:
+        if not self._packable(force):
+            return False
+        ms = self.members
+        # Outside inference mode: packed storage must stay usable if training follows.
+        with torch.inference_mode(False), torch.no_grad():
+            weight = torch.cat([m.base.weight for m in ms] + [m.lora_A for m in ms])
+            bias = None
+            if any(m.base.bias is not None for m in ms):
+                ref = ms[0].base.weight
+                parts = [m.base.bias if m.base.bias is not None else ref.new_zeros(m.out_features) for m in ms]
+                bias = torch.cat(parts + [ref.new_zeros(sum(m.lora_A.shape[0] for m in ms))])
+            bounds, row = [], 0
+            for m in ms:
+                bounds.append((row, row + m.out_features))
+                m.base.weight.data = weight[row : row + m.out_features]
+                if m.base.bias is not None:
+                    m.base.bias.data = bias[row : row + m.out_features]
+                row += m.out_features
+            self.split = row
+            for m in ms:
+                m.lora_A.data = weight[row : row + m.lora_A.shape[0]]
+                row += m.lora_A.shape[0]
+        for t in (weight, bias):
+            if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
+                torch._dynamo.mark_static_address(t)
+        self.weight, self.bias, self.bounds = weight, bias, bounds
+        self._ptrs = self._current_ptrs()
+        self._last_storage = weight.untyped_storage().data_ptr()
+        return True
+
+    def forward(self, pos: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        bit = 1 << pos
+        if self._x is not x or self._served & bit:
+            out = F.linear(x, self.weight, self.bias)
+            h = out[..., self.split :].unflatten(-1, (len(self.members), -1))
+            h.mul_(w.unsqueeze(-2))
+            self._x, self._out, self._h, self._served = x, out, h, 0
+        lo, hi = self.bounds[pos]
+        y = self._out[..., lo:hi]
+        h = self._h[..., pos, :]
+        y.view(-1, hi - lo).addmm_(h.reshape(-1, h.shape[-1]), self.members[pos].lora_B.t())
+        self._served |= bit
+        if self._served == self._all:  # every sibling served: drop the references
+            self.drop_cache()
+        return y
 
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def _group_siblings(model: nn.Module) -> None:
+def _group_layers(model: nn.Module, state: MixtureState) -> None:
+    for group in state.groups:
+        group.invalidate()
+    state.groups = []
+    grouped: set[int] = set()
     for parent in model.modules():
         for names in SHARED_INPUT_GROUPS:
             members = [getattr(parent, n, None) for n in names]
             members = [m for m in members if isinstance(m, MixtureLinear)]
             if len(members) > 1 and len({m.in_features for m in members}) == 1:
-                group = SharedShrink(members)
-                for pos, m in enumerate(members):
-                    m._shared = (group, pos)
+                state.groups.append(PackedGroup(members))
+                grouped.update(id(m) for m in members)
+    for m in model.modules():
+        if isinstance(m, MixtureLinear) and id(m) not in grouped:
+            state.groups.append(PackedGroup([m]))
+    for group in state.groups:
+        for pos, m in enumerate(group.members):
+            m._group = (group, pos)
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -270,7 +384,7 @@ def inject_mixture(
     missing = [t for t in targets if not any(m.split(".")[-1] == t for m in matched)]
     if missing:
         raise ValueError(f"target_modules {missing} matched no linear layer in {type(model).__name__}")
-    _group_siblings(model)
+    _group_layers(model, state)
     return matched
 
 

@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from personafuse.losses import causal_lm_loss_sums, contrastive_loss, trait_consistency_loss
+from personafuse.mixture import MixtureLinear
 from personafuse.model import PersonaFuseModel
 from personafuse.records import Record, encode_record
 from personafuse.train_config import StageConfig, TrainConfig
@@ -313,9 +314,11 @@ def train_loop(
 
     # step_scheduler_with_optimizer=False: every process runs every step (each on its shard of the
     # step's rows), so the schedule advances once per step, not once per process.
+    _refuse_sharded_engines(None)  # before Accelerator: it fails on a missing deepspeed first
     acc = Accelerator(
         mixed_precision=_mixed_precision(tc.mixed_precision), cpu=_cpu_only(), step_scheduler_with_optimizer=False
     )
+    _refuse_sharded_engines(acc)  # ... or chosen some other way than the environment
     main = acc.is_main_process  # files are written by one process; every process reads them
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
@@ -335,6 +338,7 @@ def train_loop(
     for p in params:
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
+    _drop_inference_packs(objective)  # new storage: packs must not alias the old one
     autocast = (
         torch.autocast(acc.device.type, dtype=half)
         if half is not None and acc.mixed_precision == "no"
@@ -383,6 +387,7 @@ def train_loop(
     acc.wait_for_everyone()
     if start >= sc.steps:
         _restore_dtypes(trainable, original_dtypes)
+        _drop_inference_packs(objective)
         return StageResult(name, out_dir, start, _read_log(log_path))
 
     writer = None
@@ -437,11 +442,38 @@ def train_loop(
         if writer is not None:
             writer.close()
     _restore_dtypes(trainable, original_dtypes)
+    _drop_inference_packs(objective)
     acc.wait_for_everyone()
     losses = _read_log(log_path)
     if main:
         plot_losses(losses, out_dir / "loss.png", title=name)
     return StageResult(name, out_dir, done, losses)
+
+
+def _refuse_sharded_engines(acc: Any | None) -> None:
+    """FSDP/DeepSpeed shard parameters and optimiser state; the checkpoints and saved models here
+    read whole tensors on the main process, which would silently save shards or stale copies."""
+    import os
+
+    requested = [
+        name
+        for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(env, "false").lower() in ("1", "true")
+        or (acc is not None and str(acc.distributed_type).endswith(name.upper()))
+    ]
+    if requested:
+        raise NotImplementedError(
+            f"{requested[0]} is not supported by personafuse training yet: its sharded parameters and "
+            "optimiser state would be checkpointed incorrectly. Use DDP (`accelerate launch --multi_gpu` "
+            "or `torchrun`): the frozen base is replicated, only the adapters and router train, and the "
+            "paper's Llama-3.1-8B setup fits one 80 GB GPU per process (docs/performance.md)."
+        )
+
+
+def _drop_inference_packs(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, MixtureLinear) and m._group is not None:
+            m._group[0].invalidate()
 
 
 def _restore_dtypes(trainable: dict[str, nn.Parameter], dtypes: dict[str, torch.dtype]) -> None:
