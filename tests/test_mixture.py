@@ -214,7 +214,7 @@ def _param_bytes(model) -> int:
     return sum(storages.values())
 
 
-def test_inference_packs_base_and_shrinks_into_one_matmul_per_group_without_extra_memory():
+def test_inference_packs_each_group_into_two_matmuls_and_copies_nothing():
     pf = build_tiny()
     pf.state.pack = True  # on CPU packing is opt-in
     layers = pf.mixture_layers
@@ -236,14 +236,17 @@ def test_inference_packs_base_and_shrinks_into_one_matmul_per_group_without_extr
     group = q._group[0]
     assert group.weight is not None
     storage = group.weight.untyped_storage().data_ptr()
-    for m in (q, k, v):  # base weights and A are row views of the packed matrix
+    for m in (q, k, v):  # base weights and A are row views of P, B blocks of the block-diagonal Q
         assert m.base.weight.untyped_storage().data_ptr() == storage
         assert m.lora_A.untyped_storage().data_ptr() == storage
-    assert _param_bytes(pf) == before  # packing moves storage, it copies nothing
+        assert m.lora_B.untyped_storage().data_ptr() == group.expand.untyped_storage().data_ptr()
+    # Packing moves storage and copies nothing; the only new memory is Q's off-diagonal zeros.
+    zeros = sum(g.expand.numel() - sum(m.lora_B.numel() for m in g.members) for g in pf.state.groups)
+    assert zeros > 0 and _param_bytes(pf) - before == zeros * 4
     n_layers = pf.base_model.config.num_hidden_layers
-    # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 x (base + shrinks) + 7 expands.
+    # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 x (P GEMM, Q GEMM).
     assert plain_mm == 21 * n_layers + 1
-    assert n_mm == 11 * n_layers + 1
+    assert n_mm == 8 * n_layers + 1
 
 
 def test_pack_follows_in_place_updates_reassignment_moves_and_training():
@@ -298,6 +301,7 @@ def test_packed_model_saves_and_reloads(tmp_path):
         ref = pf(ids, weights=w).logits  # packs: parameters now share storage
     pf.save_pretrained(tmp_path / "pf")
     loaded = PersonaFuseModel.from_pretrained(tmp_path / "pf").eval()
+    loaded.state.pack = True  # same layout, same arithmetic: the round trip must be exact
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids, weights=w).logits, ref, atol=0, rtol=0)
 

@@ -314,7 +314,7 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
         pf.state.pack = False
         pf.state.invalidate_packs()
         plain = pf(ids, weights=w).logits
-    torch.testing.assert_close(packed, plain, atol=0, rtol=0)
+    torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)  # bf16, two summation orders
 
 
 @pytest.mark.parametrize("engine", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
