@@ -155,11 +155,26 @@ def main() -> None:
             with state.use(w_dev):
                 return 0.0, moe.generate(input_ids=ids, attention_mask=mask, **gen_kw)
 
+        def logits():
+            with state.use(w_dev):
+                return moe(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+
+        run_moe.logits = logits
         return run_moe
 
     for v, pack in (("moe", None), ("moe_packed", True), ("moe_unpacked", False)):
         if v in variants:
             runners[v] = make_moe(pack)
+    # The layouts compute the same sum: check it on this device before timing them.
+    moe_runs = [runners[v] for v in ("moe", "moe_packed", "moe_unpacked") if v in runners]
+    layout_diff = None
+    if len(moe_runs) > 1:
+        with torch.inference_mode():
+            ref = moe_runs[-1].logits()
+            others = [run.logits() for run in moe_runs[:-1]]
+        layout_diff = max(float((a - ref).abs().max() / ref.abs().max()) for a in others)
+        agree = min(float((a.argmax(-1) == ref.argmax(-1)).float().mean()) for a in others)
+        print(f"moe layouts: max |logit diff| / max |logit| = {layout_diff:.2e}, same next token in {agree:.0%} of rows")
 
     need_peft = any(v.startswith("peft") for v in variants)
     if need_peft:
@@ -246,6 +261,7 @@ def main() -> None:
         "tokens_per_s": tps,
         "decode_only_tokens_per_s": decode_tps,
         "peft_cat_build_s_per_request": build_per_request,
+        "moe_layouts_rel_logit_diff": layout_diff,
         "setup": {
             "model": desc,
             "expert_rank": args.expert_rank,
