@@ -9,7 +9,8 @@ with ``A_cat = [A_1; ...; A_10]`` (10r x k) and ``B_cat = [B_1 ... B_10]`` (d x 
 exact sum of the experts' outputs, computed as one rank-80 LoRA: no Python loop over experts and
 no per-request merge. ``expand`` repeats each weight r times and folds in alpha/r; it is computed
 once per routing decision (:meth:`MixtureState.set`) and shared by every layer, so each adapted
-layer costs two skinny matmuls and one multiply.
+layer costs two skinny matmuls and one multiply. At inference on accelerators, sibling layers
+(q/k/v, gate/up) go further and share three kernels in all (:class:`PackedGroup`).
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class MixtureState:
         self.expert_index: torch.Tensor | None = None  # [B]: one expert per row (see set_experts)
         self._buffer: torch.Tensor | None = None
         self.groups: list[PackedGroup] = []  # filled by inject_mixture
-        # Fold the shrinks into the base matmul at inference (PackedGroup). None = on accelerators
-        # only: a CPU decode step is bound by memory bandwidth, not kernel count, and measured no
-        # faster packed (docs/performance.md).
+        # The packed inference layout (PackedGroup, three kernels per sibling group). None = on
+        # accelerators only: a CPU decode step is bound by memory bandwidth, not kernel count, and
+        # measured slower packed (docs/performance.md).
         self.pack: bool | None = None
 
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
