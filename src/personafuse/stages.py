@@ -471,9 +471,9 @@ def _refuse_sharded_engines(acc: Any | None) -> None:
 
 
 def _drop_inference_packs(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, MixtureLinear) and m._group is not None:
-            m._group[0].invalidate()
+    states = {id(m.state): m.state for m in module.modules() if isinstance(m, MixtureLinear)}
+    for state in states.values():
+        state.invalidate_packs()
 
 
 def _restore_dtypes(trainable: dict[str, nn.Parameter], dtypes: dict[str, torch.dtype]) -> None:
