@@ -11,8 +11,10 @@ them alike. Ratios are tokens/s relative to the base model measured in the same 
 Variants:
   base        the base model alone
   moe         Persona-MoE: ten stacked rank-8 experts, per-row weights, no merge (default
-              settings: the packed inference layout on accelerators, the plain one on CPU)
+              settings: on GPUs the packed inference layout, whose expand is the fused Triton
+              kernel under --compile; on CPU the plain layout)
   moe_packed / moe_unpacked  (extra) the same with MixtureState.pack forced on / off
+  moe_fused / moe_unfused  (extra) packed, the expand fused in eager mode too / never fused
   peft_lora   peft with one rank-8 LoRA (unmerged)
   peft_cat    peft with the ten experts combined per request by add_weighted_adapter(..., "cat"):
               one adapter built per row (build time included), decoded as a peft mixed batch
@@ -142,10 +144,10 @@ def main() -> None:
     if "base" in variants:
         runners["base"] = lambda: (0.0, base.generate(input_ids=ids, attention_mask=mask, **gen_kw))
 
-    def make_moe(pack: bool | None):
+    def make_moe(pack: bool | None, fuse: bool | None = None):
         moe = share_weights(base)
         state = MixtureState(10, args.expert_rank, 16 / 8)
-        state.pack = pack
+        state.pack, state.fuse = pack, fuse
         inject_mixture(moe, TARGETS, state)
         moe.to(device)
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
@@ -162,11 +164,15 @@ def main() -> None:
         run_moe.logits = logits
         return run_moe
 
-    for v, pack in (("moe", None), ("moe_packed", True), ("moe_unpacked", False)):
+    moe_variants = {
+        "moe": (None, None), "moe_packed": (True, None), "moe_fused": (None, True), "moe_unfused": (None, False),
+        "moe_unpacked": (False, None),
+    }  # fmt: skip
+    for v, (pack, fuse) in moe_variants.items():
         if v in variants:
-            runners[v] = make_moe(pack)
+            runners[v] = make_moe(pack, fuse)
     # The layouts compute the same sum: check it on this device before timing them.
-    moe_runs = [runners[v] for v in ("moe", "moe_packed", "moe_unpacked") if v in runners]
+    moe_runs = [runners[v] for v in moe_variants if v in runners]
     layout_diff = None
     if len(moe_runs) > 1:
         with torch.inference_mode():

@@ -214,7 +214,7 @@ def _param_bytes(model) -> int:
     return sum(storages.values())
 
 
-def test_inference_packs_each_group_into_two_matmuls_and_copies_nothing():
+def test_inference_packs_each_group_and_copies_nothing():
     pf = build_tiny()
     pf.state.pack = True  # on CPU packing is opt-in
     layers = pf.mixture_layers
@@ -234,19 +234,19 @@ def test_inference_packs_each_group_into_two_matmuls_and_copies_nothing():
         packed = pf(ids, weights=w).logits
     torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-5)
     group = q._group[0]
-    assert group.weight is not None
+    assert group.weight is not None and not group.fused  # no Triton on CPU: the torch expand
     storage = group.weight.untyped_storage().data_ptr()
-    for m in (q, k, v):  # base weights and A are row views of P, B blocks of the block-diagonal Q
+    for m in (q, k, v):  # base weights and A are row views of P, B row views of the stacked B
         assert m.base.weight.untyped_storage().data_ptr() == storage
         assert m.lora_A.untyped_storage().data_ptr() == storage
         assert m.lora_B.untyped_storage().data_ptr() == group.expand.untyped_storage().data_ptr()
-    # Packing moves storage and copies nothing; the only new memory is Q's off-diagonal zeros.
-    zeros = sum(g.expand.numel() - sum(m.lora_B.numel() for m in g.members) for g in pf.state.groups)
-    assert zeros > 0 and _param_bytes(pf) - before == zeros * 4
+        assert m.lora_B.is_contiguous()
+    # Packing moves storage and copies nothing: parameter memory is unchanged.
+    assert _param_bytes(pf) == before
     n_layers = pf.base_model.config.num_hidden_layers
-    # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 x (P GEMM, Q GEMM).
+    # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 P GEMMs + 7 expands.
     assert plain_mm == 21 * n_layers + 1
-    assert n_mm == 8 * n_layers + 1
+    assert n_mm == 11 * n_layers + 1
 
 
 def test_pack_follows_in_place_updates_reassignment_moves_and_training():

@@ -10,7 +10,7 @@ exact sum of the experts' outputs, computed as one rank-80 LoRA: no Python loop 
 no per-request merge. ``expand`` repeats each weight r times and folds in alpha/r; it is computed
 once per routing decision (:meth:`MixtureState.set`) and shared by every layer, so each adapted
 layer costs two skinny matmuls and one multiply. At inference on accelerators, sibling layers
-(q/k/v, gate/up) go further and share three kernels in all (:class:`PackedGroup`).
+(q/k/v, gate/up) go further and share two kernels in all (:class:`PackedGroup`).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from personafuse import kernels
 
 
 class MixtureState:
@@ -43,10 +45,14 @@ class MixtureState:
         self.expert_index: torch.Tensor | None = None  # [B]: one expert per row (see set_experts)
         self._buffer: torch.Tensor | None = None
         self.groups: list[PackedGroup] = []  # filled by inject_mixture
-        # The packed inference layout (PackedGroup, three kernels per sibling group). None = on
+        # The packed inference layout (PackedGroup, two kernels per sibling group). None = on
         # accelerators only: a CPU decode step is bound by memory bandwidth, not kernel count, and
         # measured slower packed (docs/performance.md).
         self.pack: bool | None = None
+        # Within a pack, the expand as one Triton kernel where Triton runs (kernels.py). None =
+        # inside torch.compile only: eager, the custom op's launch costs more than the kernels it
+        # saves (measured on an H100, docs/performance.md). True = eager too; False = torch ops.
+        self.fuse: bool | None = None
 
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
@@ -75,7 +81,7 @@ class MixtureState:
             # Inference-style weights: (re)pack here, once per routing decision and outside any
             # compiled region, so the forward uses the packs without checking them.
             for group in self.groups:
-                group.ensure(force=self.pack is True)
+                group.ensure(force=self.pack is True, fuse=self.fuse)
 
     def invalidate_packs(self) -> None:
         """Call after giving parameters new storage by hand (``param.data = ...``)."""
@@ -201,21 +207,21 @@ class MixtureLinear(nn.Module):
 
 
 class PackedGroup:
-    """Inference layout: sibling layers' base weights and experts in two matrices, three kernels.
+    """Inference layout: sibling layers' base weights and experts in two matrices, two kernels.
 
     q/k/v read the same hidden states, as do gate/up; o and down form groups of one. At inference
-    the group stores ``P = [W_1; ...; W_n; A_1; ...; A_n]`` and the block-diagonal
-    ``Q = diag(B_1, ..., B_n)``; the members' ``base.weight``, ``lora_A`` and ``lora_B`` become views of
-    them, so an optimiser's in-place update is seen at once. The first member called runs
+    the group stores ``P = [W_1; ...; W_n; A_1; ...; A_n]`` and ``B = [B_1; ...; B_n]``; the members'
+    ``base.weight``, ``lora_A`` and ``lora_B`` become views of them (storage moved, nothing copied),
+    so an optimiser's in-place update is seen at once. The first member called runs
 
-        out = x P^T                      every base output and every shrink, one GEMM
-        out[:, n_out:] *= w              the mixture weights, one multiply
-        out[:, :n_out] += out[:, n_out:] Q^T    every expand, one GEMM fused with the add
+        out = x P^T                                   every base output and shrink, one GEMM
+        y_j = out_j + (out[:, shrink_j] * w) B_j^T    every expand, one fused kernel (kernels.py)
 
-    and each member returns its slice of ``out``. Per layer that is 4 x 3 = 12 kernels where the base
-    model runs 7 GEMMs and the plain path 28 ops: a GPU pays per kernel, in eager mode and under CUDA
-    graphs alike. The zeros of ``Q`` cost (n - 1) times the members' ``B`` in memory (about 1 % of
-    an 8B base) and bandwidth; a CPU decode step pays per byte, so there packing is off by default.
+    and each member returns its slice. Per layer that is 4 x 2 = 8 kernels where the base model
+    runs 7 GEMMs and the plain path 28 ops: under CUDA graphs a decode step pays per kernel. The
+    fused expand runs inside ``torch.compile`` (the default, see ``MixtureState.fuse``); eager, and
+    without Triton, it runs as one multiply and one ``addmm_`` per member. A CPU decode step pays
+    per byte, not per kernel, so there packing is off by default.
 
     Packing happens in :meth:`MixtureState.set` (once per routing decision, outside compiled
     code), which first checks that the members still alias the pack. ``.to()``/``.half()`` drop the
@@ -227,9 +233,11 @@ class PackedGroup:
         self.members = members
         self.weight: torch.Tensor | None = None  # P
         self.bias: torch.Tensor | None = None
-        self.expand: torch.Tensor | None = None  # Q, block-diagonal
+        self.expand: torch.Tensor | None = None  # B, the members' lora_B stacked by rows
         self.bounds: list[tuple[int, int]] = []  # each member's columns in x P^T
         self.split = 0  # first column of the shrinks
+        self._fusable = False  # Triton runs here and the members' shapes suit the kernel
+        self._fuse: bool | None = None  # MixtureState.fuse at the last routing decision
         self._ptrs: tuple[int, ...] = ()
         self._last_storage: tuple[int, ...] = ()  # the latest pack's storages (their views may be packed again)
         self._x: torch.Tensor | None = None
@@ -259,8 +267,14 @@ class PackedGroup:
         self._x = self._out = None
         self._served = 0
 
-    def ensure(self, force: bool = False) -> bool:
+    @property
+    def fused(self) -> bool:
+        """The expand may run as the fused kernel (always, or inside torch.compile; see MixtureState.fuse)."""
+        return self.weight is not None and self._fusable and self._fuse is not False
+
+    def ensure(self, force: bool = False, fuse: bool | None = None) -> bool:
         """Pack if needed and possible; False keeps the members on the plain path."""
+        self._fuse = fuse
         return self.ready() or self._pack(force)
 
     def _packable(self, force: bool) -> bool:
@@ -303,18 +317,20 @@ class PackedGroup:
                     m.base.bias.data = bias[row : row + m.out_features]
                 row += m.out_features
             self.split = row
-            expand = ms[0].lora_B.new_zeros(row, sum(m.lora_B.shape[1] for m in ms))
-            col = 0
+            expand = torch.cat([m.lora_B for m in ms])
             for m, (lo, hi) in zip(ms, bounds, strict=True):
-                rank = m.lora_A.shape[0]
-                m.lora_A.data = weight[row : row + rank]
-                expand[lo:hi, col : col + rank] = m.lora_B
-                m.lora_B.data = expand[lo:hi, col : col + rank]
-                row, col = row + rank, col + rank
+                m.lora_A.data = weight[row : row + m.lora_A.shape[0]]
+                m.lora_B.data = expand[lo:hi]
+                row += m.lora_A.shape[0]
         for t in (weight, bias, expand):
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
         self.weight, self.bias, self.expand, self.bounds = weight, bias, expand, bounds
+        self._fusable = (
+            kernels.triton_usable(weight)
+            and len(ms) <= kernels.MAX_MEMBERS
+            and kernels.block_n([m.out_features for m in ms]) is not None
+        )
         self._ptrs = self._current_ptrs()
         self._last_storage = (weight.untyped_storage().data_ptr(), expand.untyped_storage().data_ptr())
         return True
@@ -323,11 +339,20 @@ class PackedGroup:
         bit = 1 << pos
         if self._x is not x or self._served & bit:
             out = F.linear(x, self.weight, self.bias)
-            h = out[..., self.split :]
-            h.unflatten(-1, (len(self.members), -1)).mul_(w.unsqueeze(-2))
-            y = out[..., : self.split]
-            y.view(-1, self.split).addmm_(h.reshape(-1, h.shape[-1]), self.expand.t())
-            self._x, self._out, self._served = x, out, 0
+            split, rank = self.split, self.expand.shape[1]
+            if self._fusable and (self._fuse or (self._fuse is None and torch.compiler.is_compiling())):
+                y = kernels.grouped_expand(
+                    out.view(-1, out.shape[-1]), w.reshape(-1, rank), self.expand, [hi for _, hi in self.bounds]
+                ).view(*out.shape[:-1], split)
+            else:  # in place: no autograd graph at inference
+                h = out[..., split:]
+                h.unflatten(-1, (len(self.members), rank)).mul_(w.unsqueeze(-2))
+                for j, (lo, hi) in enumerate(self.bounds):
+                    out[..., lo:hi].view(-1, hi - lo).addmm_(
+                        h[..., j * rank : (j + 1) * rank].reshape(-1, rank), self.expand[lo:hi].t()
+                    )
+                y = out
+            self._x, self._out, self._served = x, y, 0
         lo, hi = self.bounds[pos]
         y = self._out[..., lo:hi]
         self._served |= bit

@@ -1,0 +1,155 @@
+"""One decoder layer's seven adapted projections: cost and accuracy of each inference layout.
+
+Builds the seven linears of one Llama-3.1-8B layer (random weights, ten rank-8 experts each) and
+times one pass over them, at decode-sized and prefill-sized row counts, for:
+
+  base     the seven base GEMMs alone (what the mixture adds to)
+  plain    MixtureLinear's plain path: base GEMM, shrink, multiply, expand-add per projection
+  packed   PackedGroup with the expand as torch ops (MixtureState.fuse = False)
+  fused    PackedGroup with the fused Triton expand (kernels.grouped_expand), the GPU default
+
+On CUDA each is timed twice: eager (launch overhead included) and replayed from a CUDA graph
+(kernel time alone, as under torch.compile's reduce-overhead). Every layout's outputs are
+compared with a float64 computation of the same sum, so rounding can be told from a bug.
+
+    python benchmarks/expand_kernel.py --json out.json          # CUDA, bfloat16
+    python benchmarks/expand_kernel.py --device cpu --dtype float32 --hidden 256 --inter 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from personafuse.mixture import MixtureLinear, MixtureState, PackedGroup  # noqa: E402
+
+
+def build(hidden: int, kv: int, inter: int, device, dtype):
+    state = MixtureState(10, 8, 2.0)
+    state.dtype = dtype
+    shapes = {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden),
+              "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    mods = {}
+    for name, (i, o) in shapes.items():
+        lin = nn.Linear(i, o, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(o, i, generator=g) / i**0.5)
+        m = MixtureLinear(lin, state)
+        with torch.no_grad():
+            m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / i**0.5)
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
+        mods[name] = m.to(device=device, dtype=dtype)
+    state.groups = [
+        PackedGroup([mods[n] for n in names])
+        for names in (("q", "k", "v"), ("gate", "up"), ("o",), ("down",))
+    ]
+    for group in state.groups:
+        for pos, m in enumerate(group.members):
+            m._group = (group, pos)
+    return state, mods
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--kv", type=int, default=1024)
+    ap.add_argument("--inter", type=int, default=14336)
+    ap.add_argument("--rows", default="32,512", help="row counts (batch x new tokens) to time")
+    ap.add_argument("--iters", type=int, default=100)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    state, mods = build(args.hidden, args.kv, args.inter, device, dtype)
+    results: dict = {"setup": {"device": torch.cuda.get_device_name() if cuda else "cpu", "dtype": args.dtype,
+                               "hidden": args.hidden, "kv": args.kv, "inter": args.inter, "torch": torch.__version__}}  # fmt: skip
+
+    for rows in (int(r) for r in args.rows.split(",")):
+        g = torch.Generator().manual_seed(rows)
+        x = torch.randn(rows, args.hidden, generator=g).to(device, dtype)
+        xd = torch.randn(rows, args.inter, generator=g).to(device, dtype)
+        w = torch.softmax(torch.randn(rows, 10, generator=g) * 2, -1).to(device)
+        inputs = {"q": x, "k": x, "v": x, "o": x, "gate": x, "up": x, "down": xd}
+
+        def run_base(inputs=inputs):
+            return [F.linear(inputs[n], m.base.weight) for n, m in mods.items()]
+
+        def run_mixture(inputs=inputs):
+            return [m(inputs[n]) for n, m in mods.items()]
+
+        layouts = {"base": (run_base, False, None), "plain": (run_mixture, False, None),
+                   "packed": (run_mixture, True, False), "fused": (run_mixture, True, True)}  # fmt: skip
+        # float64 reference of the mixture (the sum over experts, written out)
+        with torch.no_grad():
+            wexp = (w.double() * state.scaling).repeat_interleave(state.r, dim=1)
+            ref = [F.linear(inputs[n].double(), m.base.weight.double())
+                   + (inputs[n].double() @ m.lora_A.double().T * wexp) @ m.lora_B.double().T
+                   for n, m in mods.items()]  # fmt: skip
+        row: dict = {}
+        for name, (fn, pack, fuse) in layouts.items():
+            state.pack, state.fuse = pack, fuse
+            state.invalidate_packs()
+            with torch.inference_mode():
+                state.set(w)
+                if name == "fused" and not all(gr.fused for gr in state.groups):
+                    print(f"rows {rows}: fused expand unavailable here (no Triton for {device}); skipped")
+                    continue
+                outs = fn()
+                err = None
+                if name != "base":
+                    err = max(
+                        float((o.double() - r).abs().max() / r.abs().max())
+                        for o, r in zip(outs, ref, strict=True)
+                    )
+                for _ in range(3):
+                    fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(args.iters):
+                    fn()
+                if cuda:
+                    torch.cuda.synchronize()
+                eager_us = (time.perf_counter() - t) / args.iters * 1e6
+                graph_us = None
+                if cuda:
+                    s = torch.cuda.Stream()
+                    s.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(s):
+                        fn()
+                    torch.cuda.current_stream().wait_stream(s)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    graph.replay()
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    for _ in range(args.iters):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                    graph_us = (time.perf_counter() - t) / args.iters * 1e6
+                state.set(None)
+            row[name] = {"eager_us": eager_us, "graph_us": graph_us, "rel_err_vs_fp64": err}
+            print(f"rows {rows:5d}  {name:7s} eager {eager_us:8.1f} us"
+                  + (f"   graph {graph_us:8.1f} us" if graph_us is not None else "")
+                  + (f"   max rel err vs fp64 {err:.2e}" if err is not None else ""), flush=True)  # fmt: skip
+        results[f"rows_{rows}"] = row
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

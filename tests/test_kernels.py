@@ -1,0 +1,128 @@
+"""The fused expand kernel (personafuse.kernels), run on CPU by Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is imported, so each check runs in a fresh process.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from personafuse import kernels
+
+pytest.importorskip("triton")
+TESTS = Path(__file__).parent
+
+
+def _interpret(code: str) -> str:
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_reference_expand_is_the_per_member_sum():
+    # The torch fallback against the formula, member by member (no Triton involved).
+    g = torch.Generator().manual_seed(0)
+    sizes, rank, rows = [32, 16, 16], 20, 6
+    n_out = sum(sizes)
+    out = torch.randn(rows, n_out + 3 * rank, generator=g)
+    w = torch.rand(2, rank, generator=g)  # two sequences of three rows each
+    b = torch.randn(n_out, rank, generator=g)
+    y = kernels._reference(out, w, b, [32, 48, 64])
+    lo = 0
+    for j, size in enumerate(sizes):
+        h = out[:, n_out + j * rank : n_out + (j + 1) * rank] * w.repeat_interleave(3, dim=0)
+        want = out[:, lo : lo + size] + h @ b[lo : lo + size].T
+        torch.testing.assert_close(y[:, lo : lo + size], want)
+        lo += size
+
+
+def test_kernel_equals_reference_for_every_group_shape():
+    out = _interpret(
+        """
+        import torch
+        from personafuse import kernels
+        assert kernels.INTERPRET and kernels.triton is not None
+        g = torch.Generator().manual_seed(0)
+        cases = [([32, 16, 16], 80, 5, 5), ([64, 64], 80, 40, 5), ([48], 20, 33, 33), ([16, 32, 16], 80, 70, 1)]
+        for sizes, rank, rows, seqs in cases:
+            bounds = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+            n_out = bounds[-1]
+            for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+                o = torch.randn(rows, n_out + len(sizes) * rank, generator=g).to(dtype)
+                w = torch.rand(seqs, rank, generator=g).to(dtype)
+                b = torch.randn(n_out, rank, generator=g).to(dtype)
+                y = kernels.grouped_expand(o, w, b, bounds)
+                ref = kernels._reference(o.float(), w.float(), b.float(), bounds)
+                assert y.dtype == dtype and y.shape == (rows, n_out)
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                assert err < tol, (sizes, rank, rows, seqs, dtype, err)
+                print("ok", sizes, rank, rows, seqs, dtype, f"{err:.1e}")
+        """
+    )
+    assert out.count("ok") == 8
+
+
+def test_fused_pack_matches_the_plain_model_and_compiles():
+    out = _interpret(
+        """
+        import torch
+        from conftest import build_tiny
+        pf = build_tiny()
+        pf.state.pack = True
+        pf.state.fuse = True  # eager as well (default: inside torch.compile only)
+        ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
+        w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
+        with torch.enable_grad():
+            plain = pf(ids, weights=w).logits.detach()
+        with torch.no_grad():
+            fused = pf(ids, weights=w).logits
+        groups = pf.state.groups
+        assert all(g.fused for g in groups), [g.fused for g in groups]
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
+        pf.state.fuse = False  # packed, torch expand
+        with torch.no_grad():
+            unfused = pf(ids, weights=w).logits
+        assert all(g.weight is not None and not g.fused for g in groups)
+        torch.testing.assert_close(unfused, plain, atol=1e-5, rtol=1e-4)
+        pf.state.fuse = True
+        # decode-shaped (one token per row) through generate with the KV cache
+        gen = pf.base_model.generate
+        with torch.no_grad(), pf.state.use(w):
+            a = gen(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        pf.state.pack = False  # the plain path for the same generation
+        pf.state.invalidate_packs()
+        with pf.state.use(w):
+            b = gen(input_ids=ids, max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
+        assert all(g.weight is None for g in groups)
+        assert torch.equal(a, b)
+        pf.state.pack, pf.state.fuse = True, None  # the default: fused inside torch.compile
+        # one opaque node for torch.compile: no graph break, no second graph
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm.code)
+            return gm.forward
+
+        torch._dynamo.reset()
+        with torch.no_grad():
+            pf.state.set(w)
+            compiled = torch.compile(pf.base_model, backend=backend, fullgraph=True)
+            outs = [compiled(ids, use_cache=False).logits for _ in range(2)]
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1 and len(graphs) == 1
+        n_layers = pf.base_model.config.num_hidden_layers
+        assert graphs[0].count("personafuse.grouped_expand") == 4 * n_layers, graphs[0].count("grouped_expand")
+        assert "addmm_" not in graphs[0]
+        for o in outs:
+            torch.testing.assert_close(o, plain, atol=1e-5, rtol=1e-4)
+        print("fused ok")
+        """
+    )
+    assert "fused ok" in out
