@@ -227,6 +227,7 @@ def main() -> None:
     tokens = args.batch * args.new_tokens
     times: dict[str, list[float]] = {k: [] for k in runners}
     builds: dict[str, list[float]] = {k: [] for k in runners}
+    last_out: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         for fn in runners.values():  # warm-up (and compilation) outside the timings
             fn()
@@ -238,6 +239,7 @@ def main() -> None:
                 sync(device)
                 elapsed = time.perf_counter() - t
                 assert out.shape[1] == args.prompt_len + args.new_tokens, (name, out.shape)
+                last_out[name] = out[:, args.prompt_len]
                 times[name].append(elapsed)
                 builds[name].append(build)
             print(
@@ -245,6 +247,14 @@ def main() -> None:
                 + ", ".join(f"{k} {tokens / v[-1]:.1f} tok/s" for k, v in times.items()),
                 flush=True,
             )
+
+    # The timed runs themselves (compiled, if --compile): do the moe layouts pick the same first token?
+    moe_names = [k for k in moe_variants if k in last_out]
+    first_token_agreement = None
+    if len(moe_names) > 1:
+        ref_tok = last_out[moe_names[-1]]
+        first_token_agreement = min(float((last_out[k] == ref_tok).float().mean()) for k in moe_names[:-1])
+        print(f"moe layouts, timed runs: same first new token in {first_token_agreement:.0%} of rows")
 
     med = {k: statistics.median(v) for k, v in times.items()}
     tps = {k: tokens / v for k, v in med.items()}
@@ -268,6 +278,7 @@ def main() -> None:
         "decode_only_tokens_per_s": decode_tps,
         "peft_cat_build_s_per_request": build_per_request,
         "moe_layouts_rel_logit_diff": layout_diff,
+        "moe_layouts_first_token_agreement": first_token_agreement,
         "setup": {
             "model": desc,
             "expert_rank": args.expert_rank,
