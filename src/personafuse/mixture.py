@@ -235,6 +235,8 @@ class PackedGroup:
         self.bias: torch.Tensor | None = None
         self.expand: torch.Tensor | None = None  # B, the members' lora_B stacked by rows
         self.bounds: list[tuple[int, int]] = []  # each member's columns in x P^T
+        self._ends: list[int] = []
+        self._expand_plan: list = []
         self.split = 0  # first column of the shrinks
         self._fusable = False  # Triton runs here and the members' shapes suit the kernel
         self._fuse: bool | None = None  # MixtureState.fuse at the last routing decision
@@ -326,6 +328,14 @@ class PackedGroup:
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
         self.weight, self.bias, self.expand, self.bounds = weight, bias, expand, bounds
+        self._ends = [hi for _, hi in bounds]
+        rank = expand.shape[1]
+        self._expand_plan = [  # (output columns, shrink columns, B_j^T view) per member
+            ((lo, hi), (self.split + j * rank, self.split + (j + 1) * rank), expand[lo:hi].t())
+            for j, (lo, hi) in enumerate(bounds)
+        ]
+        for _, _, bt in self._expand_plan:
+            torch._dynamo.mark_static_address(bt)
         self._fusable = (
             kernels.triton_usable(weight)
             and len(ms) <= kernels.MAX_MEMBERS
@@ -339,18 +349,14 @@ class PackedGroup:
         bit = 1 << pos
         if self._x is not x or self._served & bit:
             out = F.linear(x, self.weight, self.bias)
-            split, rank = self.split, self.expand.shape[1]
+            flat = out.view(-1, out.shape[-1])
             if self._fusable and (self._fuse or (self._fuse is None and torch.compiler.is_compiling())):
-                y = kernels.grouped_expand(
-                    out.view(-1, out.shape[-1]), w.reshape(-1, rank), self.expand, [hi for _, hi in self.bounds]
-                ).view(*out.shape[:-1], split)
-            else:  # in place: no autograd graph at inference
-                h = out[..., split:]
-                h.unflatten(-1, (len(self.members), rank)).mul_(w.unsqueeze(-2))
-                for j, (lo, hi) in enumerate(self.bounds):
-                    out[..., lo:hi].view(-1, hi - lo).addmm_(
-                        h[..., j * rank : (j + 1) * rank].reshape(-1, rank), self.expand[lo:hi].t()
-                    )
+                y = kernels.grouped_expand(flat, w.reshape(-1, w.shape[-1]), self.expand, self._ends)
+                y = y.view(*out.shape[:-1], self.split)
+            else:  # in place (no autograd graph at inference), each op counted: eager pays per op
+                out[..., self.split :].unflatten(-1, (len(self.members), -1)).mul_(w.unsqueeze(-2))
+                for (lo, hi), (a, b), bt in self._expand_plan:
+                    flat[:, lo:hi].addmm_(flat[:, a:b], bt)
                 y = out
             self._x, self._out, self._served = x, y, 0
         lo, hi = self.bounds[pos]
