@@ -101,11 +101,14 @@ def _reference(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list
     return y
 
 
-@torch.library.custom_op("personafuse::grouped_expand", mutates_args=())
-def grouped_expand(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+def grouped_expand_eager(
+    out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int]
+) -> torch.Tensor:
     """``out``: [M, n_out + n*R] (base outputs, then shrinks); ``w``: [M / T, R] expanded weights,
     one row per T consecutive rows of ``out``; ``b``: [n_out, R] stacked expands; ``bounds``: each
-    member's end column. Returns ``y``: [M, n_out]."""
+    member's end column. Returns ``y``: [M, n_out].
+
+    Called directly outside ``torch.compile``: the custom op's dispatch costs more than the kernel."""
     n_out = bounds[-1]
     rows, rank = out.shape[0], b.shape[1]
     tile = block_n([hi - lo for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)])
@@ -125,6 +128,12 @@ def grouped_expand(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: 
         FP32=out.dtype == torch.float32,
     )  # fmt: skip
     return y
+
+
+@torch.library.custom_op("personafuse::grouped_expand", mutates_args=())
+def grouped_expand(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """:func:`grouped_expand_eager` as one opaque node for ``torch.compile`` and CUDA graphs."""
+    return grouped_expand_eager(out, w, b, bounds)
 
 
 @grouped_expand.register_fake

@@ -350,8 +350,10 @@ class PackedGroup:
         if self._x is not x or self._served & bit:
             out = F.linear(x, self.weight, self.bias)
             flat = out.view(-1, out.shape[-1])
-            if self._fusable and (self._fuse or (self._fuse is None and torch.compiler.is_compiling())):
-                y = kernels.grouped_expand(flat, w.reshape(-1, w.shape[-1]), self.expand, self._ends)
+            compiling = torch.compiler.is_compiling()
+            if self._fusable and (self._fuse or (self._fuse is None and compiling)):
+                expand = kernels.grouped_expand if compiling else kernels.grouped_expand_eager
+                y = expand(flat, w.reshape(-1, w.shape[-1]), self.expand, self._ends)
                 y = y.view(*out.shape[:-1], self.split)
             else:  # in place (no autograd graph at inference), each op counted: eager pays per op
                 out[..., self.split :].unflatten(-1, (len(self.members), -1)).mul_(w.unsqueeze(-2))
