@@ -161,13 +161,15 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_causal_lm(source: ModelSource, dtype: str = "float32"):
+    """A causal LM from a Hub id, a local folder or a local GGUF (loaded from its converted copy).
+    ``dtype``: a torch dtype name, or "auto" for the checkpoint's own."""
     import torch
     from transformers import AutoModelForCausalLM
 
     source = converted(source)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            source.path, dtype=getattr(torch, dtype), **source.kwargs()
+            source.path, dtype="auto" if dtype == "auto" else getattr(torch, dtype), **source.kwargs()
         )
     except (OSError, ValueError) as e:
         raise _wrap_load_error(source, e) from e

@@ -167,20 +167,16 @@ class HFTeacher(Teacher):
     def from_pretrained(cls, id_or_path: str, *, gguf_file: str | None = None, device: str | None = None,
                         dtype: str | None = None, name: str | None = None, **kw: Any) -> HFTeacher:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from personafuse.embedded import ModelSource, load_causal_lm, load_tokenizer
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
         name = name or f"hf:{id_or_path}"
-        if gguf_file:  # a local GGUF loads from its converted copy (made once, same tensors)
-            from personafuse.embedded import ModelSource, converted
-
-            src = converted(ModelSource(id_or_path, id_or_path, gguf_file))
-            id_or_path, gguf_file = src.path, src.gguf_file
-        extra = {"gguf_file": gguf_file} if gguf_file else {}
+        src = ModelSource(id_or_path, id_or_path, gguf_file)  # a local GGUF loads from its converted copy
         try:
-            tok = AutoTokenizer.from_pretrained(id_or_path, **extra)
-            model = AutoModelForCausalLM.from_pretrained(id_or_path, dtype=torch_dtype, **extra)
+            tok = load_tokenizer(src)
+            model = load_causal_lm(src, dtype)
         except OSError as e:
             raise TeacherError(f"could not load teacher model {id_or_path!r}: {e}") from None
         return cls(model.to(device), tok, name=name, **kw)

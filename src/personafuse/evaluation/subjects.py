@@ -115,24 +115,12 @@ class HFSubject:
 
 
 def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from personafuse import embedded
 
-    kw: dict[str, Any] = {}
-    from_gguf = bool(gguf_file)
-    if gguf_file:
-        from personafuse.embedded import ModelSource, converted
-
-        # A local GGUF loads from its converted copy (made once): the same tensors, ~10 s faster.
-        src = converted(ModelSource(path, path, gguf_file))
-        path, gguf_file = src.path, src.gguf_file
-        if gguf_file:
-            kw["gguf_file"] = gguf_file
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if from_gguf:
-        torch_dtype = torch.float32  # GGUF weights are de-quantised to float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kw)
+    src = embedded.ModelSource(path, path, gguf_file)
+    # A GGUF's weights are de-quantised to float32 (and load from its converted copy, made once).
+    model = embedded.load_causal_lm(src, "float32" if gguf_file else dtype)
+    tok = embedded.load_tokenizer(src)
     if device:
         model.to(device)
     return model, tok
