@@ -325,3 +325,20 @@ def test_packed_forward_compiles_without_graph_breaks():
         torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
     pf.state.set(None)
     torch._dynamo.reset()
+
+
+def test_dropped_pack_frees_its_storage():
+    import gc
+    import weakref
+
+    pf = build_tiny()
+    pf.state.pack = True
+    w = random_weights(2, seed=1)
+    with torch.no_grad():
+        pf.state.set(w)  # packs
+    group = pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group[0]
+    old_expand = weakref.ref(group.expand)
+    pf.to(torch.float64)  # new storage everywhere: the old pack must not be kept alive
+    gc.collect()
+    assert group.weight is None and old_expand() is None
+    pf.to(torch.float32)

@@ -262,6 +262,7 @@ class PackedGroup:
 
     def invalidate(self) -> None:
         self.weight = self.bias = self.expand = None
+        self._expand_plan = []  # its views would keep the old storage alive
         self._ptrs = ()
         self.drop_cache()
 
