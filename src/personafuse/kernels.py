@@ -54,7 +54,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
         FP32: tl.constexpr,
     ):  # fmt: skip
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        # int64 offsets: a long prefill's rows x row stride can pass 2**31
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         n0 = tl.program_id(1) * BLOCK_N
         rn = n0 + tl.arange(0, BLOCK_N)
         # Member of this column tile (tiles never straddle members); its shrink starts there.
