@@ -14,12 +14,16 @@
 #   KERNEL=1  one layer's seven projections per inference layout, eager and CUDA graph, fp64 errors
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
 #   STAGES=1  peak memory of the warm-up and joint stages at batch 32 x 512 (issue 4)
+# PROFILE=1 adds a kernel-by-kernel profile of one compiled decode-shaped step, base vs moe, and its
+# CUDA-graph replay time (~150 s); MIXTURE=0 skips the two default parts (e.g. a second command).
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu-results}
 PY=${PY:-python3}
 SMALL=${SMALL:-0}  # SMALL=1: tiny shapes, for checking this script on a CPU
 KERNEL=${KERNEL:-0}
+MIXTURE=${MIXTURE:-1}
+PROFILE=${PROFILE:-0}
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 mkdir -p "$OUT"
@@ -37,11 +41,13 @@ part() {  # part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
 
 if [ "$SMALL" = 1 ]; then
     KERNEL_ARGS="--device cpu --dtype float32 --hidden 256 --kv 64 --inter 512 --rows 8 --iters 5"
+    PROFILE_ARGS="--shape tiny --device cpu --dtype float32 --backend eager"
     MIX="--device cpu --dtype float32 --batch 4 --prompt-len 8 --new-tokens 8"
     STAGE="--shape tiny --encoder-shape tiny --device cpu --dtype float32 --batch 4 --seq 64"
     WARM="--steps 2"
 else
     KERNEL_ARGS="--rows 32,512"
+    PROFILE_ARGS=""
     MIX="--shape llama-3.1-8b --device cuda --dtype bfloat16 --batch 32 --prompt-len 32 --new-tokens 64"
     STAGE="--shape llama-3.1-8b --encoder-shape qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 32 --seq 512"
     WARM="--steps 30"
@@ -50,10 +56,15 @@ fi
 if [ "$KERNEL" = 1 ]; then
     part expand_kernel 40 $PY benchmarks/expand_kernel.py $KERNEL_ARGS --json "$OUT/expand_kernel.json"
 fi
-part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
-    --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
-part mixture_compile 330 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 --compile \
-    --variants base,moe,moe_unfused --json "$OUT/gpu_compile.json"
+if [ "$MIXTURE" = 1 ]; then
+    part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
+        --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
+    part mixture_compile 330 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 --compile \
+        --variants base,moe,moe_unfused --json "$OUT/gpu_compile.json"
+fi
+if [ "$PROFILE" = 1 ]; then
+    part profile_decode 170 $PY benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile_decode.json"
+fi
 if [ "$WARMUP" = 1 ]; then
     if [ -d gpu-assets/smollm2 ]; then
         part warmup_batched 110 $PY benchmarks/warmup_batched.py --model gpu-assets/smollm2 --random-init $WARM \

@@ -1,0 +1,134 @@
+"""Where a decode step's time goes: base vs Persona-MoE, compiled, kernel by kernel.
+
+One decode-shaped forward (``batch`` rows of one token, no cache, so the projections dominate as
+they do in decoding) is compiled once per variant (inductor, no CUDA graphs, fullgraph), then
+
+1. profiled with torch.profiler: CUDA time per kernel name, summed over a few calls, top N;
+2. captured into a CUDA graph and replayed: the step's kernel time without launch overhead, which
+   is what ``generate(..., cache_implementation="static")`` pays per token.
+
+The graph-replay ratio isolates the mixture's cost from ``generate``'s Python; the kernel table
+says which kernels the mixture adds or slows (GEMM shapes, copies, the fused expand).
+
+    python benchmarks/profile_decode.py --json out.json            # CUDA: random Llama-3.1-8B shapes, bf16
+    python benchmarks/profile_decode.py --shape tiny --device cpu --dtype float32 --backend eager
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from mixture_throughput import SHAPES, TARGETS, load_base, randomise_lora, share_weights  # noqa: E402
+from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused")
+    ap.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' to check on CPU)")
+    ap.add_argument("--calls", type=int, default=5, help="profiled calls per variant")
+    ap.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per variant")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    cuda = device.type == "cuda"
+    args.model = None  # load_base reads it only without --shape
+    base, desc = load_base(args, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(100, min(base.config.vocab_size, 30000), (args.batch, 1), generator=g).to(device)
+    weights = torch.softmax(torch.randn(args.batch, 10, generator=g) * 2, dim=-1).to(device)
+    result: dict = {"setup": {"model": desc, "device": torch.cuda.get_device_name() if cuda else "cpu",
+                              "dtype": args.dtype, "batch": args.batch, "backend": args.backend,
+                              "torch": torch.__version__}, "variants": {}}  # fmt: skip
+
+    for name in args.variants.split(","):
+        model = base
+        if name != "base":
+            model = share_weights(base)
+            state = MixtureState(10, 8, 16 / 8)
+            state.fuse = False if name == "moe_unfused" else None
+            inject_mixture(model, TARGETS, state)
+            model.to(device)
+            randomise_lora([p for n, p in model.named_parameters() if "lora_" in n])
+            state.set(weights)  # packs (on accelerators), outside the compiled region
+        fwd = torch.compile(
+            lambda m=model: m(input_ids=ids, use_cache=False).logits, backend=args.backend, fullgraph=True
+        )
+        with torch.inference_mode():
+            t = time.perf_counter()
+            fwd()
+            compile_s = time.perf_counter() - t
+            for _ in range(3):
+                fwd()
+            activities = [torch.profiler.ProfilerActivity.CPU] + (
+                [torch.profiler.ProfilerActivity.CUDA] if cuda else []
+            )
+            with torch.profiler.profile(activities=activities) as prof:
+                for _ in range(args.calls):
+                    fwd()
+                if cuda:
+                    torch.cuda.synchronize()
+            # self time: a kernel's own, never counted again under the operator that launched it
+            attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+            rows = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0), reverse=True)
+            table = [{"name": e.key[:90], "us_per_call": getattr(e, attr) / args.calls, "count_per_call": e.count / args.calls}
+                     for e in rows[: args.top]]  # fmt: skip
+            total_us = sum(getattr(e, attr) for e in rows) / args.calls
+            graph_us = None
+            if cuda:
+                s = torch.cuda.Stream()
+                s.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(s):
+                    fwd()
+                torch.cuda.current_stream().wait_stream(s)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    fwd()
+                graph.replay()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                for _ in range(args.replays):
+                    graph.replay()
+                torch.cuda.synchronize()
+                graph_us = (time.perf_counter() - t) / args.replays * 1e6
+        result["variants"][name] = {
+            "compile_s": compile_s,
+            "kernel_us_per_call": total_us,
+            "graph_replay_us": graph_us,
+            "top": table,
+        }
+        print(f"\n== {name}: compiled in {compile_s:.0f}s; {'kernel' if cuda else 'cpu'} time {total_us:.0f} us per call"
+              + (f"; CUDA-graph replay {graph_us:.0f} us" if graph_us else ""), flush=True)  # fmt: skip
+        for row in table:
+            print(f"  {row['us_per_call']:9.1f} us  x{row['count_per_call']:6.1f}  {row['name']}")
+        del fwd
+        torch._dynamo.reset()
+
+    v = result["variants"]
+    if "base" in v:
+        for name, r in v.items():
+            if name != "base" and r["graph_replay_us"] and v["base"]["graph_replay_us"]:
+                ratio = v["base"]["graph_replay_us"] / r["graph_replay_us"]
+                r["step_ratio_vs_base"] = ratio
+                print(f"{name}: decode-step time ratio (base / {name}, CUDA-graph replay) {ratio:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
