@@ -254,27 +254,22 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 
 def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
     """Clip each expert's gradient on its own, so that the batched warm-up equals ten separate runs
-    (a global norm would couple the experts)."""
-    sq = None
-    for layer in layers:
-        for p, view in (
-            (layer.lora_A, lambda g: g.view(num_experts, r, -1)),
-            (layer.lora_B, lambda g: g.view(g.shape[0], num_experts, r).transpose(0, 1)),
-        ):
-            if p.grad is None:
-                continue
-            s = view(p.grad).float().pow(2).sum(dim=(1, 2))
-            sq = s if sq is None else sq + s
-    if sq is None:
-        return
-    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    (a global norm would couple the experts). Two kernels per tensor: its per-expert norms, then
+    its per-expert scale (a step runs this over hundreds of small tensors)."""
+    views = []  # (gradient as [experts, ...], the dims that belong to one expert)
     for layer in layers:
         if layer.lora_A.grad is not None:
-            layer.lora_A.grad.view(num_experts, r, -1).mul_(scale[:, None, None].to(layer.lora_A.grad.dtype))
+            views.append((layer.lora_A.grad.view(num_experts, r, -1), (1, 2)))
         if layer.lora_B.grad is not None:
-            layer.lora_B.grad.view(layer.lora_B.shape[0], num_experts, r).mul_(
-                scale[None, :, None].to(layer.lora_B.grad.dtype)
-            )
+            views.append((layer.lora_B.grad.view(-1, num_experts, r), (0, 2)))
+    if not views:
+        return
+    norms = torch.stack([torch.linalg.vector_norm(g, dim=dims, dtype=torch.float32) for g, dims in views])
+    scale = (max_norm / (norms.square().sum(0).sqrt() + 1e-6)).clamp(max=1.0)
+    for g, dims in views:
+        shape = [1, 1, 1]
+        shape[1 if dims == (0, 2) else 0] = num_experts
+        g.mul_(scale.view(shape).to(g.dtype))
 
 
 ENCODER_BACKBONE = "router.encoder.backbone."  # the pretrained part of the router (StageConfig.encoder_lr)
