@@ -28,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from mixture_throughput import cuda_graph_us  # noqa: E402
 from personafuse.mixture import MixtureLinear, MixtureState, PackedGroup  # noqa: E402
 
 
@@ -123,23 +125,7 @@ def main() -> None:
                 if cuda:
                     torch.cuda.synchronize()
                 eager_us = (time.perf_counter() - t) / args.iters * 1e6
-                graph_us = None
-                if cuda:
-                    s = torch.cuda.Stream()
-                    s.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(s):
-                        fn()
-                    torch.cuda.current_stream().wait_stream(s)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        fn()
-                    graph.replay()
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    for _ in range(args.iters):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                    graph_us = (time.perf_counter() - t) / args.iters * 1e6
+                graph_us = cuda_graph_us(fn, args.iters) if cuda else None
                 state.set(None)
             row[name] = {"eager_us": eager_us, "graph_us": graph_us, "rel_err_vs_fp64": err}
             print(f"rows {rows:5d}  {name:7s} eager {eager_us:8.1f} us"

@@ -69,6 +69,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def cuda_graph_us(fn, iters: int) -> float:
+    """Microseconds per replay of ``fn`` captured into a CUDA graph: kernel time without launch
+    overhead, as under torch.compile's reduce-overhead mode. ``fn`` runs once on a side stream first
+    (the capture must not see first-call allocations)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(iters):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / iters * 1e6
+
+
 def load_base(args, device, dtype):
     from transformers import AutoModelForCausalLM, LlamaConfig
 

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mixture_throughput import SHAPES, TARGETS, load_base, randomise_lora, share_weights  # noqa: E402
+from mixture_throughput import SHAPES, TARGETS, cuda_graph_us, load_base, randomise_lora, share_weights  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
 
@@ -88,23 +88,7 @@ def main() -> None:
             table = [{"name": e.key[:90], "us_per_call": getattr(e, attr) / args.calls, "count_per_call": e.count / args.calls}
                      for e in rows[: args.top]]  # fmt: skip
             total_us = sum(getattr(e, attr) for e in rows) / args.calls
-            graph_us = None
-            if cuda:
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    fwd()
-                torch.cuda.current_stream().wait_stream(s)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    fwd()
-                graph.replay()
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                for _ in range(args.replays):
-                    graph.replay()
-                torch.cuda.synchronize()
-                graph_us = (time.perf_counter() - t) / args.replays * 1e6
+            graph_us = cuda_graph_us(fwd, args.replays) if cuda else None
         result["variants"][name] = {
             "compile_s": compile_s,
             "kernel_us_per_call": total_us,
