@@ -220,8 +220,8 @@ def test_inference_packs_each_group_and_copies_nothing():
     layers = pf.mixture_layers
     q, k, v, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     gate, up = layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]
-    assert q._group[0] is k._group[0] is v._group[0] and gate._group[0] is up._group[0]
-    assert len(o._group[0].members) == 1 and o._group[0] is not q._group[0]
+    assert q._group is k._group is v._group and gate._group is up._group
+    assert len(o._group.members) == 1 and o._group is not q._group
     ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
     w = random_weights(3, seed=4)
     before = _param_bytes(pf)
@@ -233,7 +233,7 @@ def test_inference_packs_each_group_and_copies_nothing():
         n_mm = _matmuls(lambda: pf(ids, weights=w))
         packed = pf(ids, weights=w).logits
     torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-5)
-    group = q._group[0]
+    group = q._group
     assert group.weight is not None and not group.fused  # no Triton on CPU: the torch expand
     storage = group.weight.untyped_storage().data_ptr()
     for m in (q, k, v):  # base weights and A are row views of P, B row views of the stacked B
@@ -247,6 +247,27 @@ def test_inference_packs_each_group_and_copies_nothing():
     # Plain: 7 x (base, shrink, expand) per layer + lm_head. Packed: 4 P GEMMs + 7 expands.
     assert plain_mm == 21 * n_layers + 1
     assert n_mm == 11 * n_layers + 1
+
+
+def test_group_outputs_live_for_one_forward_only():
+    pf = build_tiny()
+    pf.state.pack = True
+    ids = torch.randint(7, 150, (2, 5), generator=torch.Generator().manual_seed(5))
+    w = random_weights(2, seed=6)
+    q = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(2, 5, q.in_features, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        pf(ids, weights=w)
+        assert pf.state.shared is None  # siblings' shared outputs are released with the forward
+        with pf.state.use(w):
+            with pytest.raises(IndexError):  # a failing forward must not leave a stale dict behind
+                pf.base_model(torch.full_like(ids, 10**6))
+            assert pf.state.shared is None
+            alone = q(x)  # a layer called outside a model forward computes its group itself
+    with torch.enable_grad(), pf.state.use(w):
+        plain = q(x).detach()
+    assert q._group.weight is not None
+    torch.testing.assert_close(alone, plain, atol=1e-6, rtol=1e-5)
 
 
 def test_pack_follows_in_place_updates_reassignment_moves_and_training():
@@ -272,9 +293,9 @@ def test_pack_follows_in_place_updates_reassignment_moves_and_training():
     assert not torch.allclose(first, changed)
     k.lora_A.data = k.lora_A.data * 0.5  # new storage: the stale pack must not be used
     both()
-    assert k._group[0].weight is not None  # ... and the next routing decision packs again
+    assert k._group.weight is not None  # ... and the next routing decision packs again
     pf.to(torch.float64)  # .to() gives all parameters new storage
-    assert both().dtype == torch.float64 and k._group[0].weight.dtype == torch.float64
+    assert both().dtype == torch.float64 and k._group.weight.dtype == torch.float64
     pf.to(torch.float32)
 
     # Train after packing (inside inference mode): the optimiser's update reaches the pack.
@@ -315,7 +336,7 @@ def test_packed_forward_compiles_without_graph_breaks():
     torch._dynamo.reset()
     with torch.no_grad():
         pf.state.set(w)  # packs, from a fresh state
-        assert pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group[0].weight is not None
+        assert pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group.weight is not None
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         outs = [compiled(ids, use_cache=False).logits for _ in range(2)]
         # the second call reuses the graph: the pack's bookkeeping ends each call as it began
@@ -336,9 +357,39 @@ def test_dropped_pack_frees_its_storage():
     w = random_weights(2, seed=1)
     with torch.no_grad():
         pf.state.set(w)  # packs
-    group = pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group[0]
+    group = pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group
     old_expand = weakref.ref(group.expand)
     pf.to(torch.float64)  # new storage everywhere: the old pack must not be kept alive
     gc.collect()
     assert group.weight is None and old_expand() is None
     pf.to(torch.float32)
+
+
+def test_deep_copy_has_its_own_weights_and_shares_group_outputs():
+    import gc
+    import pickle
+
+    from personafuse import mixture
+
+    pf = build_tiny()
+    pf.state.pack = True
+    ids = torch.randint(7, 150, (2, 5), generator=torch.Generator().manual_seed(5))
+    w1, w2 = random_weights(2, seed=6), random_weights(2, seed=7)
+    with torch.no_grad():
+        ref1, ref2 = pf(ids, weights=w1).logits, pf(ids, weights=w2).logits
+        pf.state.set(w1)
+        twin = copy.deepcopy(pf.base_model)  # the layers read weights by their state's key: a copy needs its own
+        twin_state = twin._mixture_state
+        assert twin_state is not pf.state and twin_state.key != pf.state.key
+        torch.testing.assert_close(twin(ids).logits, ref1, atol=0, rtol=0)  # the weights set before the copy
+        twin_state.set(w2)  # the copy's weights change, the original's do not
+        n_mm = _matmuls(lambda m=twin: m(ids))
+        torch.testing.assert_close(twin(ids).logits, ref2, atol=0, rtol=0)
+        torch.testing.assert_close(pf.base_model(ids).logits, ref1, atol=0, rtol=0)
+        unpickled = pickle.loads(pickle.dumps(twin))
+        torch.testing.assert_close(unpickled(ids).logits, ref2, atol=0, rtol=0)
+    assert n_mm == 11 * pf.base_model.config.num_hidden_layers + 1  # one P GEMM per group, as the original
+    key = twin_state.key
+    del twin, twin_state, unpickled
+    gc.collect()
+    assert key not in mixture._LIVE  # a dropped model's live values go with it

@@ -309,7 +309,7 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     pf.state.set(None)
     with torch.no_grad():  # inference after training sees the trained adapters, packed or not
         packed = pf(ids, weights=w).logits
-        pack = layer._group[0].weight
+        pack = layer._group.weight
         assert pack is not None and layer.lora_A.untyped_storage().data_ptr() == pack.untyped_storage().data_ptr()
         pf.state.pack = False
         pf.state.invalidate_packs()

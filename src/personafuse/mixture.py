@@ -15,7 +15,9 @@ layer costs two skinny matmuls and one multiply. At inference on accelerators, s
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -24,6 +26,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from personafuse import kernels
+
+
+class _Live:
+    """What every mixture layer of one model reads in its forward: the expanded weights, the
+    one-expert-per-row index and the siblings' shared outputs (one forward's dict)."""
+
+    def __init__(self) -> None:
+        self.expanded: torch.Tensor | None = None
+        self.expert_index: torch.Tensor | None = None
+        self.shared: dict[int, list] | None = None
+
+
+# Layers find their state's live values here, by an integer key, not through ``layer.state``.
+# Why: under torch.compile one object reached from many modules (224 layers share one state) gets
+# an aliasing guard per extra path, evaluated in Python on every call; with a cold CPU cache those
+# guards cost 1.1 ms per decode step at 32 layers (measured). A global looked up by a constant key
+# is one path, whatever the number of layers.
+_LIVE: dict[int, _Live] = {}
+_KEYS = itertools.count()
 
 
 class MixtureState:
@@ -40,11 +61,11 @@ class MixtureState:
         self.r = r
         self.scaling = scaling
         self.weights: torch.Tensor | None = None  # [B, E], as given
-        self.expanded: torch.Tensor | None = None  # [B, 1, E*r], times alpha/r
         self.dtype: torch.dtype | None = None  # the adapted layers' dtype, set by inject_mixture
-        self.expert_index: torch.Tensor | None = None  # [B]: one expert per row (see set_experts)
         self._buffer: torch.Tensor | None = None
-        self.groups: list[PackedGroup] = []  # filled by inject_mixture
+        self.groups: list[PackedGroup] = []  # filled by inject_mixture; every layer is in one
+        self._hooks: list = []
+        self._register()
         # The packed inference layout (PackedGroup, two kernels per sibling group). None = on
         # accelerators only: a CPU decode step is bound by memory bandwidth, not kernel count, and
         # measured slower packed (docs/performance.md).
@@ -54,17 +75,50 @@ class MixtureState:
         # saves (measured on an H100, docs/performance.md). True = eager too; False = torch ops.
         self.fuse: bool | None = None
 
+    def _register(self) -> None:
+        self.key = next(_KEYS)
+        self.live = _LIVE[self.key] = _Live()
+        self._synced = -1  # the key the layers hold (see _sync_layers)
+        weakref.finalize(self, _LIVE.pop, self.key, None)
+
+    def _sync_layers(self) -> None:
+        """Give every layer this state's key (after a copy or unpickling the layers hold the old one)."""
+        for group in self.groups:
+            for m in group.members:
+                m._key = self.key
+        self._synced = self.key
+
+    def __getstate__(self) -> dict:
+        d = self.__dict__.copy()
+        live = d.pop("live")
+        d.pop("key")
+        d["_live_values"] = (live.expanded, live.expert_index)
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        expanded, index = d.pop("_live_values")
+        self.__dict__.update(d)
+        self._register()  # a copy is a new state: its own key and live values
+        self.live.expanded, self.live.expert_index = expanded, index
+
+    # [B, 1, E*r] weights times alpha/r; [B] one expert per row (see set_experts); one forward's
+    # shared group outputs (created by a pre-hook on the injected model, dropped after it).
+    expanded = property(lambda self: self.live.expanded)
+    expert_index = property(lambda self: self.live.expert_index)
+    shared = property(lambda self: self.live.shared)
+
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
+        if self._synced != self.key:
+            self._sync_layers()
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
             raise ValueError(
                 f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
             )
         self.weights = weights
-        self.expert_index = None
-        for group in self.groups:  # outputs cached for the old weights are stale now
-            group.drop_cache()
+        live = self.live
+        live.expert_index = None
         if weights is None:
-            self.expanded = None
+            live.expanded = None
             return
         w = weights.to(dtype=self.dtype or weights.dtype) * self.scaling
         w = w.repeat_interleave(self.r, dim=1).unsqueeze(1)
@@ -76,7 +130,7 @@ class MixtureState:
                 w = buf
             else:
                 self._buffer = w
-        self.expanded = w
+        live.expanded = w
         if pack and self.pack is not False and not weights.requires_grad:
             # Inference-style weights: (re)pack here, once per routing decision and outside any
             # compiled region, so the forward uses the packs without checking them.
@@ -99,7 +153,7 @@ class MixtureState:
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= self.num_experts):
             raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {index.tolist()}")
         self.set(F.one_hot(index, self.num_experts).to(self.dtype or torch.float32), pack=False)
-        self.expert_index = index
+        self.live.expert_index = index
 
     @contextmanager
     def use(self, weights: torch.Tensor | None) -> Iterator[None]:
@@ -126,7 +180,12 @@ class MixtureLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
         self.dropout_p = float(dropout)
-        self._group: tuple[PackedGroup, int] | None = None  # set by inject_mixture
+        self._key = state.key  # this state's entry in _LIVE
+        # Packed inference (PackedGroup): the group, whether it is packed now, and this layer's
+        # place in it, as plain values on the layer so siblings never reach the group in a forward.
+        self._group: PackedGroup | None = None  # set by inject_mixture
+        self._packed = False
+        self._slot = self._bit = self._all = self._lo = self._hi = 0
         self.reset_parameters()
 
     @property
@@ -154,36 +213,61 @@ class MixtureLinear(nn.Module):
         return self.lora_A[i * r : (i + 1) * r], self.lora_B[:, i * r : (i + 1) * r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        base = self.base
-        state = self.state
-        if state.expert_index is not None:
-            return F.linear(x, base.weight, base.bias) + self._one_expert_per_row(x, state.expert_index)
-        w = state.expanded  # [B, 1, E*r]
+        # (not _LIVE.get(key, self.state.live): that would reach the state on every call, see _LIVE)
+        live = _LIVE[self._key] if self._key in _LIVE else self.state.live  # noqa: SIM401
+        if live.expert_index is not None:
+            base = self.base
+            return F.linear(x, base.weight, base.bias) + self._one_expert_per_row(x, live.expert_index)
+        w = live.expanded  # [B, 1, E*r]
         if w is None:
             # F.linear instead of base(x): this runs 7x per layer per token, call overhead shows.
-            return F.linear(x, base.weight, base.bias)
+            return F.linear(x, self.base.weight, self.base.bias)
         if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
             w = w.squeeze(1)
         if w.shape[0] != x.shape[0]:
             w = _match_batch(w, x.shape[0])
         if torch.is_grad_enabled() or (self.dropout_p and self.training):
-            y = F.linear(x, base.weight, base.bias)
+            y = F.linear(x, self.base.weight, self.base.bias)
             if self.dropout_p and self.training:
                 x = F.dropout(x, self.dropout_p)
             return y + F.linear(F.linear(x, self.lora_A) * w, self.lora_B)
         # Inference: no autograd graph to protect, so fewer, in-place ops (see PackedGroup).
-        if self._group is not None and self._group[0].weight is not None:
-            return self._group[0].forward(self._group[1], x, w)
-        y = F.linear(x, base.weight, base.bias)
+        if self._packed:
+            return self._packed_forward(x, w, live.shared)
+        y = F.linear(x, self.base.weight, self.base.bias)
         h = F.linear(x, self.lora_A).mul_(w)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return y
+
+    def _packed_forward(self, x: torch.Tensor, w: torch.Tensor, shared: dict[int, list] | None) -> torch.Tensor:
+        """The first sibling to run computes the whole group and leaves it in ``shared`` (a dict
+        that lives for one forward of the model) for the others; each returns its slice.
+
+        Why a per-forward dict, not a cache on the group: state written inside a compiled region
+        onto objects that outlive it is replayed by Dynamo after every call, one attribute path
+        per group (1.4 ms per decode step at 32 layers, measured). Without the dict (a layer
+        called outside a model forward) the layer computes its group itself."""
+        if shared is None:
+            return self._group.compute(x, w)[..., self._lo : self._hi]
+        entry = shared.get(self._slot)
+        if entry is None or entry[0] is not x or entry[2] & self._bit:
+            entry = shared[self._slot] = [x, self._group.compute(x, w), 0]
+        entry[2] |= self._bit
+        if entry[2] == self._all:  # every sibling served: free the output as soon as possible
+            del shared[self._slot]
+        return entry[1][..., self._lo : self._hi]
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        # A copy's state gets a new key (MixtureState.__setstate__); until it hands it out
+        # (_sync_layers) this layer reads its state's live values directly.
+        self._key = -1
 
     def _apply(self, fn, recurse=True):
         # .to() / .half() / .cuda() give every parameter new storage: the pack no longer aliases it.
         out = super()._apply(fn, recurse)
         if self._group is not None:
-            self._group[0].invalidate()
+            self._group.invalidate()
         return out
 
     def _one_expert_per_row(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -242,10 +326,6 @@ class PackedGroup:
         self._fuse: bool | None = None  # MixtureState.fuse at the last routing decision
         self._ptrs: tuple[int, ...] = ()
         self._last_storage: tuple[int, ...] = ()  # the latest pack's storages (their views may be packed again)
-        self._x: torch.Tensor | None = None
-        self._out: torch.Tensor | None = None
-        self._served = 0  # bit per member served from the cached output
-        self._all = (1 << len(members)) - 1
 
     def _current_ptrs(self) -> tuple[int, ...]:
         ptrs = []
@@ -264,11 +344,8 @@ class PackedGroup:
         self.weight = self.bias = self.expand = None
         self._expand_plan = []  # its views would keep the old storage alive
         self._ptrs = ()
-        self.drop_cache()
-
-    def drop_cache(self) -> None:
-        self._x = self._out = None
-        self._served = 0
+        for m in self.members:
+            m._packed = False
 
     @property
     def fused(self) -> bool:
@@ -329,6 +406,8 @@ class PackedGroup:
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
         self.weight, self.bias, self.expand, self.bounds = weight, bias, expand, bounds
+        for m, (lo, hi) in zip(ms, bounds, strict=True):
+            m._lo, m._hi, m._packed = lo, hi, True
         self._ends = [hi for _, hi in bounds]
         rank = expand.shape[1]
         self._expand_plan = [  # (output columns, shrink columns, B_j^T view) per member
@@ -346,28 +425,20 @@ class PackedGroup:
         self._last_storage = (weight.untyped_storage().data_ptr(), expand.untyped_storage().data_ptr())
         return True
 
-    def forward(self, pos: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        bit = 1 << pos
-        if self._x is not x or self._served & bit:
-            out = F.linear(x, self.weight, self.bias)
-            flat = out.view(-1, out.shape[-1])
-            compiling = torch.compiler.is_compiling()
-            if self._fusable and (self._fuse or (self._fuse is None and compiling)):
-                expand = kernels.grouped_expand if compiling else kernels.grouped_expand_eager
-                y = expand(flat, w.reshape(-1, w.shape[-1]), self.expand, self._ends)
-                y = y.view(*out.shape[:-1], self.split)
-            else:  # in place (no autograd graph at inference), each op counted: eager pays per op
-                out[..., self.split :].unflatten(-1, (len(self.members), -1)).mul_(w.unsqueeze(-2))
-                for (lo, hi), (a, b), bt in self._expand_plan:
-                    flat[:, lo:hi].addmm_(flat[:, a:b], bt)
-                y = out
-            self._x, self._out, self._served = x, y, 0
-        lo, hi = self.bounds[pos]
-        y = self._out[..., lo:hi]
-        self._served |= bit
-        if self._served == self._all:  # every sibling served: drop the references
-            self.drop_cache()
-        return y
+    def compute(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Every member's output side by side: ``x P^T`` then the expand (see the class doc)."""
+        compiling = torch.compiler.is_compiling()
+        out = F.linear(x, self.weight, self.bias)
+        flat = out.view(-1, out.shape[-1])
+        if self._fusable and (self._fuse or (self._fuse is None and compiling)):
+            expand = kernels.grouped_expand if compiling else kernels.grouped_expand_eager
+            y = expand(flat, w.reshape(-1, w.shape[-1]), self.expand, self._ends)
+            return y.view(*out.shape[:-1], self.split)
+        # in place (no autograd graph at inference), each op counted: eager pays per op
+        out[..., self.split :].unflatten(-1, (len(self.members), -1)).mul_(w.unsqueeze(-2))
+        for (lo, hi), (a, b), bt in self._expand_plan:
+            flat[:, lo:hi].addmm_(flat[:, a:b], bt)
+        return out
 
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -388,9 +459,11 @@ def _group_layers(model: nn.Module, state: MixtureState) -> None:
     for m in model.modules():
         if isinstance(m, MixtureLinear) and id(m) not in grouped:
             state.groups.append(PackedGroup([m]))
-    for group in state.groups:
+    for slot, group in enumerate(state.groups):
         for pos, m in enumerate(group.members):
-            m._group = (group, pos)
+            m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
+            m._key = state.key
+    state._synced = state.key
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -429,7 +502,28 @@ def inject_mixture(
     if missing:
         raise ValueError(f"target_modules {missing} matched no linear layer in {type(model).__name__}")
     _group_layers(model, state)
+    # The packed groups' per-forward dict lives exactly one forward of this model (always_call: a
+    # failed forward must not leave a stale dict behind). The hooks find the state through the
+    # model, so a deep copy's hooks serve the copy's state.
+    for handle in state._hooks:
+        handle.remove()
+    model._mixture_state = state
+    state._hooks = [
+        model.register_forward_pre_hook(_open_shared),
+        model.register_forward_hook(_close_shared, always_call=True),
+    ]
     return matched
+
+
+def _open_shared(model: nn.Module, args) -> None:
+    state = model._mixture_state
+    if state._synced != state.key:  # a copy: hand its layers the new key first
+        state._sync_layers()
+    state.live.shared = {}
+
+
+def _close_shared(model: nn.Module, args, output) -> None:
+    model._mixture_state.live.shared = None
 
 
 def mixture_layers(model: nn.Module) -> dict[str, MixtureLinear]:
