@@ -3,19 +3,21 @@
 # tool allows 600 s per command; each part has its own time box and writes its JSON as soon as it
 # finishes, so a part that runs out of time loses only itself).
 #
-#   make gpu-assets                       # here: SmolLM2's config + tokenizer (3.4 MB), for WARMUP=1
-#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", carry=["gpu-assets"], timeout_s=600)
+#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=420)      # the default parts, ~4 min
+#   make gpu-assets    # here, only for WARMUP=1: SmolLM2's config + tokenizer (3.4 MB); then carry=["gpu-assets"]
 #
-# Default parts (issue 2, the one figure still missing on 2026-11-26):
-#   mixture decode, eager: random Llama-3.1-8B shapes, bf16, batch 32, default / fused / unfused expand
-#   mixture decode, static cache + torch.compile: base, moe (fused expand), moe_unfused (~70 s of
-#   compilation per variant on an H100: three variants need about 250 s)
-# Parts measured on 2026-11-26 (docs/performance.md), rerun on request:
+# Default parts (issue 2, 2026-11-26: the figures a change since the last device session moves):
+#   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
+#   128 new tokens, base vs moe (fused expand), 3 rounds (~70 s of compilation per variant on an H100)
+#   profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay, and the
+#   host time torch.compile spends per call (~100 s)
+# Opt-in parts, measured on 2026-11-26 (docs/performance.md):
+#   EAGER=1   mixture decode, eager: default / fused / unfused expand (64 new tokens)
 #   KERNEL=1  one layer's seven projections per inference layout, eager and CUDA graph, fp64 errors
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
 #   STAGES=1  peak memory of the warm-up and joint stages at batch 32 x 512 (issue 4)
-# PROFILE=1 adds a kernel-by-kernel profile of one compiled decode-shaped step, base vs moe, and its
-# CUDA-graph replay time (~150 s); MIXTURE=0 skips the two default parts (e.g. a second command).
+# MIXTURE=0 / PROFILE=0 skip the default parts; COMPILE_VARIANTS / COMPILE_LIMIT / NEW_TOKENS adjust
+# the compiled part.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu-results}
@@ -23,9 +25,13 @@ PY=${PY:-python3}
 SMALL=${SMALL:-0}  # SMALL=1: tiny shapes, for checking this script on a CPU
 KERNEL=${KERNEL:-0}
 MIXTURE=${MIXTURE:-1}
-PROFILE=${PROFILE:-0}
+PROFILE=${PROFILE:-1}
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
+EAGER=${EAGER:-0}
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe}
+COMPILE_LIMIT=${COMPILE_LIMIT:-240}
+NEW_TOKENS=${NEW_TOKENS:-128}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
@@ -43,12 +49,14 @@ if [ "$SMALL" = 1 ]; then
     KERNEL_ARGS="--device cpu --dtype float32 --hidden 256 --kv 64 --inter 512 --rows 8 --iters 5"
     PROFILE_ARGS="--shape tiny --device cpu --dtype float32 --backend eager"
     MIX="--device cpu --dtype float32 --batch 4 --prompt-len 8 --new-tokens 8"
+    COMPILED_MIX="$MIX"
     STAGE="--shape tiny --encoder-shape tiny --device cpu --dtype float32 --batch 4 --seq 64"
     WARM="--steps 2"
 else
     KERNEL_ARGS="--rows 32,512"
     PROFILE_ARGS=""
     MIX="--shape llama-3.1-8b --device cuda --dtype bfloat16 --batch 32 --prompt-len 32 --new-tokens 64"
+    COMPILED_MIX="--shape llama-3.1-8b --device cuda --dtype bfloat16 --batch 32 --prompt-len 32 --new-tokens $NEW_TOKENS"
     STAGE="--shape llama-3.1-8b --encoder-shape qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 32 --seq 512"
     WARM="--steps 30"
 fi
@@ -57,13 +65,15 @@ if [ "$KERNEL" = 1 ]; then
     part expand_kernel 40 $PY benchmarks/expand_kernel.py $KERNEL_ARGS --json "$OUT/expand_kernel.json"
 fi
 if [ "$MIXTURE" = 1 ]; then
-    part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
-        --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
-    part mixture_compile 330 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 --compile \
-        --variants base,moe,moe_unfused --json "$OUT/gpu_compile.json"
+    if [ "$EAGER" = 1 ]; then
+        part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
+            --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
+    fi
+    part mixture_compile "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $COMPILED_MIX --repeats 3 --compile \
+        --variants "$COMPILE_VARIANTS" --json "$OUT/gpu_compile.json"
 fi
 if [ "$PROFILE" = 1 ]; then
-    part profile_decode 170 $PY benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile_decode.json"
+    part profile_decode 150 $PY benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile_decode.json"
 fi
 if [ "$WARMUP" = 1 ]; then
     if [ -d gpu-assets/smollm2 ]; then
