@@ -254,7 +254,7 @@ class MixtureLinear(nn.Module):
             entry = shared[self._slot] = [x, self._group.compute(x, w), 0]
         entry[2] |= self._bit
         if entry[2] == self._all:  # every sibling served: free the output as soon as possible
-            del shared[self._slot]
+            shared.pop(self._slot, None)
         return entry[1][..., self._lo : self._hi]
 
     def __setstate__(self, state: dict) -> None:
@@ -462,8 +462,7 @@ def _group_layers(model: nn.Module, state: MixtureState) -> None:
     for slot, group in enumerate(state.groups):
         for pos, m in enumerate(group.members):
             m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
-            m._key = state.key
-    state._synced = state.key
+    state._sync_layers()
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
