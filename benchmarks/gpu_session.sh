@@ -31,7 +31,7 @@ STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
 COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe}
 COMPILE_LIMIT=${COMPILE_LIMIT:-240}
-NEW_TOKENS=${NEW_TOKENS:-128}
+NEW_TOKENS=${NEW_TOKENS:-}  # compiled part; default 128 (8 with SMALL=1)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
@@ -49,14 +49,14 @@ if [ "$SMALL" = 1 ]; then
     KERNEL_ARGS="--device cpu --dtype float32 --hidden 256 --kv 64 --inter 512 --rows 8 --iters 5"
     PROFILE_ARGS="--shape tiny --device cpu --dtype float32 --backend eager"
     MIX="--device cpu --dtype float32 --batch 4 --prompt-len 8 --new-tokens 8"
-    COMPILED_MIX="$MIX"
+    NEW_TOKENS=${NEW_TOKENS:-8}
     STAGE="--shape tiny --encoder-shape tiny --device cpu --dtype float32 --batch 4 --seq 64"
     WARM="--steps 2"
 else
     KERNEL_ARGS="--rows 32,512"
     PROFILE_ARGS=""
     MIX="--shape llama-3.1-8b --device cuda --dtype bfloat16 --batch 32 --prompt-len 32 --new-tokens 64"
-    COMPILED_MIX="--shape llama-3.1-8b --device cuda --dtype bfloat16 --batch 32 --prompt-len 32 --new-tokens $NEW_TOKENS"
+    NEW_TOKENS=${NEW_TOKENS:-128}
     STAGE="--shape llama-3.1-8b --encoder-shape qwen2.5-0.5b --device cuda --dtype bfloat16 --batch 32 --seq 512"
     WARM="--steps 30"
 fi
@@ -69,7 +69,7 @@ if [ "$MIXTURE" = 1 ]; then
         part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
             --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
     fi
-    part mixture_compile "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $COMPILED_MIX --repeats 3 --compile \
+    part mixture_compile "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" --repeats 3 --compile \
         --variants "$COMPILE_VARIANTS" --json "$OUT/gpu_compile.json"
 fi
 if [ "$PROFILE" = 1 ]; then
