@@ -107,8 +107,10 @@ def causal_lm_loss_sums(
     head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
     body = lm.get_decoder() if hasattr(lm, "get_decoder") else None
     if head is None or body is None or any(getattr(config, a, None) for a in _LOGIT_POSTPROCESSING):
-        return lm_loss_sums(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return lm_loss_sums(model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits, labels)
+    # use_cache=False: a loss needs no KV cache, and an activation-checkpointed layer that is handed
+    # one appends to it again when its forward is replayed in backward
+    hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     shift_labels = labels[:, 1:]
     keep = shift_labels != -100
     rows = keep.nonzero()[:, 0]
