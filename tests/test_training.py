@@ -146,6 +146,20 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, stage):
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_refuses_an_optimiser_state_from_another_engine(tmp_path):
+    # A checkpoint written under FSDP holds the optimiser state keyed by parameter path; a
+    # one-process resume must not feed it to a plain optimizer.load_state_dict.
+    records = records_from(synthetic_records(12, seed=4), tmp_path)
+    tc = make_tc(tmp_path, warmup=StageConfig(steps=2, batch_size=2, micro_batch_size=4))
+    run_warmup(build_tiny(), records, tc, stop_after=1)
+    path = tmp_path / "out" / "warmup" / "checkpoint-1" / "state.pt"
+    state = torch.load(path, weights_only=False)
+    state["optimizer"] = {"format": "fsdp-full", "state": {"state": {}, "param_groups": []}}
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"checkpoint-1/state.pt: the optimiser state was saved under FSDP"):
+        run_warmup(build_tiny(), records, tc, resume=True)
+
+
 def test_bad_records_are_rejected_with_their_ids(tmp_path):
     rows = synthetic_records(6)
     rows[1]["p"] = [0] * 10
@@ -213,10 +227,11 @@ def test_sft_baseline_trains_a_peft_adapter(tmp_path):
         train_baseline(tc, "funny")
 
 
-def test_ddp_two_processes_equal_one(tmp_path):
+def _two_processes_equal_one(tmp_path, engine_env: dict[str, str]) -> dict:
     # The same training code under torchrun (2 CPU processes, gloo over loopback): each process
-    # takes half of every step's rows and DDP averages gradients, which must give the one-process
-    # parameters (warm-up with per-expert clipping, then the joint stage).
+    # takes half of every step's rows and the engine averages gradients, which must give the
+    # one-process parameters (warm-up with per-expert clipping, then the joint stage). In the same
+    # world, the joint stage with AdamW stopped after two steps and resumed must equal a straight run.
     import os
     import shutil
     import subprocess
@@ -229,7 +244,7 @@ def test_ddp_two_processes_equal_one(tmp_path):
         records_from(rows, tmp_path / d)
     one = ddp_worker.train(tmp_path / "one")
     torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **engine_env}
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
          os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path / "two")],
@@ -244,6 +259,55 @@ def test_ddp_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4, msg=k)
     logs = (tmp_path / "two" / "out" / "joint" / "losses.jsonl").read_text().splitlines()
     assert len(logs) == 3  # one writer, no duplicate lines
+    assert saved["adamw_resume_gap"] <= 1e-6
+    return saved
+
+
+def test_ddp_two_processes_equal_one(tmp_path):
+    saved = _two_processes_equal_one(tmp_path, {})
+    assert saved["engine"] == "MULTI_CPU" and saved["sharded_clips"] == 0
+
+
+# what `accelerate launch --config_file configs/accelerate/fsdp2.yaml` sets
+FSDP_ENV = {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP"}
+
+
+def test_fsdp_two_processes_equal_one(tmp_path):
+    # FSDP2 through accelerate's environment (what `accelerate launch --config_file fsdp.yaml`
+    # sets): every decoder layer and the encoder's layers are sharded over the two processes, the
+    # per-expert clipping works on the local shards, checkpoints hold whole tensors, and the
+    # caller's model comes back unsharded with the trained values.
+    saved = _two_processes_equal_one(tmp_path, FSDP_ENV)
+    assert saved["engine"] == "FSDP"
+    # TRANSFORMER_BASED_WRAP without class names: the models' own _no_split_modules, plus the root
+    assert {"LlamaDecoderLayer", "BertLayer", "WarmupObjective", "JointObjective"} <= set(saved["fsdp_units"])
+    assert saved["sharded_clips"] == 3  # every warm-up step clipped sharded gradients
+    assert saved["plain_after"]
+
+
+def test_fsdp_bf16_with_accelerate_activation_checkpointing(tmp_path):
+    # The GPU configuration on CPU processes: bf16 compute through accelerate's FSDP2 mixed-precision
+    # policy, float32 master weights for the adapters, accelerate's own activation checkpointing
+    # (which renames the wrapped layers); the trained tensors come back in bf16.
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    records_from(synthetic_records(24, seed=1), tmp_path)
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **FSDP_ENV,
+           "FSDP_ACTIVATION_CHECKPOINTING": "true"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path), "bf16"],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = torch.load(tmp_path / "bf16.pt")
+    assert saved["dtype"] == "torch.bfloat16" and saved["moved"] > 0
+    assert len(saved["losses"]) == 7 and all(math.isfinite(x) for x in saved["losses"])
+    assert saved["losses"][-1] < saved["losses"][3]  # the joint stage's LM loss falls
 
 
 def _free_port() -> int:
@@ -317,17 +381,15 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     torch.testing.assert_close(packed, plain, atol=1e-2, rtol=1e-2)  # bf16, two summation orders
 
 
-@pytest.mark.parametrize("engine", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_sharded_engines_are_refused_before_anything_is_written(tmp_path, monkeypatch, engine):
-    # `accelerate launch` with an FSDP/DeepSpeed config sets these; the checkpoints here read whole
-    # tensors, so a sharded run must stop with a clear error instead of saving shards.
+def test_deepspeed_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    # `accelerate launch` with a DeepSpeed config sets this; DeepSpeed's engine would own the
+    # optimiser step and clip one global norm, so the run stops with an error that names FSDP2.
     records = records_from(synthetic_records(8, seed=1), tmp_path)
     tc = make_tc(tmp_path, warmup=StageConfig(steps=1, batch_size=2, micro_batch_size=2))
     pf = build_tiny()
     before = {n: p.detach().clone() for n, p in pf.named_parameters() if ".lora_" in n}
-    monkeypatch.setenv(engine, "true")
-    name = "FSDP" if "FSDP" in engine else "DeepSpeed"
-    with pytest.raises(NotImplementedError, match=rf"{name} is not supported .* Use DDP"):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(NotImplementedError, match=r"DeepSpeed is not supported .* use FSDP2"):
         run_warmup(pf, records, tc)
     assert not (tmp_path / "out" / "warmup").exists() or not any((tmp_path / "out" / "warmup").iterdir())
     assert all(torch.equal(before[n], p) for n, p in pf.named_parameters() if n in before)

@@ -17,7 +17,6 @@ import contextlib
 import functools
 import json
 import math
-import random
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from personafuse import engine
 from personafuse.losses import causal_lm_loss_sums, contrastive_loss, trait_consistency_loss
 from personafuse.mixture import MixtureLinear
 from personafuse.model import PersonaFuseModel
@@ -228,21 +228,6 @@ class Featurizer:
         )
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def latest_checkpoint(stage_dir: Path) -> Path | None:
     ckpts = sorted(
         stage_dir.glob("checkpoint-*"),
@@ -256,14 +241,20 @@ def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
     """Clip each expert's gradient on its own, so that the batched warm-up equals ten separate runs
     (a global norm would couple the experts). Two kernels per tensor: its per-expert norms, then
     its per-expert scale (a step runs this over hundreds of small tensors)."""
-    views = []  # (gradient as [experts, ...], the dims that belong to one expert)
-    for layer in layers:
-        if layer.lora_A.grad is not None:
-            views.append((layer.lora_A.grad.view(num_experts, r, -1), (1, 2)))
-        if layer.lora_B.grad is not None:
-            views.append((layer.lora_B.grad.view(-1, num_experts, r), (0, 2)))
-    if not views:
+    grads = [
+        (g, dim)
+        for layer in layers
+        for g, dim in ((layer.lora_A.grad, 0), (layer.lora_B.grad, 1))  # dim: the experts' rank axis
+        if g is not None
+    ]
+    if not grads:
         return
+    if _is_dtensor(grads[0][0]):
+        return _clip_per_expert_sharded(grads, max_norm, num_experts, r)
+    views = [  # (gradient as [experts, ...] or [..., experts, r], the dims that belong to one expert)
+        (g.view(num_experts, r, -1), (1, 2)) if dim == 0 else (g.view(-1, num_experts, r), (0, 2))
+        for g, dim in grads
+    ]
     norms = torch.stack([torch.linalg.vector_norm(g, dim=dims, dtype=torch.float32) for g, dims in views])
     scale = (max_norm / (norms.square().sum(0).sqrt() + 1e-6)).clamp(max=1.0)
     for g, dims in views:
@@ -272,21 +263,40 @@ def clip_per_expert(layers, max_norm: float, num_experts: int, r: int) -> None:
         g.mul_(scale.view(shape).to(g.dtype))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _clip_per_expert_sharded(grads, max_norm: float, num_experts: int, r: int) -> None:
+    """The same under FSDP: each process holds a block of rows of every gradient (lora_A's rows are
+    the experts' rank axis, lora_B's the output features); per-expert sums of squares are added up
+    locally, summed over processes, and each local block is scaled in place."""
+    import torch.distributed as dist
+
+    sq = torch.zeros(num_experts, dtype=torch.float32, device=grads[0][0].to_local().device)
+    blocks = []
+    for g, dim in grads:
+        local = g.to_local()
+        offset = 0
+        for mesh_dim, placement in enumerate(g.placements):
+            if placement.is_shard(dim):  # torch.chunk layout: equal blocks, the last ones short
+                size, n = g.shape[dim], g.device_mesh.size(mesh_dim)
+                offset += min(g.device_mesh.get_local_rank(mesh_dim) * -(-size // n), size)
+        experts = (torch.arange(local.shape[dim], device=local.device) + offset) // r
+        other = tuple(d for d in range(local.dim()) if d != dim)
+        sq.index_add_(0, experts, local.float().square().sum(other))
+        blocks.append((local, dim, experts))
+    dist.all_reduce(sq, group=grads[0][0].device_mesh.get_group())
+    scale = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for local, dim, experts in blocks:
+        shape = [1] * local.dim()
+        shape[dim] = -1
+        local.mul_(scale[experts].view(shape).to(local.dtype))
+
+
 ENCODER_BACKBONE = "router.encoder.backbone."  # the pretrained part of the router (StageConfig.encoder_lr)
-
-
-def _cpu_only() -> bool:
-    # Tells accelerate that a torchrun launch on a machine without accelerators means DDP over
-    # gloo on CPU processes (it otherwise runs each process as a separate single-process job).
-    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
-    return not (torch.cuda.is_available() or has_mps or has_xpu)
-
-
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def train_loop(
@@ -300,21 +310,19 @@ def train_loop(
     out_dir: Path,
     *,
     resume: bool = False,
-    clip_fn: Callable[[float], None] | None = None,
+    clip_fn: Callable[[nn.Module, float], None] | None = None,
     stop_after: int | None = None,
 ) -> StageResult:
-    """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``."""
-    from accelerate import Accelerator
+    """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``.
+
+    ``trainable`` (name -> parameter of ``objective``) ends the stage holding the trained values,
+    whole and in its original dtypes, whatever the engine (see :mod:`personafuse.engine`)."""
     from transformers import get_scheduler
 
-    # step_scheduler_with_optimizer=False: every process runs every step (each on its shard of the
-    # step's rows), so the schedule advances once per step, not once per process.
-    _refuse_sharded_engines(None)  # before Accelerator: it fails on a missing deepspeed first
-    acc = Accelerator(
-        mixed_precision=_mixed_precision(tc.mixed_precision), cpu=_cpu_only(), step_scheduler_with_optimizer=False
-    )
-    _refuse_sharded_engines(acc)  # ... or chosen some other way than the environment
+    acc = engine.make_accelerator(tc.mixed_precision)
     main = acc.is_main_process  # files are written by one process; every process reads them
+    if main and acc.num_processes > 1:
+        tqdm.write(f"{name}: {engine.describe(acc)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if main:
         tc.save(out_dir / "train_config.json")
@@ -322,27 +330,30 @@ def train_loop(
         p.requires_grad_(False)
     for p in trainable.values():
         p.requires_grad_(True)
-    params = list(trainable.values())
-    if not params:
+    if not trainable:
         raise ValueError(f"stage {name}: nothing to train")
     # Trainable tensors of a half-precision model train as float32 master weights (a bf16 weight
     # cannot take an update 1e-4 of its size: the joint stage's lr of 1e-5 would mostly vanish).
     # Compute stays in the model's dtype through autocast; the dtypes are restored at the end.
     original_dtypes = {k: p.dtype for k, p in trainable.items()}
     half = next((d for d in original_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
-    for p in params:
+    for p in trainable.values():
         if p.dtype in (torch.float16, torch.bfloat16):
             p.data = p.data.float()
     _drop_inference_packs(objective)  # new storage: packs must not alias the old one
+    model, live = objective, trainable  # what trains: the objective itself, or its sharded copy
+    if engine.is_fsdp(acc):
+        model, paths = engine.shard_copy(objective, trainable)
+        live = engine.params_by_path(model, paths)
     autocast = (
         torch.autocast(acc.device.type, dtype=half)
         if half is not None and acc.mixed_precision == "no"
         else contextlib.nullcontext()
     )
-    groups: list[dict[str, Any]] = [{"params": params}]
+    groups: list[dict[str, Any]] = [{"params": list(live.values())}]
     if sc.encoder_lr is not None:
-        enc = [p for n, p in trainable.items() if n.startswith(ENCODER_BACKBONE)]
-        rest = [p for n, p in trainable.items() if not n.startswith(ENCODER_BACKBONE)]
+        enc = [p for n, p in live.items() if n.startswith(ENCODER_BACKBONE)]
+        rest = [p for n, p in live.items() if not n.startswith(ENCODER_BACKBONE)]
         groups = [g for g in ({"params": rest}, {"params": enc, "lr": sc.encoder_lr}) if g["params"]]
     if sc.optimizer == "adamw":
         optimizer = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
@@ -356,19 +367,23 @@ def train_loop(
         num_warmup_steps=math.ceil(sc.warmup_ratio * sc.steps),
         num_training_steps=sc.steps,
     )
-    objective, optimizer, scheduler = acc.prepare(objective, optimizer, scheduler)
+    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+    if live is not trainable:
+        live = engine.params_by_path(model, paths)  # fully_shard replaced them with sharded ones
+
+    def finish() -> None:
+        if live is not trainable:
+            engine.hand_back(live, trainable)
+            acc.free_memory()  # the sharded copy, its optimiser state and gradients
+        _restore_dtypes(trainable, original_dtypes)
+        _drop_inference_packs(objective)
 
     start = 0
     log_path = out_dir / "losses.jsonl"
     ckpt = latest_checkpoint(out_dir) if resume else None
     if ckpt is not None:
         state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
-        with torch.no_grad():
-            for k, t in state["params"].items():
-                trainable[k].copy_(t)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        engine.load_checkpoint_state(acc, model, live, optimizer, scheduler, state, str(ckpt / "state.pt"))
         start = state["step"]
         if main and log_path.exists():  # drop log lines past the checkpoint
             kept = [
@@ -381,8 +396,7 @@ def train_loop(
         log_path.unlink()
     acc.wait_for_everyone()
     if start >= sc.steps:
-        _restore_dtypes(trainable, original_dtypes)
-        _drop_inference_packs(objective)
+        finish()
         return StageResult(name, out_dir, start, _read_log(log_path))
 
     writer = None
@@ -396,19 +410,19 @@ def train_loop(
     bar = tqdm(
         total=sc.steps, initial=start, desc=f"{name}", disable=not acc.is_main_process, dynamic_ncols=True
     )
-    objective.train()
+    model.train()
     log_file = log_path.open("a") if main else None
     try:
         for step in range(start, sc.steps):
             t0 = time.perf_counter()
             rows = plan(step)
             with autocast:
-                stats = step_fn(acc, objective, rows, step)
+                stats = step_fn(acc, model, rows, step)
             if sc.max_grad_norm:
                 if clip_fn is not None:
-                    clip_fn(sc.max_grad_norm)
+                    clip_fn(model, sc.max_grad_norm)
                 else:
-                    acc.clip_grad_norm_(params, sc.max_grad_norm)
+                    acc.clip_grad_norm_(list(live.values()), sc.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -426,8 +440,10 @@ def train_loop(
                 bar.set_postfix(postfix)
                 bar.update(1)
             done = step + 1
-            if acc.is_main_process and (done % tc.save_every == 0 or done == sc.steps or done == stop_after):
-                _save_checkpoint(out_dir, done, trainable, optimizer, scheduler)
+            if done % tc.save_every == 0 or done == sc.steps or done == stop_after:
+                state = engine.checkpoint_state(acc, model, live, optimizer, scheduler, done)  # every process
+                if main:
+                    _save_checkpoint(out_dir, state)
             if stop_after is not None and done >= stop_after:
                 break
     finally:
@@ -436,8 +452,7 @@ def train_loop(
         bar.close()
         if writer is not None:
             writer.close()
-    _restore_dtypes(trainable, original_dtypes)
-    _drop_inference_packs(objective)
+    finish()
     acc.wait_for_everyone()
     losses = _read_log(log_path)
     if main:
@@ -445,24 +460,8 @@ def train_loop(
     return StageResult(name, out_dir, done, losses)
 
 
-def _refuse_sharded_engines(acc: Any | None) -> None:
-    """FSDP/DeepSpeed shard parameters and optimiser state; the checkpoints and saved models here
-    read whole tensors on the main process, which would silently save shards or stale copies."""
-    import os
-
-    requested = [
-        name
-        for name, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-        if os.environ.get(env, "false").lower() in ("1", "true")
-        or (acc is not None and str(acc.distributed_type).endswith(name.upper()))
-    ]
-    if requested:
-        raise NotImplementedError(
-            f"{requested[0]} is not supported by personafuse training yet: its sharded parameters and "
-            "optimiser state would be checkpointed incorrectly. Use DDP (`accelerate launch --multi_gpu` "
-            "or `torchrun`): the frozen base is replicated, only the adapters and router train, and the "
-            "paper's Llama-3.1-8B setup fits one 80 GB GPU per process (docs/performance.md)."
-        )
+def _mixture_layers(module: nn.Module) -> list[MixtureLinear]:
+    return [m for m in module.modules() if isinstance(m, MixtureLinear)]
 
 
 def _drop_inference_packs(module: nn.Module) -> None:
@@ -477,18 +476,12 @@ def _restore_dtypes(trainable: dict[str, nn.Parameter], dtypes: dict[str, torch.
             p.data = p.data.to(dtypes[k])
 
 
-def _save_checkpoint(out_dir: Path, step: int, trainable, optimizer, scheduler, keep: int = 2) -> None:
+def _save_checkpoint(out_dir: Path, state: dict[str, Any], keep: int = 2) -> None:
+    step = state["step"]
     final = out_dir / f"checkpoint-{step}"
     tmp = out_dir / f".tmp-checkpoint-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    state = {
-        "step": step,
-        "params": {k: p.detach().cpu().clone() for k, p in trainable.items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": _rng_state(),
-    }
     torch.save(state, tmp / "state.pt")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # atomic: a crash leaves either the old or the new checkpoint
@@ -563,7 +556,6 @@ def run_warmup(
     feats = Featurizer.for_model(records, pf, tc)
     plan = warmup_plan(records, sc.batch_size * sc.grad_accum, tc.seed, experts)
     trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n}
-    layers = list(pf.mixture_layers.values())
     E, r = pf.config.num_experts, pf.config.r
 
     def step_fn(acc, objective, rows, step):
@@ -601,7 +593,7 @@ def run_warmup(
         plan,
         out_dir or _stage_dir(tc, "warmup"),
         resume=resume,
-        clip_fn=lambda m: clip_per_expert(layers, m, E, r),
+        clip_fn=lambda model, m: clip_per_expert(_mixture_layers(model), m, E, r),
         stop_after=stop_after,
     )
 
@@ -869,7 +861,7 @@ def _on_main(fn: Callable[[], object]) -> None:
     let every process wait until it is written."""
     from accelerate import PartialState
 
-    state = PartialState(cpu=_cpu_only())
+    state = PartialState(cpu=engine.cpu_only())
     if state.is_main_process:
         fn()
     state.wait_for_everyone()
