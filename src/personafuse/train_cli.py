@@ -37,6 +37,14 @@ def _load(config: Path | None, data: str | None, out: str | None):
     return tc
 
 
+def _say(message: str) -> None:
+    """Once per launch: under ``accelerate launch``/``torchrun`` only the first process speaks."""
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        console.print(message)
+
+
 def _run(fn, *args, **kwargs):
     from personafuse.embedded import ModelNotFoundError
     from personafuse.records import RecordError
@@ -65,8 +73,8 @@ def train(
 
     tc = _load(config, data, out)
     final = _run(run_train, tc, stage, resume=resume)
-    console.print(f"[green]done[/green]: model saved to {final}")
-    console.print(f"loss logs and curves: {Path(tc.out)}/<stage>/losses.jsonl, loss.png, tensorboard/")
+    _say(f"[green]done[/green]: model saved to {final}")
+    _say(f"loss logs and curves: {Path(tc.out)}/<stage>/losses.jsonl, loss.png, tensorboard/")
 
 
 @app.command()
@@ -82,4 +90,4 @@ def baseline(
 
     tc = _load(config, data, out)
     adapter = _run(train_baseline, tc, kind, resume=resume)
-    console.print(f"[green]done[/green]: peft adapter saved to {adapter} (evaluate with --model lora:{adapter})")
+    _say(f"[green]done[/green]: peft adapter saved to {adapter} (evaluate with --model lora:{adapter})")
