@@ -8,13 +8,16 @@ they do in decoding) is compiled once per variant (inductor, no CUDA graphs, ful
    is what ``generate(..., cache_implementation="static")`` pays per token;
 3. timed on the host around the compiled graph: the time torch.compile's own Python (guards,
    input gathering, replaying Python side effects) costs per call. Under CUDA graphs the GPU waits
-   for it on every token, so it is part of the decode step too.
+   for it on every token, so it is part of the decode step too. Of that, the guard check alone is
+   timed as well (warm: the same check 200 times in a row), with the guards counted by type.
 
 The graph-replay ratio isolates the mixture's cost from ``generate``'s Python; the kernel table
 says which kernels the mixture adds or slows (GEMM shapes, copies, the fused expand).
 
     python benchmarks/profile_decode.py --json out.json            # CUDA: random Llama-3.1-8B shapes, bf16
     python benchmarks/profile_decode.py --shape tiny --device cpu --dtype float32 --backend eager
+    python benchmarks/profile_decode.py --shape tiny --layers 32 --device cpu --dtype float32 --backend eager
+        # host side of a 32-layer model on CPU (the guard tree grows with the layer count)
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--layers", type=int, help="override the shape's number of decoder layers")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=32)
@@ -50,6 +54,8 @@ def main() -> None:
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cuda = device.type == "cuda"
     args.model = None  # load_base reads it only without --shape
+    if args.layers:
+        SHAPES[args.shape] = {**SHAPES[args.shape], "num_hidden_layers": args.layers}
     base, desc = load_base(args, device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, min(base.config.vocab_size, 30000), (args.batch, 1), generator=g).to(device)
@@ -81,8 +87,18 @@ def main() -> None:
 
             return call
 
+        guard_types: dict[str, int] = {}
+
+        def count_guards(entries, seen=guard_types):
+            for e in entries:
+                seen[e.guard_type] = seen.get(e.guard_type, 0) + 1
+            return [True] * len(entries)  # keeps every guard
+
         fwd = torch.compile(
-            lambda m=model: m(input_ids=ids, use_cache=False).logits, backend=timed_backend, fullgraph=True
+            lambda m=model: m(input_ids=ids, use_cache=False).logits,
+            backend=timed_backend,
+            fullgraph=True,
+            options={"guard_filter_fn": count_guards},
         )
         with torch.inference_mode():
             t = time.perf_counter()
@@ -95,6 +111,7 @@ def main() -> None:
             for _ in range(n_host):
                 fwd()
             host_us = ((time.perf_counter() - t) - inner["s"]) / n_host * 1e6
+            guard_us = guard_check_us(fwd, {"m": model, "ids": ids})  # the lambda's argument and free variable
             if cuda:
                 torch.cuda.synchronize()
             activities = [torch.profiler.ProfilerActivity.CPU] + (
@@ -117,11 +134,15 @@ def main() -> None:
             "kernel_us_per_call": total_us,
             "graph_replay_us": graph_us,
             "host_overhead_us": host_us,
+            "guard_check_us": guard_us,
+            "guards": dict(sorted(guard_types.items(), key=lambda kv: -kv[1])),
             "top": table,
         }
         print(f"\n== {name}: compiled in {compile_s:.0f}s; {'kernel' if cuda else 'cpu'} time {total_us:.0f} us per call"
               + (f"; CUDA-graph replay {graph_us:.0f} us" if graph_us else "")
-              + f"; torch.compile host overhead {host_us:.0f} us per call", flush=True)  # fmt: skip
+              + f"; torch.compile host overhead {host_us:.0f} us per call (guard check "
+              + (f"{guard_us:.0f} us" if guard_us is not None else "not timed")
+              + f", {sum(guard_types.values())} guards)", flush=True)  # fmt: skip
         for row in table:
             print(f"  {row['us_per_call']:9.1f} us  x{row['count_per_call']:6.1f}  {row['name']}")
         del fwd
@@ -137,6 +158,20 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
+
+
+def guard_check_us(fwd, frame_locals: dict, n: int = 200) -> float | None:
+    """Time the compiled function's guard check on its own (the one cache entry's guard tree)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    entries = _debug_get_cache_entry_list(fwd._torchdynamo_orig_callable.__code__)
+    if len(entries) != 1 or not entries[0].guard_manager.check(frame_locals):
+        return None  # recompiled, or the guards do not pass on these locals: nothing to time
+    check = entries[0].guard_manager.check
+    t = time.perf_counter()
+    for _ in range(n):
+        check(frame_locals)
+    return (time.perf_counter() - t) / n * 1e6
 
 
 if __name__ == "__main__":
