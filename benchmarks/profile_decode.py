@@ -167,10 +167,13 @@ def guard_check_us(fwd, frame_locals: dict, n: int = 200) -> float | None:
     """Time the compiled function's guard check on its own (the one cache entry's guard tree)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
-    entries = _debug_get_cache_entry_list(fwd._torchdynamo_orig_callable.__code__)
-    if len(entries) != 1 or not entries[0].guard_manager.check(frame_locals):
+    try:
+        entries = _debug_get_cache_entry_list(fwd._torchdynamo_orig_callable.__code__)
+        check = entries[0].guard_manager.check
+    except (AttributeError, IndexError):  # another torch's internals: report nothing rather than fail
+        return None
+    if len(entries) != 1 or not check(frame_locals):
         return None  # recompiled, or the guards do not pass on these locals: nothing to time
-    check = entries[0].guard_manager.check
     t = time.perf_counter()
     for _ in range(n):
         check(frame_locals)
