@@ -75,18 +75,31 @@ def adamw_resume_gap(tmp: Path) -> float:
 def train_bf16(tmp: Path) -> None:
     """Mixed precision as on a GPU: a bf16 model, bf16 compute, float32 master weights."""
     records = load_records(tmp / "data")
-    tc = make_tc(tmp, warmup=STAGE, joint=ADAMW)
+    tc = make_tc(tmp, warmup=STAGE, joint=ADAMW, sft=STAGE)
     tc.mixed_precision = "bf16"
     pf = build_tiny().to(torch.bfloat16)
     pf.state.dtype = torch.bfloat16
     layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
     before = layer.lora_B.detach().float().clone()
     losses = [e["loss_lm"] for e in run_warmup(pf, records, tc).losses + run_joint(pf, records, tc).losses]
+    # a single-LoRA baseline (peft) through the same engine
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import make_tokenizer, tiny_causal_lm
+    from personafuse.stages import run_sft
+
+    lora = get_peft_model(tiny_causal_lm("qwen2").to(torch.bfloat16),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    b0 = {n: p.detach().float().clone() for n, p in lora.named_parameters() if "lora_B" in n}
+    sft = run_sft(lora, make_tokenizer(), records, tc, tmp / "sft")
+    sft_moved = max((p.detach().float() - b0[n]).abs().max().item() for n, p in lora.named_parameters() if n in b0)
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({
             "losses": losses,
             "dtype": str(layer.lora_B.dtype),
             "moved": (layer.lora_B.float() - before).abs().max().item(),
+            "sft_losses": [e["loss_lm"] for e in sft.losses],
+            "sft_moved": sft_moved,
         }, tmp / "bf16.pt")
 
 

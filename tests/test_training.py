@@ -288,7 +288,8 @@ def test_fsdp_two_processes_equal_one(tmp_path):
 def test_fsdp_bf16_with_accelerate_activation_checkpointing(tmp_path):
     # The GPU configuration on CPU processes: bf16 compute through accelerate's FSDP2 mixed-precision
     # policy, float32 master weights for the adapters, accelerate's own activation checkpointing
-    # (which renames the wrapped layers); the trained tensors come back in bf16.
+    # (which renames the wrapped layers); the trained tensors come back in bf16. Then a peft
+    # single-LoRA baseline (run_sft) through the same engine.
     import os
     import shutil
     import subprocess
@@ -308,6 +309,7 @@ def test_fsdp_bf16_with_accelerate_activation_checkpointing(tmp_path):
     assert saved["dtype"] == "torch.bfloat16" and saved["moved"] > 0
     assert len(saved["losses"]) == 7 and all(math.isfinite(x) for x in saved["losses"])
     assert saved["losses"][-1] < saved["losses"][3]  # the joint stage's LM loss falls
+    assert len(saved["sft_losses"]) == 3 and saved["sft_moved"] > 0  # a peft baseline trains too
 
 
 def _free_port() -> int:

@@ -76,12 +76,24 @@ def make_accelerator(mixed_precision: str) -> Any:
         if acc.mixed_precision != "no":
             plugin.set_mixed_precision(acc.mixed_precision)  # as accelerate does for its own FSDP
         acc.state.fsdp_plugin = plugin
-    if acc.distributed_type == DistributedType.FSDP and acc.state.fsdp_plugin.fsdp_version != 2:
-        raise NotImplementedError(
-            "FSDP1 is not supported by personafuse training (its flat parameters hide the experts' "
-            "tensors): set `fsdp_version: 2` under `fsdp_config` in the accelerate config "
-            "(or FSDP_VERSION=2)."
-        )
+    if acc.distributed_type == DistributedType.FSDP:
+        plugin = acc.state.fsdp_plugin
+        if plugin.fsdp_version != 2:
+            raise NotImplementedError(
+                "FSDP1 is not supported by personafuse training (its flat parameters hide the experts' "
+                "tensors): set `fsdp_version: 2` under `fsdp_config` in the accelerate config "
+                "(or FSDP_VERSION=2)."
+            )
+        # accelerate resolves the wrap policy against the first model it prepares and keeps the
+        # result in the process-wide plugin; every stage prepares a model of its own (a baseline's
+        # may hold other layer classes), so each starts from the configured policy again.
+        pristine = getattr(plugin, "_personafuse_wrap", None)
+        if pristine is None:
+            names = plugin.transformer_cls_names_to_wrap
+            plugin._personafuse_wrap = (plugin.auto_wrap_policy, None if names is None else list(names))
+        else:
+            plugin.auto_wrap_policy = pristine[0]
+            plugin.transformer_cls_names_to_wrap = None if pristine[1] is None else list(pristine[1])
     return acc
 
 
