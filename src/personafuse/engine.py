@@ -204,7 +204,8 @@ def load_checkpoint_state(
                 raise ValueError(f"{where}: tensor {k!r} is not trained by this stage")
             p = live[k]
             if isinstance(p, DTensor):
-                p.to_local().copy_(distribute_tensor(t.to(p.dtype), p.device_mesh, p.placements).to_local())
+                full = t.to(device=p.to_local().device, dtype=p.dtype)
+                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
             else:
                 p.copy_(t)
     optim = state["optimizer"]
