@@ -8,7 +8,7 @@ config with ``distributed_type: FSDP`` and ``fsdp_version: 2``) run the same loo
   on its original device (the frozen base is not duplicated on the accelerator) and gets the trained
   tensors back, whole, when the stage ends (:func:`hand_back`);
 - checkpoints hold whole tensors (gathered by every process, written by the main one), so a run can
-  resume under another process count or engine.
+  resume under another process count (an FSDP run's optimiser state resumes under FSDP only).
 
 DeepSpeed is refused (see :func:`refuse_deepspeed`).
 """
@@ -98,7 +98,7 @@ def make_accelerator(mixed_precision: str) -> Any:
 
 
 def describe(acc: Any) -> str:
-    """One line on how a stage runs, e.g. ``FSDP2, 2 processes (gloo), mixed precision bf16``."""
+    """One line on how a stage runs, e.g. ``FSDP2, 2 processes (nccl) on cuda, mixed precision bf16``."""
     kind = "FSDP2" if is_fsdp(acc) else "DDP" if acc.num_processes > 1 else "one process"
     procs = f", {acc.num_processes} processes ({acc.state.backend})" if acc.num_processes > 1 else ""
     return f"{kind}{procs} on {acc.device.type}, mixed precision {acc.mixed_precision}"
