@@ -7,8 +7,9 @@ config with ``distributed_type: FSDP`` and ``fsdp_version: 2``) run the same loo
   ``fully_shard`` moves the copy's parameters into shards, so the caller's model stays a plain model
   on its original device (the frozen base is not duplicated on the accelerator) and gets the trained
   tensors back, whole, when the stage ends (:func:`hand_back`);
-- checkpoints hold whole tensors (gathered by every process, written by the main one), so a run can
-  resume under another process count (an FSDP run's optimiser state resumes under FSDP only).
+- checkpoints hold whole tensors (gathered by every process, written by the main one): the same
+  ``state.pt`` layout as one process or DDP writes, except that an FSDP run's optimiser state is
+  keyed by parameter path and resumes under FSDP only.
 
 DeepSpeed is refused (see :func:`refuse_deepspeed`).
 """
