@@ -232,25 +232,13 @@ def _two_processes_equal_one(tmp_path, engine_env: dict[str, str]) -> dict:
     # takes half of every step's rows and the engine averages gradients, which must give the
     # one-process parameters (warm-up with per-expert clipping, then the joint stage). In the same
     # world, the joint stage with AdamW stopped after two steps and resumed must equal a straight run.
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     import ddp_worker
 
     rows = synthetic_records(24, seed=1)
     for d in ("one", "two"):
         records_from(rows, tmp_path / d)
     one = ddp_worker.train(tmp_path / "one")
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **engine_env}
-    proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path / "two")],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_worker(engine_env, tmp_path / "two")
     saved = torch.load(tmp_path / "two" / "params.pt")
     assert (saved["processes"], saved["backend"]) == (2, "gloo")  # really distributed
     two = saved["params"]
@@ -290,26 +278,30 @@ def test_fsdp_bf16_with_accelerate_activation_checkpointing(tmp_path):
     # policy, float32 master weights for the adapters, accelerate's own activation checkpointing
     # (which renames the wrapped layers); the trained tensors come back in bf16. Then a peft
     # single-LoRA baseline (run_sft) through the same engine.
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     records_from(synthetic_records(24, seed=1), tmp_path)
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **FSDP_ENV,
-           "FSDP_ACTIVATION_CHECKPOINTING": "true"}
-    proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), str(tmp_path), "bf16"],
-        env=env, capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_worker({**FSDP_ENV, "FSDP_ACTIVATION_CHECKPOINTING": "true"}, tmp_path, "bf16")
     saved = torch.load(tmp_path / "bf16.pt")
     assert saved["dtype"] == "torch.bfloat16" and saved["moved"] > 0
     assert len(saved["losses"]) == 7 and all(math.isfinite(x) for x in saved["losses"])
     assert saved["losses"][-1] < saved["losses"][3]  # the joint stage's LM loss falls
     assert len(saved["sft_losses"]) == 3 and saved["sft_moved"] > 0  # a peft baseline trains too
+
+
+def _torchrun_worker(engine_env: dict[str, str], *args) -> None:
+    """tests/ddp_worker.py on two CPU processes (gloo over loopback), the engine from the environment."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **engine_env}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
+         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), *map(str, args)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def _free_port() -> int:
