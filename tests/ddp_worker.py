@@ -108,6 +108,13 @@ if __name__ == "__main__":
     if sys.argv[2:] == ["bf16"]:  # accelerate fixes the precision once per process: its own run
         train_bf16(out)
         sys.exit(0)
+    if sys.argv[2:] == ["refused"]:  # an engine that must stop before training: save its message
+        try:
+            run_warmup(_tiny(), load_records(out / "data"), make_tc(out, warmup=STAGE))
+        except NotImplementedError as e:
+            if int(os.environ.get("RANK", "0")) == 0:
+                (out / "refused.txt").write_text(str(e))
+        sys.exit(0)
     sharded_clips = []
     original = stages._clip_per_expert_sharded
     stages._clip_per_expert_sharded = lambda *a: sharded_clips.append(1) or original(*a)

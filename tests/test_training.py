@@ -287,6 +287,15 @@ def test_fsdp_bf16_with_accelerate_activation_checkpointing(tmp_path):
     assert len(saved["sft_losses"]) == 3 and saved["sft_moved"] > 0  # a peft baseline trains too
 
 
+def test_fsdp1_is_refused_before_anything_is_written(tmp_path):
+    # FSDP1's flat parameters would hide the experts' tensors: the run names the setting to change.
+    records_from(synthetic_records(8, seed=1), tmp_path)
+    _torchrun_worker({**FSDP_ENV, "FSDP_VERSION": "1"}, tmp_path, "refused")
+    assert "FSDP1 is not supported" in (tmp_path / "refused.txt").read_text()
+    assert "fsdp_version: 2" in (tmp_path / "refused.txt").read_text()
+    assert not (tmp_path / "out" / "warmup").exists()
+
+
 def _torchrun_worker(engine_env: dict[str, str], *args) -> None:
     """tests/ddp_worker.py on two CPU processes (gloo over loopback), the engine from the environment."""
     import os
