@@ -27,6 +27,9 @@ ADAMW = StageConfig(steps=4, batch_size=2, grad_accum=2, lr=1e-2, micro_batch_si
                     warmup_ratio=0.0, scheduler="linear", optimizer="adamw")
 
 
+MAIN = int(os.environ.get("RANK", "0")) == 0  # the process that writes the results
+
+
 def _tiny():
     pf = build_tiny()
     for m in pf.modules():  # the tiny BERT encoder's dropout draws differ between 1 and 2 processes
@@ -93,7 +96,7 @@ def train_bf16(tmp: Path) -> None:
     b0 = {n: p.detach().float().clone() for n, p in lora.named_parameters() if "lora_B" in n}
     sft = run_sft(lora, make_tokenizer(), records, tc, tmp / "sft")
     sft_moved = max((p.detach().float() - b0[n]).abs().max().item() for n, p in lora.named_parameters() if n in b0)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if MAIN:
         torch.save({
             "losses": losses,
             "dtype": str(layer.lora_B.dtype),
@@ -112,7 +115,7 @@ if __name__ == "__main__":
         try:
             run_warmup(_tiny(), load_records(out / "data"), make_tc(out, warmup=STAGE))
         except NotImplementedError as e:
-            if int(os.environ.get("RANK", "0")) == 0:
+            if MAIN:
                 (out / "refused.txt").write_text(str(e))
         sys.exit(0)
     sharded_clips = []
@@ -133,7 +136,7 @@ if __name__ == "__main__":
     from torch.distributed.tensor import DTensor
 
     state = PartialState()
-    if int(os.environ.get("RANK", "0")) == 0:
+    if MAIN:
         torch.save({
             "params": params,
             "processes": state.num_processes,
