@@ -3,20 +3,22 @@
 # tool allows 600 s per command; each part has its own time box and writes its JSON as soon as it
 # finishes, so a part that runs out of time loses only itself).
 #
-#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=420)      # the default parts, ~4 min
+#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=540)      # the default parts, ~6 min
 #   make gpu-assets    # here, only for WARMUP=1: SmolLM2's config + tokenizer (3.4 MB); then carry=["gpu-assets"]
 #
-# Default parts (issue 2, 2026-11-26: the figures a change since the last device session moves):
+# Default parts (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
-#   128 new tokens, base vs moe (fused expand), 3 rounds (~70 s of compilation per variant on an H100)
-#   profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay, and the
-#   host time torch.compile spends per call (~100 s)
+#   128 new tokens, base vs moe (fused expand), 3 rounds (~70 s of compilation per variant on an
+#   H100), once per decoding loop in DECODERS: personafuse.decoding.greedy_generate (no host sync
+#   per token; gpu_compile_personafuse.json), then transformers' generate (gpu_compile.json)
 # Opt-in parts, measured on 2026-11-26 (docs/performance.md):
+#   PROFILE=1 profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay,
+#             and the host time torch.compile spends per call (~100 s)
 #   EAGER=1   mixture decode, eager: default / fused / unfused expand (64 new tokens)
 #   KERNEL=1  one layer's seven projections per inference layout, eager and CUDA graph, fp64 errors
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
 #   STAGES=1  peak memory of the warm-up and joint stages at batch 32 x 512 (issue 4)
-# MIXTURE=0 / PROFILE=0 skip the default parts; COMPILE_VARIANTS / COMPILE_LIMIT / NEW_TOKENS adjust
+# MIXTURE=0 skips the default parts; DECODERS / COMPILE_VARIANTS / COMPILE_LIMIT / NEW_TOKENS adjust
 # the compiled part.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -25,12 +27,13 @@ PY=${PY:-python3}
 SMALL=${SMALL:-0}  # SMALL=1: tiny shapes, for checking this script on a CPU
 KERNEL=${KERNEL:-0}
 MIXTURE=${MIXTURE:-1}
-PROFILE=${PROFILE:-1}
+PROFILE=${PROFILE:-0}
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
 COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe}
 COMPILE_LIMIT=${COMPILE_LIMIT:-240}
+DECODERS=${DECODERS:-personafuse,generate}
 NEW_TOKENS=${NEW_TOKENS:-}  # compiled part; default 128 (8 with SMALL=1)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
@@ -69,8 +72,12 @@ if [ "$MIXTURE" = 1 ]; then
         part mixture_eager 90 $PY benchmarks/mixture_throughput.py $MIX --repeats 2 \
             --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
     fi
-    part mixture_compile "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" --repeats 3 --compile \
-        --variants "$COMPILE_VARIANTS" --json "$OUT/gpu_compile.json"
+    for decoder in ${DECODERS//,/ }; do
+        json="$OUT/gpu_compile.json"
+        [ "$decoder" = generate ] || json="$OUT/gpu_compile_$decoder.json"
+        part "mixture_compile_$decoder" "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" \
+            --repeats 3 --compile --decoder "$decoder" --variants "$COMPILE_VARIANTS" --json "$json"
+    done
 fi
 if [ "$PROFILE" = 1 ]; then
     part profile_decode 150 $PY benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile_decode.json"

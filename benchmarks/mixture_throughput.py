@@ -7,6 +7,7 @@ them alike. Ratios are tokens/s relative to the base model measured in the same 
     python benchmarks/mixture_throughput.py                          # embedded SmolLM2, CPU, batch 8
     python benchmarks/mixture_throughput.py --shape llama-3.1-8b --device cuda --dtype bfloat16 \
         --batch 32 --json out.json                                   # random Llama-3.1-8B shapes
+    ... --compile --decoder personafuse      # every variant through personafuse.decoding.greedy_generate
 
 Variants:
   base        the base model alone
@@ -36,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from personafuse.decoding import greedy_generate  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -134,6 +136,9 @@ def main() -> None:
                     help="rank of each of the ten experts in the moe variant (the paper: 8); lower it to "
                     "separate per-op overhead from adapter arithmetic")
     ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile (GPU)")
+    ap.add_argument("--decoder", choices=["generate", "personafuse"], default="generate",
+                    help="the decoding loop for every variant: transformers' generate, or "
+                    "personafuse.decoding.greedy_generate (static cache, no host sync per token)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
 
@@ -160,10 +165,19 @@ def main() -> None:
     )
     if args.compile:
         gen_kw["cache_implementation"] = "static"
+    if args.decoder == "personafuse" and "peft_cat" in variants:
+        ap.error("--decoder personafuse: peft_cat decodes a mixed adapter batch, which only generate supports")
+
+    def decode(model, **extra):
+        """One greedy run of ``model`` with the chosen loop (same tokens either way, see tests)."""
+        if args.decoder == "personafuse":
+            return greedy_generate(model, ids, mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                   pad_token_id=0, compile=args.compile)  # fmt: skip
+        return model.generate(input_ids=ids, attention_mask=mask, **gen_kw, **extra)
 
     runners = {}
     if "base" in variants:
-        runners["base"] = lambda: (0.0, base.generate(input_ids=ids, attention_mask=mask, **gen_kw))
+        runners["base"] = lambda: (0.0, decode(base))
 
     def make_moe(pack: bool | None, fuse: bool | None = None):
         moe = share_weights(base)
@@ -176,7 +190,7 @@ def main() -> None:
 
         def run_moe():
             with state.use(w_dev):
-                return 0.0, moe.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+                return 0.0, decode(moe)
 
         def logits():
             with state.use(w_dev):
@@ -214,7 +228,7 @@ def main() -> None:
 
         def run_lora():
             pm.set_adapter("single")
-            return 0.0, pm.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+            return 0.0, decode(pm)
 
         counter = {"n": 0}
 
@@ -230,7 +244,7 @@ def main() -> None:
             sync(device)
             build = time.perf_counter() - t
             pm.set_adapter(names[0])
-            out = pm.generate(input_ids=ids, attention_mask=mask, adapter_names=names, **gen_kw)
+            out = decode(pm, adapter_names=names)
             for name in names:
                 pm.delete_adapter(name)
             return build, out
@@ -239,7 +253,7 @@ def main() -> None:
             if "shared" not in pm.peft_config:
                 pm.add_weighted_adapter(experts, row_w[0].tolist(), "shared", combination_type="cat")
             pm.set_adapter("shared")
-            return 0.0, pm.generate(input_ids=ids, attention_mask=mask, **gen_kw)
+            return 0.0, decode(pm)
 
         for v, fn in (("peft_lora", run_lora), ("peft_cat", run_cat), ("peft_cat_shared", run_cat_shared)):
             if v in variants:
@@ -313,6 +327,7 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "repeats": args.repeats,
             "compile": args.compile,
+            "decoder": args.decoder,
             "torch": torch.__version__,
             "transformers": __import__("transformers").__version__,
             "peft": __import__("peft").__version__,

@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused")
+    ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused, moe_packed (packed layout forced, as on accelerators; for CPU)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' to check on CPU)")
     ap.add_argument("--calls", type=int, default=5, help="profiled calls per variant")
     ap.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per variant")
@@ -72,6 +72,7 @@ def main() -> None:
             model = share_weights(base)
             state = MixtureState(10, 8, 16 / 8)
             state.fuse = False if name == "moe_unfused" else None
+            state.pack = True if name == "moe_packed" else None
             inject_mixture(model, TARGETS, state)
             model.to(device)
             randomise_lora([p for n, p in model.named_parameters() if "lora_" in n])

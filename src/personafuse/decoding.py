@@ -1,0 +1,161 @@
+"""Greedy decoding that keeps the accelerator busy: static KV cache, no host sync per token.
+
+``model.generate`` reads ``unfinished_sequences.max() == 0`` on the host after every token
+(transformers defers that read only on Apple GPUs), so on CUDA each step waits for the device,
+then spends its own Python time while the device idles: the step costs GPU time *plus* host
+time. At batch 32 on an H100 with a compiled 8B model the host half was a third of the step
+(docs/performance.md), and every microsecond a model adds on the host shows in tokens/s.
+
+This loop queues step after step and looks at the device only every ``check_every`` tokens, so
+host work overlaps GPU work and a step costs whichever is longer. It returns what greedy
+``generate`` returns for the same inputs (same tokens, same padding after EOS, same length;
+tested against it), for any causal LM that accepts a ``StaticCache``. Mixture weights are set
+around it as around ``generate``: ``with state.use(weights): greedy_generate(model, ...)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import StaticCache
+
+
+def generate_compile_options() -> dict[str, Any]:
+    """The torch.compile options ``generate`` uses for a static cache (transformers' CompileConfig
+    defaults: inductor, CUDA graphs), so that "compiled" means the same thing in both loops."""
+    from transformers import CompileConfig
+
+    return CompileConfig().to_dict()
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    # transformers renamed past_key_values to cache (the old name warns from 5.2x on)
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _last_logits(model: nn.Module, cache_kw: str, input_ids, attention_mask, position_ids, cache, cache_position):
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache_position=cache_position,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_kw: cache},
+    )
+    return out.logits[:, -1]
+
+
+_compiled: dict[str, Callable] = {}
+# One static cache per model, reused by the next call of the same batch size: fresh cache tensors
+# would make CUDA graphs re-record (new addresses), a longer one would recompile (new shapes).
+_caches: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, int, StaticCache]] = weakref.WeakKeyDictionary()
+
+
+def _static_cache(model: nn.Module, batch: int, length: int) -> tuple[StaticCache, int]:
+    """A cache for ``batch`` rows of at least ``length`` positions, and its length."""
+    p = next(model.parameters())
+    kind = (batch, p.dtype, p.device)
+    held = _caches.get(model)
+    if held is not None and held[0] == kind and held[1] >= length:
+        held[2].reset()
+        return held[2], held[1]
+    length = max(length, held[1] if held is not None and held[0] == kind else 0)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    _caches[model] = (kind, length, cache)
+    return cache, length
+
+
+def _decode_step(options: dict[str, Any]) -> Callable:
+    """One compiled decode step per set of options (Dynamo keys its graphs on the model's identity)."""
+    key = repr(sorted(options.items()))
+    if key not in _compiled:
+        _compiled[key] = torch.compile(_last_logits, **options)
+    return _compiled[key]
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    max_new_tokens: int,
+    min_new_tokens: int = 0,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    compile: bool | dict[str, Any] = False,
+    check_every: int = 16,
+) -> torch.Tensor:
+    """Greedy continuation of left-padded ``input_ids`` [B, T]; returns [B, T + n], n <= max_new_tokens.
+
+    ``eos_token_id`` / ``pad_token_id`` default to the model's generation config, as in ``generate``.
+    ``compile``: True compiles the decode step with the options ``generate(cache_implementation=
+    "static")`` uses (CUDA graphs); a dict gives ``torch.compile`` options of its own (e.g.
+    ``{"backend": "eager"}``).
+    The prefill runs eagerly, as in ``generate``.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be at least 1, got {check_every}")
+    gen_config = getattr(model, "generation_config", None)
+    if eos_token_id is None and gen_config is not None:
+        eos_token_id = gen_config.eos_token_id
+    eos_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id or [])
+    if pad_token_id is None:
+        pad_token_id = getattr(gen_config, "pad_token_id", None)
+        pad_token_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+
+    batch, prompt_len = input_ids.shape
+    device = input_ids.device
+    total = prompt_len + max_new_tokens
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    # Inputs of fixed shapes, so one compiled graph serves every step: the mask covers the whole
+    # cache (causality hides the positions not written yet), the token and positions are [B, 1].
+    cache, cache_len = _static_cache(model, batch, total)
+    mask = attention_mask.new_ones(batch, cache_len)
+    mask[:, :prompt_len] = attention_mask
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions.masked_fill_(attention_mask == 0, 1)  # as generate does for left padding
+    next_position = positions[:, -1:] + 1
+    eos = torch.tensor(eos_ids, device=device, dtype=torch.long)
+    out = input_ids.new_full((batch, total), pad_token_id)
+    out[:, :prompt_len] = input_ids
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+
+    options = generate_compile_options() if compile is True else compile
+    step = _decode_step(options) if options else _last_logits
+    cache_kw = _cache_kwarg(model)
+    logits = _last_logits(model, cache_kw, input_ids, mask, positions, cache, torch.arange(prompt_len, device=device))
+    cache_position = torch.tensor([prompt_len], device=device)
+    for s in range(max_new_tokens):
+        if s < min_new_tokens and len(eos):
+            logits = logits.index_fill(1, eos, -float("inf"))  # as generate's min_new_tokens
+        token = torch.where(unfinished, logits.argmax(-1), pad_token_id)
+        out[:, prompt_len + s] = token
+        if len(eos):
+            stopped = unfinished & torch.isin(token, eos)
+            finished_at.masked_fill_(stopped, s)
+            unfinished &= ~stopped
+            # The only host sync: every check_every tokens, is anything still running?
+            if (s + 1) % check_every == 0 and not bool(unfinished.any()):
+                break
+        if s + 1 < max_new_tokens:
+            if options:  # the previous step's outputs are consumed: CUDA graphs may reuse them
+                torch.compiler.cudagraph_mark_step_begin()
+            logits = step(model, cache_kw, token[:, None], mask, next_position, cache, cache_position)
+            next_position += 1
+            cache_position += 1
+    # generate stops after the step where the last row finished: cut the same columns
+    n = min(int(finished_at.max()) + 1, max_new_tokens)
+    return out[:, : prompt_len + n]

@@ -1,0 +1,102 @@
+"""personafuse.decoding.greedy_generate against transformers' greedy generate, token for token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_tiny
+from personafuse.decoding import greedy_generate
+
+PROMPT_LEN = 9
+
+
+def _batch(seed: int = 1):
+    """Four left-padded prompts (two with padding) and four different mixtures."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 160, (4, PROMPT_LEN), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    ids[mask == 0] = 0
+    weights = torch.softmax(torch.randn(4, 10, generator=g) * 2, dim=-1)
+    return ids, mask, weights
+
+
+def _hf(model, ids, mask, **kw):
+    return model.generate(input_ids=ids, attention_mask=mask, do_sample=False, temperature=None, top_p=None,
+                          top_k=None, pad_token_id=0, **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_greedy_generate_equals_generate_with_eos_stops(kind):
+    pf = build_tiny(base_kind=kind)
+    model = pf.base_model
+    ids, mask, w = _batch()
+    with pf.state.use(w):
+        free = greedy_generate(model, ids, mask, max_new_tokens=20, eos_token_id=[], pad_token_id=0)
+        new = free[:, PROMPT_LEN:]
+        assert new.shape == (4, 20)
+        assert len({tuple(r) for r in new.tolist()}) == 4  # the rows really differ
+        # EOS sets that stop: one row early, every row (generate ends the batch), and a stop
+        # between two host checks (check_every=5) so that trimming must undo the extra steps.
+        cases = [[int(new[1, 2])], [int(new[r, 3 + r]) for r in range(4)], [int(new[r, 0]) for r in range(4)]]
+        for eos in cases:
+            for min_new in (0, 4):
+                ref = _hf(model, ids, mask, max_new_tokens=20, min_new_tokens=min_new, eos_token_id=eos)
+                got = greedy_generate(model, ids, mask, max_new_tokens=20, min_new_tokens=min_new,
+                                      eos_token_id=eos, pad_token_id=0, check_every=5)  # fmt: skip
+                assert got.shape == ref.shape, (eos, min_new)
+                assert torch.equal(got, ref), (eos, min_new)
+        # the all-rows case really ended early, and min_new_tokens really suppressed EOS
+        assert greedy_generate(model, ids, mask, max_new_tokens=20, eos_token_id=cases[2]).shape[1] == PROMPT_LEN + 1
+        longer = greedy_generate(model, ids, mask, max_new_tokens=20, min_new_tokens=4, eos_token_id=cases[2])
+        assert longer.shape[1] > PROMPT_LEN + 4
+
+
+def test_greedy_generate_compiled_step_equals_eager_and_defaults_to_generation_config():
+    pf = build_tiny()
+    model = pf.base_model
+    ids, mask, w = _batch(2)
+    with pf.state.use(w):
+        eager = greedy_generate(model, ids, mask, max_new_tokens=12)
+        compiled = greedy_generate(model, ids, mask, max_new_tokens=12, compile={"backend": "eager", "fullgraph": True})
+        ref = _hf(model, ids, mask, max_new_tokens=12)  # eos 3 and pad 0 from the model's config
+    assert torch.equal(eager, compiled)
+    assert torch.equal(eager, ref)
+    # the mixture is applied: other weights, other tokens
+    with pf.state.use(w.flip(0)):
+        assert not torch.equal(greedy_generate(model, ids, mask, max_new_tokens=12), eager)
+
+
+def test_greedy_generate_reuses_its_cache_across_lengths_and_batches():
+    """The static cache outlives a call (CUDA graphs keep their addresses); a shorter run in a longer
+    cache, and another batch size, still give generate's tokens."""
+    from personafuse import decoding
+
+    pf = build_tiny()
+    model = pf.base_model
+    ids, mask, w = _batch(3)
+    with pf.state.use(w):
+        greedy_generate(model, ids, mask, max_new_tokens=20, eos_token_id=[])
+        first_cache = decoding._caches[model][2]
+        short = greedy_generate(model, ids, mask, max_new_tokens=6)
+        assert decoding._caches[model][2] is first_cache  # reused, 29 positions for a 15-token run
+        assert torch.equal(short, _hf(model, ids, mask, max_new_tokens=6))
+    with pf.state.use(w[:2]):
+        two = greedy_generate(model, ids[:2], mask[:2], max_new_tokens=6)
+        assert torch.equal(two, _hf(model, ids[:2], mask[:2], max_new_tokens=6))
+    assert torch.equal(two, short[:2, : two.shape[1]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 4, "check_every": 0}, "check_every")],
+)
+def test_greedy_generate_rejects_bad_arguments(kwargs, message):
+    pf = build_tiny(randomise=False)
+    ids, mask, _ = _batch()
+    with pytest.raises(ValueError, match=message):
+        greedy_generate(pf.base_model, ids, mask, **kwargs)
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_generate(pf.base_model, ids[0], max_new_tokens=2)
