@@ -60,8 +60,11 @@ def test_greedy_generate_compiled_step_equals_eager_and_defaults_to_generation_c
     ids, mask, w = _batch(2)
     with pf.state.use(w):
         eager = greedy_generate(model, ids, mask, max_new_tokens=12)
-        compiled = greedy_generate(model, ids, mask, max_new_tokens=12, compile={"backend": "eager", "fullgraph": True})
+        traced = greedy_generate(model, ids, mask, max_new_tokens=12, compile={"backend": "eager", "fullgraph": True})
+        # generate's own compile options (inductor; CUDA graphs where there is CUDA)
+        compiled = greedy_generate(model, ids, mask, max_new_tokens=12, compile=True)
         ref = _hf(model, ids, mask, max_new_tokens=12)  # eos 3 and pad 0 from the model's config
+    assert torch.equal(eager, traced)
     assert torch.equal(eager, compiled)
     assert torch.equal(eager, ref)
     # the mixture is applied: other weights, other tokens
