@@ -28,7 +28,7 @@ def _hf(model, ids, mask, **kw):
                           top_k=None, pad_token_id=0, **kw)  # fmt: skip
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "gemma"])
 def test_greedy_generate_equals_generate_with_eos_stops(kind):
     pf = build_tiny(base_kind=kind)
     model = pf.base_model
