@@ -94,5 +94,8 @@ if [ "$STAGES" = 1 ]; then
     part stage_memory 120 $PY benchmarks/stage_throughput.py $STAGE --steps 1 --stages warmup,joint \
         --json "$OUT/stages_gpu.json"
 fi
+for f in "$OUT"/gpu_compile*.json; do  # the figures to record, one line per decoding loop
+    [ -f "$f" ] && $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['setup'].get('decoder'), {k: round(v, 3) for k, v in r['ratios'].items()}, {k: round(v, 1) for k, v in r['tokens_per_s'].items()})" "$f"
+done
 echo "== done in $((SECONDS - start))s; results in $OUT"
 ls -l "$OUT"
