@@ -383,12 +383,15 @@ class PackedGroup:
         ms = self.members
         # Outside inference mode: packed storage must stay usable if training follows.
         with torch.inference_mode(False), torch.no_grad():
-            weight = torch.cat([m.base.weight for m in ms] + [m.lora_A for m in ms])
+            # Parameters (frozen, owned by no module) rather than plain tensors: torch.compile
+            # leaves parameters out of the aliasing check it runs on every call (3 tensors
+            # instead of 259 at 32 layers; docs/performance.md).
+            weight = _frozen(torch.cat([m.base.weight for m in ms] + [m.lora_A for m in ms]))
             bias = None
             if any(m.base.bias is not None for m in ms):
                 ref = ms[0].base.weight
                 parts = [m.base.bias if m.base.bias is not None else ref.new_zeros(m.out_features) for m in ms]
-                bias = torch.cat(parts + [ref.new_zeros(sum(m.lora_A.shape[0] for m in ms))])
+                bias = _frozen(torch.cat(parts + [ref.new_zeros(sum(m.lora_A.shape[0] for m in ms))]))
             bounds, row = [], 0
             for m in ms:
                 bounds.append((row, row + m.out_features))
@@ -397,7 +400,7 @@ class PackedGroup:
                     m.base.bias.data = bias[row : row + m.out_features]
                 row += m.out_features
             self.split = row
-            expand = torch.cat([m.lora_B for m in ms])
+            expand = _frozen(torch.cat([m.lora_B for m in ms]))
             for m, (lo, hi) in zip(ms, bounds, strict=True):
                 m.lora_A.data = weight[row : row + m.lora_A.shape[0]]
                 m.lora_B.data = expand[lo:hi]
@@ -439,6 +442,10 @@ class PackedGroup:
         for (lo, hi), (a, b), bt in self._expand_plan:
             flat[:, lo:hi].addmm_(flat[:, a:b], bt)
         return out
+
+
+def _frozen(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t, requires_grad=False)
 
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
