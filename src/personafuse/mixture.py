@@ -81,8 +81,10 @@ class MixtureState:
         self._synced = -1  # the key the layers hold (see _sync_layers)
         weakref.finalize(self, _LIVE.pop, self.key, None)
 
-    def _sync_layers(self) -> None:
+    def _sync_layers(self, force: bool = False) -> None:
         """Give every layer this state's key (after a copy or unpickling the layers hold the old one)."""
+        if self._synced == self.key and not force:
+            return
         for group in self.groups:
             for m in group.members:
                 m._key = self.key
@@ -108,8 +110,7 @@ class MixtureState:
     shared = property(lambda self: self.live.shared)
 
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
-        if self._synced != self.key:
-            self._sync_layers()
+        self._sync_layers()
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
             raise ValueError(
                 f"mixture weights must have shape [batch, {self.num_experts}], got {tuple(weights.shape)}"
@@ -469,7 +470,7 @@ def _group_layers(model: nn.Module, state: MixtureState) -> None:
     for slot, group in enumerate(state.groups):
         for pos, m in enumerate(group.members):
             m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
-    state._sync_layers()
+    state._sync_layers(force=True)  # the groups' layers may be new
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
@@ -523,8 +524,7 @@ def inject_mixture(
 
 def _open_shared(model: nn.Module, args) -> None:
     state = model._mixture_state
-    if state._synced != state.key:  # a copy: hand its layers the new key first
-        state._sync_layers()
+    state._sync_layers()  # a copy hands its layers the new key first
     state.live.shared = {}
 
 
