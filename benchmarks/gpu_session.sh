@@ -3,14 +3,15 @@
 # tool allows 600 s per command; each part has its own time box and writes its JSON as soon as it
 # finishes, so a part that runs out of time loses only itself).
 #
-#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=540)      # the default parts, ~6 min
+#   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=560)      # the default parts, <= 9 min
 #   make gpu-assets    # here, only for WARMUP=1: SmolLM2's config + tokenizer (3.4 MB); then carry=["gpu-assets"]
 #
 # Default parts (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
-#   128 new tokens, base vs moe (fused expand), 3 rounds (~70 s of compilation per variant on an
-#   H100), once per decoding loop in DECODERS: personafuse.decoding.greedy_generate (no host sync
-#   per token; gpu_compile_personafuse.json), then transformers' generate (gpu_compile.json)
+#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100), once per decoding loop
+#   in DECODERS: personafuse.decoding.greedy_generate (no host sync per token; base vs moe vs
+#   moe_tuned, the fused expand with tile sizes timed on the device; gpu_compile_personafuse.json),
+#   then transformers' generate (base vs moe; gpu_compile.json)
 # Opt-in parts, measured on 2026-11-26 (docs/performance.md):
 #   PROFILE=1 profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay,
 #             and the host time torch.compile spends per call (~100 s)
@@ -18,8 +19,8 @@
 #   KERNEL=1  one layer's seven projections per inference layout, eager and CUDA graph, fp64 errors
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
 #   STAGES=1  peak memory of the warm-up and joint stages at batch 32 x 512 (issue 4)
-# MIXTURE=0 skips the default parts; DECODERS / COMPILE_VARIANTS / COMPILE_LIMIT / NEW_TOKENS adjust
-# the compiled part.
+# MIXTURE=0 skips the default parts; DECODERS / COMPILE_VARIANTS / GENERATE_VARIANTS / COMPILE_LIMIT /
+# GENERATE_LIMIT / NEW_TOKENS adjust the compiled parts.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu-results}
@@ -31,8 +32,10 @@ PROFILE=${PROFILE:-0}
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
-COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe}
-COMPILE_LIMIT=${COMPILE_LIMIT:-240}
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe,moe_tuned}  # the personafuse loop
+GENERATE_VARIANTS=${GENERATE_VARIANTS:-base,moe}  # transformers' generate
+COMPILE_LIMIT=${COMPILE_LIMIT:-330}
+GENERATE_LIMIT=${GENERATE_LIMIT:-180}
 DECODERS=${DECODERS:-personafuse,generate}
 NEW_TOKENS=${NEW_TOKENS:-}  # compiled part; default 128 (8 with SMALL=1)
 mkdir -p "$OUT"
@@ -73,10 +76,10 @@ if [ "$MIXTURE" = 1 ]; then
             --variants base,moe,moe_fused,moe_unfused --json "$OUT/gpu_eager.json"
     fi
     for decoder in ${DECODERS//,/ }; do
-        json="$OUT/gpu_compile.json"
-        [ "$decoder" = generate ] || json="$OUT/gpu_compile_$decoder.json"
-        part "mixture_compile_$decoder" "$COMPILE_LIMIT" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" \
-            --repeats 3 --compile --decoder "$decoder" --variants "$COMPILE_VARIANTS" --json "$json"
+        json="$OUT/gpu_compile_$decoder.json" limit=$COMPILE_LIMIT variants=$COMPILE_VARIANTS
+        [ "$decoder" = generate ] && json="$OUT/gpu_compile.json" limit=$GENERATE_LIMIT variants=$GENERATE_VARIANTS
+        part "mixture_compile_$decoder" "$limit" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" \
+            --repeats 3 --compile --decoder "$decoder" --variants "$variants" --json "$json"
     done
 fi
 if [ "$PROFILE" = 1 ]; then
@@ -95,7 +98,7 @@ if [ "$STAGES" = 1 ]; then
         --json "$OUT/stages_gpu.json"
 fi
 for f in "$OUT"/gpu_compile*.json; do  # the figures to record, one line per decoding loop
-    [ -f "$f" ] && $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['setup'].get('decoder'), {k: round(v, 3) for k, v in r['ratios'].items()}, {k: round(v, 1) for k, v in r['tokens_per_s'].items()})" "$f"
+    [ -f "$f" ] && $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['setup'].get('decoder'), {k: round(v, 3) for k, v in r['ratios'].items()}, {k: round(v, 1) for k, v in r['tokens_per_s'].items()}, 'tuning', r.get('expand_tuning_s'), r.get('expand_tuned_configs'))" "$f"
 done
 echo "== done in $((SECONDS - start))s; results in $OUT"
 ls -l "$OUT"

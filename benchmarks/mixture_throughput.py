@@ -16,6 +16,9 @@ Variants:
               kernel under --compile; on CPU the plain layout)
   moe_packed / moe_unpacked  (extra) the same with MixtureState.pack forced on / off
   moe_fused / moe_unfused  (extra) packed, the expand fused in eager mode too / never fused
+  moe_tuned   (extra) moe with the fused expand's tile sizes timed on the device for each group
+              shape (personafuse.kernels.AUTOTUNE on during its calls only; the time spent tuning
+              and the winning tilings are in the JSON)
   peft_lora   peft with one rank-8 LoRA (unmerged)
   peft_cat    peft with the ten experts combined per request by add_weighted_adapter(..., "cat"):
               one adapter built per row (build time included), decoded as a peft mixed batch
@@ -37,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from personafuse import kernels  # noqa: E402
 from personafuse.decoding import greedy_generate  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
@@ -179,7 +183,9 @@ def main() -> None:
     if "base" in variants:
         runners["base"] = lambda: (0.0, decode(base))
 
-    def make_moe(pack: bool | None, fuse: bool | None = None):
+    tune_s = []
+
+    def make_moe(pack: bool | None, fuse: bool | None = None, tuned: bool = False):
         moe = share_weights(base)
         state = MixtureState(10, args.expert_rank, 16 / 8)
         state.pack, state.fuse = pack, fuse
@@ -188,24 +194,43 @@ def main() -> None:
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
         w_dev = row_w.to(device)
 
+        def autotune() -> bool:
+            """AUTOTUNE for this variant's calls only (the kernel reads it at each eager call and
+            when a CUDA graph is captured); the first call records the time spent tuning."""
+            previous, kernels.AUTOTUNE = kernels.AUTOTUNE, tuned
+            if tuned and not tune_s:
+                t = time.perf_counter()
+                state.set(w_dev)
+                sync(device)
+                tune_s.append(time.perf_counter() - t)
+            return previous
+
         def run_moe():
-            with state.use(w_dev):
-                return 0.0, decode(moe)
+            previous = autotune()
+            try:
+                with state.use(w_dev):
+                    return 0.0, decode(moe)
+            finally:
+                kernels.AUTOTUNE = previous
 
         def logits():
-            with state.use(w_dev):
-                return moe(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+            previous = autotune()
+            try:
+                with state.use(w_dev):
+                    return moe(input_ids=ids, attention_mask=mask).logits[:, -1].float()
+            finally:
+                kernels.AUTOTUNE = previous
 
         run_moe.logits = logits
         return run_moe
 
     moe_variants = {
         "moe": (None, None), "moe_packed": (True, None), "moe_fused": (None, True), "moe_unfused": (None, False),
-        "moe_unpacked": (False, None),
+        "moe_unpacked": (False, None), "moe_tuned": (None, None, True),
     }  # fmt: skip
-    for v, (pack, fuse) in moe_variants.items():
+    for v, settings in moe_variants.items():
         if v in variants:
-            runners[v] = make_moe(pack, fuse)
+            runners[v] = make_moe(*settings)
     # The layouts compute the same sum: check it on this device before timing them.
     moe_runs = [runners[v] for v in moe_variants if v in runners]
     layout_diff = None
@@ -314,6 +339,12 @@ def main() -> None:
         "peft_cat_build_s_per_request": build_per_request,
         "moe_layouts_rel_logit_diff": layout_diff,
         "moe_layouts_first_token_agreement": first_token_agreement,
+        # moe_tuned: seconds its first routing decision spent timing tilings, and the winners
+        "expand_tuning_s": tune_s[0] if tune_s else None,
+        "expand_tuned_configs": [
+            {"rows": k[2], "bounds": list(k[4]), "rank": k[5], "dtype": str(k[1]), **v._asdict()}
+            for k, v in kernels._TUNED.items()
+        ],
         "setup": {
             "model": desc,
             "expert_rank": args.expert_rank,

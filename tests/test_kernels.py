@@ -127,3 +127,78 @@ def test_fused_pack_matches_the_plain_model_and_compiles():
         """
     )
     assert "fused ok" in out
+
+
+def test_every_candidate_tiling_computes_the_same_sum():
+    # What kernels.tune may pick: each tiling must give the reference sum, decode- and prefill-sized.
+    out = _interpret(
+        """
+        import torch
+        from personafuse import kernels
+        g = torch.Generator().manual_seed(1)
+        cases = [([32, 16, 16], 80, 8, 8), ([128, 128], 80, 32, 32), ([64], 20, 70, 7), ([48, 48], 80, 3, 3)]
+        for sizes, rank, rows, seqs in cases:
+            bounds = [sum(sizes[: i + 1]) for i in range(len(sizes))]
+            n_out = bounds[-1]
+            o = torch.randn(rows, n_out + len(sizes) * rank, generator=g)
+            w = torch.rand(seqs, rank, generator=g)
+            b = torch.randn(n_out, rank, generator=g)
+            ref = kernels._reference(o, w, b, bounds)
+            configs = kernels.candidate_configs(rows, rank, bounds)
+            assert configs[0] == kernels.default_config(rows, rank, bounds) and len(set(configs)) == len(configs)
+            assert len(configs) >= 5, configs
+            for cfg in configs:
+                assert all(s % cfg.block_n == 0 for s in sizes), cfg  # a tile never straddles two members
+                y = torch.full((rows, n_out), float("nan"))
+                kernels._launch(cfg, o, w, b, bounds, y)
+                torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5, msg=lambda m: f"{cfg}: {m}")
+            print("ok", sizes, len(configs))
+        """
+    )
+    assert out.count("ok") == 4
+
+
+def test_autotune_times_each_group_shape_once_and_the_kernel_uses_the_winner():
+    out = _interpret(
+        """
+        import torch
+        from conftest import build_tiny
+        from personafuse import kernels
+        timed, launched = [], []
+        time_ms, launch = kernels._time_ms, kernels._launch
+        kernels._time_ms = lambda fn: timed.append(1) or time_ms(fn)  # count timings, keep the real clock
+        kernels._launch = lambda cfg, *a: launched.append(cfg) or launch(cfg, *a)
+        pf = build_tiny()
+        pf.state.pack, pf.state.fuse = True, True
+        ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
+        w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
+        with torch.enable_grad():
+            plain = pf(ids, weights=w).logits.detach()  # trainable weights: never packed
+        assert not kernels._TUNED and not timed
+        kernels.AUTOTUNE = True
+        with torch.no_grad():
+            tuned = pf(ids, weights=w).logits
+        shapes = {tuple(g._ends) for g in pf.state.groups}
+        assert {k[4] for k in kernels._TUNED} == shapes, (kernels._TUNED, shapes)
+        assert all(k[2] == 3 and k[3] == 1 for k in kernels._TUNED)  # decode shape: one token per row
+        n_timed = len(timed)
+        assert n_timed >= 5 * len(shapes), n_timed
+        torch.testing.assert_close(tuned, plain, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            pf(ids, weights=w)  # known shapes: nothing timed again
+        assert len(timed) == n_timed
+        # a decode-shaped call (3 rows, one per sequence) runs the tuned tiling; off, the default
+        group = pf.state.groups[0]
+        o = torch.randn(3, group.split + len(group.members) * group.expand.shape[1])
+        wx = torch.rand(3, group.expand.shape[1])
+        for on in (True, False):
+            kernels.AUTOTUNE = on
+            launched.clear()
+            kernels.grouped_expand_eager(o, wx, group.expand, group._ends)
+            key = kernels._key(o, 3, 3, group._ends, group.expand.shape[1])
+            want = kernels._TUNED[key] if on else kernels.default_config(3, group.expand.shape[1], group._ends)
+            assert launched == [want], (on, launched, want)
+        print("tuned ok", len(shapes), n_timed)
+        """
+    )
+    assert "tuned ok" in out

@@ -14,22 +14,41 @@ multiply and one GEMM per member: kernel count is what a decode step pays for
 It is a ``torch.library`` custom op, so ``torch.compile(fullgraph=True)`` and CUDA graphs take
 it as one opaque node. ``TRITON_INTERPRET=1`` (set before import) runs the kernel on CPU tensors,
 which is how the tests check it without a GPU.
+
+Tile sizes come from a fixed rule (:func:`default_config`). With ``AUTOTUNE`` on (or
+``PERSONAFUSE_AUTOTUNE=1`` in the environment), :func:`tune` times a few candidate tilings on the
+device for one group shape and batch, like ``torch.backends.cudnn.benchmark``, and the kernel
+then uses the fastest. ``MixtureState.set`` calls it for the decode shape (one token per row)
+when it packs, so tuning never runs inside a compiled region or a CUDA-graph capture.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from typing import NamedTuple
 
 import torch
 
 try:
     import triton
     import triton.language as tl
+    import triton.testing
 except ImportError:  # CPU-only installs: the torch path below serves every call
     triton = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_MEMBERS = 3  # q/k/v is the largest sibling group
+# Use tuned tile configs (see tune); read at call time, so it can be switched per model run.
+AUTOTUNE = os.environ.get("PERSONAFUSE_AUTOTUNE", "0") not in ("", "0", "false", "False")
+
+
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3  # Triton's defaults on NVIDIA GPUs
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -102,6 +121,117 @@ def _reference(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list
     return y
 
 
+def _pow2(n: int) -> int:
+    return 1 << max(4, (n - 1).bit_length())  # tl.dot wants every block dimension >= 16
+
+
+def _sizes(bounds: list[int]) -> list[int]:
+    return [hi - lo for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)]
+
+
+def default_config(rows: int, rank: int, bounds: list[int]) -> TileConfig:
+    """The untuned rule: the widest column tile that fits the members, K in steps of 32 or 64."""
+    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
+    return TileConfig(block_m, block_n(_sizes(bounds)) or 16, 32 if rank <= 32 else 64)
+
+
+def candidate_configs(rows: int, rank: int, bounds: list[int]) -> list[TileConfig]:
+    """What :func:`tune` times: the default, then single changes to it and a few combinations.
+
+    A decode step's expand (a few rows) is bound by latency: wider or narrower column tiles change
+    how many programs share the GPU, one K step over the whole rank removes a dependent load round."""
+    sizes = _sizes(bounds)
+    base = default_config(rows, rank, bounds)
+    full_k = min(_pow2(rank), 128)
+    widths = [b for b in (16, 32, 64, 128) if all(s % b == 0 for s in sizes)]
+    out = [base]
+    for bn in widths:
+        out += [base._replace(block_n=bn), TileConfig(base.block_m, bn, full_k, 4, 1)]
+    out += [
+        base._replace(block_k=full_k, num_stages=1, num_warps=2),
+        base._replace(block_k=full_k, num_stages=1, num_warps=8),
+        base._replace(block_k=32),
+        base._replace(num_stages=2),
+    ]
+    if rows <= 32:
+        out += [base._replace(block_m=16), base._replace(block_m=16, block_k=full_k, num_stages=1)]
+    else:
+        out += [base._replace(block_m=128), base._replace(block_m=128, block_k=full_k, num_stages=1)]
+    return list(dict.fromkeys(out))  # in order, without repeats
+
+
+# (device, dtype, rows, rows per mixture row, bounds, rank) -> the fastest tiling measured
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def _key(t: torch.Tensor, rows: int, w_rows: int, bounds: list[int], rank: int) -> tuple:
+    return (str(t.device), t.dtype, rows, rows // w_rows, tuple(bounds), rank)
+
+
+def _launch(cfg: TileConfig, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int],
+            y: torch.Tensor) -> None:  # fmt: skip
+    rows, n_out, rank = out.shape[0], bounds[-1], b.shape[1]
+    edges = [*bounds[:-1], n_out, n_out][:2]  # b1, b2: where members 2 and 3 begin
+    grid = (triton.cdiv(rows, cfg.block_m), n_out // cfg.block_n)
+    _grouped_expand_kernel[grid](
+        out, w, b, y,
+        rows, n_out, rank, rows // w.shape[0], edges[0], edges[1],
+        out.stride(0), w.stride(0), b.stride(0), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not out.is_cuda,
+        FP32=out.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def _time_ms(fn) -> float:
+    if torch.cuda.is_available() and not INTERPRET:
+        # L2 flushed before each call, as in a decode step that streams the whole model's weights
+        return triton.testing.do_bench(fn, warmup=2, rep=10, return_mode="median")
+    times = []
+    for _ in range(2):  # the CPU interpreter (tests): wall time
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return min(times)
+
+
+def _runs_fused(t: torch.Tensor, rows: int, w_rows: int, bounds: list[int]) -> bool:
+    """The kernel serves this call (else the torch reference does)."""
+    return (
+        triton_usable(t)
+        and block_n(_sizes(bounds)) is not None
+        and len(bounds) <= MAX_MEMBERS
+        and rows % w_rows == 0
+    )
+
+
+def tune(rows: int, w_rows: int, b: torch.Tensor, bounds: list[int]) -> TileConfig | None:
+    """Time every candidate tiling for this shape on ``b``'s device; remember and return the
+    fastest (None where the kernel does not run). A shape already timed is not timed again.
+
+    ``rows`` rows of group output, ``w_rows`` mixture rows (``rows`` at decode: one token per
+    sequence), ``b`` the group's stacked expands, ``bounds`` each member's end column."""
+    rank = b.shape[1]
+    if not _runs_fused(b, rows, w_rows, bounds):
+        return None
+    key = _key(b, rows, w_rows, bounds, rank)
+    if key in _TUNED:
+        return _TUNED[key]
+    out = torch.randn(rows, bounds[-1] + len(bounds) * rank, device=b.device, dtype=b.dtype)
+    w = torch.rand(w_rows, rank, device=b.device, dtype=b.dtype)
+    b = b.contiguous()
+    y = out.new_empty(rows, bounds[-1])
+    timings = {}
+    for cfg in candidate_configs(rows, rank, bounds):
+        try:
+            _launch(cfg, out, w, b, bounds, y)  # compiles it
+        except triton.runtime.errors.OutOfResources:  # a tiling this device cannot run
+            continue
+        timings[cfg] = _time_ms(lambda cfg=cfg: _launch(cfg, out, w, b, bounds, y))
+    best = min(timings, key=timings.get) if timings else default_config(rows, rank, bounds)
+    _TUNED[key] = best
+    return best
+
+
 def grouped_expand_eager(
     out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int]
 ) -> torch.Tensor:
@@ -110,24 +240,14 @@ def grouped_expand_eager(
     member's end column. Returns ``y``: [M, n_out].
 
     Called directly outside ``torch.compile``: the custom op's dispatch costs more than the kernel."""
-    n_out = bounds[-1]
     rows, rank = out.shape[0], b.shape[1]
-    tile = block_n([hi - lo for lo, hi in zip([0, *bounds[:-1]], bounds, strict=True)])
-    if not triton_usable(out) or tile is None or len(bounds) > MAX_MEMBERS or rows % w.shape[0]:
+    if not _runs_fused(out, rows, w.shape[0], bounds):
         return _reference(out, w, b, bounds)
     if out.stride(1) != 1 or w.stride(1) != 1 or b.stride(1) != 1:
         out, w, b = out.contiguous(), w.contiguous(), b.contiguous()
-    y = out.new_empty(rows, n_out)
-    edges = [*bounds[:-1], n_out, n_out][:2]  # b1, b2: where members 2 and 3 begin
-    block_m = 16 if rows <= 16 else 32 if rows <= 32 else 64
-    grid = (triton.cdiv(rows, block_m), n_out // tile)
-    _grouped_expand_kernel[grid](
-        out, w, b, y,
-        rows, n_out, rank, rows // w.shape[0], edges[0], edges[1],
-        out.stride(0), w.stride(0), b.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=tile, BLOCK_K=32 if rank <= 32 else 64, UPCAST=not out.is_cuda,
-        FP32=out.dtype == torch.float32,
-    )  # fmt: skip
+    cfg = _TUNED.get(_key(out, rows, w.shape[0], bounds, rank)) if AUTOTUNE else None
+    y = out.new_empty(rows, bounds[-1])
+    _launch(cfg or default_config(rows, rank, bounds), out, w, b, bounds, y)
     return y
 
 

@@ -135,8 +135,10 @@ class MixtureState:
         if pack and self.pack is not False and not weights.requires_grad:
             # Inference-style weights: (re)pack here, once per routing decision and outside any
             # compiled region, so the forward uses the packs without checking them.
+            rows = weights.shape[0]
             for group in self.groups:
-                group.ensure(force=self.pack is True, fuse=self.fuse)
+                if group.ensure(force=self.pack is True, fuse=self.fuse) and group.fused and kernels.AUTOTUNE:
+                    kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
 
     def invalidate_packs(self) -> None:
         """Call after giving parameters new storage by hand (``param.data = ...``)."""
