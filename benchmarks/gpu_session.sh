@@ -47,8 +47,10 @@ part() {  # part NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.lo
     shift 2
     echo "== $name (limit ${limit}s, at $((SECONDS - start))s)"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
-    echo "   exit $? after $((SECONDS - start))s"
+    local rc=$?
+    echo "   exit $rc after $((SECONDS - start))s"
     grep -v -i "warn" "$OUT/$name.log" | tail -10
+    return $rc
 }
 
 if [ "$SMALL" = 1 ]; then
@@ -78,8 +80,9 @@ if [ "$MIXTURE" = 1 ]; then
     for decoder in ${DECODERS//,/ }; do
         json="$OUT/gpu_compile_$decoder.json" limit=$COMPILE_LIMIT variants=$COMPILE_VARIANTS
         [ "$decoder" = generate ] && json="$OUT/gpu_compile.json" limit=$GENERATE_LIMIT variants=$GENERATE_VARIANTS
+        # a failed part ends the session's mixture work: the device time left goes to a fix and a rerun
         part "mixture_compile_$decoder" "$limit" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" \
-            --repeats 3 --compile --decoder "$decoder" --variants "$variants" --json "$json"
+            --repeats 3 --compile --decoder "$decoder" --variants "$variants" --json "$json" || break
     done
 fi
 if [ "$PROFILE" = 1 ]; then

@@ -45,6 +45,10 @@ from personafuse.decoding import greedy_generate  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VARIANTS = (
+    "base", "moe", "moe_packed", "moe_unpacked", "moe_fused", "moe_unfused", "moe_tuned",
+    "peft_lora", "peft_cat", "peft_cat_shared",
+)  # fmt: skip
 SHAPES = {
     # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B), randomly initialised.
     "llama-3.1-8b": dict(
@@ -145,6 +149,9 @@ def main() -> None:
                     "personafuse.decoding.greedy_generate (static cache, no host sync per token)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(VARIANTS)})")
 
     from peft import LoraConfig, get_peft_model
 
