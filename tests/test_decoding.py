@@ -81,13 +81,16 @@ def test_greedy_generate_reuses_its_cache_across_lengths_and_batches():
     model = pf.base_model
     ids, mask, w = _batch(3)
     with pf.state.use(w):
-        greedy_generate(model, ids, mask, max_new_tokens=20, eos_token_id=[])
+        greedy_generate(model, ids, mask, max_new_tokens=6)
+        assert model not in decoding._caches  # eager: nothing held after the call by default
+        greedy_generate(model, ids, mask, max_new_tokens=20, eos_token_id=[], keep_cache=True)
         first_cache = decoding._caches[model][2]
         short = greedy_generate(model, ids, mask, max_new_tokens=6)
         assert decoding._caches[model][2] is first_cache  # reused, 29 positions for a 15-token run
         assert torch.equal(short, _hf(model, ids, mask, max_new_tokens=6))
     with pf.state.use(w[:2]):
-        two = greedy_generate(model, ids[:2], mask[:2], max_new_tokens=6)
+        two = greedy_generate(model, ids[:2], mask[:2], max_new_tokens=6, keep_cache=True)
+        assert decoding._caches[model][0][0] == 2  # now the cache for two rows is held
         assert torch.equal(two, _hf(model, ids[:2], mask[:2], max_new_tokens=6))
     assert torch.equal(two, short[:2, : two.shape[1]])
 
@@ -103,3 +106,38 @@ def test_greedy_generate_rejects_bad_arguments(kwargs, message):
         greedy_generate(pf.base_model, ids, mask, **kwargs)
     with pytest.raises(ValueError, match="input_ids"):
         greedy_generate(pf.base_model, ids[0], max_new_tokens=2)
+
+
+def test_model_generate_decodes_greedily_with_the_fast_loop_unless_the_config_processes_logits():
+    from personafuse import decoding
+
+    pf = build_tiny()
+    model = pf.base_model
+    prompts = ["i feel so anxious", [{"role": "user", "content": "write a poem about my boss, please"}], "x"]
+    w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(8)) * 2, dim=-1)
+    assert decoding.plain_greedy(model.generation_config)
+    fast = pf.generate(prompts, weights=w, max_new_tokens=12, batch_size=2, compile={"backend": "eager"})
+    assert decoding._caches[model][0][0] in (1, 2)  # greedy_generate ran (compiled: cache held)
+    decoding._caches.pop(model)
+    # A processor that cannot fire within 12 tokens: generate's own loop, the same tokens expected.
+    model.generation_config.no_repeat_ngram_size = 100
+    assert not decoding.plain_greedy(model.generation_config)
+    slow = pf.generate(prompts, weights=w, max_new_tokens=12, batch_size=2, compile={"backend": "eager"})
+    assert model not in decoding._caches  # transformers' generate ran
+    assert [g.text for g in fast] == [g.text for g in slow]
+    assert [(g.completion_tokens, g.finish_reason) for g in fast] == [
+        (g.completion_tokens, g.finish_reason) for g in slow
+    ]
+    assert len({g.text for g in fast}) == 3
+
+
+def test_plain_greedy_names_what_greedy_generate_does_not_apply():
+    from transformers import GenerationConfig
+
+    from personafuse.decoding import plain_greedy
+
+    assert plain_greedy(GenerationConfig()) and plain_greedy(None)
+    assert plain_greedy(GenerationConfig(repetition_penalty=1.0, num_beams=1, min_length=0))  # neutral values
+    for field, value in [("repetition_penalty", 1.3), ("num_beams", 4), ("suppress_tokens", [5]),
+                         ("penalty_alpha", 0.6), ("min_new_tokens", 3)]:  # fmt: skip
+        assert not plain_greedy(GenerationConfig(**{field: value})), field

@@ -57,18 +57,62 @@ _compiled: dict[str, Callable] = {}
 _caches: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, int, StaticCache]] = weakref.WeakKeyDictionary()
 
 
-def _static_cache(model: nn.Module, batch: int, length: int) -> tuple[StaticCache, int]:
-    """A cache for ``batch`` rows of at least ``length`` positions, and its length."""
+def _static_cache(model: nn.Module, batch: int, length: int, keep: bool) -> tuple[StaticCache, int]:
+    """A cache for ``batch`` rows of at least ``length`` positions, and its length; ``keep`` holds it
+    for the next call (else a held one is still used, but a new one is not held)."""
     p = next(model.parameters())
     kind = (batch, p.dtype, p.device)
     held = _caches.get(model)
     if held is not None and held[0] == kind and held[1] >= length:
         held[2].reset()
         return held[2], held[1]
-    length = max(length, held[1] if held is not None and held[0] == kind else 0)
+    if keep:
+        length = max(length, held[1] if held is not None and held[0] == kind else 0)
     cache = StaticCache(config=model.config, max_cache_len=length)
-    _caches[model] = (kind, length, cache)
+    if keep:
+        _caches[model] = (kind, length, cache)
     return cache, length
+
+
+# GenerationConfig fields that make generate choose other tokens than a plain argmax, with their
+# neutral values (transformers 5.2x defaults them to None, older releases to the neutral number).
+_LOGITS_PROCESSING: dict[str, tuple] = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "force_words_ids": (None,),
+    "constraints": (None,),
+    "sequence_bias": (None,),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+    "watermarking_config": (None,),
+    "stop_strings": (None,),
+    "max_time": (None,),
+    "num_beams": (None, 1),
+    "num_beam_groups": (None, 1),
+    "num_return_sequences": (None, 1),
+    "penalty_alpha": (None,),  # contrastive search
+    "dola_layers": (None,),
+    "prompt_lookup_num_tokens": (None,),
+    "remove_invalid_values": (None, False),
+    "token_healing": (None, False),
+}
+
+
+def plain_greedy(generation_config: Any) -> bool:
+    """Whether greedy ``generate`` under this config is a plain argmax, i.e. what
+    :func:`greedy_generate` computes (no penalties, bans, forced tokens, beams or stop strings)."""
+    if generation_config is None:
+        return True
+    return all(getattr(generation_config, f, None) in ok for f, ok in _LOGITS_PROCESSING.items())
 
 
 def _decode_step(options: dict[str, Any]) -> Callable:
@@ -91,6 +135,7 @@ def greedy_generate(
     pad_token_id: int | None = None,
     compile: bool | dict[str, Any] = False,
     check_every: int = 16,
+    keep_cache: bool | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` [B, T]; returns [B, T + n], n <= max_new_tokens.
 
@@ -98,7 +143,11 @@ def greedy_generate(
     ``compile``: True compiles the decode step with the options ``generate(cache_implementation=
     "static")`` uses (CUDA graphs); a dict gives ``torch.compile`` options of its own (e.g.
     ``{"backend": "eager"}``).
-    The prefill runs eagerly, as in ``generate``.
+    The prefill runs eagerly, as in ``generate``. ``keep_cache`` (default: when compiling) holds
+    the static cache for the next call of the same batch size, so CUDA graphs keep their addresses.
+
+    Only the model's EOS and padding settings are read from its generation config; where that config
+    processes logits (see :func:`plain_greedy`), use ``generate``.
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape [batch, length], got {tuple(input_ids.shape)}")
@@ -121,7 +170,9 @@ def greedy_generate(
         attention_mask = torch.ones_like(input_ids)
     # Inputs of fixed shapes, so one compiled graph serves every step: the mask covers the whole
     # cache (causality hides the positions not written yet), the token and positions are [B, 1].
-    cache, cache_len = _static_cache(model, batch, total)
+    options = generate_compile_options() if compile is True else compile
+    keep = bool(options) if keep_cache is None else keep_cache
+    cache, cache_len = _static_cache(model, batch, total, keep)
     mask = attention_mask.new_ones(batch, cache_len)
     mask[:, :prompt_len] = attention_mask
     positions = attention_mask.long().cumsum(-1) - 1
@@ -133,7 +184,6 @@ def greedy_generate(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
 
-    options = generate_compile_options() if compile is True else compile
     step = _decode_step(options) if options else _last_logits
     cache_kw = _cache_kwarg(model)
     logits = _last_logits(model, cache_kw, input_ids, mask, positions, cache, torch.arange(prompt_len, device=device))

@@ -22,9 +22,11 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import CompileConfig
 
 from personafuse import embedded
 from personafuse.config import PersonaFuseConfig
+from personafuse.decoding import greedy_generate, plain_greedy
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
 from personafuse.router import PersonaEncoder, Router
 from personafuse.routing import Routing
@@ -232,10 +234,16 @@ class PersonaFuseModel(nn.Module):
         top_p: float = 1.0,
         batch_size: int = 8,
         seed: int | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> list[Generation]:
         """Generate replies for strings or chat-message lists. Each reply reports its ten weights.
 
-        ``weights`` (one vector for all prompts, or [B, 10]) overrides ``routing``.
+        ``weights`` (one vector for all prompts, or [B, 10]) overrides ``routing``. Greedy decoding
+        runs :func:`personafuse.decoding.greedy_generate` (the same tokens as transformers'
+        ``generate``, without a host sync per token) unless the base model's generation config
+        processes logits (repetition penalty and the like), which ``generate`` then applies.
+        ``compile``: True compiles the decoding step (CUDA graphs on GPUs; a static KV cache held
+        for the next call of the same batch size), a dict passes ``torch.compile`` options.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -270,7 +278,16 @@ class PersonaFuseModel(nn.Module):
             else:
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             with self.state.use(w):
-                out = self.base_model.generate(**enc, **gen_kwargs)
+                if not do_sample and plain_greedy(getattr(self.base_model, "generation_config", None)):
+                    out = greedy_generate(self.base_model, enc["input_ids"], enc["attention_mask"],
+                                          max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                                          compile=compile)  # fmt: skip
+                else:
+                    if compile:
+                        gen_kwargs["cache_implementation"] = "static"
+                        if isinstance(compile, dict):
+                            gen_kwargs["compile_config"] = CompileConfig(**compile)
+                    out = self.base_model.generate(**enc, **gen_kwargs)
             new = out[:, enc["input_ids"].shape[1] :]
             for row, i in enumerate(idx):
                 ids = new[row]
