@@ -29,6 +29,7 @@ SMALL=${SMALL:-0}  # SMALL=1: tiny shapes, for checking this script on a CPU
 KERNEL=${KERNEL:-0}
 MIXTURE=${MIXTURE:-1}
 PROFILE=${PROFILE:-0}
+PROFILE_VARIANTS=${PROFILE_VARIANTS:-base,moe}  # moe_tuned too: ~40 s more
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
@@ -86,7 +87,8 @@ if [ "$MIXTURE" = 1 ]; then
     done
 fi
 if [ "$PROFILE" = 1 ]; then
-    part profile_decode 150 $PY benchmarks/profile_decode.py $PROFILE_ARGS --json "$OUT/profile_decode.json"
+    part profile_decode 150 $PY benchmarks/profile_decode.py $PROFILE_ARGS --variants "$PROFILE_VARIANTS" \
+        --json "$OUT/profile_decode.json"
 fi
 if [ "$WARMUP" = 1 ]; then
     if [ -d gpu-assets/smollm2 ]; then

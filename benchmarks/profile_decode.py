@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import SHAPES, TARGETS, cuda_graph_us, load_base, randomise_lora, share_weights  # noqa: E402
+from personafuse import kernels  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
 
@@ -46,7 +47,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused, moe_packed (packed layout forced, as on accelerators; for CPU)")
+    ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused, moe_packed (packed layout forced, as on accelerators; for CPU), "
+                         "moe_tuned (moe with the fused expand's tiles tuned on the device, kernels.AUTOTUNE)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' to check on CPU)")
     ap.add_argument("--calls", type=int, default=5, help="profiled calls per variant")
     ap.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per variant")
@@ -68,6 +70,7 @@ def main() -> None:
 
     for name in args.variants.split(","):
         model = base
+        kernels.AUTOTUNE = name == "moe_tuned"  # variants run one after the other: on for this one only
         if name != "base":
             model = share_weights(base)
             state = MixtureState(10, 8, 16 / 8)
@@ -152,6 +155,10 @@ def main() -> None:
         del fwd
         torch._dynamo.reset()
 
+    kernels.AUTOTUNE = False
+    result["expand_tuned_configs"] = [
+        {"rows": k[2], "bounds": list(k[4]), "rank": k[5], **c._asdict()} for k, c in kernels._TUNED.items()
+    ]
     v = result["variants"]
     if "base" in v:
         for name, r in v.items():
