@@ -67,7 +67,7 @@ class MixtureState:
         self._hooks: list = []
         self._register()
         # The packed inference layout (PackedGroup, two kernels per sibling group). None = on
-        # accelerators only: a CPU decode step is bound by memory bandwidth, not kernel count, and
+        # accelerators only: a CPU decode step costs per weight byte read, not per kernel, and
         # measured slower packed (docs/performance.md).
         self.pack: bool | None = None
         # Within a pack, the expand as one Triton kernel where Triton runs (kernels.py). None =
