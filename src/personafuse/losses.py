@@ -61,7 +61,7 @@ def router_loss(
     lc = contrastive_loss(h, expert_embeddings, p, margin)
     lt = trait_consistency_loss(h)
     loss = lc + beta * lt
-    return loss, {"contrastive": float(lc), "trait": float(lt), "router": float(loss)}
+    return loss, {"contrastive": float(lc.detach()), "trait": float(lt.detach()), "router": float(loss.detach())}
 
 
 def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
