@@ -24,6 +24,7 @@ when it packs, so tuning never runs inside a compiled region or a CUDA-graph cap
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import NamedTuple
@@ -221,12 +222,14 @@ def tune(rows: int, w_rows: int, b: torch.Tensor, bounds: list[int]) -> TileConf
     b = b.contiguous()
     y = out.new_empty(rows, bounds[-1])
     timings = {}
-    for cfg in candidate_configs(rows, rank, bounds):
-        try:
-            _launch(cfg, out, w, b, bounds, y)  # compiles it
-        except triton.runtime.errors.OutOfResources:  # a tiling this device cannot run
-            continue
-        timings[cfg] = _time_ms(lambda cfg=cfg: _launch(cfg, out, w, b, bounds, y))
+    device = torch.cuda.device(b.device) if b.is_cuda else contextlib.nullcontext()
+    with device:  # launches and timing events on b's GPU, whichever is current
+        for cfg in candidate_configs(rows, rank, bounds):
+            try:
+                _launch(cfg, out, w, b, bounds, y)  # compiles it
+            except triton.runtime.errors.OutOfResources:  # a tiling this device cannot run
+                continue
+            timings[cfg] = _time_ms(lambda cfg=cfg: _launch(cfg, out, w, b, bounds, y))
     best = min(timings, key=timings.get) if timings else default_config(rows, rank, bounds)
     _TUNED[key] = best
     return best
