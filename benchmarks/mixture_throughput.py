@@ -28,6 +28,7 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -201,32 +202,29 @@ def main() -> None:
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
         w_dev = row_w.to(device)
 
-        def autotune() -> bool:
-            """AUTOTUNE for this variant's calls only (the kernel reads it at each eager call and
-            when a CUDA graph is captured); the first call records the time spent tuning."""
+        @contextlib.contextmanager
+        def routed():
+            """This variant's weights, and AUTOTUNE for its calls only (the kernel reads it at each
+            eager call and when a CUDA graph is captured); the first call records the tuning time."""
             previous, kernels.AUTOTUNE = kernels.AUTOTUNE, tuned
-            if tuned and not tune_s:
-                t = time.perf_counter()
-                state.set(w_dev)
-                sync(device)
-                tune_s.append(time.perf_counter() - t)
-            return previous
+            try:
+                if tuned and not tune_s:
+                    t = time.perf_counter()
+                    state.set(w_dev)
+                    sync(device)
+                    tune_s.append(time.perf_counter() - t)
+                with state.use(w_dev):
+                    yield
+            finally:
+                kernels.AUTOTUNE = previous
 
         def run_moe():
-            previous = autotune()
-            try:
-                with state.use(w_dev):
-                    return 0.0, decode(moe)
-            finally:
-                kernels.AUTOTUNE = previous
+            with routed():
+                return 0.0, decode(moe)
 
         def logits():
-            previous = autotune()
-            try:
-                with state.use(w_dev):
-                    return moe(input_ids=ids, attention_mask=mask).logits[:, -1].float()
-            finally:
-                kernels.AUTOTUNE = previous
+            with routed():
+                return moe(input_ids=ids, attention_mask=mask).logits[:, -1].float()
 
         run_moe.logits = logits
         return run_moe
@@ -348,10 +346,7 @@ def main() -> None:
         "moe_layouts_first_token_agreement": first_token_agreement,
         # moe_tuned: seconds its first routing decision spent timing tilings, and the winners
         "expand_tuning_s": tune_s[0] if tune_s else None,
-        "expand_tuned_configs": [
-            {"rows": k[2], "bounds": list(k[4]), "rank": k[5], "dtype": str(k[1]), **v._asdict()}
-            for k, v in kernels._TUNED.items()
-        ],
+        "expand_tuned_configs": kernels.tuned_configs(),
         "setup": {
             "model": desc,
             "expert_rank": args.expert_rank,

@@ -156,9 +156,7 @@ def main() -> None:
         torch._dynamo.reset()
 
     kernels.AUTOTUNE = False
-    result["expand_tuned_configs"] = [
-        {"rows": k[2], "bounds": list(k[4]), "rank": k[5], **c._asdict()} for k, c in kernels._TUNED.items()
-    ]
+    result["expand_tuned_configs"] = kernels.tuned_configs()
     v = result["variants"]
     if "base" in v:
         for name, r in v.items():

@@ -195,6 +195,14 @@ def _time_ms(fn) -> float:
     return min(times)
 
 
+def tuned_configs() -> list[dict]:
+    """Every tiling :func:`tune` chose so far, one dict per shape (for logs and benchmark JSON)."""
+    return [
+        {"device": k[0], "dtype": str(k[1]), "rows": k[2], "bounds": list(k[4]), "rank": k[5], **c._asdict()}
+        for k, c in _TUNED.items()
+    ]
+
+
 def _runs_fused(t: torch.Tensor, rows: int, w_rows: int, bounds: list[int]) -> bool:
     """The kernel serves this call (else the torch reference does)."""
     return (
