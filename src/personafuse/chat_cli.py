@@ -156,8 +156,10 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
         untrained: Annotated[bool, typer.Option("--untrained", help="Skip data and training: show the untrained model.")] = False,
     ) -> None:
-        """The whole pipeline on the embedded models: Persona-CoT data, three training stages, then
-        contrasting queries (anxious user, maths, brainstorm) with each reply's ten weights."""
+        """The whole pipeline on the embedded models, ending in contrasting replies.
+
+        Persona-CoT data from the embedded teacher, the three training stages, then three contrasting
+        queries (anxious user, maths, brainstorm), each reply shown with its ten routing weights."""
         from personafuse.demo import DEMO_QUERIES, run_demo
 
         if untrained:

@@ -10,6 +10,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # docstrings are wrapped at 100 columns: join their lines into paragraphs, as Markdown does
+    rich_markup_mode="markdown",
 )
 
 

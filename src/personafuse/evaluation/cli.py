@@ -148,7 +148,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def lm_eval_command(ctx: typer.Context) -> None:
-        """Run lm-evaluation-harness with ``--model personafuse`` available (arguments pass through)."""
+        """Run lm-evaluation-harness with `--model personafuse` available (arguments pass through)."""
         from personafuse.evaluation.lm_eval_model import cli_main
 
         cli_main(list(ctx.args))
