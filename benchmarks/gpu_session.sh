@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU figures for the open issues, in one command that fits one lent device session (the device
 # tool allows 600 s per command; each part has its own time box and writes its JSON as soon as it
-# finishes, so a part that runs out of time loses only itself).
+# finishes, so a part that runs out of time loses only itself; the mixture parts rewrite theirs after
+# every timed round, so one cut short keeps its finished rounds: "rounds_completed" in the JSON).
 #
 #   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=560)      # the default parts, <= 9 min
 #   make gpu-assets    # here, only for WARMUP=1: SmolLM2's config + tokenizer (3.4 MB); then carry=["gpu-assets"]

@@ -291,11 +291,62 @@ def main() -> None:
 
     tokens = args.batch * args.new_tokens
     times: dict[str, list[float]] = {k: [] for k in runners}
+
+    def summarise(rounds: int, first_token_agreement: float | None = None) -> dict:
+        """The JSON record from the rounds timed so far (medians)."""
+        med = {k: statistics.median(v) for k, v in times.items()}
+        tps = {k: tokens / v for k, v in med.items()}
+        return {
+            "ratios": {f"{k}_vs_base": tps[k] / tps["base"] for k in tps if k != "base"} if "base" in tps else {},
+            "tokens_per_s": tps,
+            "decode_only_tokens_per_s": {k: tokens / (v - statistics.median(builds[k])) for k, v in med.items()},
+            "peft_cat_build_s_per_request": statistics.median(builds["peft_cat"]) / args.batch
+            if "peft_cat" in builds
+            else None,
+            "rounds_completed": rounds,
+            "warmup_s": warmup_s,  # compilation included, with --compile
+            "moe_layouts_rel_logit_diff": layout_diff,
+            "moe_layouts_first_token_agreement": first_token_agreement,
+            # moe_tuned: seconds its first routing decision spent timing tilings, and the winners
+            "expand_tuning_s": tune_s[0] if tune_s else None,
+            "expand_tuned_configs": kernels.tuned_configs(),
+            "setup": {
+                "model": desc,
+                "expert_rank": args.expert_rank,
+                "device": str(device),
+                "device_name": torch.cuda.get_device_name()
+                if device.type == "cuda"
+                else platform.processor() or platform.machine(),
+                "dtype": args.dtype,
+                "batch": args.batch,
+                "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+                "compile": args.compile,
+                "decoder": args.decoder,
+                "torch": torch.__version__,
+                "transformers": __import__("transformers").__version__,
+                "peft": __import__("peft").__version__,
+                "threads": torch.get_num_threads(),
+                **({"peak_gpu_mem_gb": torch.cuda.max_memory_allocated() / 2**30} if device.type == "cuda" else {}),
+            },
+            "raw_seconds": times,
+        }
+
+    def write_json(result: dict) -> None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     builds: dict[str, list[float]] = {k: [] for k in runners}
     last_out: dict[str, torch.Tensor] = {}
+    warmup_s: dict[str, float] = {}
     with torch.inference_mode():
-        for fn in runners.values():  # warm-up (and compilation) outside the timings
+        for name, fn in runners.items():  # warm-up (and compilation) outside the timings
+            sync(device)
+            t = time.perf_counter()
             fn()
+            sync(device)
+            warmup_s[name] = time.perf_counter() - t
+            print(f"warm-up {name}: {warmup_s[name]:.1f}s", flush=True)
         for rep in range(args.repeats):
             for name, fn in runners.items():
                 sync(device)
@@ -312,6 +363,8 @@ def main() -> None:
                 + ", ".join(f"{k} {tokens / v[-1]:.1f} tok/s" for k, v in times.items()),
                 flush=True,
             )
+            if args.json and rep + 1 < args.repeats:  # a run cut short by a time limit keeps its rounds
+                write_json(summarise(rep + 1))
 
     # The timed runs themselves (compiled, if --compile): do the moe layouts pick the same first token?
     moe_names = [k for k in moe_variants if k in last_out]
@@ -321,12 +374,9 @@ def main() -> None:
         first_token_agreement = min(float((last_out[k] == ref_tok).float().mean()) for k in moe_names[:-1])
         print(f"moe layouts, timed runs: same first new token in {first_token_agreement:.0%} of rows")
 
-    med = {k: statistics.median(v) for k, v in times.items()}
-    tps = {k: tokens / v for k, v in med.items()}
-    decode_tps = {k: tokens / (v - statistics.median(builds[k])) for k, v in med.items()}
-    ratios = {f"{k}_vs_base": tps[k] / tps["base"] for k in tps if k != "base"} if "base" in tps else {}
-    build_per_request = statistics.median(builds["peft_cat"]) / args.batch if "peft_cat" in builds else None
-
+    result = summarise(args.repeats, first_token_agreement)
+    tps, decode_tps = result["tokens_per_s"], result["decode_only_tokens_per_s"]
+    build_per_request = result["peft_cat_build_s_per_request"]
     print(
         f"\n{desc}, {device}, {dtype}, batch {args.batch}, prompt {args.prompt_len}, {args.new_tokens} new tokens, median of {args.repeats}"
     )
@@ -336,43 +386,8 @@ def main() -> None:
         print(f"{k:<18}{tps[k]:>10.1f}{ratio:>9.2f}x{decode_tps[k]:>20.1f}")
     if build_per_request is not None:
         print(f"peft_cat adapter build: {build_per_request * 1000:.0f} ms per request")
-
-    result = {
-        "ratios": ratios,
-        "tokens_per_s": tps,
-        "decode_only_tokens_per_s": decode_tps,
-        "peft_cat_build_s_per_request": build_per_request,
-        "moe_layouts_rel_logit_diff": layout_diff,
-        "moe_layouts_first_token_agreement": first_token_agreement,
-        # moe_tuned: seconds its first routing decision spent timing tilings, and the winners
-        "expand_tuning_s": tune_s[0] if tune_s else None,
-        "expand_tuned_configs": kernels.tuned_configs(),
-        "setup": {
-            "model": desc,
-            "expert_rank": args.expert_rank,
-            "device": str(device),
-            "device_name": torch.cuda.get_device_name()
-            if device.type == "cuda"
-            else platform.processor() or platform.machine(),
-            "dtype": args.dtype,
-            "batch": args.batch,
-            "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens,
-            "repeats": args.repeats,
-            "compile": args.compile,
-            "decoder": args.decoder,
-            "torch": torch.__version__,
-            "transformers": __import__("transformers").__version__,
-            "peft": __import__("peft").__version__,
-            "threads": torch.get_num_threads(),
-        },
-        "raw_seconds": times,
-    }
-    if device.type == "cuda":
-        result["setup"]["peak_gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result)
         print(f"wrote {args.json}")
 
 
