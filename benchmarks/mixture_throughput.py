@@ -291,6 +291,9 @@ def main() -> None:
 
     tokens = args.batch * args.new_tokens
     times: dict[str, list[float]] = {k: [] for k in runners}
+    builds: dict[str, list[float]] = {k: [] for k in runners}
+    last_out: dict[str, torch.Tensor] = {}
+    warmup_s: dict[str, float] = {}
 
     def summarise(rounds: int, first_token_agreement: float | None = None) -> dict:
         """The JSON record from the rounds timed so far (medians)."""
@@ -336,9 +339,7 @@ def main() -> None:
     def write_json(result: dict) -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
-    builds: dict[str, list[float]] = {k: [] for k in runners}
-    last_out: dict[str, torch.Tensor] = {}
-    warmup_s: dict[str, float] = {}
+
     with torch.inference_mode():
         for name, fn in runners.items():  # warm-up (and compilation) outside the timings
             sync(device)
