@@ -97,7 +97,11 @@ def test_greedy_generate_reuses_its_cache_across_lengths_and_batches():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"max_new_tokens": 0}, "max_new_tokens"), ({"max_new_tokens": 4, "check_every": 0}, "check_every")],
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 4, "check_every": 0}, "check_every"),
+        ({"max_new_tokens": 4, "cache_len": 3}, "cache_len 3"),
+    ],
 )
 def test_greedy_generate_rejects_bad_arguments(kwargs, message):
     pf = build_tiny(randomise=False)
@@ -129,6 +133,30 @@ def test_model_generate_decodes_greedily_with_the_fast_loop_unless_the_config_pr
         (g.completion_tokens, g.finish_reason) for g in slow
     ]
     assert len({g.text for g in fast}) == 3
+
+
+def test_compiled_model_generate_fills_every_batch_so_one_graph_serves_every_call():
+    """Five prompts at batch_size 2 make batches of 2, 2 and 1; a later call sends 3. Compiled, every
+    batch is filled to 2 rows, so the decode step compiles once (a batch of 1 would compile again),
+    and the replies are the uncompiled ones, one per prompt."""
+    from torch._dynamo.testing import CompileCounter
+
+    pf = build_tiny()
+    prompts = ["i feel so anxious", "x", "solve 2x + 3 = 7", "plan a party with me", "why?"]
+    w = torch.softmax(torch.randn(5, 10, generator=torch.Generator().manual_seed(3)) * 2, dim=-1)
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = pf.generate(prompts, weights=w, max_new_tokens=6, batch_size=2, compile={"backend": counter})
+    again = pf.generate(prompts[:3], weights=w[:3], max_new_tokens=6, batch_size=2, compile={"backend": counter})
+    eager = pf.generate(prompts, weights=w, max_new_tokens=6, batch_size=2)
+    assert counter.frame_count == 1
+    assert len(compiled) == 5 and len(again) == 3
+    assert [g.text for g in compiled] == [g.text for g in eager]
+    assert [g.text for g in again] == [g.text for g in eager[:3]]
+    assert [g.weights for g in compiled] == [g.weights for g in eager]
+    assert [(g.prompt_tokens, g.completion_tokens) for g in compiled] == [
+        (g.prompt_tokens, g.completion_tokens) for g in eager
+    ]
 
 
 def test_plain_greedy_names_what_greedy_generate_does_not_apply():

@@ -136,6 +136,7 @@ def greedy_generate(
     compile: bool | dict[str, Any] = False,
     check_every: int = 16,
     keep_cache: bool | None = None,
+    cache_len: int | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` [B, T]; returns [B, T + n], n <= max_new_tokens.
 
@@ -145,6 +146,9 @@ def greedy_generate(
     ``{"backend": "eager"}``).
     The prefill runs eagerly, as in ``generate``. ``keep_cache`` (default: when compiling) holds
     the static cache for the next call of the same batch size, so CUDA graphs keep their addresses.
+    ``cache_len``: positions of the static cache, at least ``T + max_new_tokens`` (the default);
+    calls of different lengths that fit one size share one compiled graph (the cache's length is
+    a shape the graph is specialised on), at the price of attending over the unused positions.
 
     Only the model's EOS and padding settings are read from its generation config; where that config
     processes logits (see :func:`plain_greedy`), use ``generate``.
@@ -166,13 +170,15 @@ def greedy_generate(
     batch, prompt_len = input_ids.shape
     device = input_ids.device
     total = prompt_len + max_new_tokens
+    if cache_len is not None and cache_len < total:
+        raise ValueError(f"cache_len {cache_len} is shorter than the prompt plus max_new_tokens ({total})")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     # Inputs of fixed shapes, so one compiled graph serves every step: the mask covers the whole
     # cache (causality hides the positions not written yet), the token and positions are [B, 1].
     options = generate_compile_options() if compile is True else compile
     keep = bool(options) if keep_cache is None else keep_cache
-    cache, cache_len = _static_cache(model, batch, total, keep)
+    cache, cache_len = _static_cache(model, batch, cache_len or total, keep)
     mask = attention_mask.new_ones(batch, cache_len)
     mask[:, :prompt_len] = attention_mask
     positions = attention_mask.long().cumsum(-1) - 1

@@ -32,6 +32,9 @@ from personafuse.router import PersonaEncoder, Router
 from personafuse.routing import Routing
 from personafuse.traits import NUM_POLES, POLE_DESCRIPTIONS, TRAIT_POLES, weights_dict, weights_from_any
 
+# Compiled generation sizes its KV cache in steps of this many positions: one graph serves prompts
+# of any length within a step, for attention over at most this many unused positions.
+CACHE_STEP = 256
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 ENCODER_DELTA_FILE = "encoder_delta.safetensors"
@@ -243,7 +246,11 @@ class PersonaFuseModel(nn.Module):
         ``generate``, without a host sync per token) unless the base model's generation config
         processes logits (repetition penalty and the like), which ``generate`` then applies.
         ``compile``: True compiles the decoding step (CUDA graphs on GPUs; a static KV cache held
-        for the next call of the same batch size), a dict passes ``torch.compile`` options.
+        for the next call of the same batch size), a dict passes ``torch.compile`` options. Compiled,
+        every batch is filled up to ``batch_size`` rows (repeats of one of its prompts, dropped from
+        the result) and the KV cache sized in steps of ``CACHE_STEP`` positions, so one compiled graph
+        serves calls of any size that fit: each new shape would compile another (about a minute for
+        an 8B model). Set ``batch_size`` to the number of prompts you usually send.
         """
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -266,8 +273,10 @@ class PersonaFuseModel(nn.Module):
         order = sorted(range(len(prompts)), key=lambda i: len(router_text(prompts[i])))
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            enc = self.chat_inputs([prompts[i] for i in idx])
-            w = w_all[idx].to(self.device)
+            # filler rows repeat a prompt of the batch, so the real rows' padding stays as it is
+            rows = idx + [idx[-1]] * (batch_size - len(idx)) if compile else idx
+            enc = self.chat_inputs([prompts[i] for i in rows])
+            w = w_all[rows].to(self.device)
             gen_kwargs: dict[str, Any] = {
                 "max_new_tokens": max_new_tokens,
                 "do_sample": do_sample,
@@ -279,9 +288,11 @@ class PersonaFuseModel(nn.Module):
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
             with self.state.use(w):
                 if not do_sample and plain_greedy(getattr(self.base_model, "generation_config", None)):
+                    total = enc["input_ids"].shape[1] + max_new_tokens
                     out = greedy_generate(self.base_model, enc["input_ids"], enc["attention_mask"],
                                           max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                          compile=compile)  # fmt: skip
+                                          compile=compile,
+                                          cache_len=-(-total // CACHE_STEP) * CACHE_STEP if compile else None)  # fmt: skip
                 else:
                     if compile:
                         gen_kwargs["cache_implementation"] = "static"
