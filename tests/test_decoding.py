@@ -159,6 +159,31 @@ def test_compiled_model_generate_fills_every_batch_so_one_graph_serves_every_cal
     ]
 
 
+def test_each_model_compiles_its_own_decode_step_so_dynamos_recompile_limit_is_per_model():
+    """Dynamo stops compiling a code object after recompile_limit graphs and runs it eagerly from
+    then on. Every model needs graphs of its own, so a step shared by all models would decode the
+    (limit + 1)-th model of a process eagerly; each model has its own copy, freed with it."""
+    import gc
+    import weakref
+
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    models = []
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            pf = build_tiny()
+            ids, mask, w = _batch(2)
+            with pf.state.use(w):
+                for _ in range(2):  # the second call reuses the model's graph
+                    greedy_generate(pf.base_model, ids, mask, max_new_tokens=3, compile={"backend": counter})
+            models.append(weakref.ref(pf.base_model))
+    assert counter.frame_count == 3
+    del pf
+    gc.collect()
+    assert all(m() is None for m in models)  # nothing compiled keeps a model alive
+
+
 def test_plain_greedy_names_what_greedy_generate_does_not_apply():
     from transformers import GenerationConfig
 

@@ -16,6 +16,7 @@ around it as around ``generate``: ``with state.use(weights): greedy_generate(mod
 from __future__ import annotations
 
 import inspect
+import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,7 +52,8 @@ def _last_logits(model: nn.Module, cache_kw: str, input_ids, attention_mask, pos
     return out.logits[:, -1]
 
 
-_compiled: dict[str, Callable] = {}
+# Compiled decode steps per model, then per set of options (see _decode_step).
+_compiled: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable]] = weakref.WeakKeyDictionary()
 # One static cache per model, reused by the next call of the same batch size: fresh cache tensors
 # would make CUDA graphs re-record (new addresses), a longer one would recompile (new shapes).
 _caches: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, int, StaticCache]] = weakref.WeakKeyDictionary()
@@ -115,12 +117,20 @@ def plain_greedy(generation_config: Any) -> bool:
     return all(getattr(generation_config, f, None) in ok for f, ok in _LOGITS_PROCESSING.items())
 
 
-def _decode_step(options: dict[str, Any]) -> Callable:
-    """One compiled decode step per set of options (Dynamo keys its graphs on the model's identity)."""
+def _decode_step(model: nn.Module, options: dict[str, Any]) -> Callable:
+    """The compiled decode step for this model and options.
+
+    Each model gets its own copy of the step's code: Dynamo caches graphs, and counts recompiles
+    against ``torch._dynamo.config.recompile_limit`` (8), per code object, and every model needs
+    graphs of its own, so with one shared code object the ninth model of a process would silently
+    decode eagerly. The copy, and the graphs cached on it, go when the model does."""
+    steps = _compiled.setdefault(model, {})
     key = repr(sorted(options.items()))
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_last_logits, **options)
-    return _compiled[key]
+    if key not in steps:
+        fn = _last_logits
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__)
+        steps[key] = torch.compile(own, **options)
+    return steps[key]
 
 
 @torch.no_grad()
@@ -190,7 +200,7 @@ def greedy_generate(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
 
-    step = _decode_step(options) if options else _last_logits
+    step = _decode_step(model, options) if options else _last_logits
     cache_kw = _cache_kwarg(model)
     logits = _last_logits(model, cache_kw, input_ids, mask, positions, cache, torch.arange(prompt_len, device=device))
     cache_position = torch.tensor([prompt_len], device=device)
