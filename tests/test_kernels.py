@@ -202,3 +202,30 @@ def test_autotune_times_each_group_shape_once_and_the_kernel_uses_the_winner():
         """
     )
     assert "tuned ok" in out
+
+
+def test_every_candidate_tiling_compiles_for_an_h100_at_llama_8b_shapes():
+    """No GPU needed: Triton compiles the kernel to sm_90 machine code (its bundled ptxas) for every
+    tiling tune may try on Llama-3.1-8B's groups, decode- and prefill-sized, and each fits an H100's
+    shared memory. A tiling that fails here would cost a device session its time."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn = kernels._grouped_expand_kernel
+    sig = {p.name: "constexpr" if p.is_constexpr else "*bf16" if p.name.endswith("_ptr") else "i32" for p in fn.params}
+    groups = [[4096, 5120, 6144], [4096], [14336, 28672], [4096]]  # q/k/v, o, gate/up, down
+    configs = {cfg for rows in (32, 512) for bounds in groups for cfg in kernels.candidate_configs(rows, 80, bounds)}
+    assert any(not c.early_base for c in configs) and any(c.block_m == 128 for c in configs)
+    for cfg in sorted(configs):
+        constants = {
+            "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k,
+            "UPCAST": False, "FP32": False, "EARLY_BASE": cfg.early_base,
+        }  # fmt: skip
+        compiled = triton.compile(
+            ASTSource(fn, sig, constants),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+        )
+        assert compiled.asm["cubin"], cfg
+        assert compiled.metadata.shared <= 227 * 1024, (cfg, compiled.metadata.shared)

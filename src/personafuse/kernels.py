@@ -50,6 +50,7 @@ class TileConfig(NamedTuple):
     block_k: int
     num_warps: int = 4
     num_stages: int = 3  # Triton's defaults on NVIDIA GPUs
+    early_base: bool = True  # load the base outputs before the K loop (see the kernel)
 
 
 def triton_usable(t: torch.Tensor) -> bool:
@@ -72,7 +73,7 @@ if triton is not None:
         M, N, R, rows_per_w, b1, b2,
         stride_out, stride_w, stride_b, stride_y,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
-        FP32: tl.constexpr,
+        FP32: tl.constexpr, EARLY_BASE: tl.constexpr,
     ):  # fmt: skip
         # int64 offsets: a long prefill's rows x row stride can pass 2**31
         rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -83,6 +84,10 @@ if triton is not None:
         h_col = N + j * R
         mask_m = rm < M
         mask_n = rn < N
+        mn = mask_m[:, None] & mask_n[None, :]
+        base_ptrs = out_ptr + rm[:, None] * stride_out + rn[None, :]
+        if EARLY_BASE:  # issued first, its memory latency overlaps the loop's loads (decode sizes wait
+            base = tl.load(base_ptrs, mask=mn, other=0.0)  # on round trips more than on bytes)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, R, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -102,8 +107,8 @@ if triton is not None:
                 acc += tl.dot(hw, bt, input_precision="ieee")
             else:  # round like the eager multiply, then a tensor-core dot
                 acc += tl.dot(hw.to(bt.dtype), bt)
-        mn = mask_m[:, None] & mask_n[None, :]
-        base = tl.load(out_ptr + rm[:, None] * stride_out + rn[None, :], mask=mn, other=0.0)
+        if not EARLY_BASE:
+            base = tl.load(base_ptrs, mask=mn, other=0.0)
         y = base.to(tl.float32) + acc
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mn)
 
@@ -153,6 +158,8 @@ def candidate_configs(rows: int, rank: int, bounds: list[int]) -> list[TileConfi
         base._replace(block_k=full_k, num_stages=1, num_warps=8),
         base._replace(block_k=32),
         base._replace(num_stages=2),
+        base._replace(early_base=False),  # the load order before 2026-11-27
+        base._replace(block_k=full_k, num_stages=1, early_base=False),
     ]
     if rows <= 32:
         out += [base._replace(block_m=16), base._replace(block_m=16, block_k=full_k, num_stages=1)]
@@ -179,7 +186,8 @@ def _launch(cfg: TileConfig, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor
         rows, n_out, rank, rows // w.shape[0], edges[0], edges[1],
         out.stride(0), w.stride(0), b.stride(0), y.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not out.is_cuda,
-        FP32=out.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        FP32=out.dtype == torch.float32, EARLY_BASE=cfg.early_base, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
