@@ -7,12 +7,14 @@
 #   run(command="OUT=$OUT bash benchmarks/gpu_session.sh", timeout_s=560)      # the default parts, <= 9 min
 #   make gpu-assets    # here, only for WARMUP=1: SmolLM2's config + tokenizer (3.4 MB); then carry=["gpu-assets"]
 #
-# Default parts (issue 2, 2026-11-27: the figures the changes since the last device session move):
+# Default part (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
-#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100), once per decoding loop
-#   in DECODERS: personafuse.decoding.greedy_generate (no host sync per token; base vs moe vs
-#   moe_tuned, the fused expand with tile sizes timed on the device; gpu_compile_personafuse.json),
-#   then transformers' generate (base vs moe; gpu_compile.json)
+#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100, ~60 s of tile timing),
+#   through personafuse.decoding.greedy_generate (no host sync per token): base vs moe vs moe_tuned
+#   (the fused expand with tile sizes timed on the device) vs moe_tuned_act (and the MLP's
+#   activation fused into the gate/up expand); gpu_compile_personafuse.json.
+#   DECODERS=personafuse,generate adds transformers' generate (base vs moe; gpu_compile.json),
+#   measured in run D (0.91x), ~3 min more.
 # Opt-in parts, measured on 2026-11-26 (docs/performance.md):
 #   PROFILE=1 profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay,
 #             and the host time torch.compile spends per call (~100 s)
@@ -34,11 +36,11 @@ PROFILE_VARIANTS=${PROFILE_VARIANTS:-base,moe}  # moe_tuned too: ~40 s more
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
-COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe,moe_tuned}  # the personafuse loop
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe,moe_tuned,moe_tuned_act}  # the personafuse loop
 GENERATE_VARIANTS=${GENERATE_VARIANTS:-base,moe}  # transformers' generate
-COMPILE_LIMIT=${COMPILE_LIMIT:-330}
+COMPILE_LIMIT=${COMPILE_LIMIT:-450}
 GENERATE_LIMIT=${GENERATE_LIMIT:-180}
-DECODERS=${DECODERS:-personafuse,generate}
+DECODERS=${DECODERS:-personafuse}
 NEW_TOKENS=${NEW_TOKENS:-}  # compiled part; default 128 (8 with SMALL=1)
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
@@ -104,7 +106,7 @@ if [ "$STAGES" = 1 ]; then
         --json "$OUT/stages_gpu.json"
 fi
 for f in "$OUT"/gpu_compile*.json; do  # the figures to record, one line per decoding loop
-    [ -f "$f" ] && $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r['setup'].get('decoder'), {k: round(v, 3) for k, v in r['ratios'].items()}, {k: round(v, 1) for k, v in r['tokens_per_s'].items()}, 'tuning', r.get('expand_tuning_s'), r.get('expand_tuned_configs'))" "$f"
+    [ -f "$f" ] && $PY -c "import json, sys; r = json.load(open(sys.argv[1])); print(sys.argv[1], r.get('setup', {}).get('decoder'), 'rounds', r.get('rounds_completed'), {k: round(v, 3) for k, v in r['ratios'].items()}, {k: round(v, 1) for k, v in r.get('tokens_per_s', {}).items()}, 'warm-up', r.get('warmup_s'), 'tuning', r.get('expand_tuning_s'), r.get('expand_tuned_configs'))" "$f"
 done
 echo "== done in $((SECONDS - start))s; results in $OUT"
 ls -l "$OUT"

@@ -19,6 +19,8 @@ Variants:
   moe_tuned   (extra) moe with the fused expand's tile sizes timed on the device for each group
               shape (personafuse.kernels.AUTOTUNE on during its calls only; the time spent tuning
               and the winning tilings are in the JSON)
+  moe_act / moe_tuned_act  (extra) moe / moe_tuned with the MLP's activation and product fused
+              into the gate/up expand (MixtureState.fuse_act; where the fused expand runs)
   peft_lora   peft with one rank-8 LoRA (unmerged)
   peft_cat    peft with the ten experts combined per request by add_weighted_adapter(..., "cat"):
               one adapter built per row (build time included), decoded as a peft mixed batch
@@ -47,8 +49,8 @@ from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = (
-    "base", "moe", "moe_packed", "moe_unpacked", "moe_fused", "moe_unfused", "moe_tuned",
-    "peft_lora", "peft_cat", "peft_cat_shared",
+    "base", "moe", "moe_packed", "moe_unpacked", "moe_fused", "moe_unfused", "moe_tuned", "moe_act",
+    "moe_tuned_act", "peft_lora", "peft_cat", "peft_cat_shared",
 )  # fmt: skip
 SHAPES = {
     # Llama-3.1-8B (config.json of meta-llama/Llama-3.1-8B), randomly initialised.
@@ -193,10 +195,10 @@ def main() -> None:
 
     tune_s = []
 
-    def make_moe(pack: bool | None, fuse: bool | None = None, tuned: bool = False):
+    def make_moe(pack: bool | None, fuse: bool | None = None, tuned: bool = False, act: bool = False):
         moe = share_weights(base)
         state = MixtureState(10, args.expert_rank, 16 / 8)
-        state.pack, state.fuse = pack, fuse
+        state.pack, state.fuse, state.fuse_act = pack, fuse, act
         inject_mixture(moe, TARGETS, state)
         moe.to(device)
         randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
@@ -231,7 +233,8 @@ def main() -> None:
 
     moe_variants = {
         "moe": (None, None), "moe_packed": (True, None), "moe_fused": (None, True), "moe_unfused": (None, False),
-        "moe_unpacked": (False, None), "moe_tuned": (None, None, True),
+        "moe_unpacked": (False, None), "moe_tuned": (None, None, True), "moe_act": (None, None, False, True),
+        "moe_tuned_act": (None, None, True, True),
     }  # fmt: skip
     for v, settings in moe_variants.items():
         if v in variants:
@@ -348,6 +351,8 @@ def main() -> None:
             sync(device)
             warmup_s[name] = time.perf_counter() - t
             print(f"warm-up {name}: {warmup_s[name]:.1f}s", flush=True)
+            if args.json:  # a run cut short during the warm-ups still says how far it got
+                write_json({"ratios": {}, "rounds_completed": 0, "warmup_s": warmup_s})
         for rep in range(args.repeats):
             for name, fn in runners.items():
                 sync(device)

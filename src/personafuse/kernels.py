@@ -112,6 +112,67 @@ if triton is not None:
         y = base.to(tl.float32) + acc
         tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], y.to(y_ptr.dtype.element_ty), mask=mn)
 
+    @triton.jit
+    def _expand_act_kernel(
+        out_ptr, w_ptr, b_ptr, y_ptr,
+        M, INTER, R, rows_per_w,
+        stride_out, stride_w, stride_b, stride_y,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
+        FP32: tl.constexpr, EARLY_BASE: tl.constexpr, GELU: tl.constexpr,
+    ):  # fmt: skip
+        # The gate/up group of an MLP: columns [0, INTER) gate, [INTER, 2I) up, then the two shrinks. A tile
+        # expands the same columns of both members and writes act(gate) * up, [M, INTER].
+        rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = rm < M
+        mask_n = rn < INTER
+        mn = mask_m[:, None] & mask_n[None, :]
+        g_ptrs = out_ptr + rm[:, None] * stride_out + rn[None, :]
+        if EARLY_BASE:
+            g0 = tl.load(g_ptrs, mask=mn, other=0.0)
+            u0 = tl.load(g_ptrs + INTER, mask=mn, other=0.0)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, R, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = rk < R
+            mk = mask_m[:, None] & mask_k[None, :]
+            h_ptrs = out_ptr + rm[:, None] * stride_out + 2 * INTER + rk[None, :]
+            hg = tl.load(h_ptrs, mask=mk, other=0.0)
+            hu = tl.load(h_ptrs + R, mask=mk, other=0.0)
+            w = tl.load(w_ptr + (rm // rows_per_w)[:, None] * stride_w + rk[None, :], mask=mk, other=0.0)
+            b_ptrs = b_ptr + rn[None, :] * stride_b + rk[:, None]
+            kn = mask_k[:, None] & mask_n[None, :]
+            bg = tl.load(b_ptrs, mask=kn, other=0.0)
+            bu = tl.load(b_ptrs + INTER * stride_b, mask=kn, other=0.0)
+            wf = w.to(tl.float32)
+            hwg = hg.to(tl.float32) * wf
+            hwu = hu.to(tl.float32) * wf
+            if UPCAST:
+                acc_g += tl.dot(hwg.to(hg.dtype).to(tl.float32), bg.to(tl.float32))
+                acc_u += tl.dot(hwu.to(hu.dtype).to(tl.float32), bu.to(tl.float32))
+            elif FP32:
+                acc_g += tl.dot(hwg, bg, input_precision="ieee")
+                acc_u += tl.dot(hwu, bu, input_precision="ieee")
+            else:
+                acc_g += tl.dot(hwg.to(bg.dtype), bg)
+                acc_u += tl.dot(hwu.to(bu.dtype), bu)
+        if not EARLY_BASE:
+            g0 = tl.load(g_ptrs, mask=mn, other=0.0)
+            u0 = tl.load(g_ptrs + INTER, mask=mn, other=0.0)
+        # gate and up rounded to the output dtype, as the unfused path stores them
+        g = (g0.to(tl.float32) + acc_g).to(y_ptr.dtype.element_ty).to(tl.float32)
+        u = (u0.to(tl.float32) + acc_u).to(y_ptr.dtype.element_ty).to(tl.float32)
+        if GELU:  # noqa: SIM108 (tanh approximation; tanh(z) = 2 sigmoid(2z) - 1)
+            a = g * tl.sigmoid(1.5957691216057308 * (g + 0.044715 * g * g * g))
+        else:  # SiLU
+            a = g * tl.sigmoid(g)
+        tl.store(y_ptr + rm[:, None] * stride_y + rn[None, :], (a * u).to(y_ptr.dtype.element_ty), mask=mn)
+
+
+# What the gate/up kernel can apply between the two (the MLP's act_fn), with its torch reference.
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh")}
+
 
 def _reference(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     n_out = bounds[-1]
@@ -279,3 +340,56 @@ def grouped_expand(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: 
 @grouped_expand.register_fake
 def _(out, w, b, bounds):
     return out.new_empty(out.shape[0], bounds[-1])
+
+
+def _reference_act(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, inter: int, act: str) -> torch.Tensor:
+    y = _reference(out, w, b, [inter, 2 * inter])
+    return ACTIVATIONS[act](y[:, :inter]) * y[:, inter:]
+
+
+def _launch_act(cfg: TileConfig, out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, inter: int, act: str,
+                y: torch.Tensor) -> None:  # fmt: skip
+    rows, rank = out.shape[0], b.shape[1]
+    grid = (triton.cdiv(rows, cfg.block_m), inter // cfg.block_n)
+    _expand_act_kernel[grid](
+        out, w, b, y,
+        rows, inter, rank, rows // w.shape[0],
+        out.stride(0), w.stride(0), b.stride(0), y.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UPCAST=not out.is_cuda,
+        FP32=out.dtype == torch.float32, EARLY_BASE=cfg.early_base, GELU=act == "gelu_tanh",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+
+
+def grouped_expand_act_eager(
+    out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, inter: int, act: str
+) -> torch.Tensor:
+    """An MLP's gate/up group finished in one kernel: ``act(gate) * up``, [M, inter].
+
+    ``out``: [M, 2 * inter + 2R] (gate and up base outputs, then their shrinks); ``w``, ``b`` as in
+    :func:`grouped_expand_eager` (``b``: [2 * inter, R], gate's rows first). Saves the MLP's
+    separate activation kernel and the writing and reading back of both [M, inter] halves.
+    The tiling is the one :func:`tune` chose for the group's expand, else the default."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not fused; known: {', '.join(ACTIVATIONS)}")
+    rows, rank = out.shape[0], b.shape[1]
+    bounds = [inter, 2 * inter]
+    if not _runs_fused(out, rows, w.shape[0], bounds):
+        return _reference_act(out, w, b, inter, act)
+    if out.stride(1) != 1 or w.stride(1) != 1 or b.stride(1) != 1:
+        out, w, b = out.contiguous(), w.contiguous(), b.contiguous()
+    cfg = _TUNED.get(_key(out, rows, w.shape[0], bounds, rank)) if AUTOTUNE else None
+    y = out.new_empty(rows, inter)
+    _launch_act(cfg or default_config(rows, rank, bounds), out, w, b, inter, act, y)
+    return y
+
+
+@torch.library.custom_op("personafuse::grouped_expand_act", mutates_args=())
+def grouped_expand_act(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, inter: int, act: str) -> torch.Tensor:
+    """:func:`grouped_expand_act_eager` as one opaque node for ``torch.compile`` and CUDA graphs."""
+    return grouped_expand_act_eager(out, w, b, inter, act)
+
+
+@grouped_expand_act.register_fake
+def _(out, w, b, inter, act):
+    return out.new_empty(out.shape[0], inter)

@@ -15,6 +15,7 @@ layer costs two skinny matmuls and one multiply. At inference on accelerators, s
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import math
 import weakref
@@ -74,6 +75,10 @@ class MixtureState:
         # inside torch.compile only: eager, the custom op's launch costs more than the kernels it
         # saves (measured on an H100, docs/performance.md). True = eager too; False = torch ops.
         self.fuse: bool | None = None
+        # Where the fused expand runs, an MLP's gate/up group also applies the MLP's activation and
+        # product in the same kernel (kernels.grouped_expand_act): one kernel less per layer, and
+        # the two [tokens, intermediate] halves never written. Off until measured on a GPU.
+        self.fuse_act = False
 
     def _register(self) -> None:
         self.key = next(_KEYS)
@@ -137,7 +142,11 @@ class MixtureState:
             # compiled region, so the forward uses the packs without checking them.
             rows = weights.shape[0]
             for group in self.groups:
-                if group.ensure(force=self.pack is True, fuse=self.fuse) and group.fused and kernels.AUTOTUNE:
+                if (
+                    group.ensure(force=self.pack is True, fuse=self.fuse, fuse_act=self.fuse_act)
+                    and group.fused
+                    and kernels.AUTOTUNE
+                ):
                     kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
 
     def invalidate_packs(self) -> None:
@@ -189,6 +198,7 @@ class MixtureLinear(nn.Module):
         self._group: PackedGroup | None = None  # set by inject_mixture
         self._packed = False
         self._slot = self._bit = self._all = self._lo = self._hi = 0
+        self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_mlp_forward)
         self.reset_parameters()
 
     @property
@@ -327,6 +337,8 @@ class PackedGroup:
         self.split = 0  # first column of the shrinks
         self._fusable = False  # Triton runs here and the members' shapes suit the kernel
         self._fuse: bool | None = None  # MixtureState.fuse at the last routing decision
+        self.act: str | None = None  # an MLP's gate/up group: its activation, if the kernel has it
+        self._mlp: nn.Module | None = None  # and that MLP
         self._ptrs: tuple[int, ...] = ()
         self._last_storage: tuple[int, ...] = ()  # the latest pack's storages (their views may be packed again)
 
@@ -349,16 +361,28 @@ class PackedGroup:
         self._ptrs = ()
         for m in self.members:
             m._packed = False
+            m._fuse_act = 0
 
     @property
     def fused(self) -> bool:
         """The expand may run as the fused kernel (always, or inside torch.compile; see MixtureState.fuse)."""
         return self.weight is not None and self._fusable and self._fuse is not False
 
-    def ensure(self, force: bool = False, fuse: bool | None = None) -> bool:
+    def ensure(self, force: bool = False, fuse: bool | None = None, fuse_act: bool = False) -> bool:
         """Pack if needed and possible; False keeps the members on the plain path."""
         self._fuse = fuse
-        return self.ready() or self._pack(force)
+        packed = self.ready() or self._pack(force)
+        gate = self.members[0]
+        gate._fuse_act = 0
+        if packed and fuse_act and self.act is not None and self.fused:
+            gate._fuse_act = 2 if fuse else 1
+        if self._mlp is not None:  # the MLP runs its own forward unless the activation is fused
+            installed = isinstance(self._mlp.__dict__.get("forward"), _MLPForward)
+            if gate._fuse_act and not installed:
+                self._mlp.forward = _MLPForward(self._mlp)
+            elif not gate._fuse_act and installed:
+                del self._mlp.forward
+        return packed
 
     def _packable(self, force: bool) -> bool:
         ref = self.members[0].base.weight
@@ -446,6 +470,15 @@ class PackedGroup:
             flat[:, lo:hi].addmm_(flat[:, a:b], bt)
         return out
 
+    def compute_act(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """An MLP's ``act(gate(x)) * up(x)``: ``x P^T``, then expand, activation and product in one
+        kernel (kernels.grouped_expand_act). Only for a gate/up group with ``act`` set."""
+        out = F.linear(x, self.weight, self.bias)
+        inter = self.split // 2
+        op = kernels.grouped_expand_act if torch.compiler.is_compiling() else kernels.grouped_expand_act_eager
+        y = op(out.view(-1, out.shape[-1]), w.reshape(-1, w.shape[-1]), self.expand, inter, self.act)
+        return y.view(*out.shape[:-1], inter)
+
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
@@ -454,17 +487,76 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
+# The MLP forward of Llama, Qwen2/3, Mistral and Gemma (transformers), which _mlp_forward replaces
+# when the gate/up group fuses the activation; any other forward keeps its own code.
+_MLP_LINE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
+
+
+def _fusable_act(parent: nn.Module, members: list[MixtureLinear]) -> str | None:
+    """The activation name (kernels.ACTIVATIONS) if ``parent`` is an MLP whose gate/up group the
+    fused kernel can finish, else None."""
+    if [id(m) for m in members] != [id(getattr(parent, "gate_proj", None)), id(getattr(parent, "up_proj", None))]:
+        return None
+    if members[0].out_features != members[1].out_features or not hasattr(parent, "down_proj"):
+        return None
+    act_fn = getattr(parent, "act_fn", None)
+    try:
+        source = "".join(inspect.getsource(type(parent).forward).split())
+    except (OSError, TypeError):
+        return None
+    if _MLP_LINE not in source or not callable(act_fn):
+        return None
+    probe = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    with torch.no_grad():
+        for name, fn in kernels.ACTIVATIONS.items():
+            try:
+                if torch.allclose(act_fn(probe), fn(probe), atol=1e-6, rtol=1e-6):
+                    return name
+            except (RuntimeError, TypeError):
+                return None
+    return None
+
+
+class _MLPForward:
+    """The ``forward`` of an MLP whose gate/up group may fuse its activation (an instance
+    attribute: the class, its other instances and the state-dict names stay as they are; a
+    callable object rather than a bound method so the model still pickles)."""
+
+    def __init__(self, mlp: nn.Module) -> None:
+        self.mlp = mlp
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+        gate = mlp.gate_proj
+        mode = gate._fuse_act
+        if mode and (mode == 2 or torch.compiler.is_compiling()) and not torch.is_grad_enabled():
+            live = _LIVE[gate._key] if gate._key in _LIVE else gate.state.live  # noqa: SIM401
+            w = live.expanded
+            if w is not None and live.expert_index is None and not (gate.dropout_p and gate.training):
+                if x.dim() == 2:
+                    w = w.squeeze(1)
+                if w.shape[0] != x.shape[0]:
+                    w = _match_batch(w, x.shape[0])
+                return mlp.down_proj(gate._group.compute_act(x, w))
+        return type(mlp).forward(mlp, x)
+
+
 def _group_layers(model: nn.Module, state: MixtureState) -> None:
     for group in state.groups:
         group.invalidate()
     state.groups = []
     grouped: set[int] = set()
     for parent in model.modules():
+        if isinstance(parent.__dict__.get("forward"), _MLPForward):
+            del parent.forward  # regrouping: the next routing decision installs it again
         for names in SHARED_INPUT_GROUPS:
             members = [getattr(parent, n, None) for n in names]
             members = [m for m in members if isinstance(m, MixtureLinear)]
             if len(members) > 1 and len({m.in_features for m in members}) == 1:
-                state.groups.append(PackedGroup(members))
+                group = PackedGroup(members)
+                group.act = _fusable_act(parent, members)
+                group._mlp = parent if group.act is not None else None
+                state.groups.append(group)
                 grouped.update(id(m) for m in members)
     for m in model.modules():
         if isinstance(m, MixtureLinear) and id(m) not in grouped:
