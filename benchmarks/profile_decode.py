@@ -48,7 +48,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--variants", default="base,moe", help="base, moe (default fuse), moe_unfused, moe_packed (packed layout forced, as on accelerators; for CPU), "
-                         "moe_tuned (moe with the fused expand's tiles tuned on the device, kernels.AUTOTUNE)")
+                         "moe_tuned (moe with the fused expand's tiles tuned on the device, kernels.AUTOTUNE), "
+                         "moe_act / moe_tuned_act (the MLP activation fused into the gate/up expand)")
     ap.add_argument("--backend", default="inductor", help="torch.compile backend ('eager' to check on CPU)")
     ap.add_argument("--calls", type=int, default=5, help="profiled calls per variant")
     ap.add_argument("--replays", type=int, default=50, help="timed CUDA-graph replays per variant")
@@ -70,12 +71,13 @@ def main() -> None:
 
     for name in args.variants.split(","):
         model = base
-        kernels.AUTOTUNE = name == "moe_tuned"  # variants run one after the other: on for this one only
+        kernels.AUTOTUNE = name in ("moe_tuned", "moe_tuned_act")  # variants run one after the other
         if name != "base":
             model = share_weights(base)
             state = MixtureState(10, 8, 16 / 8)
             state.fuse = False if name == "moe_unfused" else None
             state.pack = True if name == "moe_packed" else None
+            state.fuse_act = name in ("moe_act", "moe_tuned_act")
             inject_mixture(model, TARGETS, state)
             model.to(device)
             randomise_lora([p for n, p in model.named_parameters() if "lora_" in n])
