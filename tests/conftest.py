@@ -214,6 +214,16 @@ def build_tiny(
     return model.eval()
 
 
+def routed_batch_and_plain_logits(pf) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Three 6-token rows with a different mixture each, and ``pf``'s logits for them on the plain
+    path (gradients on: the layers never use a pack), the reference the inference layouts match."""
+    ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
+    w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
+    with torch.enable_grad():
+        plain = pf(ids, weights=w).logits.detach()
+    return ids, w, plain
+
+
 def randomise_experts(model, seed: int = 123, scale: float = 0.3) -> None:
     """Give every expert a non-zero B so that experts differ (fresh LoRA B is zero)."""
     g = torch.Generator().manual_seed(seed)

@@ -74,14 +74,11 @@ def test_fused_pack_matches_the_plain_model_and_compiles():
     out = _interpret(
         """
         import torch
-        from conftest import build_tiny
+        from conftest import build_tiny, routed_batch_and_plain_logits
         pf = build_tiny()
         pf.state.pack = True
         pf.state.fuse = True  # eager as well (default: inside torch.compile only)
-        ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
-        w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
-        with torch.enable_grad():
-            plain = pf(ids, weights=w).logits.detach()
+        ids, w, plain = routed_batch_and_plain_logits(pf)
         with torch.no_grad():
             fused = pf(ids, weights=w).logits
         groups = pf.state.groups
@@ -166,15 +163,12 @@ def test_fused_activation_matches_the_plain_model_compiles_and_pickles(kind):
         f"""
         import pickle
         import torch
-        from conftest import build_tiny
+        from conftest import build_tiny, routed_batch_and_plain_logits
         from personafuse import mixture
         pf = build_tiny(base_kind="{kind}")
         st = pf.state
         st.pack, st.fuse, st.fuse_act = True, True, True
-        ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
-        w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
-        with torch.enable_grad():
-            plain = pf(ids, weights=w).logits.detach()
+        ids, w, plain = routed_batch_and_plain_logits(pf)
         with torch.no_grad():
             fused = pf(ids, weights=w).logits
         mlps = [g._mlp for g in st.groups if g.act is not None]
@@ -258,7 +252,7 @@ def test_autotune_times_each_group_shape_once_and_the_kernel_uses_the_winner():
     out = _interpret(
         """
         import torch
-        from conftest import build_tiny
+        from conftest import build_tiny, routed_batch_and_plain_logits
         from personafuse import kernels
         timed, launched = [], []
         time_ms, launch = kernels._time_ms, kernels._launch
@@ -266,10 +260,7 @@ def test_autotune_times_each_group_shape_once_and_the_kernel_uses_the_winner():
         kernels._launch = lambda cfg, *a: launched.append(cfg) or launch(cfg, *a)
         pf = build_tiny()
         pf.state.pack, pf.state.fuse = True, True
-        ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
-        w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(4)) * 2, dim=-1)
-        with torch.enable_grad():
-            plain = pf(ids, weights=w).logits.detach()  # trainable weights: never packed
+        ids, w, plain = routed_batch_and_plain_logits(pf)
         assert not kernels._TUNED and not timed
         kernels.AUTOTUNE = True
         with torch.no_grad():
@@ -326,7 +317,7 @@ def test_every_candidate_tiling_compiles_for_an_h100_at_llama_8b_shapes():
         compiled = triton.compile(
             ASTSource(fn, sig, constants),
             target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages, "enable_fp_fusion": True},
         )
         assert compiled.asm["cubin"], (fn.__name__, cfg)
         assert compiled.metadata.shared <= 227 * 1024, (fn.__name__, cfg, compiled.metadata.shared)
