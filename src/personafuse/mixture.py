@@ -198,7 +198,7 @@ class MixtureLinear(nn.Module):
         self._group: PackedGroup | None = None  # set by inject_mixture
         self._packed = False
         self._slot = self._bit = self._all = self._lo = self._hi = 0
-        self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_mlp_forward)
+        self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_MLPForward)
         self.reset_parameters()
 
     @property
@@ -487,7 +487,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-# The MLP forward of Llama, Qwen2/3, Mistral and Gemma (transformers), which _mlp_forward replaces
+# The MLP forward of Llama, Qwen2/3, Mistral and Gemma (transformers), which _MLPForward replaces
 # when the gate/up group fuses the activation; any other forward keeps its own code.
 _MLP_LINE = "self.down_proj(self.act_fn(self.gate_proj(x))*self.up_proj(x))"
 
