@@ -267,7 +267,8 @@ def _time_ms(fn) -> float:
 def tuned_configs() -> list[dict]:
     """Every tiling :func:`tune` chose so far, one dict per shape (for logs and benchmark JSON)."""
     return [
-        {"device": k[0], "dtype": str(k[1]), "rows": k[2], "bounds": list(k[4]), "rank": k[5], **c._asdict()}
+        {"device": k[0], "dtype": str(k[1]), "rows": k[2], "bounds": list(k[4]), "rank": k[5],
+         "act": k[6] if len(k) > 6 else None, **c._asdict()}  # fmt: skip
         for k, c in _TUNED.items()
     ]
 
@@ -282,31 +283,40 @@ def _runs_fused(t: torch.Tensor, rows: int, w_rows: int, bounds: list[int]) -> b
     )
 
 
-def tune(rows: int, w_rows: int, b: torch.Tensor, bounds: list[int]) -> TileConfig | None:
+def tune(rows: int, w_rows: int, b: torch.Tensor, bounds: list[int], act: str | None = None) -> TileConfig | None:
     """Time every candidate tiling for this shape on ``b``'s device; remember and return the
     fastest (None where the kernel does not run). A shape already timed is not timed again.
 
     ``rows`` rows of group output, ``w_rows`` mixture rows (``rows`` at decode: one token per
-    sequence), ``b`` the group's stacked expands, ``bounds`` each member's end column."""
+    sequence), ``b`` the group's stacked expands, ``bounds`` each member's end column. With
+    ``act``, the gate/up kernel that also applies the activation (:func:`grouped_expand_act`),
+    which does two dots per tile and is timed on its own."""
     rank = b.shape[1]
-    if not _runs_fused(b, rows, w_rows, bounds):
+    if not _runs_fused(b, rows, w_rows, bounds) or (act is not None and bounds != [bounds[0], 2 * bounds[0]]):
         return None
-    key = _key(b, rows, w_rows, bounds, rank)
+    key = _key(b, rows, w_rows, bounds, rank) + ((act,) if act else ())
     if key in _TUNED:
         return _TUNED[key]
     out = torch.randn(rows, bounds[-1] + len(bounds) * rank, device=b.device, dtype=b.dtype)
     w = torch.rand(w_rows, rank, device=b.device, dtype=b.dtype)
     b = b.contiguous()
-    y = out.new_empty(rows, bounds[-1])
+    y = out.new_empty(rows, bounds[0] if act else bounds[-1])
+
+    def launch(cfg: TileConfig) -> None:
+        if act:
+            _launch_act(cfg, out, w, b, bounds[0], act, y)
+        else:
+            _launch(cfg, out, w, b, bounds, y)
+
     timings = {}
     device = torch.cuda.device(b.device) if b.is_cuda else contextlib.nullcontext()
     with device:  # launches and timing events on b's GPU, whichever is current
         for cfg in candidate_configs(rows, rank, bounds):
             try:
-                _launch(cfg, out, w, b, bounds, y)  # compiles it
+                launch(cfg)  # compiles it
             except triton.runtime.errors.OutOfResources:  # a tiling this device cannot run
                 continue
-            timings[cfg] = _time_ms(lambda cfg=cfg: _launch(cfg, out, w, b, bounds, y))
+            timings[cfg] = _time_ms(lambda cfg=cfg: launch(cfg))
     best = min(timings, key=timings.get) if timings else default_config(rows, rank, bounds)
     _TUNED[key] = best
     return best
@@ -369,7 +379,8 @@ def grouped_expand_act_eager(
     ``out``: [M, 2 * inter + 2R] (gate and up base outputs, then their shrinks); ``w``, ``b`` as in
     :func:`grouped_expand_eager` (``b``: [2 * inter, R], gate's rows first). Saves the MLP's
     separate activation kernel and the writing and reading back of both [M, inter] halves.
-    The tiling is the one :func:`tune` chose for the group's expand, else the default."""
+    The tiling is the one :func:`tune` chose for this kernel (``act`` given), else for the
+    group's plain expand, else the default."""
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not fused; known: {', '.join(ACTIVATIONS)}")
     rows, rank = out.shape[0], b.shape[1]
@@ -378,7 +389,8 @@ def grouped_expand_act_eager(
         return _reference_act(out, w, b, inter, act)
     if out.stride(1) != 1 or w.stride(1) != 1 or b.stride(1) != 1:
         out, w, b = out.contiguous(), w.contiguous(), b.contiguous()
-    cfg = _TUNED.get(_key(out, rows, w.shape[0], bounds, rank)) if AUTOTUNE else None
+    key = _key(out, rows, w.shape[0], bounds, rank)
+    cfg = (_TUNED.get((*key, act)) or _TUNED.get(key)) if AUTOTUNE else None
     y = out.new_empty(rows, inter)
     _launch_act(cfg or default_config(rows, rank, bounds), out, w, b, inter, act, y)
     return y

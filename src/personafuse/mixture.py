@@ -148,6 +148,8 @@ class MixtureState:
                     and kernels.AUTOTUNE
                 ):
                     kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
+                    if group.members[0]._fuse_act:
+                        kernels.tune(rows, rows, group.expand, group._ends, act=group.act)
 
     def invalidate_packs(self) -> None:
         """Call after giving parameters new storage by hand (``param.data = ...``)."""
