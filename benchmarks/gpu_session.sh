@@ -9,10 +9,12 @@
 #
 # Default part (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
-#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100, ~60 s of tile timing),
-#   through personafuse.decoding.greedy_generate (no host sync per token): base vs moe vs moe_tuned
-#   (the fused expand with tile sizes timed on the device) vs moe_tuned_act (and the MLP's
-#   activation fused into the gate/up expand); gpu_compile_personafuse.json.
+#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100, ~80 s of tile timing),
+#   through personafuse.decoding.greedy_generate (no host sync per token): base vs moe vs
+#   moe_tuned_act (the fused expand with tile sizes timed on the device, and the MLP's activation
+#   fused into the gate/up expand); gpu_compile_personafuse.json. What tuning alone gains per kernel
+#   is in its expand_tuned_configs (default_ms / best_ms); COMPILE_VARIANTS=base,moe,moe_tuned,
+#   moe_tuned_act separates the two levers in tokens/s (~90 s more).
 #   DECODERS=personafuse,generate adds transformers' generate (base vs moe; gpu_compile.json),
 #   measured in run D (0.91x), ~3 min more.
 # Opt-in parts, measured on 2026-11-26 (docs/performance.md):
@@ -36,7 +38,7 @@ PROFILE_VARIANTS=${PROFILE_VARIANTS:-base,moe}  # moe_tuned too: ~40 s more
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
-COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe,moe_tuned,moe_tuned_act}  # the personafuse loop
+COMPILE_VARIANTS=${COMPILE_VARIANTS:-base,moe,moe_tuned_act}  # the personafuse loop
 GENERATE_VARIANTS=${GENERATE_VARIANTS:-base,moe}  # transformers' generate
 COMPILE_LIMIT=${COMPILE_LIMIT:-450}
 GENERATE_LIMIT=${GENERATE_LIMIT:-180}

@@ -231,6 +231,8 @@ def candidate_configs(rows: int, rank: int, bounds: list[int]) -> list[TileConfi
 
 # (device, dtype, rows, rows per mixture row, bounds, rank) -> the fastest tiling measured
 _TUNED: dict[tuple, TileConfig] = {}
+# ... and what tuning measured for it: the default tiling's time and the winner's, ms
+_TUNED_MS: dict[tuple, tuple[float | None, float | None]] = {}
 
 
 def _key(t: torch.Tensor, rows: int, w_rows: int, bounds: list[int], rank: int) -> tuple:
@@ -265,10 +267,12 @@ def _time_ms(fn) -> float:
 
 
 def tuned_configs() -> list[dict]:
-    """Every tiling :func:`tune` chose so far, one dict per shape (for logs and benchmark JSON)."""
+    """Every tiling :func:`tune` chose so far, one dict per shape, with the default tiling's time and
+    the winner's in ms (for logs and benchmark JSON)."""
     return [
         {"device": k[0], "dtype": str(k[1]), "rows": k[2], "bounds": list(k[4]), "rank": k[5],
-         "act": k[6] if len(k) > 6 else None, **c._asdict()}  # fmt: skip
+         "act": k[6] if len(k) > 6 else None, **c._asdict(),
+         "default_ms": _TUNED_MS.get(k, (None, None))[0], "best_ms": _TUNED_MS.get(k, (None, None))[1]}  # fmt: skip
         for k, c in _TUNED.items()
     ]
 
@@ -317,8 +321,10 @@ def tune(rows: int, w_rows: int, b: torch.Tensor, bounds: list[int], act: str | 
             except triton.runtime.errors.OutOfResources:  # a tiling this device cannot run
                 continue
             timings[cfg] = _time_ms(lambda cfg=cfg: launch(cfg))
-    best = min(timings, key=timings.get) if timings else default_config(rows, rank, bounds)
+    default = default_config(rows, rank, bounds)
+    best = min(timings, key=timings.get) if timings else default
     _TUNED[key] = best
+    _TUNED_MS[key] = (timings.get(default), timings.get(best))
     return best
 
 
