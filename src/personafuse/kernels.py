@@ -336,15 +336,29 @@ def grouped_expand_eager(
     member's end column. Returns ``y``: [M, n_out].
 
     Called directly outside ``torch.compile``: the custom op's dispatch costs more than the kernel."""
-    rows, rank = out.shape[0], b.shape[1]
-    if not _runs_fused(out, rows, w.shape[0], bounds):
+    if not _runs_fused(out, out.shape[0], w.shape[0], bounds):
         return _reference(out, w, b, bounds)
-    if out.stride(1) != 1 or w.stride(1) != 1 or b.stride(1) != 1:
-        out, w, b = out.contiguous(), w.contiguous(), b.contiguous()
-    cfg = _TUNED.get(_key(out, rows, w.shape[0], bounds, rank)) if AUTOTUNE else None
-    y = out.new_empty(rows, bounds[-1])
-    _launch(cfg or default_config(rows, rank, bounds), out, w, b, bounds, y)
+    out, w, b = _unit_stride(out, w, b)
+    y = out.new_empty(out.shape[0], bounds[-1])
+    _launch(_tiling(out, w, b, bounds), out, w, b, bounds, y)
     return y
+
+
+def _unit_stride(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The kernels index rows by stride and columns by one."""
+    return tuple(t if t.stride(1) == 1 else t.contiguous() for t in ts)
+
+
+def _tiling(out: torch.Tensor, w: torch.Tensor, b: torch.Tensor, bounds: list[int], act: str | None = None) -> TileConfig:
+    """The tiling :func:`tune` chose for this call's shape (tuning on; with ``act`` that kernel's
+    own, else the plain expand's), else the default rule."""
+    rows, rank = out.shape[0], b.shape[1]
+    if AUTOTUNE:
+        key = _key(out, rows, w.shape[0], bounds, rank)
+        cfg = (act and _TUNED.get((*key, act))) or _TUNED.get(key)
+        if cfg:
+            return cfg
+    return default_config(rows, rank, bounds)
 
 
 @torch.library.custom_op("personafuse::grouped_expand", mutates_args=())
@@ -389,16 +403,12 @@ def grouped_expand_act_eager(
     group's plain expand, else the default."""
     if act not in ACTIVATIONS:
         raise ValueError(f"activation {act!r} is not fused; known: {', '.join(ACTIVATIONS)}")
-    rows, rank = out.shape[0], b.shape[1]
     bounds = [inter, 2 * inter]
-    if not _runs_fused(out, rows, w.shape[0], bounds):
+    if not _runs_fused(out, out.shape[0], w.shape[0], bounds):
         return _reference_act(out, w, b, inter, act)
-    if out.stride(1) != 1 or w.stride(1) != 1 or b.stride(1) != 1:
-        out, w, b = out.contiguous(), w.contiguous(), b.contiguous()
-    key = _key(out, rows, w.shape[0], bounds, rank)
-    cfg = (_TUNED.get((*key, act)) or _TUNED.get(key)) if AUTOTUNE else None
-    y = out.new_empty(rows, inter)
-    _launch_act(cfg or default_config(rows, rank, bounds), out, w, b, inter, act, y)
+    out, w, b = _unit_stride(out, w, b)
+    y = out.new_empty(out.shape[0], inter)
+    _launch_act(_tiling(out, w, b, bounds, act), out, w, b, inter, act, y)
     return y
 
 
