@@ -398,3 +398,38 @@ def test_deep_copy_has_its_own_weights_and_shares_group_outputs():
     del twin, twin_state, unpickled
     gc.collect()
     assert key not in mixture._LIVE  # a dropped model's live values go with it
+
+
+def test_activation_fusion_is_offered_only_to_mlps_it_computes_exactly():
+    """The gate/up kernel replaces ``down_proj(act_fn(gate_proj(x)) * up_proj(x))``; an MLP with
+    another forward, or an activation the kernel lacks, keeps its own code."""
+    from transformers.activations import ACT2FN
+
+    from personafuse.mixture import _fusable_act
+
+    def mlp_group(kind: str):
+        state = MixtureState(10, 2, 1.0)
+        model = tiny_causal_lm(kind)
+        inject_mixture(model, ["gate_proj", "up_proj", "down_proj"], state)
+        mlp = model.model.layers[0].mlp
+        return mlp, [mlp.gate_proj, mlp.up_proj]
+
+    mlp, members = mlp_group("llama")
+    assert _fusable_act(mlp, members) == "silu"
+    mlp.act_fn = ACT2FN["swish"]  # another class, the same function: recognised by its values
+    assert _fusable_act(mlp, members) == "silu"
+    mlp.act_fn = ACT2FN["gelu_pytorch_tanh"]
+    assert _fusable_act(mlp, members) == "gelu_tanh"
+    mlp.act_fn = ACT2FN["relu"]
+    assert _fusable_act(mlp, members) is None
+    mlp.act_fn = ACT2FN["silu"]
+    assert _fusable_act(mlp, members[::-1]) is None  # up/gate in the wrong roles
+
+    class ScaledMLP(type(mlp)):  # a forward the kernel does not compute
+        def forward(self, x):
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x) * 0.5)
+
+    mlp.__class__ = ScaledMLP
+    assert _fusable_act(mlp, members) is None
+    gemma, gemma_members = mlp_group("gemma")
+    assert _fusable_act(gemma, gemma_members) == "gelu_tanh"
