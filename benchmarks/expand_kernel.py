@@ -8,6 +8,12 @@ times one pass over them, at decode-sized and prefill-sized row counts, for:
   packed   PackedGroup with the expand as torch ops (MixtureState.fuse = False)
   fused    PackedGroup with the fused Triton expand (kernels.grouped_expand), the GPU default
 
+and, with the MLP's SiLU(gate) * up included (six outputs: q, k, v, o, act, down):
+
+  base_act   the base GEMMs, then SiLU(gate) * up as torch ops
+  fused_act  fused, with the activation and product in the gate/up kernel
+             (kernels.grouped_expand_act, MixtureState.fuse_act)
+
 On CUDA each is timed twice: eager (launch overhead included) and replayed from a CUDA graph
 (kernel time alone, as under torch.compile's reduce-overhead). Every layout's outputs are
 compared with a float64 computation of the same sum, so rounding can be told from a bug.
@@ -32,16 +38,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import cuda_graph_us  # noqa: E402
-from personafuse.mixture import MixtureLinear, MixtureState, PackedGroup  # noqa: E402
+from personafuse.mixture import MixtureLinear, MixtureState, _group_layers  # noqa: E402
 
 
 def build(hidden: int, kv: int, inter: int, device, dtype):
+    """The seven projections as ``*_proj`` children of one module, grouped as in a model."""
     state = MixtureState(10, 8, 2.0)
     state.dtype = dtype
     shapes = {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden),
               "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    mods = {}
+    layer = nn.Module()
     for name, (i, o) in shapes.items():
         lin = nn.Linear(i, o, bias=False)
         with torch.no_grad():
@@ -50,15 +57,10 @@ def build(hidden: int, kv: int, inter: int, device, dtype):
         with torch.no_grad():
             m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / i**0.5)
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
-        mods[name] = m.to(device=device, dtype=dtype)
-    state.groups = [
-        PackedGroup([mods[n] for n in names])
-        for names in (("q", "k", "v"), ("gate", "up"), ("o",), ("down",))
-    ]
-    for group in state.groups:
-        for pos, m in enumerate(group.members):
-            m._group = (group, pos)
-    return state, mods
+        setattr(layer, f"{name}_proj", m.to(device=device, dtype=dtype))
+    _group_layers(layer, state)  # q/k/v and gate/up packed together, o and down alone
+    layer.gate_proj._group.act = "silu"  # Llama's MLP activation, for the fused_act layout
+    return state, {name: getattr(layer, f"{name}_proj") for name in shapes}
 
 
 def main() -> None:
@@ -89,31 +91,47 @@ def main() -> None:
             return [F.linear(inputs[n], m.base.weight) for n, m in mods.items()]
 
         def run_mixture(inputs=inputs):
-            return [m(inputs[n]) for n, m in mods.items()]
+            state.live.shared = {}  # what a model's forward pre-hook opens: siblings share a group
+            outs = [m(inputs[n]) for n, m in mods.items()]
+            state.live.shared = None
+            return outs
 
+        def with_act(outs):  # q, k, v, o, gate, up, down -> q, k, v, o, SiLU(gate) * up, down
+            return [*outs[:4], F.silu(outs[4]) * outs[5], outs[6]]
+
+        def run_fused_act(inputs=inputs):
+            gate = mods["gate"]
+            outs = [mods[n](inputs[n]) for n in ("q", "k", "v", "o")]
+            act = gate._group.compute_act(inputs["gate"], state.expanded.squeeze(1))
+            return [*outs, act, mods["down"](inputs["down"])]
+
+        # name: (pass, pack, fuse)
         layouts = {"base": (run_base, False, None), "plain": (run_mixture, False, None),
-                   "packed": (run_mixture, True, False), "fused": (run_mixture, True, True)}  # fmt: skip
+                   "packed": (run_mixture, True, False), "fused": (run_mixture, True, True),
+                   "base_act": (lambda: with_act(run_base()), False, None), "fused_act": (run_fused_act, True, True)}  # fmt: skip
         # float64 reference of the mixture (the sum over experts, written out)
         with torch.no_grad():
             wexp = (w.double() * state.scaling).repeat_interleave(state.r, dim=1)
             ref = [F.linear(inputs[n].double(), m.base.weight.double())
                    + (inputs[n].double() @ m.lora_A.double().T * wexp) @ m.lora_B.double().T
                    for n, m in mods.items()]  # fmt: skip
+            ref_act = with_act(ref)
         row: dict = {}
         for name, (fn, pack, fuse) in layouts.items():
             state.pack, state.fuse = pack, fuse
             state.invalidate_packs()
             with torch.inference_mode():
                 state.set(w)
-                if name == "fused" and not all(gr.fused for gr in state.groups):
-                    print(f"rows {rows}: fused expand unavailable here (no Triton for {device}); skipped")
+                if fuse and not all(gr.fused for gr in state.groups):
+                    print(f"rows {rows}: fused expand unavailable here (no Triton for {device}); {name} skipped")
                     continue
                 outs = fn()
                 err = None
-                if name != "base":
+                if not name.startswith("base"):
+                    want = ref_act if name.endswith("_act") else ref
                     err = max(
                         float((o.double() - r).abs().max() / r.abs().max())
-                        for o, r in zip(outs, ref, strict=True)
+                        for o, r in zip(outs, want, strict=True)
                     )
                 for _ in range(3):
                     fn()
