@@ -120,14 +120,20 @@ def test_model_generate_decodes_greedily_with_the_fast_loop_unless_the_config_pr
     prompts = ["i feel so anxious", [{"role": "user", "content": "write a poem about my boss, please"}], "x"]
     w = torch.softmax(torch.randn(3, 10, generator=torch.Generator().manual_seed(8)) * 2, dim=-1)
     assert decoding.plain_greedy(model.generation_config)
+    hf_calls = []
+    hf_generate = model.generate
+    model.generate = lambda *a, **k: hf_calls.append(k) or hf_generate(*a, **k)
     fast = pf.generate(prompts, weights=w, max_new_tokens=12, batch_size=2, compile={"backend": "eager"})
-    assert decoding._caches[model][0][0] in (1, 2)  # greedy_generate ran (compiled: cache held)
-    decoding._caches.pop(model)
+    assert not hf_calls and decoding._caches[model][0][0] == 2  # greedy_generate ran, its cache held
+    held = decoding._caches[model][2]
     # A processor that cannot fire within 12 tokens: generate's own loop, the same tokens expected.
     model.generation_config.no_repeat_ngram_size = 100
     assert not decoding.plain_greedy(model.generation_config)
     slow = pf.generate(prompts, weights=w, max_new_tokens=12, batch_size=2, compile={"backend": "eager"})
-    assert model not in decoding._caches  # transformers' generate ran
+    assert len(hf_calls) == 2  # transformers' generate ran, on the same held static cache
+    cache_kw = decoding.cache_kwarg(model)
+    assert all(k[cache_kw] is held for k in hf_calls) and decoding._caches[model][2] is held
+    del model.generate
     assert [g.text for g in fast] == [g.text for g in slow]
     assert [(g.completion_tokens, g.finish_reason) for g in fast] == [
         (g.completion_tokens, g.finish_reason) for g in slow

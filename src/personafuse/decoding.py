@@ -34,7 +34,7 @@ def generate_compile_options() -> dict[str, Any]:
     return CompileConfig().to_dict()
 
 
-def _cache_kwarg(model: nn.Module) -> str:
+def cache_kwarg(model: nn.Module) -> str:
     # transformers renamed past_key_values to cache (the old name warns from 5.2x on)
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -59,7 +59,7 @@ _compiled: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable]] = weakref.W
 _caches: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, int, StaticCache]] = weakref.WeakKeyDictionary()
 
 
-def _static_cache(model: nn.Module, batch: int, length: int, keep: bool) -> tuple[StaticCache, int]:
+def static_cache(model: nn.Module, batch: int, length: int, keep: bool) -> tuple[StaticCache, int]:
     """A cache for ``batch`` rows of at least ``length`` positions, and its length; ``keep`` holds it
     for the next call (else a held one is still used, but a new one is not held)."""
     p = next(model.parameters())
@@ -188,7 +188,7 @@ def greedy_generate(
     # cache (causality hides the positions not written yet), the token and positions are [B, 1].
     options = generate_compile_options() if compile is True else compile
     keep = bool(options) if keep_cache is None else keep_cache
-    cache, cache_len = _static_cache(model, batch, cache_len or total, keep)
+    cache, cache_len = static_cache(model, batch, cache_len or total, keep)
     mask = attention_mask.new_ones(batch, cache_len)
     mask[:, :prompt_len] = attention_mask
     positions = attention_mask.long().cumsum(-1) - 1
@@ -201,7 +201,7 @@ def greedy_generate(
     finished_at = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
 
     step = _decode_step(model, options) if options else _last_logits
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     logits = _last_logits(model, cache_kw, input_ids, mask, positions, cache, torch.arange(prompt_len, device=device))
     cache_position = torch.tensor([prompt_len], device=device)
     for s in range(max_new_tokens):

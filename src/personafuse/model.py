@@ -26,7 +26,7 @@ from transformers import CompileConfig
 
 from personafuse import embedded
 from personafuse.config import PersonaFuseConfig
-from personafuse.decoding import greedy_generate, plain_greedy
+from personafuse.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
 from personafuse.router import PersonaEncoder, Router
 from personafuse.routing import Routing
@@ -286,16 +286,18 @@ class PersonaFuseModel(nn.Module):
                 gen_kwargs.update(temperature=temperature, top_p=top_p)
             else:
                 gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+            cache_len = -(-(enc["input_ids"].shape[1] + max_new_tokens) // CACHE_STEP) * CACHE_STEP
             with self.state.use(w):
                 if not do_sample and plain_greedy(getattr(self.base_model, "generation_config", None)):
-                    total = enc["input_ids"].shape[1] + max_new_tokens
                     out = greedy_generate(self.base_model, enc["input_ids"], enc["attention_mask"],
                                           max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                                          compile=compile,
-                                          cache_len=-(-total // CACHE_STEP) * CACHE_STEP if compile else None)  # fmt: skip
+                                          compile=compile, cache_len=cache_len if compile else None)  # fmt: skip
                 else:
                     if compile:
-                        gen_kwargs["cache_implementation"] = "static"
+                        # the same held static cache: transformers compiles its forward for it (on
+                        # CUDA) and, its shape fixed, keeps that graph for the next call
+                        cache = static_cache(self.base_model, len(rows), cache_len, keep=True)[0]
+                        gen_kwargs[cache_kwarg(self.base_model)] = cache
                         if isinstance(compile, dict):
                             gen_kwargs["compile_config"] = CompileConfig(**compile)
                     out = self.base_model.generate(**enc, **gen_kwargs)
