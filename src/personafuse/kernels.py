@@ -68,6 +68,18 @@ def block_n(sizes: list[int]) -> int | None:
 if triton is not None:
 
     @triton.jit
+    def _scaled_dot(h, w, bt, UPCAST: tl.constexpr, FP32: tl.constexpr):
+        """``(h * w) @ bt`` in fp32, the product rounded to the input dtype as the eager multiply."""
+        hw = h.to(tl.float32) * w.to(tl.float32)
+        if UPCAST:  # the CPU interpreter has no bf16 dot
+            r = tl.dot(hw.to(h.dtype).to(tl.float32), bt.to(tl.float32))
+        elif FP32:  # full precision, as torch's fp32 matmul (Triton would use TF32)
+            r = tl.dot(hw, bt, input_precision="ieee")
+        else:  # round like the eager multiply, then a tensor-core dot
+            r = tl.dot(hw.to(bt.dtype), bt)
+        return r
+
+    @triton.jit
     def _grouped_expand_kernel(
         out_ptr, w_ptr, b_ptr, y_ptr,
         M, N, R, rows_per_w, b1, b2,
@@ -100,13 +112,7 @@ if triton is not None:
                 mask=mask_k[:, None] & mask_n[None, :],
                 other=0.0,
             )
-            hw = h.to(tl.float32) * w.to(tl.float32)
-            if UPCAST:  # the CPU interpreter has no bf16 dot
-                acc += tl.dot(hw.to(h.dtype).to(tl.float32), bt.to(tl.float32))
-            elif FP32:  # full precision, as torch's fp32 matmul (Triton would use TF32)
-                acc += tl.dot(hw, bt, input_precision="ieee")
-            else:  # round like the eager multiply, then a tensor-core dot
-                acc += tl.dot(hw.to(bt.dtype), bt)
+            acc += _scaled_dot(h, w, bt, UPCAST, FP32)
         if not EARLY_BASE:
             base = tl.load(base_ptrs, mask=mn, other=0.0)
         y = base.to(tl.float32) + acc
@@ -120,8 +126,8 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr,
         FP32: tl.constexpr, EARLY_BASE: tl.constexpr, GELU: tl.constexpr,
     ):  # fmt: skip
-        # The gate/up group of an MLP: columns [0, INTER) gate, [INTER, 2I) up, then the two shrinks. A tile
-        # expands the same columns of both members and writes act(gate) * up, [M, INTER].
+        # The gate/up group of an MLP: columns [0, INTER) gate, [INTER, 2 INTER) up, then the two
+        # shrinks. A tile expands the same columns of both members and writes act(gate) * up.
         rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
         rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         mask_m = rm < M
@@ -145,18 +151,8 @@ if triton is not None:
             kn = mask_k[:, None] & mask_n[None, :]
             bg = tl.load(b_ptrs, mask=kn, other=0.0)
             bu = tl.load(b_ptrs + INTER * stride_b, mask=kn, other=0.0)
-            wf = w.to(tl.float32)
-            hwg = hg.to(tl.float32) * wf
-            hwu = hu.to(tl.float32) * wf
-            if UPCAST:
-                acc_g += tl.dot(hwg.to(hg.dtype).to(tl.float32), bg.to(tl.float32))
-                acc_u += tl.dot(hwu.to(hu.dtype).to(tl.float32), bu.to(tl.float32))
-            elif FP32:
-                acc_g += tl.dot(hwg, bg, input_precision="ieee")
-                acc_u += tl.dot(hwu, bu, input_precision="ieee")
-            else:
-                acc_g += tl.dot(hwg.to(bg.dtype), bg)
-                acc_u += tl.dot(hwu.to(bu.dtype), bu)
+            acc_g += _scaled_dot(hg, w, bg, UPCAST, FP32)
+            acc_u += _scaled_dot(hu, w, bu, UPCAST, FP32)
         if not EARLY_BASE:
             g0 = tl.load(g_ptrs, mask=mn, other=0.0)
             u0 = tl.load(g_ptrs + INTER, mask=mn, other=0.0)

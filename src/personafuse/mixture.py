@@ -237,10 +237,7 @@ class MixtureLinear(nn.Module):
         if w is None:
             # F.linear instead of base(x): this runs 7x per layer per token, call overhead shows.
             return F.linear(x, self.base.weight, self.base.bias)
-        if x.dim() == 2:  # [tokens, k] inputs: one row per batch element
-            w = w.squeeze(1)
-        if w.shape[0] != x.shape[0]:
-            w = _match_batch(w, x.shape[0])
+        w = _rows_of(w, x)
         if torch.is_grad_enabled() or (self.dropout_p and self.training):
             y = F.linear(x, self.base.weight, self.base.bias)
             if self.dropout_p and self.training:
@@ -535,11 +532,7 @@ class _MLPForward:
             live = _LIVE[gate._key] if gate._key in _LIVE else gate.state.live  # noqa: SIM401
             w = live.expanded
             if w is not None and live.expert_index is None and not (gate.dropout_p and gate.training):
-                if x.dim() == 2:
-                    w = w.squeeze(1)
-                if w.shape[0] != x.shape[0]:
-                    w = _match_batch(w, x.shape[0])
-                return mlp.down_proj(gate._group.compute_act(x, w))
+                return mlp.down_proj(gate._group.compute_act(x, _rows_of(w, x)))
         return type(mlp).forward(mlp, x)
 
 
@@ -567,6 +560,14 @@ def _group_layers(model: nn.Module, state: MixtureState) -> None:
         for pos, m in enumerate(group.members):
             m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
     state._sync_layers(force=True)  # the groups' layers may be new
+
+
+def _rows_of(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The expanded weights [B, 1, E*r] shaped for input ``x``: [tokens, E*r] for [tokens, k]
+    inputs (one row per batch element), and repeated where generate expanded the batch."""
+    if x.dim() == 2:
+        w = w.squeeze(1)
+    return w if w.shape[0] == x.shape[0] else _match_batch(w, x.shape[0])
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
