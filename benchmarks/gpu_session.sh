@@ -17,9 +17,14 @@
 #   moe_tuned_act separates the two levers in tokens/s (~90 s more).
 #   DECODERS=personafuse,generate adds transformers' generate (base vs moe; gpu_compile.json),
 #   measured in run D (0.91x), ~3 min more.
+#   Then, with whatever is left of the session's box (SESSION_BOX, 540 s) if that is >= 120 s,
+#   profile_decode (PROFILE=auto): base, moe_tuned_act, moe, one compiled decode-shaped step each,
+#   kernel time as CUDA-graph replay (profile_decode.json, rewritten after every variant), so a
+#   ratio short of the target comes back with where the step's time went.
 # Opt-in parts, measured on 2026-11-26 (docs/performance.md):
-#   PROFILE=1 profile_decode: one compiled decode-shaped step, kernel by kernel, CUDA-graph replay,
-#             and the host time torch.compile spends per call (~100 s)
+#   PROFILE=1 profile_decode whatever the time left: one compiled decode-shaped step, kernel by
+#             kernel, CUDA-graph replay, and the host time torch.compile spends per call (~50 s a
+#             variant; PROFILE=0 skips it)
 #   EAGER=1   mixture decode, eager: default / fused / unfused expand (64 new tokens)
 #   KERNEL=1  one layer's seven projections per inference layout, eager and CUDA graph, fp64 errors
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
@@ -33,8 +38,9 @@ PY=${PY:-python3}
 SMALL=${SMALL:-0}  # SMALL=1: tiny shapes, for checking this script on a CPU
 KERNEL=${KERNEL:-0}
 MIXTURE=${MIXTURE:-1}
-PROFILE=${PROFILE:-0}
-PROFILE_VARIANTS=${PROFILE_VARIANTS:-base,moe}  # moe_tuned too: ~40 s more
+PROFILE=${PROFILE:-auto}  # auto: only if >= 120 s of SESSION_BOX are left after the parts before it
+PROFILE_VARIANTS=${PROFILE_VARIANTS:-base,moe_tuned_act,moe}
+SESSION_BOX=${SESSION_BOX:-540}  # seconds for the whole script (the device's run timeout minus a margin)
 WARMUP=${WARMUP:-0}
 STAGES=${STAGES:-0}
 EAGER=${EAGER:-0}
@@ -91,8 +97,13 @@ if [ "$MIXTURE" = 1 ]; then
             --repeats 3 --compile --decoder "$decoder" --variants "$variants" --json "$json" || break
     done
 fi
+profile_limit=150
+if [ "$PROFILE" = auto ]; then
+    profile_limit=$((SESSION_BOX - (SECONDS - start)))
+    if [ "$profile_limit" -ge 120 ]; then PROFILE=1; else echo "== profile_decode skipped: ${profile_limit}s left"; fi
+fi
 if [ "$PROFILE" = 1 ]; then
-    part profile_decode 150 $PY benchmarks/profile_decode.py $PROFILE_ARGS --variants "$PROFILE_VARIANTS" \
+    part profile_decode "$profile_limit" $PY benchmarks/profile_decode.py $PROFILE_ARGS --variants "$PROFILE_VARIANTS" \
         --json "$OUT/profile_decode.json"
 fi
 if [ "$WARMUP" = 1 ]; then

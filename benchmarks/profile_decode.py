@@ -156,19 +156,27 @@ def main() -> None:
             print(f"  {row['us_per_call']:9.1f} us  x{row['count_per_call']:6.1f}  {row['name']}")
         del fwd
         torch._dynamo.reset()
+        write_result(result, args.json)  # after every variant: a run cut short keeps the finished ones
 
     kernels.AUTOTUNE = False
+    v = result["variants"]
+    for name, r in v.items():
+        if "step_ratio_vs_base" in r:
+            print(f"{name}: decode-step time ratio (base / {name}, CUDA-graph replay) {r['step_ratio_vs_base']:.3f}")
+    if args.json:
+        print(f"wrote {args.json}")
+
+
+def write_result(result: dict, path: Path | None) -> None:
+    """Add the tuned tilings and each variant's step ratio to the base's, then write the JSON."""
     result["expand_tuned_configs"] = kernels.tuned_configs()
     v = result["variants"]
-    if "base" in v:
-        for name, r in v.items():
-            if name != "base" and r["graph_replay_us"] and v["base"]["graph_replay_us"]:
-                ratio = v["base"]["graph_replay_us"] / r["graph_replay_us"]
-                r["step_ratio_vs_base"] = ratio
-                print(f"{name}: decode-step time ratio (base / {name}, CUDA-graph replay) {ratio:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+    base_us = v.get("base", {}).get("graph_replay_us")
+    for name, r in v.items():
+        if name != "base" and r["graph_replay_us"] and base_us:
+            r["step_ratio_vs_base"] = base_us / r["graph_replay_us"]
+    if path:
+        path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def guard_check_us(fwd, frame_locals: dict, n: int = 200) -> float | None:
