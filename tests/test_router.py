@@ -111,3 +111,64 @@ def test_generate_reports_weights_of_each_mode():
         assert list(g.weights.values()) == pytest.approx(w.tolist())
     with pytest.raises(TraitError, match="negative"):
         pf.generate(["hello"], weights=[-0.1] + [0.1] * 9)
+
+
+def test_generate_validates_tensor_and_per_row_weights_like_lists():
+    pf = build_tiny()
+    for bad, match in [
+        (-torch.ones(10), "negative"),
+        (torch.full((10,), float("nan")), "not a finite number"),
+        (torch.ones(9), "9 entries"),
+        (torch.ones(2, 3, 10), r"shape \[10\] or \[rows, 10\]"),
+        ([[0.1] * 10, [0.1] * 9 + [-0.1]], r"weights\[1\].*negative"),
+    ]:
+        with pytest.raises(TraitError, match=match):
+            pf.generate(["hello", "hi"], weights=bad, max_new_tokens=2)
+        with pytest.raises(TraitError, match=match), pf.mixture_weights(bad):
+            pass
+    with pytest.raises(TraitError, match="3 rows for 2 prompts"):
+        pf.generate(["hello", "hi"], weights=torch.rand(3, 10), max_new_tokens=2)
+    # one row per prompt, as a nested list: each reply reports its own row
+    rows = [[1.0] + [0.0] * 9, [0.0] * 9 + [1.0]]
+    gens = pf.generate(["hello", "hi"], weights=rows, max_new_tokens=2)
+    assert [g.weights["high_O"] for g in gens] == [1.0, 0.0] and gens[1].weights["low_N"] == 1.0
+
+
+def test_routing_accepts_its_cli_and_json_forms_and_refuses_unused_fields():
+    pf = build_tiny()
+    by_text = pf.generate(QUERIES, routing="top_k:2", max_new_tokens=2)
+    by_dict = pf.generate(QUERIES, routing={"mode": "top_k", "k": 2}, max_new_tokens=2)
+    by_obj = pf.generate(QUERIES, routing=Routing("topk", k=2), max_new_tokens=2)
+    assert [g.weights for g in by_text] == [g.weights for g in by_dict] == [g.weights for g in by_obj]
+    assert all(sum(v > 0 for v in g.weights.values()) == 2 for g in by_text)
+    with pytest.raises(TypeError, match="routing must be a Routing.*got int"):
+        pf.generate(QUERIES, routing=3)
+    with pytest.raises(TraitError, match="'router' does not use 'weights'"):
+        Routing(weights=[1.0] * 10)
+    with pytest.raises(TraitError, match="'top_k' does not use 'pole'"):
+        Routing("top_k", k=2, pole="high_A")
+
+
+def test_random_route_seed_none_draws_afresh_and_an_int_seed_repeats_per_query():
+    keys = [f"query {i}" for i in range(8)]
+    seeded = [Routing("random", k=2, seed=5).resolve(8, keys=keys) for _ in range(2)]
+    assert torch.equal(*seeded)  # the same experts for the same queries, from a new instance
+    fresh = [Routing("random", k=2, seed=None).resolve(8, keys=keys) for _ in range(4)]
+    # 45 pairs of experts per row: four unseeded draws of 8 rows all equal has chance 45**-24
+    assert any(not torch.equal(fresh[0], f) for f in fresh[1:])
+    assert all(torch.all((f > 0).sum(-1) == 2) for f in fresh)
+
+
+def test_route_takes_one_conversation_and_empty_batches():
+    pf = build_tiny()
+    conv = [{"role": "user", "content": QUERIES[0]}]
+    torch.testing.assert_close(pf.route(conv), pf.route([QUERIES[0]]))
+    assert pf.route([]).shape == (0, 10)
+    assert pf.generate([]) == []
+
+
+def test_tau_must_be_positive():
+    pf = build_tiny()
+    for tau in (0.0, -1.0):
+        with pytest.raises(ValueError, match=f"tau must be positive, got {tau}"):
+            pf.route(QUERIES, tau=tau)

@@ -85,3 +85,10 @@ def test_big_five_summary_and_tat_prior():
     assert poles_from_vector(tat_prior("therapist")) == ["high_C", "low_E", "high_A", "low_N"]
     with pytest.raises(TraitError, match="no TAT prior"):
         tat_prior("juggling")
+
+
+def test_two_spellings_of_one_pole_are_refused_and_one_name_is_one_pole():
+    with pytest.raises(TraitError, match="'high_A' and 'A\\+' both name high_A"):
+        weights_from_any({"high_A": 3, "A+": 1})
+    assert vector_from_poles("high_A") == vector_from_poles(["high_A"])
+    assert sum(vector_from_poles("high_A")) == 1

@@ -48,3 +48,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'personafuse' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:  # tab completion sees the lazy names too
+    return sorted(set(globals()) | set(_LAZY))

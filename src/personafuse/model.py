@@ -30,7 +30,7 @@ from personafuse.decoding import cache_kwarg, greedy_generate, plain_greedy, sta
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
 from personafuse.router import PersonaEncoder, Router
 from personafuse.routing import Routing
-from personafuse.traits import NUM_POLES, POLE_DESCRIPTIONS, TRAIT_POLES, weights_dict, weights_from_any
+from personafuse.traits import POLE_DESCRIPTIONS, TRAIT_POLES, TraitError, weights_dict, weights_from_any
 
 # Compiled generation sizes its KV cache in steps of this many positions: one graph serves prompts
 # of any length within a step, for attention over at most this many unused positions.
@@ -50,6 +50,41 @@ class Generation:
     completion_tokens: int = 0
     finish_reason: str = "stop"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+Weights = torch.Tensor | Sequence[float] | Sequence[Sequence[float]] | Mapping[str, float] | Sequence[Mapping[str, float]]
+
+
+def weights_matrix(weights: Weights, what: str = "weights") -> torch.Tensor:
+    """[rows, 10] float32 mixture weights from one vector or one per row: a tensor ([10] or
+    [B, 10]), ten numbers, a ``{pole: weight}`` mapping, or a list of such rows. Every row is
+    checked as :func:`~personafuse.traits.weights_from_any` checks one (length, poles, values >= 0,
+    finite), and a bad one raises :class:`~personafuse.traits.TraitError` naming its row and entry."""
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() not in (1, 2):
+            raise TraitError(f"{what} must have shape [10] or [rows, 10], got {tuple(weights.shape)}")
+        t = weights.detach().float().cpu()
+        rows: list = [t.tolist()] if t.dim() == 1 else t.tolist()
+    elif isinstance(weights, Mapping | str | bytes):
+        rows = [weights]
+    else:
+        rows = list(weights)
+        if not rows or not all(isinstance(r, Mapping) or _is_sequence(r) for r in rows):
+            rows = [rows]  # one vector of numbers (or a bad one: weights_from_any names the entry)
+    if len(rows) == 1:
+        return torch.tensor([weights_from_any(rows[0], what=what)], dtype=torch.float32)
+    return torch.tensor([weights_from_any(r, what=f"{what}[{i}]") for i, r in enumerate(rows)], dtype=torch.float32)
+
+
+def _is_sequence(x: object) -> bool:
+    return isinstance(x, Sequence | torch.Tensor) and not isinstance(x, str | bytes)
+
+
+def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
+    """One prompt (a string or one conversation) or a batch of them, as a batch."""
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], Mapping)):
+        return [prompts]  # type: ignore[list-item]
+    return list(prompts)  # type: ignore[arg-type]
 
 
 def as_messages(prompt: Prompt) -> list[dict[str, str]]:
@@ -74,6 +109,16 @@ def router_text(prompt: Prompt) -> str:
 
 
 class PersonaFuseModel(nn.Module):
+    """A frozen causal LM whose target linears mix ten LoRA experts, and the router that picks the mix.
+
+    Build with :meth:`from_config` (base and encoder loaded from the config's specs, or passed in)
+    or :meth:`from_pretrained` (a :meth:`save_pretrained` folder). :meth:`route` gives the
+    router's [B, 10] weights, :meth:`generate` replies with the weights it used (any
+    :class:`~personafuse.routing.Routing` mode, or fixed ``weights``), :meth:`mixture_weights`
+    holds weights for custom forward passes on ``base_model``, and :meth:`export_lora` writes one
+    fixed mixture as a standard peft LoRA. Poles are in :data:`personafuse.TRAIT_POLES` order.
+    """
+
     def __init__(
         self,
         config: PersonaFuseConfig,
@@ -176,27 +221,34 @@ class PersonaFuseModel(nn.Module):
         enc = self.encode_queries(queries)
         return self.router.encoder(enc["input_ids"], enc["attention_mask"])
 
-    def route(self, queries: Sequence[Prompt], tau: float | None = None) -> torch.Tensor:
-        """Router weights [B, 10] for a batch of queries (no gradients; see ``router`` to train)."""
-        if isinstance(queries, str):
-            queries = [queries]
+    def route(self, queries: Prompt | Sequence[Prompt], tau: float | None = None) -> torch.Tensor:
+        """Router weights [B, 10] for a query, a conversation or a batch of them (no gradients; see
+        ``router`` to train). ``tau`` overrides the config's temperature for this call."""
+        queries = _prompt_list(queries)
+        if not queries:
+            return torch.empty(0, self.config.num_experts)
         with torch.no_grad():
             enc = self.encode_queries(queries)
             w, _ = self.router(enc["input_ids"], enc["attention_mask"], tau=tau)
         return w.float()
 
-    def resolve_weights(self, queries: Sequence[Prompt], routing: Routing | None = None) -> torch.Tensor:
-        routing = routing or Routing()
+    def resolve_weights(
+        self, queries: Sequence[Prompt], routing: Routing | str | Mapping[str, Any] | None = None
+    ) -> torch.Tensor:
+        """[B, 10] weights for these queries under a routing mode (default: the router)."""
+        routing = Routing.coerce(routing)
         router_w = self.route(queries) if routing.needs_router else None
         return routing.resolve(len(queries), router_w, keys=[router_text(q) for q in queries])
 
     @contextmanager
     def mixture_weights(
-        self, weights: torch.Tensor | Sequence[float] | Mapping[str, float] | None
+        self, weights: Weights | None
     ) -> Iterator[None]:
         """Hold these weights ([B, 10], or one vector for every row) for the forward passes inside."""
-        if weights is not None and not isinstance(weights, torch.Tensor):
-            weights = torch.tensor([weights_from_any(weights)])
+        if weights is not None:
+            checked = weights_matrix(weights)  # a [B, 10] tensor is used as given (device, dtype, grad)
+            is_matrix = isinstance(weights, torch.Tensor) and weights.dim() == 2
+            weights = weights if is_matrix else checked.to(self.device)
         with self.state.use(weights):
             yield
 
@@ -228,9 +280,9 @@ class PersonaFuseModel(nn.Module):
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
-        routing: Routing | None = None,
+        routing: Routing | str | Mapping[str, Any] | None = None,
         *,
-        weights: torch.Tensor | Sequence[float] | Mapping[str, float] | None = None,
+        weights: Weights | None = None,
         max_new_tokens: int = 128,
         do_sample: bool = False,
         temperature: float = 1.0,
@@ -241,7 +293,9 @@ class PersonaFuseModel(nn.Module):
     ) -> list[Generation]:
         """Generate replies for strings or chat-message lists. Each reply reports its ten weights.
 
-        ``weights`` (one vector for all prompts, or [B, 10]) overrides ``routing``. Greedy decoding
+        ``routing``: a :class:`~personafuse.routing.Routing`, its CLI form (``"top_k:2"``,
+        ``"pole:high_A"``, ...) or its JSON form (``{"mode": "random", "k": 2}``); default the router.
+        ``weights`` (one vector for all prompts, or one per prompt: [B, 10]) overrides ``routing``. Greedy decoding
         runs :func:`personafuse.decoding.greedy_generate` (the same tokens as transformers'
         ``generate``, without a host sync per token) unless the base model's generation config
         processes logits (repetition penalty and the like), which ``generate`` then applies.
@@ -252,18 +306,15 @@ class PersonaFuseModel(nn.Module):
         serves calls of any size that fit: each new shape would compile another (about a minute for
         an 8B model). Set ``batch_size`` to the number of prompts you usually send.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], Mapping)):
-            prompts = [prompts]  # type: ignore[list-item]
-        prompts = list(prompts)  # type: ignore[arg-type]
+        prompts = _prompt_list(prompts)
+        if not prompts:
+            return []
         if weights is not None:
-            if isinstance(weights, torch.Tensor):
-                w_all = weights.float().reshape(-1, NUM_POLES)
-            else:
-                w_all = torch.tensor([weights_from_any(weights)])
+            w_all = weights_matrix(weights)
             if w_all.shape[0] == 1:
                 w_all = w_all.expand(len(prompts), -1)
             if w_all.shape[0] != len(prompts):
-                raise ValueError(f"weights has {w_all.shape[0]} rows for {len(prompts)} prompts")
+                raise TraitError(f"weights has {w_all.shape[0]} rows for {len(prompts)} prompts")
         else:
             w_all = self.resolve_weights(prompts, routing)
         if seed is not None:
@@ -365,6 +416,10 @@ class PersonaFuseModel(nn.Module):
         if not d.is_dir():
             raise FileNotFoundError(f"PersonaFuse checkpoint directory {str(d)!r} does not exist")
         config = PersonaFuseConfig.load(d)
+        unknown = sorted(set(overrides) - set(config.to_dict()))
+        if unknown:
+            raise TypeError(f"from_pretrained: unknown config override(s) {', '.join(unknown)}; "
+                            f"known: {', '.join(sorted(config.to_dict()))}")  # fmt: skip
         for k, v in overrides.items():
             setattr(config, k, v)
         config.validate()
@@ -406,20 +461,21 @@ class PersonaFuseModel(nn.Module):
                     raise ValueError(f"{d / ENCODER_DELTA_FILE}: unknown encoder tensors {unexpected[:3]}")
 
     # ------------------------------------------------------------------ export
-    def export_lora(
-        self, weights: Sequence[float] | Mapping[str, float] | torch.Tensor, directory: str | Path
-    ) -> Path:
+    def export_lora(self, weights: Weights, directory: str | Path) -> Path:
         """Write a fixed mixture as one standard peft LoRA (rank 10r) with identical outputs.
 
         Per layer the mixture adds sum_i w_i (alpha/r) B_i A_i x. Scaling A_i by w_i and concatenating
         gives B_cat (A_cat * w) x; a peft LoRA of rank 10r and lora_alpha = 10*alpha applies exactly
         that scale (alpha/r), so vLLM, LoRAX or plain peft can serve the persona.
+        ``personafuse_mixture.json`` beside it records the weights and the base (with its GGUF
+        file, which ``AutoPeftModelForCausalLM.from_pretrained(dir, gguf_file=...)`` needs).
         """
         from peft import LoraConfig
 
-        if isinstance(weights, torch.Tensor):
-            weights = weights.detach().flatten().tolist()
-        w = torch.tensor(weights_from_any(weights))
+        w_rows = weights_matrix(weights)
+        if w_rows.shape[0] != 1:
+            raise TraitError(f"export_lora takes one mixture (ten weights), got {w_rows.shape[0]} rows")
+        w = w_rows[0]
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = self.config
@@ -431,9 +487,10 @@ class PersonaFuseModel(nn.Module):
             tensors[f"base_model.model.{name}.lora_A.weight"] = a.to(layer.lora_A.dtype).contiguous()
             tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
         save_file(tensors, str(d / "adapter_model.safetensors"), metadata={"format": "pt"})
-        base_ref = cfg.base_model
-        if base_ref.lower() in embedded.BASE_ALIASES:
-            base_ref = embedded.resolve(base_ref).path
+        try:
+            base = embedded.resolve(cfg.base_model, cfg.base_gguf_file)
+        except embedded.ModelNotFoundError:  # not here now (a moved path): keep the reference as written
+            base = embedded.ModelSource(cfg.base_model, cfg.base_model, cfg.base_gguf_file)
         LoraConfig(
             r=rank,
             lora_alpha=cfg.alpha * cfg.num_experts,
@@ -441,11 +498,12 @@ class PersonaFuseModel(nn.Module):
             target_modules=sorted(set(cfg.target_modules)),
             bias="none",
             task_type="CAUSAL_LM",
-            base_model_name_or_path=base_ref,
+            base_model_name_or_path=base.path,
         ).save_pretrained(str(d))
-        (d / "personafuse_mixture.json").write_text(
-            json.dumps({"weights": weights_dict(w.tolist())}, indent=2) + "\n"
-        )
+        # A GGUF base (the embedded default) loads only with its file named:
+        # AutoPeftModelForCausalLM.from_pretrained(dir, gguf_file=...) (docs/model.md)
+        info = {"weights": weights_dict(w.tolist()), "base_model": base.path, "base_gguf_file": base.gguf_file}
+        (d / "personafuse_mixture.json").write_text(json.dumps(info, indent=2) + "\n")
         return d
 
 

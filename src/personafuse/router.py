@@ -81,7 +81,10 @@ class Router(nn.Module):
         return F.normalize(h, dim=-1) @ F.normalize(e, dim=-1).T
 
     def weights_from_embeddings(self, h: torch.Tensor, tau: float | None = None) -> torch.Tensor:
-        return torch.softmax(self.similarities(h) / (tau or self.tau), dim=-1)
+        tau = self.tau if tau is None else tau
+        if not tau > 0:  # 0 divides by zero, a negative one turns the routing upside down
+            raise ValueError(f"router temperature tau must be positive, got {tau!r}")
+        return torch.softmax(self.similarities(h) / tau, dim=-1)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, tau: float | None = None

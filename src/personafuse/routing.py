@@ -22,8 +22,28 @@ from personafuse.traits import NUM_POLES, POLE_INDEX, TraitError, pole_name, wei
 MODES = ("router", "fixed", "blend", "top_k", "pole", "random")
 
 
+# Other spellings of the modes (the CLI accepts ``topk:2``, so the class does too).
+ALIASES = {"topk": "top_k", "one": "pole", "expert": "pole", "random_route": "random"}
+
+
 @dataclass
 class Routing:
+    """How a request's ten mixture weights are chosen.
+
+    ======================================  ==================================================
+    ``Routing()``                           the learned router (default)
+    ``Routing("fixed", weights=w)``         ``w`` (ten numbers or ``{pole: weight}``), normalised
+    ``Routing("blend", weights=w, alpha=a)`` ``(1 - a) * router + a * w``
+    ``Routing("top_k", k=2)``               the router's ``k`` largest weights, renormalised
+    ``Routing("pole", pole="high_C")``      one expert, weight 1
+    ``Routing("random", k=2, seed=0)``      Random Route: ``k`` experts drawn per query, ``1/k`` each
+    ======================================  ==================================================
+
+    Random Route with an integer ``seed`` draws the same experts for the same query text however
+    it is batched (and in every process); ``seed=None`` draws fresh experts on every call.
+    :meth:`parse` reads the CLI form (``"top_k:2"``) and :meth:`from_dict` the server's JSON form.
+    """
+
     mode: str = "router"
     weights: Sequence[float] | Mapping[str, float] | None = None
     alpha: float = 0.5
@@ -33,8 +53,15 @@ class Routing:
     _generator: torch.Generator | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        mode = str(self.mode).strip().lower().replace("-", "_")
+        self.mode = ALIASES.get(mode, mode)
         if self.mode not in MODES:
             raise TraitError(f"unknown routing mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        # a field the mode does not read is a mistake, not something to drop without a word
+        if self.weights is not None and self.mode not in ("fixed", "blend"):
+            raise TraitError(f"routing mode {self.mode!r} does not use 'weights'; use mode 'fixed' or 'blend'")
+        if self.pole is not None and self.mode != "pole":
+            raise TraitError(f"routing mode {self.mode!r} does not use 'pole'; use mode 'pole'")
         if self.mode in ("fixed", "blend"):
             if self.weights is None:
                 raise TraitError(f"routing mode {self.mode!r} needs 'weights'")
@@ -60,9 +87,10 @@ class Routing:
         """[batch_size, 10] weights for this mode; ``router_weights`` is required when
         :attr:`needs_router`.
 
-        Random Route draws: with ``keys`` (the query texts) each row's draw is seeded by
-        ``(seed, key)``, so a query gets the same experts however it is batched or chunked; without
-        keys the draws continue one seeded stream across calls, never repeating a pattern."""
+        Random Route draws: with ``keys`` (the query texts) and an integer ``seed`` each row's draw
+        is seeded by ``(seed, key)``, so a query gets the same experts however it is batched or
+        chunked; otherwise the draws continue one stream across calls (seeded by ``seed``, or
+        fresh when it is None), never repeating a pattern."""
         if self.needs_router and router_weights is None:
             raise ValueError(f"routing mode {self.mode!r} needs the router's weights")
         if self.mode == "router":
@@ -86,7 +114,7 @@ class Routing:
         # random: k distinct experts per row, weight 1/k each.
         out = torch.zeros(batch_size, NUM_POLES, dtype=dtype)
         for b in range(batch_size):
-            if keys is not None:
+            if keys is not None and self.seed is not None:
                 digest = hashlib.sha256(f"{self.seed}:{keys[b]}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
             else:
@@ -97,6 +125,22 @@ class Routing:
             pick = torch.randperm(NUM_POLES, generator=gen)[: self.k]
             out[b, pick] = 1.0 / self.k
         return out.to(device)
+
+    @classmethod
+    def coerce(cls, routing: Routing | str | Mapping[str, Any] | None) -> Routing:
+        """A :class:`Routing` from itself, its CLI form, its JSON form or None (the router)."""
+        if routing is None:
+            return cls()
+        if isinstance(routing, Routing):
+            return routing
+        if isinstance(routing, str):
+            return cls.parse(routing)
+        if isinstance(routing, Mapping):
+            return cls.from_dict(routing)
+        raise TypeError(
+            "routing must be a Routing, its CLI form (e.g. 'top_k:2') or its JSON form "
+            f"(e.g. {{'mode': 'top_k', 'k': 2}}), got {type(routing).__name__}"
+        )
 
     @classmethod
     def parse(cls, text: str, seed: int | None = 0) -> Routing:

@@ -66,8 +66,10 @@ def pole_name(pole: str) -> str:
     raise TraitError(f"unknown pole {raw!r}; expected one of {', '.join(TRAIT_POLES)}")
 
 
-def vector_from_poles(poles: Iterable[str]) -> list[int]:
-    """Activation vector (ten 0/1 ints) from an iterable of pole names."""
+def vector_from_poles(poles: str | Iterable[str]) -> list[int]:
+    """Activation vector (ten 0/1 ints) from pole names (one name, or an iterable of names)."""
+    if isinstance(poles, str):  # one pole, not its characters
+        poles = [poles]
     p = [0] * NUM_POLES
     for pole in poles:
         p[POLE_INDEX[pole_name(pole)]] = 1
@@ -116,11 +118,15 @@ def weights_from_any(
     """
     if isinstance(weights, Mapping):
         vec = [0.0] * NUM_POLES
+        seen: dict[int, object] = {}
         for k, v in weights.items():
             try:
                 idx = POLE_INDEX[pole_name(k)]
             except TraitError as e:
                 raise TraitError(f"{what}: {e}") from None
+            if idx in seen:  # two spellings of one pole ("high_A" and "A+"): which one is meant?
+                raise TraitError(f"{what}: {seen[idx]!r} and {k!r} both name {TRAIT_POLES[idx]}")
+            seen[idx] = k
             vec[idx] = _number(v, f"{what}[{k!r}]")
     else:
         if isinstance(weights, str | bytes):
