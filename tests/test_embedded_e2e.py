@@ -47,3 +47,45 @@ def test_bad_routing_flag_is_named():
     proc = run_cli("chat", "Hello", "--routing", "pole:brave_A")
     assert proc.returncode != 0
     assert "brave_A" in proc.stderr and "--routing" in proc.stderr
+
+
+def test_missing_model_path_and_bad_tau_are_named_without_a_traceback(tmp_path):
+    proc = run_cli("route", "hi", "--model", str(tmp_path / "ckpt-missing"))
+    assert proc.returncode == 2  # a usage error, as click reports one
+    assert "--model" in proc.stderr and "ckpt-missing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("route", "hi", "--tau", "0")
+    assert proc.returncode == 2 and "--tau" in proc.stderr and "positive" in proc.stderr
+
+
+def test_exported_lora_loads_with_auto_peft_on_the_embedded_gguf_base(tmp_path):
+    import torch
+    from peft import AutoPeftModelForCausalLM
+
+    from personafuse import PersonaFuseConfig, PersonaFuseModel
+
+    pf = PersonaFuseModel.from_config(PersonaFuseConfig(encoder_model="minilm"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # trained-looking experts: B starts at zero
+        for layer in pf.mixture_layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.02)
+    w = {"high_A": 0.6, "low_N": 0.4}
+    out = pf.export_lora(w, tmp_path / "lora")
+    info = json.loads((out / "personafuse_mixture.json").read_text())
+    lora = AutoPeftModelForCausalLM.from_pretrained(str(out), gguf_file=info["base_gguf_file"]).eval()
+    ids = pf.tokenizer(["Hello there, how are you today?"], return_tensors="pt")["input_ids"]
+    with torch.no_grad(), pf.mixture_weights(w):
+        ours = pf.base_model(input_ids=ids).logits
+    with torch.no_grad():
+        theirs = lora(input_ids=ids).logits
+        base = pf.base_model(input_ids=ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-4, rtol=1e-4)
+    assert (theirs - base).abs().max() > 1e-2  # the adapter changed the logits
+
+
+def test_interactive_chat_json_prints_one_object_per_reply_and_nothing_else():
+    proc = subprocess.run([*CLI, "chat", "--json", "--max-new-tokens", "4"], input="Hello\nAnd tea?\n\n",
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    replies = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(replies) == 2 and all(r["finish_reason"] in ("stop", "length") and len(r["weights"]) == 10 for r in replies)
+    assert "you>" in proc.stderr

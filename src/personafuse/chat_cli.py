@@ -33,17 +33,23 @@ RoutingOpt = Annotated[
 
 def load_model(spec: str) -> Any:
     """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
+    from transformers.utils import logging as hf_logging
+
     from personafuse.config import CONFIG_NAME, PersonaFuseConfig
     from personafuse.model import PersonaFuseModel
 
+    hf_logging.disable_progress_bar()  # a bar per load would bury the reply; the spinner says "loading"
     p = Path(spec)
-    if p.is_dir() and (p / CONFIG_NAME).is_file():
-        return PersonaFuseModel.from_pretrained(p)
-    if p.is_dir() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
+    if p.is_dir() and not (p / CONFIG_NAME).is_file() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
         raise typer.BadParameter(
-            f"{spec!r} is neither a PersonaFuse checkpoint ({CONFIG_NAME}) nor a model directory"
+            f"{spec!r} is neither a PersonaFuse checkpoint ({CONFIG_NAME}) nor a model directory", param_hint="--model"
         )
-    return PersonaFuseModel.from_config(PersonaFuseConfig(base_model=spec))
+    try:
+        if p.is_dir() and (p / CONFIG_NAME).is_file():
+            return PersonaFuseModel.from_pretrained(p)
+        return PersonaFuseModel.from_config(PersonaFuseConfig(base_model=spec))
+    except FileNotFoundError as e:  # a missing path or embedded package: the message says which
+        raise typer.BadParameter(str(e), param_hint="--model") from None
 
 
 def _routing(text: str, seed: int):
@@ -60,7 +66,8 @@ def show_reply(query: str, gen: Any) -> None:
     from personafuse.display import summary_line, weight_bars
 
     console.print(Panel(query, title="user", border_style="cyan"))
-    console.print(Panel(gen.text or "(empty reply)", title="PersonaFuse", border_style="green"))
+    cut = " [dim](cut off at --max-new-tokens)[/dim]" if gen.finish_reason == "length" else ""
+    console.print(Panel((gen.text or "(empty reply)") + cut, title="PersonaFuse", border_style="green"))
     console.print(weight_bars(gen.weights, title="routing weights"))
     console.print(f"[dim]{summary_line(gen.weights)}[/dim]\n")
 
@@ -92,22 +99,23 @@ def register(app: typer.Typer) -> None:
             "temperature": temperature,
             "seed": seed,
         }
-        if message is not None:
-            gen = m.generate([message], **kw)[0]
-            if as_json:
-                print(
-                    json.dumps(
-                        {"reply": gen.text, "weights": gen.weights, "finish_reason": gen.finish_reason}
-                    )
-                )
+
+        def show(text: str, gen: Any) -> None:
+            if as_json:  # one JSON object per reply, also in the interactive chat
+                print(json.dumps({"reply": gen.text, "weights": gen.weights, "finish_reason": gen.finish_reason}), flush=True)
             else:
-                show_reply(message, gen)
+                show_reply(text, gen)
+
+        if message is not None:
+            show(message, m.generate([message], **kw)[0])
             return
-        console.print("[bold]Interactive chat[/bold] — empty line or Ctrl-D to quit, '/reset' to start over.")
+        if not as_json:
+            console.print("[bold]Interactive chat[/bold] — empty line or Ctrl-D to quit, '/reset' to start over.")
         history: list[dict[str, str]] = []
         while True:
             try:
-                text = console.input("[cyan]you> [/cyan]").strip()
+                # with --json the prompt goes to stderr, so stdout stays one JSON object per line
+                text = (err_console if as_json else console).input("[cyan]you> [/cyan]").strip()
             except (EOFError, KeyboardInterrupt):
                 break
             if not text:
@@ -118,7 +126,7 @@ def register(app: typer.Typer) -> None:
             history.append({"role": "user", "content": text})
             gen = m.generate([history], **kw)[0]
             history.append({"role": "assistant", "content": gen.text})
-            show_reply(text, gen)
+            show(text, gen)
 
     @app.command()
     def route(
@@ -133,6 +141,8 @@ def register(app: typer.Typer) -> None:
         from personafuse.display import summary_line, weight_bars
         from personafuse.traits import big_five_summary, weights_dict
 
+        if tau is not None and not tau > 0:
+            raise typer.BadParameter(f"the temperature must be positive, got {tau}", param_hint="--tau")
         with err_console.status("loading model…"):
             m = load_model(model)
         w = m.route(queries, tau=tau)
