@@ -115,3 +115,26 @@ def test_export_lora_records_its_mixture_and_base_and_refuses_several_rows(tmp_p
     with pytest.raises(TraitError, match="one mixture .* got 2 rows"):
         pf.export_lora(torch.rand(2, 10), tmp_path / "lora2")
     assert not (tmp_path / "lora2").exists()
+
+
+def test_from_pretrained_reads_a_hub_repo_id_from_the_hub_cache(tmp_path, monkeypatch):
+    import shutil
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network: the cache only
+    pf = build_tiny(tmp_path)
+    with torch.no_grad():
+        pf.router.expert_embeddings.mul_(1.5)
+    ckpt = pf.save_pretrained(tmp_path / "ckpt")
+    # the Hub cache's own layout: models--ORG--NAME/{refs/main, snapshots/COMMIT/...}
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--calm-persona"
+    shutil.copytree(ckpt, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = PersonaFuseModel.from_pretrained("acme/calm-persona", cache_dir=tmp_path / "hub")
+    queries = ["i feel so anxious", "solve x plus two"]
+    assert torch.equal(pf.route(queries), loaded.route(queries))
+    with pytest.raises(FileNotFoundError, match="'acme/other' is neither a local directory nor a loadable Hub repo"):
+        PersonaFuseModel.from_pretrained("acme/other", cache_dir=tmp_path / "hub")

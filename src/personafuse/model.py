@@ -411,10 +411,17 @@ class PersonaFuseModel(nn.Module):
         }
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> PersonaFuseModel:
+    def from_pretrained(
+        cls, directory: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
+        **overrides: Any,
+    ) -> PersonaFuseModel:  # fmt: skip
+        """Load a :meth:`save_pretrained` folder, or a Hub repo id holding one (its config and
+        safetensors files are fetched, or read from the Hub cache offline; ``revision`` and
+        ``cache_dir`` as in ``huggingface_hub.snapshot_download``). ``overrides`` replace config
+        fields (e.g. ``dtype="bfloat16"``); the base model and encoder load from the config's specs."""
         d = Path(directory)
         if not d.is_dir():
-            raise FileNotFoundError(f"PersonaFuse checkpoint directory {str(d)!r} does not exist")
+            d = _hub_checkpoint(str(directory), revision, cache_dir)
         config = PersonaFuseConfig.load(d)
         unknown = sorted(set(overrides) - set(config.to_dict()))
         if unknown:
@@ -505,6 +512,25 @@ class PersonaFuseModel(nn.Module):
         info = {"weights": weights_dict(w.tolist()), "base_model": base.path, "base_gguf_file": base.gguf_file}
         (d / "personafuse_mixture.json").write_text(json.dumps(info, indent=2) + "\n")
         return d
+
+
+def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
+    """The local snapshot of a checkpoint on the Hub; a path that does not exist is named as such."""
+    from personafuse.config import CONFIG_NAME
+
+    looks_local = repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1
+    if looks_local:
+        raise FileNotFoundError(f"PersonaFuse checkpoint directory {repo_id!r} does not exist")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
+                                      allow_patterns=[CONFIG_NAME, "*.safetensors"]))  # fmt: skip
+    except Exception as e:  # offline and not cached, unknown repo, no access: say which and why
+        raise FileNotFoundError(
+            f"PersonaFuse checkpoint {repo_id!r} is neither a local directory nor a loadable Hub repo "
+            f"({type(e).__name__}: {e})"
+        ) from None
 
 
 def _digests(module: nn.Module) -> dict[str, str]:
