@@ -44,7 +44,6 @@ from personafuse.mixture import MixtureLinear, MixtureState, _group_layers  # no
 def build(hidden: int, kv: int, inter: int, device, dtype):
     """The seven projections as ``*_proj`` children of one module, grouped as in a model."""
     state = MixtureState(10, 8, 2.0)
-    state.dtype = dtype
     shapes = {"q": (hidden, hidden), "k": (hidden, kv), "v": (hidden, kv), "o": (hidden, hidden),
               "gate": (hidden, inter), "up": (hidden, inter), "down": (inter, hidden)}  # fmt: skip
     g = torch.Generator().manual_seed(0)

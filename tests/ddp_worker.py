@@ -81,7 +81,6 @@ def train_bf16(tmp: Path) -> None:
     tc = make_tc(tmp, warmup=STAGE, joint=ADAMW, sft=STAGE)
     tc.mixed_precision = "bf16"
     pf = build_tiny().to(torch.bfloat16)
-    pf.state.dtype = torch.bfloat16
     layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
     before = layer.lora_B.detach().float().clone()
     losses = [e["loss_lm"] for e in run_warmup(pf, records, tc).losses + run_joint(pf, records, tc).losses]

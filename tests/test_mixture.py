@@ -433,3 +433,31 @@ def test_activation_fusion_is_offered_only_to_mlps_it_computes_exactly():
     assert _fusable_act(mlp, members) is None
     gemma, gemma_members = mlp_group("gemma")
     assert _fusable_act(gemma, gemma_members) == "gelu_tanh"
+
+
+def test_a_linear_subclass_target_is_refused_by_name():
+    class ScaledLinear(torch.nn.Linear):  # its own forward, as a quantised layer has
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = tiny_causal_lm("llama")
+    layer = model.model.layers[1].mlp
+    old = layer.up_proj
+    layer.up_proj = ScaledLinear(old.in_features, old.out_features, bias=False)
+    with pytest.raises(TypeError, match=r"model\.layers\.1\.mlp\.up_proj is a .*ScaledLinear, not a plain nn\.Linear"):
+        inject_mixture(model, ["q_proj", "up_proj"], MixtureState(10, 4, 2.0))
+
+
+def test_weights_follow_a_cast_of_the_model_and_training_forwards_run():
+    pf = build_tiny()
+    ids = torch.randint(7, 150, (2, 6), generator=torch.Generator().manual_seed(0))
+    w = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(1)), -1)
+    assert pf.state.dtype == torch.float32
+    pf.to(torch.bfloat16)
+    assert pf.state.dtype == torch.bfloat16  # read from the layers, not fixed at injection
+    pf.train()
+    out = pf(ids, weights=w.requires_grad_()).logits  # the autograd path: float32 weights, bf16 layers
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
+    assert layer.lora_A.grad is not None and w.grad is not None

@@ -172,3 +172,15 @@ def test_tau_must_be_positive():
     for tau in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"tau must be positive, got {tau}"):
             pf.route(QUERIES, tau=tau)
+
+
+def test_a_reply_ended_by_any_eos_id_of_the_generation_config_is_a_stop():
+    pf = build_tiny()
+    [first] = pf.generate(["hello"], weights=[0.1] * 10, max_new_tokens=1)
+    assert first.finish_reason == "length"
+    with torch.no_grad(), pf.mixture_weights([0.1] * 10):  # what greedy emits first
+        token = int(pf.base_model(**pf.chat_inputs(["hello"])).logits[0, -1].argmax())
+    assert token != pf.tokenizer.eos_token_id
+    pf.base_model.generation_config.eos_token_id = [pf.tokenizer.eos_token_id, token]  # as Llama 3 lists several
+    [g] = pf.generate(["hello"], weights=[0.1] * 10, max_new_tokens=5)
+    assert g.finish_reason == "stop" and g.completion_tokens == 1

@@ -62,7 +62,6 @@ class MixtureState:
         self.r = r
         self.scaling = scaling
         self.weights: torch.Tensor | None = None  # [B, E], as given
-        self.dtype: torch.dtype | None = None  # the adapted layers' dtype, set by inject_mixture
         self._buffer: torch.Tensor | None = None
         self.groups: list[PackedGroup] = []  # filled by inject_mixture; every layer is in one
         self._hooks: list = []
@@ -114,7 +113,19 @@ class MixtureState:
     expert_index = property(lambda self: self.live.expert_index)
     shared = property(lambda self: self.live.shared)
 
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The adapted layers' dtype, read from them (it follows ``.to()`` / ``.half()`` casts)."""
+        return self.groups[0].members[0].base.weight.dtype if self.groups else None
+
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
+        """Hold ``weights`` [B, E] (or None: base model only) for the forwards that follow.
+
+        A forward whose batch has ``k * B`` rows gives each weight row to ``k`` consecutive rows,
+        as transformers' ``generate`` expands a batch for beams and ``num_return_sequences``
+        (``repeat_interleave``); a batch built otherwise (``torch.cat([x, x])``) needs its
+        weights expanded the same way by the caller. Builds the expanded form shared by every
+        layer and, for inference-style weights, packs the sibling groups (outside compiled code)."""
         self._sync_layers()
         if weights is not None and (weights.dim() != 2 or weights.shape[1] != self.num_experts):
             raise ValueError(
@@ -131,7 +142,9 @@ class MixtureState:
         if not torch.is_grad_enabled() and not w.requires_grad:
             # Inference: reuse one buffer (stable address for CUDA graphs) while the shape holds.
             buf = self._buffer
-            if buf is not None and buf.shape == w.shape and buf.device == w.device and buf.dtype == w.dtype:
+            # (one made under inference_mode cannot be written outside it: then a new buffer)
+            writable = buf is not None and (not buf.is_inference() or torch.is_inference_mode_enabled())
+            if writable and buf.shape == w.shape and buf.device == w.device and buf.dtype == w.dtype:
                 buf.copy_(w)
                 w = buf
             else:
@@ -228,6 +241,9 @@ class MixtureLinear(nn.Module):
         return self.lora_A[i * r : (i + 1) * r], self.lora_B[:, i * r : (i + 1) * r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``W x + ((x A_cat^T) * w) B_cat^T`` (the module docstring), by one of four paths that
+        compute the same sum: one expert per row (set_experts), training (the formula as written,
+        autograd-friendly), packed inference (PackedGroup) and plain inference (in place)."""
         # (not _LIVE.get(key, self.state.live): that would reach the state on every call, see _LIVE)
         live = _LIVE[self._key] if self._key in _LIVE else self.state.live  # noqa: SIM401
         if live.expert_index is not None:
@@ -330,8 +346,7 @@ class PackedGroup:
         self.weight: torch.Tensor | None = None  # P
         self.bias: torch.Tensor | None = None
         self.expand: torch.Tensor | None = None  # B, the members' lora_B stacked by rows
-        self.bounds: list[tuple[int, int]] = []  # each member's columns in x P^T
-        self._ends: list[int] = []
+        self._ends: list[int] = []  # each member's last column (exclusive) in x P^T
         self._expand_plan: list = []
         self.split = 0  # first column of the shrinks
         self._fusable = False  # Triton runs here and the members' shapes suit the kernel
@@ -434,7 +449,7 @@ class PackedGroup:
         for t in (weight, bias, expand):
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
-        self.weight, self.bias, self.expand, self.bounds = weight, bias, expand, bounds
+        self.weight, self.bias, self.expand = weight, bias, expand
         for m, (lo, hi) in zip(ms, bounds, strict=True):
             m._lo, m._hi, m._packed = lo, hi, True
         self._ends = [hi for _, hi in bounds]
@@ -507,12 +522,13 @@ def _fusable_act(parent: nn.Module, members: list[MixtureLinear]) -> str | None:
         return None
     probe = torch.linspace(-8, 8, 161, dtype=torch.float64)
     with torch.no_grad():
+        try:
+            got = act_fn(probe)
+        except (RuntimeError, TypeError):  # refuses float64 or a 1-D input: not one the kernel knows
+            return None
         for name, fn in kernels.ACTIVATIONS.items():
-            try:
-                if torch.allclose(act_fn(probe), fn(probe), atol=1e-6, rtol=1e-6):
-                    return name
-            except (RuntimeError, TypeError):
-                return None
+            if torch.allclose(got, fn(probe), atol=1e-6, rtol=1e-6):
+                return name
     return None
 
 
@@ -571,7 +587,8 @@ def _rows_of(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _match_batch(w: torch.Tensor, n: int) -> torch.Tensor:
-    # generate() expands the batch for num_return_sequences / beams with repeat_interleave.
+    # generate() expands the batch for num_return_sequences / beams with repeat_interleave, so
+    # weight row b serves rows b*k .. b*k+k-1 (see MixtureState.set).
     if n % w.shape[0]:
         raise ValueError(f"mixture weights are set for {w.shape[0]} sequences but the batch has {n} rows")
     return w.repeat_interleave(n // w.shape[0], dim=0)
@@ -589,15 +606,22 @@ def inject_mixture(
     matched: list[str] = []
     linears: list[str] = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear) or isinstance(module, MixtureLinear):
+        if not isinstance(module, nn.Linear):
             continue
         linears.append(name)
         if name.split(".")[-1] not in targets:
             continue
+        if type(module) is not nn.Linear:
+            # the mixture computes the base output from .weight itself, so a subclass's own
+            # forward (quantised layers dequantise in theirs) would be skipped: refuse, not guess
+            raise TypeError(
+                f"{name} is a {type(module).__module__}.{type(module).__name__}, not a plain nn.Linear: "
+                "quantised or custom linears are not supported as mixture targets (load the base in "
+                "float32/bfloat16, or leave this module out of target_modules)"
+            )
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, MixtureLinear(module, state, dropout))
-        state.dtype = module.weight.dtype
         matched.append(name)
     if not matched:
         sample = ", ".join(sorted({n.split(".")[-1] for n in linears})[:12])

@@ -246,9 +246,9 @@ class PersonaFuseModel(nn.Module):
     ) -> Iterator[None]:
         """Hold these weights ([B, 10], or one vector for every row) for the forward passes inside."""
         if weights is not None:
-            checked = weights_matrix(weights)  # a [B, 10] tensor is used as given (device, dtype, grad)
+            checked = weights_matrix(weights)  # a [B, 10] tensor is used itself (its dtype and grad)
             is_matrix = isinstance(weights, torch.Tensor) and weights.dim() == 2
-            weights = weights if is_matrix else checked.to(self.device)
+            weights = (weights if is_matrix else checked).to(self.device)
         with self.state.use(weights):
             yield
 
@@ -320,6 +320,12 @@ class PersonaFuseModel(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         tok = self.tokenizer
+        # every id that ends a reply: the tokenizer's and the generation config's (Llama 3 and
+        # Qwen2.5 list several), as the decoding loops stop on any of them
+        gen_eos = getattr(getattr(self.base_model, "generation_config", None), "eos_token_id", None)
+        eos_ids = {tok.eos_token_id} | set([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])
+        eos_ids.discard(None)
+        eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
         results: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(router_text(prompts[i])))
         for start in range(0, len(order), batch_size):
@@ -356,12 +362,14 @@ class PersonaFuseModel(nn.Module):
             for row, i in enumerate(idx):
                 ids = new[row]
                 n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
-                eos_hit = tok.eos_token_id is not None and bool((ids == tok.eos_token_id).any())
+                stops = torch.isin(ids, eos.to(ids.device)).nonzero()
+                eos_hit = len(stops) > 0
                 results[i] = Generation(
                     text=tok.decode(ids, skip_special_tokens=True).strip(),
                     weights=weights_dict(w_all[i].tolist()),
                     prompt_tokens=int(enc["attention_mask"][row].sum()),
-                    completion_tokens=n + int(eos_hit and tok.pad_token_id == tok.eos_token_id),
+                    # the stop token counts, also where padding uses the same id
+                    completion_tokens=n + int(eos_hit and int(ids[stops[0, 0]]) == tok.pad_token_id),
                     finish_reason="stop" if eos_hit else "length",
                 )
         return results  # type: ignore[return-value]

@@ -76,9 +76,9 @@ class Router(nn.Module):
         self.tau = tau
 
     def similarities(self, h: torch.Tensor) -> torch.Tensor:
-        """s_bi = cos(h_b, e_i): [B, E]."""
-        e = self.expert_embeddings.to(h.dtype)
-        return F.normalize(h, dim=-1) @ F.normalize(e, dim=-1).T
+        """s_bi = cos(h_b, e_i): [B, E], in float32 (bf16 cosines are coarse next to a small tau)."""
+        e = self.expert_embeddings.float()
+        return F.normalize(h.float(), dim=-1) @ F.normalize(e, dim=-1).T
 
     def weights_from_embeddings(self, h: torch.Tensor, tau: float | None = None) -> torch.Tensor:
         tau = self.tau if tau is None else tau
