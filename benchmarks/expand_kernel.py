@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import cuda_graph_us  # noqa: E402
-from personafuse.mixture import MixtureLinear, MixtureState, _group_layers  # noqa: E402
+from personafuse.mixture import MixtureLinear, MixtureState  # noqa: E402
+from personafuse.packing import group_layers  # noqa: E402
 
 
 def build(hidden: int, kv: int, inter: int, device, dtype):
@@ -57,7 +58,7 @@ def build(hidden: int, kv: int, inter: int, device, dtype):
             m.lora_A.copy_(torch.randn(m.lora_A.shape, generator=g) / i**0.5)
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
         setattr(layer, f"{name}_proj", m.to(device=device, dtype=dtype))
-    _group_layers(layer, state)  # q/k/v and gate/up packed together, o and down alone
+    group_layers(layer, state)  # q/k/v and gate/up packed together, o and down alone
     layer.gate_proj._group.act = "silu"  # Llama's MLP activation, for the fused_act layout
     return state, {name: getattr(layer, f"{name}_proj") for name in shapes}
 

@@ -164,7 +164,7 @@ def test_fused_activation_matches_the_plain_model_compiles_and_pickles(kind):
         import pickle
         import torch
         from conftest import build_tiny, routed_batch_and_plain_logits
-        from personafuse import mixture
+        from personafuse import packing
         pf = build_tiny(base_kind="{kind}")
         st = pf.state
         st.pack, st.fuse, st.fuse_act = True, True, True
@@ -174,7 +174,7 @@ def test_fused_activation_matches_the_plain_model_compiles_and_pickles(kind):
         mlps = [g._mlp for g in st.groups if g.act is not None]
         n_layers = pf.base_model.config.num_hidden_layers
         assert len(mlps) == n_layers and {{g.act for g in st.groups if g.act}} == {{"{ {"llama": "silu", "gemma": "gelu_tanh"}[kind] }"}}
-        assert all(isinstance(m.__dict__.get("forward"), mixture._MLPForward) for m in mlps)
+        assert all(isinstance(m.__dict__.get("forward"), packing._MLPForward) for m in mlps)
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-4)
         # the MLP's gate and up are not called: the MLP computes act(gate) * up itself
         calls = []

@@ -405,7 +405,7 @@ def test_activation_fusion_is_offered_only_to_mlps_it_computes_exactly():
     another forward, or an activation the kernel lacks, keeps its own code."""
     from transformers.activations import ACT2FN
 
-    from personafuse.mixture import _fusable_act
+    from personafuse.packing import _fusable_act
 
     def mlp_group(kind: str):
         state = MixtureState(10, 2, 1.0)
