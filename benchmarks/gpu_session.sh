@@ -9,7 +9,7 @@
 #
 # Default part (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
-#   128 new tokens, 3 rounds (~70 s of compilation per variant on an H100, ~80 s of tile timing),
+#   128 new tokens, 5 rounds (~70 s of compilation per variant on an H100, ~80 s of tile timing),
 #   through personafuse.decoding.greedy_generate (no host sync per token): base vs moe vs
 #   moe_tuned_act (the fused expand with tile sizes timed on the device, and the MLP's activation
 #   fused into the gate/up expand); gpu_compile_personafuse.json. What tuning alone gains per kernel
@@ -30,7 +30,7 @@
 #   WARMUP=1  stage-1 warm-up, one batched job vs ten peft runs (issue 4), SmolLM2 shapes, random weights
 #   STAGES=1  peak memory of the warm-up and joint stages at batch 32 x 512 (issue 4)
 # MIXTURE=0 skips the default parts; DECODERS / COMPILE_VARIANTS / GENERATE_VARIANTS / COMPILE_LIMIT /
-# GENERATE_LIMIT / NEW_TOKENS adjust the compiled parts.
+# GENERATE_LIMIT / NEW_TOKENS / REPEATS adjust the compiled parts.
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 OUT=${OUT:-gpu-results}
@@ -50,6 +50,7 @@ COMPILE_LIMIT=${COMPILE_LIMIT:-450}
 GENERATE_LIMIT=${GENERATE_LIMIT:-180}
 DECODERS=${DECODERS:-personafuse}
 NEW_TOKENS=${NEW_TOKENS:-}  # compiled part; default 128 (8 with SMALL=1)
+REPEATS=${REPEATS:-5}  # timed rounds of the compiled part: ~1.3 s each per variant after ~70 s of compiling
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
 $PY -c "import torch, transformers, peft, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'accelerate', accelerate.__version__)"
@@ -94,7 +95,7 @@ if [ "$MIXTURE" = 1 ]; then
         [ "$decoder" = generate ] && json="$OUT/gpu_compile.json" limit=$GENERATE_LIMIT variants=$GENERATE_VARIANTS
         # a failed part ends the session's mixture work: the device time left goes to a fix and a rerun
         part "mixture_compile_$decoder" "$limit" $PY benchmarks/mixture_throughput.py $MIX --new-tokens "$NEW_TOKENS" \
-            --repeats 3 --compile --decoder "$decoder" --variants "$variants" --json "$json" || break
+            --repeats "$REPEATS" --compile --decoder "$decoder" --variants "$variants" --json "$json" || break
     done
 fi
 profile_limit=150
