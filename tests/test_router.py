@@ -184,3 +184,17 @@ def test_a_reply_ended_by_any_eos_id_of_the_generation_config_is_a_stop():
     pf.base_model.generation_config.eos_token_id = [pf.tokenizer.eos_token_id, token]  # as Llama 3 lists several
     [g] = pf.generate(["hello"], weights=[0.1] * 10, max_new_tokens=5)
     assert g.finish_reason == "stop" and g.completion_tokens == 1
+
+
+def test_cli_form_takes_ten_bare_numbers_and_plain_random_and_the_eval_parser_shares_it():
+    from personafuse.evaluation.subjects import parse_routing
+
+    bare = Routing.parse("fixed:" + ",".join(["1"] + ["0"] * 8 + ["3"]))
+    assert bare.weights[0] == pytest.approx(0.25) and bare.weights[9] == pytest.approx(0.75)
+    assert Routing.parse("random").k == 1 and Routing.parse("random", seed=4).seed == 4
+    with pytest.raises(TraitError, match="9 entries"):
+        Routing.parse("fixed:" + ",".join(["1"] * 9))
+    assert parse_routing("blend:0.3:high_O=1") == {"mode": "blend", "weights": [1.0] + [0.0] * 9, "alpha": 0.3}
+    assert parse_routing("fixed:" + ",".join(["1"] * 10))["weights"] == [0.1] * 10
+    with pytest.raises(ValueError, match="bad routing spec 'top_k:0'.*'k' must be an integer"):
+        parse_routing("top_k:0")

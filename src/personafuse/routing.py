@@ -144,8 +144,9 @@ class Routing:
 
     @classmethod
     def parse(cls, text: str, seed: int | None = 0) -> Routing:
-        """Parse the CLI form: ``router``, ``pole:high_A``, ``top_k:3``, ``random:2``,
-        ``fixed:high_A=0.6,low_N=0.4``, ``blend:0.3:high_A=1``."""
+        """Parse the CLI form: ``router``, ``pole:high_A``, ``top_k:3``, ``random:2`` (``random``
+        alone: one expert), ``fixed:high_A=0.6,low_N=0.4`` or ten numbers in pole order,
+        ``blend:0.3:high_A=1``."""
         head, _, rest = text.strip().partition(":")
         head = head.strip().lower().replace("-", "_")
         if head in ("router", ""):
@@ -154,7 +155,7 @@ class Routing:
             return cls("pole", pole=rest)
         if head in ("top_k", "topk", "random"):
             try:
-                k = int(rest)
+                k = int(rest) if rest.strip() or head != "random" else 1  # plain "random": one expert
             except ValueError:
                 raise TraitError(f"routing {text!r}: expected {head}:K with an integer K") from None
             return cls("top_k" if head != "random" else "random", k=k, seed=seed)
@@ -181,7 +182,13 @@ class Routing:
         return cls(**dict(data))
 
 
-def _parse_weights(text: str, whole: str) -> dict[str, float]:
+def _parse_weights(text: str, whole: str) -> dict[str, float] | list[float]:
+    """``pole=weight,...`` pairs, or ten bare numbers in pole order."""
+    if "=" not in text and text.strip():
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError:
+            raise TraitError(f"routing {whole!r}: expected pole=weight pairs or ten numbers") from None
     out: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, eq, value = part.partition("=")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from personafuse.traits import TRAIT_POLES, pole_name, weights_dict, weights_from_any
+from personafuse.traits import TRAIT_POLES, pole_name, weights_dict
 
 Prompt = str | list[dict[str, str]]
 
@@ -175,39 +175,27 @@ class OpenAISubject:
 # PersonaFuse checkpoint (duck-typed; the model class lives in personafuse.model)
 # ---------------------------------------------------------------------------------------------
 def parse_routing(spec: str | None, seed: int = 0) -> dict[str, Any]:
-    """A routing spec → keyword arguments for ``personafuse.Routing``.
+    """A routing spec → keyword arguments for ``personafuse.Routing`` (the grammar of
+    :meth:`personafuse.Routing.parse`: ``router`` · ``random:K`` · ``top_k:K`` · ``pole:high_A`` ·
+    ``fixed:high_A=0.5,low_N=0.5`` or ten comma-separated numbers · ``blend:0.3:high_A=1``)."""
+    from personafuse.routing import Routing
 
-    ``router`` · ``random:K`` · ``top_k:K`` · ``pole:high_A`` · ``fixed:high_A=0.5,low_N=0.5`` (or ten
-    comma-separated numbers) · ``blend:0.3:high_A=1`` (alpha of the fixed part).
-    """
-    s = (spec or "router").strip()
-    head, _, rest = s.partition(":")
-    head = head.lower()
     try:
-        if head == "router":
-            return {"mode": "router"}
-        if head == "random":
-            return {"mode": "random", "k": int(rest or 1), "seed": seed}
-        if head in ("top_k", "topk"):
-            return {"mode": "top_k", "k": int(rest)}
-        if head == "pole":
-            return {"mode": "pole", "pole": pole_name(rest)}
-        if head in ("fixed", "blend"):
-            alpha = None
-            if head == "blend":
-                a, _, rest = rest.partition(":")
-                alpha = float(a)
-            if "=" in rest:
-                w = weights_from_any({k.strip(): float(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv.strip())}, normalise=True)
-            else:
-                w = weights_from_any([float(x) for x in rest.split(",")], normalise=True)
-            out: dict[str, Any] = {"mode": head, "weights": w}
-            if alpha is not None:
-                out["alpha"] = alpha
-            return out
-    except (ValueError, TypeError) as e:
+        r = Routing.parse(spec or "router", seed=seed)
+    except ValueError as e:  # TraitError included
         raise ValueError(f"bad routing spec {spec!r}: {e}") from None
-    raise ValueError(f"bad routing spec {spec!r}; use router, fixed:..., random:K, pole:NAME, top_k:K or blend:ALPHA:...")
+    out: dict[str, Any] = {"mode": r.mode}
+    if r.mode in ("top_k", "random"):
+        out["k"] = r.k
+    if r.mode == "random":
+        out["seed"] = r.seed
+    if r.mode == "pole":
+        out["pole"] = r.pole
+    if r.mode in ("fixed", "blend"):
+        out["weights"] = list(r.weights)  # type: ignore[arg-type]
+    if r.mode == "blend":
+        out["alpha"] = r.alpha
+    return out
 
 
 def _weights_to_dict(w: Any) -> dict[str, float] | None:
