@@ -31,14 +31,20 @@ RoutingOpt = Annotated[
     ),
 ]
 
-def load_model(spec: str) -> Any:
-    """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
+def quiet_loading() -> None:
+    """No transformers progress bar per model load (two or three per command): they would bury
+    the output, and the commands say what they are loading themselves."""
     from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
+
+
+def load_model(spec: str) -> Any:
+    """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
     from personafuse.config import CONFIG_NAME, PersonaFuseConfig
     from personafuse.model import PersonaFuseModel
 
-    hf_logging.disable_progress_bar()  # a bar per load would bury the reply; the spinner says "loading"
+    quiet_loading()
     p = Path(spec)
     if p.is_dir() and not (p / CONFIG_NAME).is_file() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
         raise typer.BadParameter(
@@ -172,6 +178,7 @@ def register(app: typer.Typer) -> None:
         queries (anxious user, maths, brainstorm), each reply shown with its ten routing weights."""
         from personafuse.demo import DEMO_QUERIES, run_demo
 
+        quiet_loading()
         if untrained:
             with err_console.status("loading model…"):
                 m = load_model("default")
