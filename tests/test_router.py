@@ -198,3 +198,10 @@ def test_cli_form_takes_ten_bare_numbers_and_plain_random_and_the_eval_parser_sh
     assert parse_routing("fixed:" + ",".join(["1"] * 10))["weights"] == [0.1] * 10
     with pytest.raises(ValueError, match="bad routing spec 'top_k:0'.*'k' must be an integer"):
         parse_routing("top_k:0")
+
+
+@pytest.mark.parametrize("spec", ["router", "top_k:3", "random:2", "pole:A+", "fixed:high_A=3,low_N=1", "blend:0.4:high_O=1"])
+def test_the_json_form_round_trips_every_mode(spec):
+    r = Routing.parse(spec, seed=9)
+    again = Routing.from_dict(r.to_dict())
+    assert again == r and again.to_dict() == r.to_dict()

@@ -158,7 +158,7 @@ class Routing:
                 k = int(rest) if rest.strip() or head != "random" else 1  # plain "random": one expert
             except ValueError:
                 raise TraitError(f"routing {text!r}: expected {head}:K with an integer K") from None
-            return cls("top_k" if head != "random" else "random", k=k, seed=seed)
+            return cls("random", k=k, seed=seed) if head == "random" else cls("top_k", k=k)
         if head == "fixed":
             return cls("fixed", weights=_parse_weights(rest, text))
         if head == "blend":
@@ -169,6 +169,21 @@ class Routing:
                 raise TraitError(f"routing {text!r}: expected blend:ALPHA:pole=w,...") from None
             return cls("blend", weights=_parse_weights(w, text), alpha=alpha)
         raise TraitError(f"unknown routing mode {head!r} in {text!r}; expected one of {', '.join(MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (what :meth:`from_dict` reads): the mode and the fields it uses."""
+        out: dict[str, Any] = {"mode": self.mode}
+        if self.mode in ("top_k", "random"):
+            out["k"] = self.k
+        if self.mode == "random":
+            out["seed"] = self.seed
+        if self.mode == "pole":
+            out["pole"] = self.pole
+        if self.mode in ("fixed", "blend"):
+            out["weights"] = list(self.weights)  # type: ignore[arg-type]
+        if self.mode == "blend":
+            out["alpha"] = self.alpha
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Routing:

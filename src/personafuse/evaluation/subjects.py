@@ -181,21 +181,9 @@ def parse_routing(spec: str | None, seed: int = 0) -> dict[str, Any]:
     from personafuse.routing import Routing
 
     try:
-        r = Routing.parse(spec or "router", seed=seed)
+        return Routing.parse(spec or "router", seed=seed).to_dict()
     except ValueError as e:  # TraitError included
         raise ValueError(f"bad routing spec {spec!r}: {e}") from None
-    out: dict[str, Any] = {"mode": r.mode}
-    if r.mode in ("top_k", "random"):
-        out["k"] = r.k
-    if r.mode == "random":
-        out["seed"] = r.seed
-    if r.mode == "pole":
-        out["pole"] = r.pole
-    if r.mode in ("fixed", "blend"):
-        out["weights"] = list(r.weights)  # type: ignore[arg-type]
-    if r.mode == "blend":
-        out["alpha"] = r.alpha
-    return out
 
 
 def _weights_to_dict(w: Any) -> dict[str, float] | None:

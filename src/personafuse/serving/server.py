@@ -84,13 +84,8 @@ def parse_persona(persona: dict[str, Any] | None, request_seed: int | None) -> t
         raise APIError(400, msg if msg.startswith("persona") else f"persona: {msg}", "persona") from None
     except TypeError as e:
         raise APIError(400, f"persona: {e}", "persona") from None
-    desc: dict[str, Any] = {"mode": routing.mode}
-    if routing.mode in ("top_k", "random"):
-        desc["k"] = routing.k
-    if routing.mode == "blend":
-        desc["alpha"] = routing.alpha
-    if routing.mode == "pole":
-        desc["pole"] = routing.pole
+    # the weights are echoed as the mixture used, the seed not at all
+    desc = {k: v for k, v in routing.to_dict().items() if k not in ("weights", "seed")}
     return routing, desc
 
 
