@@ -192,6 +192,7 @@ def test_cli_form_takes_ten_bare_numbers_and_plain_random_and_the_eval_parser_sh
     bare = Routing.parse("fixed:" + ",".join(["1"] + ["0"] * 8 + ["3"]))
     assert bare.weights[0] == pytest.approx(0.25) and bare.weights[9] == pytest.approx(0.75)
     assert Routing.parse("random").k == 1 and Routing.parse("random", seed=4).seed == 4
+    assert Routing.parse("topk:2").k == 2 and Routing.parse("one:A+").pole == "high_A"  # the class's aliases
     with pytest.raises(TraitError, match="9 entries"):
         Routing.parse("fixed:" + ",".join(["1"] * 9))
     assert parse_routing("blend:0.3:high_O=1") == {"mode": "blend", "weights": [1.0] + [0.0] * 9, "alpha": 0.3}

@@ -105,8 +105,6 @@ class PackedGroup:
         if ref.device.type == "cpu" and not force:
             return False
         for m in self.members:
-            if type(m.base) is not nn.Linear:  # (same in_features: _group_layers groups only those)
-                return False  # quantised or otherwise special linears keep their own forward
             for t in (m.base.weight, m.lora_A, m.lora_B, m.base.bias):
                 if t is None:
                     continue

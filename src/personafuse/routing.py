@@ -149,11 +149,12 @@ class Routing:
         ``blend:0.3:high_A=1``."""
         head, _, rest = text.strip().partition(":")
         head = head.strip().lower().replace("-", "_")
+        head = ALIASES.get(head, head)  # the spellings the class accepts
         if head in ("router", ""):
             return cls("router")
         if head == "pole":
             return cls("pole", pole=rest)
-        if head in ("top_k", "topk", "random"):
+        if head in ("top_k", "random"):
             try:
                 k = int(rest) if rest.strip() or head != "random" else 1  # plain "random": one expert
             except ValueError:
