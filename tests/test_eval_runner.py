@@ -79,6 +79,41 @@ def test_rescore_reparses_stored_responses(tmp_path: Path) -> None:
     assert json.loads(p.read_text().splitlines()[2])["parsed"] == "-2"
 
 
+def test_results_record_the_protocol_and_rescore_says_what_changed(tmp_path: Path) -> None:
+    with ChatServer(_gsm_reply) as srv:
+        res = _runner(srv, tmp_path, ["gsm8k"]).run()
+        proto = res["benchmarks"]["gsm8k"]["protocol"]
+        assert proto["reference"]["repo"] and proto["reference"]["commit"]
+        assert proto["max_new_tokens"] > 0 and len(proto["prompt_hash"]) == 16
+        # The same items give the same hash; a different subsample gives another one.
+        other = _runner(srv, tmp_path / "b", ["gsm8k"], limit=2).run()["benchmarks"]["gsm8k"]["protocol"]
+        assert other["prompt_hash"] != proto["prompt_hash"]
+        p = tmp_path / "gsm8k.jsonl"
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        recs[0]["response"] = "no number here"  # one stored reply now scores differently
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA))
+        again = Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url), progress=False, rescore=True).run()
+    rs = again["benchmarks"]["gsm8k"]["rescore"]
+    assert rs["items"] == 3 and rs["items_changed"] == 1
+    assert rs["old_score"] == res["benchmarks"]["gsm8k"]["score"]
+    assert rs["new_score"] == pytest.approx(res["benchmarks"]["gsm8k"]["score"] - 1 / 3)
+
+
+def test_rescore_refuses_replies_to_another_prompt(tmp_path: Path) -> None:
+    with ChatServer(_gsm_reply) as srv:
+        _runner(srv, tmp_path, ["gsm8k"]).run()
+        p = tmp_path / "gsm8k.jsonl"
+        recs = [json.loads(x) for x in p.read_text().splitlines()]
+        recs[1]["prompt"] = "an older prompt wording"
+        p.write_text("".join(json.dumps(r) + "\n" for r in recs))
+        before = p.read_text()
+        cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA))
+        with pytest.raises(RunMismatch, match=rf"item '{recs[1]['id']}'.*different prompt"):
+            Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url), progress=False, rescore=True).run()
+    assert p.read_text() == before  # nothing rewritten
+
+
 def test_resume_after_a_torn_last_line(tmp_path: Path) -> None:
     with ChatServer(_gsm_reply) as srv:
         _runner(srv, tmp_path, ["gsm8k"]).run()

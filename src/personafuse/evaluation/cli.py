@@ -91,6 +91,9 @@ def eval_command(
         typer.echo(f"error: {e.args[0] if e.args else e}", err=True)
         raise typer.Exit(2) from None
     Console().print(summary_table(results))
+    for name, agg in results["benchmarks"].items():
+        if (rs := agg.get("rescore")) is not None:  # what the fixed scorer changed in stored replies
+            Console().print(f"rescored {name}: {rs['items_changed']} of {rs['items']} items changed; score {rs['old_score']} -> {rs['new_score']}")
     Console().print(f"wrote {out / 'results.json'}")
 
 

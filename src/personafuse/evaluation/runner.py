@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.evaluation.benchmarks import Benchmark, Item, ScoreContext, get_benchmark
+from personafuse.evaluation.benchmarks.base import prompt_hash
 from personafuse.evaluation.data import subsample
 
 RESULTS = "results.json"
@@ -175,8 +176,7 @@ class Runner:
         items = subsample(bench.load(self.cfg.data), self.cfg.limit, self.cfg.seed)
         path = self.out / f"{bench.name}.jsonl"
         done = read_records(path)
-        if self.rescore:
-            self._rescore(bench, items, done, path)
+        rescored = self._rescore(bench, items, done, path) if self.rescore else None
         todo = [it for it in items if it.id not in done]
         t0 = time.perf_counter()
         gen_s = 0.0
@@ -197,6 +197,10 @@ class Runner:
         selected = [done[it.id] for it in items]
         agg = bench.aggregate(selected)
         agg["n_items"] = len(items)
+        agg["protocol"] = {**bench.protocol(), "prompt_hash": prompt_hash([_stored_prompt(bench.prompts(it)) for it in items])}
+        if rescored is not None:
+            old = self.results["benchmarks"].get(bench.name, {}).get("score")
+            agg["rescore"] = {**rescored, "old_score": old, "new_score": agg.get("score")}
         weights = _mean_weights([r.get("weights") for r in selected])
         if weights:
             agg["mean_weights"] = weights
@@ -209,17 +213,33 @@ class Runner:
         _write_json_atomic(self.out / RESULTS, self.results)
         return agg
 
-    def _rescore(self, bench: Benchmark, items: Sequence[Item], done: dict[str, dict[str, Any]], path: Path) -> None:
+    def _rescore(self, bench: Benchmark, items: Sequence[Item], done: dict[str, dict[str, Any]], path: Path) -> dict[str, Any]:
+        """Re-parse and re-score stored replies under today's scorer. A reply is only re-scored if it
+        answered the prompt today's protocol sends: otherwise its score would not mean what the
+        protocol says, so the run is refused (regenerate into a new directory)."""
         sel = [it for it in items if it.id in done]
         if not sel:
-            return
+            return {"items": 0, "items_changed": 0}
+        for it in sel:
+            stored = json.loads(json.dumps(done[it.id].get("prompt"), default=_json_default))
+            today = json.loads(json.dumps(_stored_prompt(bench.prompts(it)), default=_json_default))
+            if stored != today:
+                ref = bench.reference.repo + "@" + bench.reference.commit if bench.reference else "its protocol"
+                raise RunMismatch(
+                    f"{path}: item {it.id!r} was answered with a different prompt than {bench.name} sends today "
+                    f"({ref}); --rescore re-scores replies to the same prompt only: regenerate them with another --out"
+                )
         self._ensure_ctx(bench)
         responses = [[r] if isinstance(r := done[it.id]["response"], str) else list(r) for it in sel]
+        changed = 0
         for it, sc in zip(sel, bench.score_batch(sel, responses, self.ctx), strict=True):
+            before = {k: done[it.id].get(k) for k in sc}
+            changed += before != json.loads(json.dumps(sc, default=_json_default))
             done[it.id].update(sc)
         tmp = path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in done.values()), encoding="utf-8")
         os.replace(tmp, path)
+        return {"items": len(sel), "items_changed": changed}
 
     def _do_chunk(self, bench: Benchmark, chunk: Sequence[Item]) -> tuple[list[dict[str, Any]], float]:
         prompts = [bench.prompts(it) for it in chunk]
@@ -238,7 +258,7 @@ class Runner:
         for it, ps, gs, sc in zip(chunk, prompts, grouped, scored, strict=True):
             rec: dict[str, Any] = {
                 "id": it.id,
-                "prompt": ps[0] if len(ps) == 1 else ps,
+                "prompt": _stored_prompt(ps),
                 "response": gs[0].text if len(gs) == 1 else [g.text for g in gs],
                 "weights": gs[0].weights if len(gs) == 1 else _mean_weights([g.weights for g in gs]),
                 "categories": it.categories,
@@ -263,6 +283,11 @@ class Runner:
             for i, g, sc in zip(pend, regen, rescored, strict=True):
                 recs[i].update({"response": g.text, "weights": g.weights, "attempts": attempt, "temperature": round(temp, 3), **sc})
         return recs, gen_s
+
+
+def _stored_prompt(prompts: Sequence[Any]) -> Any:
+    """A record's ``prompt`` field: the one prompt, or the list when an item has several."""
+    return prompts[0] if len(prompts) == 1 else list(prompts)
 
 
 class _NoBar:

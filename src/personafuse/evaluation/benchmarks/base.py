@@ -5,6 +5,9 @@ The runner only talks to this interface, so a new benchmark is one module with o
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
 import statistics
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -16,6 +19,22 @@ from personafuse.evaluation.data import DataError, find_benchdata, hub_allowed
 
 # A prompt is either a plain user message or a full chat (list of {"role", "content"}).
 Prompt = str | list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The implementation a benchmark's default protocol reproduces: a repository at a pinned commit
+    (the authors' own, or lm-evaluation-harness for the tasks where it is the standard) and the files
+    read to write ours. ``task`` names an lm-eval task and its version (``gsm8k@3``)."""
+
+    repo: str
+    commit: str
+    files: tuple[str, ...] = ()
+    task: str | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"repo": self.repo, "commit": self.commit, "files": list(self.files), "task": self.task, "note": self.note}
 
 
 @dataclass
@@ -57,6 +76,8 @@ class Benchmark:
     score_scale: float = 1.0
     # Folder name inside a benchdata-like directory.
     folder: str = ""
+    # The implementation the default protocol reproduces (recorded in every results.json).
+    reference: Reference | None = None
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})
@@ -102,6 +123,21 @@ class Benchmark:
     def prompts(self, item: Item) -> list[Prompt]:
         return [item.prompt]
 
+    # ---- protocol ---------------------------------------------------------------------
+    def protocol_extra(self) -> dict[str, Any]:
+        """Benchmark-specific protocol facts (system prompt source, shots, answer format...)."""
+        return {}
+
+    def protocol(self) -> dict[str, Any]:
+        """What produced a run's replies and scores: recorded in results.json so a reader can tell
+        whether two runs are comparable and ``--rescore`` can refuse replies to other prompts."""
+        return {
+            "reference": self.reference.to_dict() if self.reference else None,
+            "max_new_tokens": self.max_new_tokens,
+            "max_attempts": self.max_attempts,
+            **self.protocol_extra(),
+        }
+
     # ---- scoring ----------------------------------------------------------------------
     def score_item(self, item: Item, responses: Sequence[str], ctx: ScoreContext) -> dict[str, Any]:
         """Return at least ``parsed`` and ``score`` (``None`` when unscorable). Extra keys are kept
@@ -117,7 +153,8 @@ class Benchmark:
     def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Mean item score (unscorable items count as 0 unless the benchmark says otherwise) plus a
         breakdown per category key."""
-        out: dict[str, Any] = {"score": _mean([_num(r.get("score")) for r in records]) * self.score_scale}
+        xs = [_num(r.get("score")) for r in records]
+        out: dict[str, Any] = {"score": mean(xs) * self.score_scale, "stderr": stderr(xs) * self.score_scale}
         out["n"] = len(records)
         out["n_unparsed"] = sum(1 for r in records if r.get("parsed") is None)
         out.update(self.breakdowns(records))
@@ -130,7 +167,7 @@ class Benchmark:
                 for v in val if isinstance(val, list) else [val]:
                     groups[cat][str(v)].append(_num(r.get(key)))
         return {
-            f"by_{cat}": {v: round(_mean(xs) * self.score_scale, 6) for v, xs in sorted(vals.items())}
+            f"by_{cat}": {v: round(mean(xs) * self.score_scale, 6) for v, xs in sorted(vals.items())}
             for cat, vals in groups.items()
         }
 
@@ -143,5 +180,23 @@ def _num(v: Any) -> float:
     return float(v)
 
 
-def _mean(xs: Sequence[float]) -> float:
+def mean(xs: Sequence[float]) -> float:
+    """Arithmetic mean; 0.0 for no items (an empty breakdown scores nothing, it does not fail)."""
     return statistics.fmean(xs) if xs else 0.0
+
+
+def stderr(xs: Sequence[float]) -> float:
+    """Standard error of the mean as lm-eval reports it (lm_eval/api/metrics.py ``mean_stderr``:
+    sample standard deviation with n - 1, over sqrt(n)); 0.0 below two items."""
+    if len(xs) < 2:
+        return 0.0
+    return statistics.stdev(xs) / math.sqrt(len(xs))
+
+
+def prompt_hash(prompts: Sequence[Any]) -> str:
+    """A short, order-sensitive digest of the prompts a run sent (recorded in its protocol)."""
+    blob = json.dumps(list(prompts), ensure_ascii=False, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+_mean = mean  # old private name, kept until every benchmark module imports ``mean``
