@@ -94,6 +94,21 @@ def test_persona_modes(client, persona, check):
     assert r.model_extra["persona"]["mode"] == persona.get("mode", "fixed")
 
 
+def test_random_route_draws_the_same_experts_as_generate(tiny, client):
+    """A seeded Random Route is keyed by the query text: the server must draw what
+    PersonaFuseModel.generate draws for the same seed and query (it once resolved without keys)."""
+    from personafuse import Routing
+
+    for query in ("hello", "i am so anxious about my exam", "write me a poem about the sea"):
+        r = client.chat.completions.create(
+            model="tiny", messages=[{"role": "user", "content": query}], max_tokens=1,
+            extra_body={"persona": {"mode": "random", "k": 2, "seed": 11}},
+        )
+        served = list(r.model_extra["persona"]["weights"].values())
+        local = tiny.generate([query], max_new_tokens=1, routing=Routing("random", k=2, seed=11))[0].weights
+        assert served == pytest.approx(list(local.values())), query
+
+
 def test_router_reads_the_whole_conversation(tiny, client):
     conv = [
         {"role": "system", "content": "be kind"},

@@ -240,6 +240,22 @@ class PersonaFuseModel(nn.Module):
         router_w = self.route(queries) if routing.needs_router else None
         return routing.resolve(len(queries), router_w, keys=[router_text(q) for q in queries])
 
+    def resolve_each(self, queries: Sequence[Prompt], routings: Sequence[Routing]) -> torch.Tensor:
+        """[B, 10] weights, row ``b`` under ``routings[b]`` (the server: one routing per request),
+        with one router call for the rows that need it. Each row is resolved exactly as
+        :meth:`resolve_weights` resolves it, query key included, so a seeded Random Route draws the
+        same experts for a query here as in :meth:`generate`."""
+        if len(queries) != len(routings):
+            raise ValueError(f"{len(queries)} queries but {len(routings)} routings")
+        need = [i for i, r in enumerate(routings) if r.needs_router]
+        routed = self.route([queries[i] for i in need]) if need else None
+        row_of = {i: n for n, i in enumerate(need)}
+        rows = []
+        for i, (q, r) in enumerate(zip(queries, routings, strict=True)):
+            rw = routed[row_of[i]].unsqueeze(0) if i in row_of else None  # type: ignore[index]
+            rows.append(r.resolve(1, rw, keys=[router_text(q)]).float().cpu())
+        return torch.cat(rows) if rows else torch.empty(0, self.config.num_experts)
+
     @contextmanager
     def mixture_weights(
         self, weights: Weights | None

@@ -144,13 +144,8 @@ class Batcher:
                 self.running = 0
 
     def _weights(self, batch: list[Job]) -> torch.Tensor:
-        rows: list[torch.Tensor] = []
-        need = [j for j in batch if j.routing.needs_router]
-        routed = iter(self.model.route([j.messages for j in need])) if need else iter(())
-        for job in batch:
-            rw = next(routed).unsqueeze(0) if job.routing.needs_router else None
-            rows.append(job.routing.resolve(1, rw).float().cpu())
-        return torch.cat(rows)
+        # The model's own per-row resolution: the same router text and Random Route keys as generate().
+        return self.model.resolve_each([j.messages for j in batch], [j.routing for j in batch])
 
     def _run(self, batch: list[Job]) -> None:
         self.metrics.observe_batch(len(batch))
