@@ -182,6 +182,31 @@ def test_bad_records_are_rejected_with_their_ids(tmp_path):
         load_records(tmp_path / "nope")
 
 
+def test_a_killed_generation_folder_trains_as_the_store_reads_it(tmp_path):
+    """A `data generate` run killed mid-write leaves a torn last line; the store's reader skips it,
+    and so must training (it used to stop with 'not valid JSON'). A record regenerated after a
+    resume (same key) replaces its earlier line, as the store's read_all does."""
+    from personafuse.data.store import RECORDS, read_all
+
+    rows = synthetic_records(5)
+    for i, r in enumerate(rows):
+        r["key"] = f"k{i}"
+    fixed = dict(rows[2], response="a second, complete answer", key="k2")
+    d = tmp_path / "gen"
+    write_jsonl(d / "records-00000.jsonl", rows[:4])
+    write_jsonl(d / "records-00001.jsonl", [fixed, rows[4]])
+    with (d / "records-00001.jsonl").open("a") as f:
+        f.write('{"key": "k9", "query": "cut sho')  # the kill
+    got = load_records(d)
+    store = read_all(d, RECORDS)
+    assert sorted(r.id for r in got) == sorted(r["id"] for r in store) and len(got) == 5
+    assert next(r for r in got if r.id == rows[2]["id"]).response == "a second, complete answer"
+    # A hand-written file whose last line lacks only its newline keeps that record.
+    one = tmp_path / "mine.jsonl"
+    one.write_text("\n".join(json.dumps(r) for r in rows[:2]))
+    assert [r.id for r in load_records(one)] == [rows[0]["id"], rows[1]["id"]]
+
+
 def test_train_config_round_trip_and_errors(tmp_path):
     tc = TrainConfig()
     assert (tc.warmup.batch_size, tc.warmup.grad_accum, tc.warmup.steps, tc.warmup.lr) == (32, 8, 1000, 1e-4)

@@ -4,11 +4,11 @@ and turn records into token ids with the prompt masked out of the labels."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse.data.store import RECORDS, iter_lines, shard_paths
 from personafuse.traits import NUM_POLES, TRAIT_POLES
 
 
@@ -28,7 +28,8 @@ class Record:
 def _files(path: str | Path) -> list[Path]:
     p = Path(path)
     if p.is_dir():
-        files = sorted(p.glob("records*.jsonl")) or sorted(p.glob("*.jsonl"))
+        # A generation folder's own shards first (data/store.py), else any JSONL the user put there.
+        files = shard_paths(p, RECORDS) or sorted(p.glob("records*.jsonl")) or sorted(p.glob("*.jsonl"))
         if not files:
             raise RecordError(f"{p}: no records*.jsonl files in this directory")
         return files
@@ -40,37 +41,28 @@ def _files(path: str | Path) -> list[Path]:
 def load_records(path: str | Path, *, require_p: bool = True) -> list[Record]:
     """Read every record and check it; raise one :class:`RecordError` listing all problems.
 
+    Lines are read with the generation store's own reader (:func:`personafuse.data.store.iter_lines`),
+    so a folder left by a killed ``data generate`` run (a torn last line) trains as it is, and a
+    record regenerated after a resume (same ``key``) replaces its earlier line as ``read_all`` does.
     Required per record: non-empty ``query`` and ``response``; with ``require_p`` also ``p``, ten 0/1
     entries, not all zero. ``id`` defaults to a hash of the query.
     """
-    records: list[Record] = []
+    by_key: dict[str, Record] = {}
     problems: list[str] = []
     for f in _files(path):
-        with f.open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{f}:{lineno}"
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    problems.append(f"{where}: not valid JSON ({e.msg})")
-                    continue
-                if not isinstance(row, dict):
-                    problems.append(f"{where}: expected a JSON object")
-                    continue
-                rec, err = _check(row, where, require_p)
-                if err:
-                    problems.append(err)
-                else:
-                    records.append(rec)  # type: ignore[arg-type]
+        for lineno, row in iter_lines(f, errors=problems):
+            rec, err = _check(row, f"{f}:{lineno}", require_p)
+            if err:
+                problems.append(err)
+            else:
+                by_key[str(row.get("key") or f"{f}:{lineno}")] = rec  # type: ignore[assignment]
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise RecordError(f"{len(problems)} bad training record(s):\n  {shown}{more}")
-    if not records:
+    if not by_key:
         raise RecordError(f"{path}: no training records")
-    return records
+    return list(by_key.values())
 
 
 def _check(row: dict[str, Any], where: str, require_p: bool) -> tuple[Record | None, str | None]:

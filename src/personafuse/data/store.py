@@ -61,16 +61,32 @@ def repair_shard(path: Path) -> int:
     return removed
 
 
-def iter_lines(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, record)`` for every complete line of a shard (a torn tail is skipped)."""
+def iter_lines(path: Path, errors: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line_number, record)`` for every complete line of a shard. A torn tail (a write cut by a
+    kill: no final newline and not JSON) is skipped; a final line that is whole JSON but lacks its
+    newline (a file written by hand) is kept. A corrupt line in the middle raises
+    :class:`StoreError` naming file and line, or, when ``errors`` is given, is appended to it and
+    skipped (callers that report every problem at once)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                return
+            torn = not line.endswith(b"\n")
             try:
-                yield n, json.loads(line)
+                rec = json.loads(line)
             except ValueError as e:
-                raise StoreError(f"{path}:{n}: not a JSON line ({e})") from None
+                if torn:
+                    return
+                msg = f"{path}:{n}: not valid JSON ({e})"
+                if errors is None:
+                    raise StoreError(msg) from None
+                errors.append(msg)
+                continue
+            if not isinstance(rec, dict):
+                msg = f"{path}:{n}: expected a JSON object, got {type(rec).__name__}"
+                if errors is None:
+                    raise StoreError(msg)
+                errors.append(msg)
+                continue
+            yield n, rec
 
 
 def read_all(out: str | os.PathLike[str], kind: str) -> list[dict[str, Any]]:
