@@ -1,68 +1,145 @@
 """GSM8K (Cobbe et al. 2021): grade-school maths, exact match of the final number.
 
-Official file: ``test.jsonl`` with ``question`` and ``answer`` ending in ``#### N``. We ask for the
-final answer after ``####`` and read the model's number in this order: the last ``#### N``, the last
-"answer is N"/"Answer: N", the last ``\\boxed{N}``, else the last number in the reply. Numbers are
-compared as exact fractions after removing thousands separators, currency and percent signs, so
-"$1,000.00" equals "1000".
+Reference: lm-evaluation-harness v0.4.13, task ``gsm8k`` (``lm_eval/tasks/gsm8k/gsm8k.yaml``,
+metadata.version 3.0), run zero-shot (``--num_fewshot 0``, the setting of our ``gsm8k_local`` task:
+the official ``test.jsonl`` carries no train split to draw the yaml's 5 shots from). The prompt
+template, the stop strings, both filters' regexes and exact_match's settings are READ from that yaml
+in the installed lm-eval at run time (the task's own published file), and applied by our
+transcription of lm-eval's code:
+
+* the reply is cut at the first stop string (``until``), as lm-eval's ``generate_until`` does;
+* ``score`` = strict-match: ``RegexFilter`` (``lm_eval/filters/extraction.py``, first match of
+  ``#### (\\-?[0-9\\.\\,]+)``, else ``[invalid]``) then ``exact_match_hf_evaluate``
+  (``lm_eval/api/metrics.py``: ``regexes_to_ignore`` on prediction and target, then lower case), so
+  ``#### 18.00`` is wrong for 18 and ``#### 18.`` right;
+* ``score_flexible`` = flexible-extract: the last match of ``(-?[$0-9.,]{2,})|(-?[0-9]+)``, same metric;
+* ``score_official`` = the official grader (openai/grade-school-math@3101c7d,
+  ``grade_school_math/dataset.py:is_correct``: first ``#### N``, commas removed, string equality).
+
+Unparsed replies count as wrong in all three; items aggregate by mean with lm-eval's mean_stderr.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import re
-from collections.abc import Sequence
-from fractions import Fraction
+from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
-from personafuse.evaluation.benchmarks.base import Benchmark, Item, ScoreContext
+import yaml
+
+from personafuse.evaluation.benchmarks.base import Benchmark, Item, Reference, ScoreContext, mean, stderr
 from personafuse.evaluation.data import DataError, field, hub_path, read_jsonl
 
 HUB_ID = "openai/gsm8k"
-# Thousands groups must be exact ("1,300"), so "12, wait" reads as 12.
-_NUM = r"[-−]?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?|[-−]?\$?\.\d+"
+LM_EVAL_VERSION = "0.4.13"  # the pin these transcriptions were checked against (tests/test_eval_parity_*)
+TASK_YAML = "gsm8k/gsm8k.yaml"
+TASK_VERSION = 3.0
+INVALID = "[invalid]"  # lm-eval's RegexFilter fallback
+# openai/grade-school-math@3101c7d grade_school_math/dataset.py ANS_RE (the official grader).
+OFFICIAL_ANS_RE = re.compile(r"#### (\-?[0-9\.\,]+)")
 
 
-def normalize_number(s: str) -> Fraction | None:
-    """``"$1,234.50"`` → Fraction(2469, 2); ``None`` when ``s`` holds no number."""
-    t = s.strip().replace(",", "").replace("$", "").replace(" ", "").rstrip(".").rstrip("%")
-    t = t.replace("−", "-")
-    if not t:
-        return None
+class _TaskYamlLoader(yaml.SafeLoader):
+    """Reads lm-eval task yamls, whose ``!function module.name`` tags we only need to record."""
+
+
+_TaskYamlLoader.add_constructor("!function", lambda loader, node: f"!function {loader.construct_scalar(node)}")
+
+
+@cache
+def read_lm_eval_task(rel: str) -> dict[str, Any]:
+    """An lm-eval task yaml (``rel`` under ``lm_eval/tasks/``) from the installed lm-eval, merged
+    with the file its ``include:`` names, as lm-eval merges them (the task's keys win)."""
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("lm-eval is not installed: the gsm8k/gpqa protocols read its task files (pip install 'personafuse[eval]')")
+    path = Path(next(iter(spec.submodule_search_locations))) / "tasks" / rel
     try:
-        if "/" in t:
-            a, b = t.split("/", 1)
-            return Fraction(a) / Fraction(b)
-        return Fraction(t)
-    except (ValueError, ZeroDivisionError):
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_TaskYamlLoader)  # noqa: S506 - SafeLoader subclass
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"{path}: cannot read lm-eval's task file: {e}") from None
+    if not isinstance(cfg, dict):
+        raise DataError(f"{path}: not a task config (expected a mapping)")
+    if "include" in cfg:
+        base = read_lm_eval_task(str(Path(rel).parent / cfg["include"]))
+        cfg = {**base, **{k: v for k, v in cfg.items() if k != "include"}}
+    cfg["__path__"] = str(path)
+    return cfg
+
+
+def check_task_version(cfg: Mapping[str, Any], want: float) -> None:
+    got = (cfg.get("metadata") or {}).get("version")
+    if got is None or float(got) != want:
+        raise DataError(
+            f"{cfg['__path__']}: task version {got!r}, but this protocol reproduces version {want} "
+            f"(lm-eval {LM_EVAL_VERSION}; installed: {installed_lm_eval()})"
+        )
+
+
+def installed_lm_eval() -> str | None:
+    try:
+        return importlib.metadata.version("lm_eval")
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def extract_number(text: str) -> str | None:
-    """The final numeric answer in a model reply (as written), or ``None``.
+def render(template: str, doc: Mapping[str, Any], where: str) -> str:
+    """The task's ``doc_to_text`` Jinja template; these tasks use only ``{{field}}`` substitutions."""
 
-    Order: the last ``#### N``; else the last "answer is ..."/"Answer: ..." statement, taking the
-    last number of that sentence (so "the answer is 8 + 8 = 16" gives 16); else the last
-    ``\\boxed{N}``; else the last number anywhere.
-    """
-    if not text:
-        return None
-    t = text.replace("**", "")
-    m = re.findall(rf"####\s*({_NUM})", t)
-    if m:
-        return m[-1].strip()
-    stmts = list(re.finditer(r"(?i)answer\s*(?:is|:|=)", t))
-    if stmts:
-        rest = t[stmts[-1].end() :]
-        sentence = re.split(r"\n|\.(?:\s|$)", rest, maxsplit=1)[0]
-        nums = re.findall(_NUM, sentence)
-        if nums:
-            return nums[-1].strip()
-    m = re.findall(rf"\\boxed\{{\s*({_NUM})\s*\}}", t)
-    if m:
-        return m[-1].strip()
-    m = re.findall(_NUM, t)
-    return m[-1].strip() if m else None
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in doc:
+            raise DataError(f"{where}: the task template needs field {name!r}")
+        return str(doc[name])
+
+    out = re.sub(r"\{\{\s*(\w+)\s*\}\}", sub, template)
+    if "{{" in out or "{%" in out:
+        raise DataError(f"{where}: template {template!r} uses Jinja beyond {{{{field}}}}")
+    return out
+
+
+def cut_at_stops(text: str, until: Sequence[str]) -> str:
+    """lm-eval's generate_until: the continuation ends before the first occurrence of each stop."""
+    for stop in until:
+        if stop:
+            text = text.split(stop)[0]
+    return text
+
+
+def regex_filter(resp: str, pattern: str, group_select: int = 0, fallback: str = INVALID) -> str:
+    """lm_eval/filters/extraction.py ``RegexFilter.apply`` for one reply (v0.4.13)."""
+    found = re.findall(pattern, resp if isinstance(resp, str) else "")
+    if not found:
+        return fallback
+    match = found[group_select]
+    if isinstance(match, tuple):  # several groups: the first non-empty one
+        nonempty = [m for m in match if m]
+        match = nonempty[0] if nonempty else fallback
+    return match.strip()
+
+
+def exact_match(pred: str, ref: str, *, regexes_to_ignore: Sequence[str] = (), ignore_case: bool = False, ignore_punctuation: bool = False) -> float:
+    """lm_eval/api/metrics.py ``exact_match_hf_evaluate`` for one pair (v0.4.13)."""
+    import string
+
+    for s in regexes_to_ignore:
+        pred, ref = re.sub(s, "", pred), re.sub(s, "", ref)
+    if ignore_case:
+        pred, ref = pred.lower(), ref.lower()
+    if ignore_punctuation:
+        table = str.maketrans("", "", string.punctuation)
+        pred, ref = pred.translate(table), ref.translate(table)
+    return float(pred == ref)
+
+
+def official_extract(completion: str) -> str:
+    """openai/grade-school-math@3101c7d grade_school_math/dataset.py ``extract_answer``."""
+    m = OFFICIAL_ANS_RE.search(completion)
+    return m.group(1).strip().replace(",", "") if m else INVALID
 
 
 def gold_number(answer: str) -> str:
@@ -71,18 +148,60 @@ def gold_number(answer: str) -> str:
     return answer.split("####")[-1].strip()
 
 
-def exact_match(pred: str | None, gold: str) -> bool:
-    if pred is None:
-        return False
-    a, b = normalize_number(pred), normalize_number(gold)
-    return a is not None and a == b
+def _filters(cfg: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{filter name: RegexFilter kwargs}`` from the task's ``filter_list`` (regex then take_first)."""
+    out = {}
+    for f in cfg.get("filter_list") or []:
+        steps = f.get("filter") or []
+        if not steps or steps[0].get("function") not in ("regex", "multi_choice_regex"):
+            raise DataError(f"{cfg['__path__']}: filter {f.get('name')!r} does not start with a regex step")
+        out[f["name"]] = {k: v for k, v in steps[0].items() if k != "function"}
+    return out
+
+
+def _metric(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    m = next((m for m in cfg.get("metric_list") or [] if m.get("metric") == "exact_match"), None)
+    if m is None:
+        raise DataError(f"{cfg['__path__']}: no exact_match metric")
+    return {k: m[k] for k in ("regexes_to_ignore", "ignore_case", "ignore_punctuation") if k in m}
 
 
 class GSM8K(Benchmark):
     name = "gsm8k"
     title = "GSM8K"
     folder = "gsm8k"
-    max_new_tokens = 384
+    max_new_tokens = 256  # lm-eval's generate_until default max_gen_toks (the yaml sets none)
+    reference = Reference(
+        repo="EleutherAI/lm-evaluation-harness",
+        commit=f"v{LM_EVAL_VERSION}",
+        files=("lm_eval/tasks/gsm8k/gsm8k.yaml", "lm_eval/filters/extraction.py", "lm_eval/api/metrics.py"),
+        task="gsm8k@3.0",
+        note="num_fewshot=0; score=strict-match, score_flexible=flexible-extract, score_official="
+        "openai/grade-school-math@3101c7d grade_school_math/dataset.py:is_correct",
+    )
+
+    def __init__(self, options: Mapping[str, Any] | None = None) -> None:
+        super().__init__(options)
+        self.cfg = read_lm_eval_task(TASK_YAML)
+        check_task_version(self.cfg, TASK_VERSION)
+        self.filters = _filters(self.cfg)
+        self.metric = _metric(self.cfg)
+        self.until = list((self.cfg.get("generation_kwargs") or {}).get("until") or [])
+
+    def protocol_extra(self) -> dict[str, Any]:
+        return {
+            "lm_eval_task_file": self.cfg["__path__"],
+            "lm_eval_installed": installed_lm_eval(),
+            "task_version": self.cfg["metadata"]["version"],
+            "num_fewshot": 0,
+            "prompt_template": self.cfg["doc_to_text"],
+            "until": self.until,
+            "filters": self.filters,
+            "metric": self.metric,
+            "chat_template": "the subject's (lm-eval's default is raw completion)",
+            "system_prompt": None,
+            "temperature": 0.0,
+        }
 
     def load_items(self, source: Path | None) -> list[Item]:
         if source is None:
@@ -95,19 +214,36 @@ class GSM8K(Benchmark):
             rows = read_jsonl(path)
         items = []
         for row in rows:
-            q = field(row, "question", path, kind=str)
+            field(row, "question", path, kind=str)  # checked here: the template reads it
             a = field(row, "answer", path, kind=str)
             try:
                 gold = gold_number(a)
             except ValueError:
                 raise DataError(f"{path}:{row['__line__']}: field 'answer' has no '#### N' final line") from None
-            prompt = (
-                f"Solve this maths word problem. Work it out step by step, then give the final answer "
-                f"on its own last line as '#### <number>'.\n\nProblem: {q}"
-            )
-            items.append(Item(id=str(row.get("id", row["__line__"])), prompt=prompt, reference=gold))
+            prompt = render(self.cfg["doc_to_text"], row, f"{path}:{row['__line__']}")
+            items.append(Item(id=str(row.get("id", row["__line__"])), prompt=prompt, reference=gold, meta={"answer": a}))
         return items
 
     def score_item(self, item: Item, responses: Sequence[str], ctx: ScoreContext) -> dict[str, Any]:
-        pred = extract_number(responses[0])
-        return {"parsed": pred, "gold": item.reference, "score": float(exact_match(pred, item.reference))}
+        reply = cut_at_stops(responses[0], self.until)
+        # lm-eval's target is the whole answer text (doc_to_target); "(?s).*#### " strips the working.
+        target = item.meta.get("answer", f"#### {item.reference}")
+        out: dict[str, Any] = {"gold": item.reference}
+        for key, name in (("score", "strict-match"), ("score_flexible", "flexible-extract")):
+            f = self.filters[name]
+            pred = regex_filter(reply, f["regex_pattern"], int(f.get("group_select", 0)))
+            out[key] = exact_match(pred, target, **self.metric)
+            out["parsed" if key == "score" else "parsed_flexible"] = None if pred == INVALID else pred
+        got = official_extract(reply)
+        out["parsed_official"] = None if got == INVALID else got
+        out["score_official"] = float(got == official_extract(target))
+        return out
+
+    def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        out = super().aggregate(records)
+        for key in ("score_flexible", "score_official"):
+            xs = [float(r.get(key) or 0.0) for r in records]
+            out[key], out[key.replace("score", "stderr")] = mean(xs), stderr(xs)
+        out["n_unparsed_flexible"] = sum(1 for r in records if r.get("parsed_flexible") is None)
+        out["score_variant"] = "strict-match"
+        return out

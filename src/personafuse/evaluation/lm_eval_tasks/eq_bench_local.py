@@ -2,7 +2,7 @@
 
 The official files map question ids to items whose ``reference_answer_fullscale`` is a dict; the
 Hub copy that lm-eval's ``eq_bench`` reads stores it as a Python-literal string, which is what its
-scorer (reused unchanged) parses. lm-eval loads this module from its file path, hence the absolute
+scorer (reused unchanged) parses. Only v2 files: the v1 file's fullscale references differ. lm-eval loads this module from its file path, hence the absolute
 imports.
 """
 
@@ -14,6 +14,9 @@ from typing import Any
 
 from lm_eval.tasks.eq_bench.utils import calculate_score_fullscale  # noqa: F401  (the task's scorer)
 
+V2_FILE = "eq_bench_v2_questions_171.json"
+V1_SIZE = 60
+
 
 def load(eq_bench_file: str | None = None, **_: Any) -> Any:
     from datasets import Dataset, DatasetDict
@@ -24,15 +27,16 @@ def load(eq_bench_file: str | None = None, **_: Any) -> Any:
         path = Path(eq_bench_file).expanduser()
     else:
         root = find_benchdata()
-        files = sorted((root / "eq-bench").glob("*.json")) if root else []
-        if not files:
-            raise DataError("eq_bench_local: no questions file; pass --metadata '{\"eq_bench_file\": \"PATH.json\"}' or set PERSONAFUSE_BENCHDATA")
-        path = files[-1]  # v2 (eq_bench_v2_questions_171.json) sorts after v1 when both are there
+        path = root / "eq-bench" / V2_FILE if root else Path(V2_FILE)
+        if not path.is_file():
+            raise DataError(f"eq_bench_local: no {V2_FILE}; pass --metadata '{{\"eq_bench_file\": \"PATH.json\"}}' or set PERSONAFUSE_BENCHDATA")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"eq_bench_local: cannot read {path}: {e}") from None
     items = data.values() if isinstance(data, dict) else data
+    if len(items) == V1_SIZE:  # EQ-bench/EQ-Bench@d28c60c lib/run_bench.py: 60 questions is the v1 file
+        raise DataError(f"eq_bench_local: {path} is the v1 questions file (60); lm-eval's eq_bench scores v2 references: use {V2_FILE}")
     docs = []
     for n, item in enumerate(items):
         missing = [k for k in ("prompt", "reference_answer_fullscale") if k not in item]
