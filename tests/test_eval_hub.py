@@ -17,8 +17,9 @@ import pytest
 
 from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import get_benchmark
+from personafuse.evaluation.benchmarks.emobench import CONFIG_FILES, CONFIG_REMOTE
 from personafuse.evaluation.benchmarks.judged import ARENA_DIR, MENTAL_PATH, MENTAL_REMOTE
-from personafuse.evaluation.benchmarks.tombench import ABILITY_FILES, TASK_FILES
+from personafuse.evaluation.benchmarks.tombench import ABILITY_FILES, REMOTE, TASK_FILES
 from personafuse.evaluation.data import DataError
 
 FB = FIXTURE_BENCHDATA
@@ -44,6 +45,9 @@ def build_mirror(root: Path) -> Path:
     _copy(FB / "mentalchat16k" / "question.jsonl", root / MENTAL_REMOTE.repo / MENTAL_PATH)
     for t in ("EU", "EA"):
         _copy(FB / "emobench" / f"{t}.jsonl", root / "SahandSab/EmoBench" / f"{t}.jsonl")
+    for name in CONFIG_FILES:  # EmoBench's prompts live in its code repository
+        _copy(FB / "emobench" / "configs" / name, root / CONFIG_REMOTE.repo / "src/configs" / name)
+    _copy(FB / "tombench" / "prompts.py.txt", root / "zhchen18/ToMBench/prompts.py")
     tom = root / "zhchen18/ToMBench/data"
     filler = (FB / "tombench" / "Emotion Regulation.jsonl").read_text().splitlines()[0] + "\n"
     for name in TASK_FILES + ABILITY_FILES:  # all 20 official files: ours where we have them
@@ -151,9 +155,10 @@ def test_github_download_and_cache(raw_server: tuple[Path, list[str]]) -> None:
     root, seen = raw_server
     rev = root / MENTAL_REMOTE.repo / MENTAL_REMOTE.revision
     _copy(FB / "mentalchat16k" / "question.jsonl", rev / MENTAL_PATH)
-    tom = root / "zhchen18/ToMBench/main/data"
+    tom = root / "zhchen18/ToMBench" / REMOTE.revision  # the pinned commit
     for name in TASK_FILES + ABILITY_FILES:
-        _copy(FB / "tombench" / "False Belief Task.jsonl", tom / f"{name}.jsonl")
+        _copy(FB / "tombench" / "False Belief Task.jsonl", tom / "data" / f"{name}.jsonl")
+    _copy(FB / "tombench" / "prompts.py.txt", tom / "prompts.py")
     items = get_benchmark("mentalchat").load(None)
     assert len(items) == 2 and items[0].prompt.startswith("i have not slept")
     assert seen == [f"/{MENTAL_REMOTE.repo}/{MENTAL_REMOTE.revision}/{MENTAL_PATH}"]
@@ -161,7 +166,8 @@ def test_github_download_and_cache(raw_server: tuple[Path, list[str]]) -> None:
     assert len(seen) == 1  # the second load reads the cache
     tb = get_benchmark("tombench").load(None)
     assert len({i.categories["task"] for i in tb}) == 20
-    assert "/zhchen18/ToMBench/main/data/Faux-pas%20Recognition%20Test.jsonl" in seen  # names are URL-quoted
+    assert f"/zhchen18/ToMBench/{REMOTE.revision}/data/Faux-pas%20Recognition%20Test.jsonl" in seen  # URL-quoted
+    assert f"/zhchen18/ToMBench/{REMOTE.revision}/prompts.py" in seen  # the official prompts, same commit
 
 
 def test_github_errors_name_the_source(raw_server: tuple[Path, list[str]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -28,10 +29,13 @@ def test_emobench_fixture_en_and_zh() -> None:
     assert [i.id for i in items] == ["EU-1", "EU-2", "EA-1", "EA-2"]
     eu = items[0]
     assert eu.reference == {"emotion": 0, "cause": 0}
-    assert "Emotion: <letter>" in eu.prompt and "A. Joy" in eu.prompt
-    assert items[2].reference == {"answer": 1}
+    # The official chat: system prompt + JSON answer keys (configs/), choices as "A) text".
+    system, user = eu.prompt[0]["content"], eu.prompt[1]["content"]
+    assert system.startswith("[fixture system en]") and '"answer_q2": "<letter for q2>"' in system
+    assert "A) Joy" in user and "emotion of Mara?" in user
+    assert items[2].reference == {"answer": 1} and "most effective Action for Lena?" in items[2].prompt[1]["content"]
     _, zh = load("emobench", language="zh")
-    assert [i.id for i in zh] == ["EU-1", "EA-1"] and "情景" in zh[0].prompt
+    assert [i.id for i in zh] == ["EU-1", "EA-1"] and "<场景>" in zh[0].prompt[1]["content"]
 
 
 def test_eqbench_fixture_strips_revision_by_default() -> None:
@@ -40,7 +44,8 @@ def test_eqbench_fixture_strips_revision_by_default() -> None:
     assert "Critique" not in items[0].prompt and items[0].prompt.endswith("Your answer:\n")
     assert items[0].reference["v2"]["emotion1_score"] == "8"
     b2, items2 = load("eqbench", revise=True)
-    assert "Revised scores:" in items2[0].prompt and b2.max_new_tokens == 600
+    # The reference's COMPLETION_TOKENS is 60 with or without revision (lib/eq_bench_utils.py).
+    assert "Revised scores:" in items2[0].prompt and b2.max_new_tokens == 60
 
 
 def test_tombench_fixture_nan_options_and_stray_answer() -> None:
@@ -48,13 +53,14 @@ def test_tombench_fixture_nan_options_and_stray_answer() -> None:
     by = {i.id: i for i in items}
     two = by["False Belief Task-2"]
     assert [o[0] for o in two.reference["options"]] == ["A", "B"]  # NaN C/D dropped
-    assert two.meta["story"] == "The candy box actually holds pencils."  # stray whitespace stripped
+    assert two.meta["story"] == "The candy box actually holds pencils. "  # passed on as theirs does
     assert two.categories["ability"] == ["Belief: Content false beliefs", "Belief: Second-order beliefs"]
     assert by["Emotion Regulation-1"].reference["answer"] == "B"  # "B. " → "B"
-    prompts = b.prompts(two)
-    assert len(prompts) == 5 and all("C." not in p for p in prompts)
+    prompts = b.prompts(two)  # the two-option template of the official prompts.py
+    assert len(prompts) == 5 and all("C." not in p[1]["content"] and "B. " in p[1]["content"] for p in prompts)
+    assert all(p[0]["content"] == "[fixture system en] Output only [[X]]." for p in prompts)
     bzh, zh = load("tombench", language="zh")
-    assert "故事" in bzh.prompts(zh[0])[0]
+    assert "<故事>" in bzh.prompts(zh[0])[0][1]["content"]
 
 
 def test_gsm8k_fixture() -> None:
@@ -115,6 +121,7 @@ def test_missing_field_names_field_and_line(tmp_path: Path) -> None:
     del row["label"]
     (d / "EA.jsonl").write_text(json.dumps(row) + "\n")
     (d / "EU.jsonl").write_text("")
+    shutil.copytree(FIXTURE_BENCHDATA / "emobench" / "configs", d / "configs")  # the official prompt files
     with pytest.raises(DataError, match=r"EA\.jsonl:1: missing field 'label'"):
         get_benchmark("emobench", {"tasks": ["EA"]}).load(tmp_path)
 
@@ -153,7 +160,8 @@ def test_real_emobench() -> None:
 
 @needs_real
 def test_real_eqbench_v1_file() -> None:
-    _, items = load("eqbench", REAL)
+    assert len(load("eqbench", REAL)[1]) == 171  # v2 (the default) reads the 171-item v2 file
+    _, items = load("eqbench", REAL, version="v1")
     assert len(items) == 60
     for it in items:
         assert math.isclose(sum(float(it.reference["v1"][f"emotion{i}_score"]) for i in range(1, 5)), 10)
