@@ -8,11 +8,8 @@ import pytest
 
 from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
-from personafuse.evaluation.benchmarks.choice import parse_choice
-from personafuse.evaluation.benchmarks.emobench import score_eu
 from personafuse.evaluation.benchmarks.eqbench import parse_answers, score_v1, score_v2
 from personafuse.evaluation.benchmarks.gsm8k import exact_match, extract_number
-from personafuse.evaluation.benchmarks.tombench import majority_vote
 
 CTX = ScoreContext()
 
@@ -79,71 +76,6 @@ def test_eqbench_aggregate_reports_parseable_share() -> None:
     assert agg["score_all"] == pytest.approx(47.332569, abs=1e-4)  # unparseable counted as 0
 
 
-# ---- EmoBench ---------------------------------------------------------------------------------
-def test_emobench_eu_needs_both_parts() -> None:
-    ref = {"emotion": 0, "cause": 0}
-    emos, causes = ["Joy", "Anger", "Fear", "Pride"], ["c0", "c1", "c2", "c3"]
-    half = score_eu("Emotion: A\nCause: B", ref, emos, causes)
-    assert half["emotion_correct"] and not half["cause_correct"] and half["score"] == 0.0
-    assert score_eu("Emotion: A\nCause: A", ref, emos, causes)["score"] == 1.0
-    assert score_eu("**Emotion:** A. Joy\n**Cause:** (A)", ref, emos, causes)["score"] == 1.0
-    assert score_eu("Cause: A\nEmotion: A", ref, emos, causes)["score"] == 1.0
-    assert score_eu("Emotion: B", ref, emos, causes)["score"] == 0.0
-
-
-def test_emobench_aggregate_means_eu_and_ea() -> None:
-    b = get_benchmark("emobench")
-    items = {i.id: i for i in b.load(FIXTURE_BENCHDATA)}
-    recs = [
-        {"id": "EU-1", "categories": items["EU-1"].categories, **b.score_item(items["EU-1"], ["Emotion: A\nCause: A"], CTX)},
-        {"id": "EU-2", "categories": items["EU-2"].categories, **b.score_item(items["EU-2"], ["Emotion: B\nCause: B"], CTX)},
-        {"id": "EA-1", "categories": items["EA-1"].categories, **b.score_item(items["EA-1"], ["Answer: B"], CTX)},
-        {"id": "EA-2", "categories": items["EA-2"].categories, **b.score_item(items["EA-2"], ["Answer: D"], CTX)},
-    ]
-    agg = b.aggregate(recs)
-    assert agg["EU"] == 0.5 and agg["EU_emotion"] == 1.0 and agg["EU_cause"] == 0.5
-    assert agg["EA"] == 0.5 and agg["score"] == 0.5
-
-
-# ---- ToMBench ---------------------------------------------------------------------------------
-def test_majority_vote() -> None:
-    assert majority_vote([1, 2, 1, None, 2]) == 1  # tie → first seen
-    assert majority_vote([None, 3, 2, 2, None]) == 2
-    assert majority_vote([None] * 5) is None
-
-
-def test_tombench_votes_map_shuffled_letters_back() -> None:
-    b = get_benchmark("tombench", {"seed": 7})
-    item = next(i for i in b.load(FIXTURE_BENCHDATA) if i.id == "False Belief Task-1")
-    shuffles = b.shuffles(item, 7)
-    assert shuffles == b.shuffles(item, 7) and len({tuple(s) for s in shuffles}) > 1
-
-    def reply_for(opts, letter):  # answer with the shown letter of original option `letter`
-        k = [o[0] for o in opts].index(letter)
-        return f"[[{'ABCD'[k]}]]"
-
-    # Three of five votes for the right option (A), two for C.
-    responses = [reply_for(s, x) for s, x in zip(shuffles, "AACAC", strict=True)]
-    rec = b.score_item(item, responses, CTX)
-    assert rec["votes"] == ["A", "A", "C", "A", "C"] and rec["parsed"] == "A" and rec["score"] == 1.0
-    responses = [reply_for(s, x) for s, x in zip(shuffles, "BBCAB", strict=True)]
-    assert b.score_item(item, responses, CTX)["score"] == 0.0
-
-
-def test_tombench_aggregate_task_and_ability_averages() -> None:
-    b = get_benchmark("tombench")
-    recs = [
-        {"categories": {"task": "False Belief Task", "dimension": ["Belief"]}, "score": 1.0, "parsed": "A"},
-        {"categories": {"task": "False Belief Task", "dimension": ["Belief"]}, "score": 0.0, "parsed": "B"},
-        {"categories": {"task": "Hidden Emotions", "dimension": ["Emotion"]}, "score": 1.0, "parsed": "A"},
-    ]
-    agg = b.aggregate(recs)
-    assert agg["task_oriented"] == 0.5  # only classic task files count
-    assert agg["ability_oriented"] == pytest.approx(0.75)  # mean of Belief 0.5 and Emotion 1.0
-    assert agg["score"] == pytest.approx(0.625)
-    assert agg["by_task"] == {"False Belief Task": 0.5, "Hidden Emotions": 1.0}
-
-
 # ---- GSM8K ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("text", "number"),
@@ -171,17 +103,7 @@ def test_gsm8k_exact_match_normalises() -> None:
     assert not exact_match(None, "53")
 
 
-# ---- choice parsing, SafetyBench, GPQA ------------------------------------------------------
-def test_parse_choice_prefers_explicit_markers() -> None:
-    opts = ["Photon", "Gluon", "W boson", "Graviton"]
-    assert parse_choice("Answer: C", 4, opts) == 2
-    assert parse_choice("[[b]]", 4, opts) == 1
-    assert parse_choice("D. Graviton", 4, opts) == 3
-    assert parse_choice("The force carrier is the photon.", 4, opts) == 0
-    assert parse_choice("A good question; I am not sure.", 4, opts) is None
-    assert parse_choice("Answer: E", 4, opts) is None
-
-
+# ---- SafetyBench, GPQA (choice parsing: test_eval_choice.py) ------------------------------------------------------
 def test_safetybench_aggregate_per_category_percent() -> None:
     b = get_benchmark("safetybench")
     items = b.load(FIXTURE_BENCHDATA)
