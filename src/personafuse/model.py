@@ -25,10 +25,12 @@ from torch import nn
 from transformers import CompileConfig
 
 from personafuse import embedded
+from personafuse.chat import as_messages as as_messages  # re-exported: its old home
+from personafuse.chat import encode_prompts, eos_token_ids
 from personafuse.config import PersonaFuseConfig
 from personafuse.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
-from personafuse.router import PersonaEncoder, Router
+from personafuse.router import PersonaEncoder, Router, router_inputs, router_text
 from personafuse.routing import Routing
 from personafuse.traits import POLE_DESCRIPTIONS, TRAIT_POLES, TraitError, weights_dict, weights_from_any
 
@@ -85,27 +87,6 @@ def _prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
     if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], Mapping)):
         return [prompts]  # type: ignore[list-item]
     return list(prompts)  # type: ignore[arg-type]
-
-
-def as_messages(prompt: Prompt) -> list[dict[str, str]]:
-    if isinstance(prompt, str):
-        return [{"role": "user", "content": prompt}]
-    msgs = [dict(m) for m in prompt]
-    for i, m in enumerate(msgs):
-        if "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
-    return msgs
-
-
-def router_text(prompt: Prompt) -> str:
-    """What the router reads: the whole conversation (system prompts excluded), oldest first, each
-    turn prefixed by its role, so the latest user turn is last and survives left truncation."""
-    if isinstance(prompt, str):
-        return prompt
-    turns = [m for m in as_messages(prompt) if m["role"] != "system"]
-    if len(turns) == 1:
-        return turns[0]["content"]
-    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
 
 
 class PersonaFuseModel(nn.Module):
@@ -204,18 +185,8 @@ class PersonaFuseModel(nn.Module):
         return next(self.router.parameters()).device
 
     def encode_queries(self, queries: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        texts = [router_text(q) for q in queries]
-        enc = self.encoder_tokenizer(
-            texts,
-            padding=True,
-            truncation=True,
-            max_length=self.config.encoder_max_length,
-            return_tensors="pt",
-        )
-        return {
-            "input_ids": enc["input_ids"].to(self.device),
-            "attention_mask": enc["attention_mask"].to(self.device),
-        }
+        enc = router_inputs(self.encoder_tokenizer, queries, self.config.encoder_max_length)
+        return {k: v.to(self.device) for k, v in enc.items()}
 
     def persona_embeddings(self, queries: Sequence[Prompt]) -> torch.Tensor:
         enc = self.encode_queries(queries)
@@ -280,16 +251,7 @@ class PersonaFuseModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def chat_inputs(self, prompts: Sequence[Prompt]) -> dict[str, torch.Tensor]:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            texts = [
-                tok.apply_chat_template(as_messages(p), tokenize=False, add_generation_prompt=True)
-                for p in prompts
-            ]
-            enc = tok(texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=False)
-        else:
-            texts = [router_text(p) for p in prompts]
-            enc = tok(texts, padding=True, padding_side="left", return_tensors="pt")
+        enc = encode_prompts(self.tokenizer, prompts)  # personafuse.chat: the one prompt format
         return {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
 
     @torch.no_grad()
@@ -336,12 +298,8 @@ class PersonaFuseModel(nn.Module):
         if seed is not None:
             torch.manual_seed(seed)
         tok = self.tokenizer
-        # every id that ends a reply: the tokenizer's and the generation config's (Llama 3 and
-        # Qwen2.5 list several), as the decoding loops stop on any of them
-        gen_eos = getattr(getattr(self.base_model, "generation_config", None), "eos_token_id", None)
-        eos_ids = {tok.eos_token_id} | set([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])
-        eos_ids.discard(None)
-        eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
+        # every id that ends a reply, as the decoding loops stop on any of them
+        eos = torch.tensor(sorted(eos_token_ids(tok, self.base_model)), dtype=torch.long)
         results: list[Generation | None] = [None] * len(prompts)
         order = sorted(range(len(prompts)), key=lambda i: len(router_text(prompts[i])))
         for start in range(0, len(order), batch_size):
@@ -380,7 +338,7 @@ class PersonaFuseModel(nn.Module):
                 n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
                 stops = torch.isin(ids, eos.to(ids.device)).nonzero()
                 eos_hit = len(stops) > 0
-                results[i] = Generation(
+                results[start + row] = Generation(
                     text=tok.decode(ids, skip_special_tokens=True).strip(),
                     weights=weights_dict(w_all[i].tolist()),
                     prompt_tokens=int(enc["attention_mask"][row].sum()),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse import chat
 from personafuse.data.store import RECORDS, iter_lines, shard_paths
 from personafuse.traits import NUM_POLES, TRAIT_POLES
 
@@ -100,12 +101,7 @@ def _check(row: dict[str, Any], where: str, require_p: bool) -> tuple[Record | N
 
 def encode_record(tokenizer: Any, query: str, response: str, max_length: int) -> tuple[list[int], list[int]]:
     """(input_ids, labels) for one chat turn; labels are -100 on the prompt (response tokens only)."""
-    msgs = [{"role": "user", "content": query}]
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    else:
-        prompt_ids = tokenizer(query)["input_ids"]
+    prompt_ids = chat.prompt_ids(tokenizer, query)  # the prompt generate() sends for this query
     resp_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     # Keep the whole response when possible; cut the prompt from the left first.
     room = max_length - len(resp_ids)

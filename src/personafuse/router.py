@@ -8,9 +8,36 @@ Everything here is trainable end to end (paper §4.1: the encoder is not frozen)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from personafuse.chat import Prompt, as_messages
+
+
+def router_text(prompt: Prompt) -> str:
+    """What the router reads: the whole conversation (system prompts excluded), oldest first, each
+    turn prefixed by its role, so the latest user turn is last and survives left truncation. A
+    training record's query is a one-turn conversation, so it reads as the query itself."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = [m for m in as_messages(prompt) if m["role"] != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in turns)
+
+
+def router_inputs(encoder_tokenizer: Any, prompts: Sequence[Prompt], max_length: int) -> dict[str, torch.Tensor]:
+    """The encoder's ``input_ids`` / ``attention_mask`` for these prompts: the one tokenisation
+    used by training (stages 2 and 3) and inference (``PersonaFuseModel.route``). The tokenizer
+    truncates from the left (set when the model is built), keeping the latest turn."""
+    enc = encoder_tokenizer(
+        [router_text(p) for p in prompts], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 def is_decoder_backbone(backbone: nn.Module) -> bool:

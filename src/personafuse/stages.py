@@ -34,6 +34,7 @@ from personafuse.losses import causal_lm_loss_sums, contrastive_loss, trait_cons
 from personafuse.mixture import MixtureLinear
 from personafuse.model import PersonaFuseModel
 from personafuse.records import Record, encode_record
+from personafuse.router import router_inputs
 from personafuse.train_config import StageConfig, TrainConfig
 
 Row = tuple[int, int]  # (record index, expert index or -1)
@@ -213,13 +214,8 @@ class Featurizer:
         return sum(1 for x in self.lm(k)[1][1:] if x != -100)
 
     def enc_batch(self, ks: Sequence[int], device) -> dict[str, torch.Tensor]:
-        enc = self.enc_tok(
-            [self.records[k].query for k in ks],
-            padding=True,
-            truncation=True,
-            max_length=self.encoder_max_length,
-            return_tensors="pt",
-        )
+        # The router's own input format (router_inputs), as PersonaFuseModel.route reads queries.
+        enc = router_inputs(self.enc_tok, [self.records[k].query for k in ks], self.encoder_max_length)
         return {"enc_ids": enc["input_ids"].to(device), "enc_mask": enc["attention_mask"].to(device)}
 
     def p_batch(self, ks: Sequence[int], device) -> torch.Tensor:

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse import chat
+
 Messages = list[dict[str, str]]
 
 
@@ -194,10 +196,7 @@ class HFTeacher(Teacher):
         return run
 
     def _prompt_text(self, messages: Messages) -> str:
-        if getattr(self.tok, "chat_template", None):
-            return self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # Tokenizers without a chat template (plain LMs): a simple readable transcript.
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+        return chat.prompt_text(self.tok, list(messages))
 
     async def complete(self, messages: Messages, params: GenParams) -> Completion:
         return await self._gen.submit(params, messages)
@@ -209,9 +208,7 @@ class HFTeacher(Teacher):
     def _generate_batch(self, params: GenParams, batch: list[Messages]) -> list[Completion]:
         torch = self.torch
         t0 = time.perf_counter()
-        texts = [self._prompt_text(m) for m in batch]
-        self.tok.padding_side = "left"  # decoder-only batched generation needs left padding
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        enc = chat.encode_prompts(self.tok, batch).to(self.device)  # left-padded, the one prompt format
         kw: dict[str, Any] = {"max_new_tokens": params.max_new_tokens, "pad_token_id": self.tok.pad_token_id,
                               "repetition_penalty": params.repetition_penalty}
         if params.temperature > 0:
@@ -221,9 +218,7 @@ class HFTeacher(Teacher):
         with torch.inference_mode():
             out = self.model.generate(**enc, **kw)
         new = out[:, enc["input_ids"].shape[1]:]
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        eos_ids = {self.tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])}
-        eos_ids.discard(None)
+        eos_ids = set(chat.eos_token_ids(self.tok, self.model))
         dt = time.perf_counter() - t0
         res = []
         for row, mask in zip(new.tolist(), enc["attention_mask"].tolist(), strict=True):
@@ -252,7 +247,7 @@ class HFTeacher(Teacher):
 
     def _score_group(self, prompt: str, options: list[str]) -> list[float]:
         torch = self.torch
-        p = self.tok(prompt, add_special_tokens=False)["input_ids"]
+        p = self.tok(prompt, add_special_tokens=chat.adds_special_tokens(self.tok))["input_ids"]
         opts = [self.tok(o, add_special_tokens=False)["input_ids"] for o in options]
         n, width = len(opts), max(len(o) for o in opts)
         pad = self.tok.pad_token_id

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from personafuse.chat import eos_token_ids
+
 
 @dataclass
 class RowSpec:
@@ -50,16 +52,7 @@ class _Row:
 
 
 def _eos_ids(model: Any) -> set[int]:
-    ids: set[int] = set()
-    tok_eos = model.tokenizer.eos_token_id
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen_eos = getattr(getattr(model.base_model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif gen_eos:
-        ids.update(int(i) for i in gen_eos)
-    return ids
+    return set(eos_token_ids(model.tokenizer, model.base_model))
 
 
 def _sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:

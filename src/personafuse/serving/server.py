@@ -27,7 +27,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Res
 from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
-from personafuse.model import router_text
+from personafuse.chat import prompt_ids
 from personafuse.routing import Routing
 from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
@@ -107,11 +107,7 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
     state: dict[str, Batcher] = {}
 
     def count_prompt_tokens(messages: list[dict[str, str]]) -> int:
-        # The same text the model will read (model.chat_inputs): chat template, or plain turns without one.
-        if getattr(count_tok, "chat_template", None):
-            ids = count_tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
-            return len(ids)
-        return len(count_tok(router_text(messages))["input_ids"])
+        return len(prompt_ids(count_tok, messages))  # the text model.chat_inputs sends
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
