@@ -1,4 +1,4 @@
-"""End to end on the embedded SmolLM2-135M-Instruct: ``eval --limit 5`` on EmoBench, EQ-Bench and
+"""End to end on the embedded SmolLM2-135M-Instruct (``--model base``: the plain base model): ``eval --limit 5`` on EmoBench, EQ-Bench and
 GSM8K (real model, real prompts, our fixture files or the real benchdata), then ``report`` with a
 table and a plot, then a resumed run that generates nothing."""
 
@@ -27,7 +27,7 @@ def test_embedded_model_eval_report_and_plot(tmp_path: Path) -> None:
     data = real_benchdata() or FIXTURE_BENCHDATA
     run = tmp_path / "smollm2"
     args = [
-        "eval", "--model", "default", "--benchmarks", "emobench,eqbench,gsm8k", "--limit", "5",
+        "eval", "--model", "base", "--benchmarks", "emobench,eqbench,gsm8k", "--limit", "5",
         "--data", str(data), "--out", str(run), "--batch-size", "5", "--no-progress",
         "-o", "gsm8k.max_new_tokens=160",
     ]

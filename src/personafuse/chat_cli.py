@@ -18,8 +18,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="'default' (embedded SmolLM2 base and router encoder, untrained experts), a PersonaFuse checkpoint "
-        "directory, or a base model id/path to wrap with fresh experts.",
+        help="default (embedded SmolLM2 base and router encoder, untrained experts) | pf:DIR or a checkpoint "
+        "directory | base, hf:ID_OR_PATH or a bare id/path: a plain model wrapped with fresh experts.",
     ),
 ]
 RoutingOpt = Annotated[
@@ -40,21 +40,14 @@ def quiet_loading() -> None:
 
 
 def load_model(spec: str) -> Any:
-    """A PersonaFuseModel from 'default', a checkpoint directory, or a base model id/path."""
-    from personafuse.config import CONFIG_NAME, PersonaFuseConfig
-    from personafuse.model import PersonaFuseModel
+    """A PersonaFuseModel for a ``--model`` spec (personafuse.specs: one grammar for every command);
+    a bad spec or missing path is a usage error naming ``--model``."""
+    from personafuse.specs import load_personafuse
 
     quiet_loading()
-    p = Path(spec)
-    if p.is_dir() and not (p / CONFIG_NAME).is_file() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
-        raise typer.BadParameter(
-            f"{spec!r} is neither a PersonaFuse checkpoint ({CONFIG_NAME}) nor a model directory", param_hint="--model"
-        )
     try:
-        if p.is_dir() and (p / CONFIG_NAME).is_file():
-            return PersonaFuseModel.from_pretrained(p)
-        return PersonaFuseModel.from_config(PersonaFuseConfig(base_model=spec))
-    except FileNotFoundError as e:  # a missing path or embedded package: the message says which
+        return load_personafuse(spec)
+    except (FileNotFoundError, ValueError) as e:  # a missing path or embedded package: the message says which
         raise typer.BadParameter(str(e), param_hint="--model") from None
 
 

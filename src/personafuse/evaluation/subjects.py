@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from personafuse.chat import as_messages, encode_prompts
+from personafuse.specs import ModelSpec, load_personafuse
+from personafuse.specs import is_personafuse_dir as is_personafuse_dir  # re-exported: its old home
 from personafuse.traits import TRAIT_POLES, pole_name, weights_dict
 
 Prompt = str | list[dict[str, str]]
@@ -53,13 +56,6 @@ class Subject(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def as_messages(p: Prompt, system: str | None = None) -> list[dict[str, str]]:
-    msgs = [{"role": "user", "content": p}] if isinstance(p, str) else [dict(m) for m in p]
-    if system and not any(m["role"] == "system" for m in msgs):
-        msgs.insert(0, {"role": "system", "content": system})
-    return msgs
-
-
 # ---------------------------------------------------------------------------------------------
 # Hugging Face causal LM (plain, LoRA, or the embedded default)
 # ---------------------------------------------------------------------------------------------
@@ -79,12 +75,7 @@ class HFSubject:
         self.model.eval()
 
     def _encode(self, prompts: Sequence[Prompt]) -> Any:
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            chats = [as_messages(p, self.system_prompt) for p in prompts]
-            return tok.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", padding=True, return_dict=True)
-        texts = [p if isinstance(p, str) else "\n\n".join(m["content"] for m in p) for p in prompts]
-        return tok(texts, return_tensors="pt", padding=True)
+        return encode_prompts(self.tokenizer, prompts, self.system_prompt)  # personafuse.chat
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         import torch
@@ -235,10 +226,6 @@ class PersonaFuseSubject:
 
 
 # ---------------------------------------------------------------------------------------------
-def is_personafuse_dir(path: str) -> bool:
-    return Path(path).is_dir() and (Path(path) / "personafuse_config.json").is_file()
-
-
 @dataclass
 class SubjectOptions:
     base_url: str | None = None
@@ -252,51 +239,58 @@ class SubjectOptions:
     seed: int = 0
 
 
+def _embedded_base(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    from personafuse.embedded import resolve
+
+    src = resolve("default")
+    model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=device)
+    return model, tok, {"path": src.path, "gguf_file": src.gguf_file}
+
+
+def _lora_subject(path: str, o: SubjectOptions) -> Subject:
+    import json
+
+    from peft import PeftModel
+
+    cfg_path = Path(path) / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not found (lora:DIR needs a peft adapter folder)")
+    base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
+    if base in ("default", "embedded:smollm2") or not base:
+        model, tok, _ = _embedded_base(o.device)
+    else:
+        model, tok = load_hf(base, dtype=o.dtype, device=o.device)
+    model = PeftModel.from_pretrained(model, path)
+    return HFSubject(model, tok, name=Path(path).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"adapter": path, "base": base})
+
+
 def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
-    """Build a subject from a ``--model`` spec (see the module docstring)."""
+    """Build a subject from a ``--model`` spec, in the grammar every command reads
+    (:mod:`personafuse.specs`): ``default`` is the embedded PersonaFuse, ``base`` the plain
+    embedded SmolLM2."""
     o = opts or SubjectOptions()
-    spec = spec.strip()
-    head, sep, rest = spec.partition(":")
-    if spec == "default":
-        from personafuse.embedded import resolve
+    s = ModelSpec.parse(spec)
+    if s.kind == "openai":
+        return OpenAISubject(s.target, base_url=o.base_url, api_key=o.api_key, concurrency=o.concurrency, system_prompt=o.system_prompt)
+    if s.kind == "lora":
+        return _lora_subject(s.target, o)
+    if s.kind == "personafuse":
+        model = load_personafuse(s)
+        name = "personafuse-default" if s.embedded else Path(s.target).name
+        return PersonaFuseSubject(model, parse_routing(o.routing, seed=o.seed), name=name, batch_size=o.batch_size, source={"path": s.target})
+    if s.embedded:  # ``base``
+        model, tok, source = _embedded_base(o.device)
+        return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source=source)
+    if not Path(s.target).is_dir() and s.text == s.target and not _looks_like_hub_id(s.target):
+        raise ValueError(f"unknown --model {spec!r}; use default, base, hf:ID_OR_PATH, lora:DIR, openai:MODEL or pf:DIR")
+    model, tok = load_hf(s.target, dtype=o.dtype, device=o.device)
+    return HFSubject(model, tok, name=Path(s.target).name or s.target, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": s.target})
 
-        src = resolve("default")
-        model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
-        return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": src.path, "gguf_file": src.gguf_file})
-    if sep and head == "openai":
-        return OpenAISubject(rest, base_url=o.base_url, api_key=o.api_key, concurrency=o.concurrency, system_prompt=o.system_prompt)
-    if sep and head == "hf":
-        model, tok = load_hf(rest, dtype=o.dtype, device=o.device)
-        return HFSubject(model, tok, name=Path(rest).name or rest, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": rest})
-    if sep and head == "lora":
-        import json
 
-        from peft import PeftModel
-
-        cfg_path = Path(rest) / "adapter_config.json"
-        if not cfg_path.is_file():
-            raise FileNotFoundError(f"{cfg_path}: not found (lora:DIR needs a peft adapter folder)")
-        base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
-        if base in ("default", "embedded:smollm2") or not base:
-            from personafuse.embedded import resolve
-
-            src = resolve("default")
-            model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=o.device)
-        else:
-            model, tok = load_hf(base, dtype=o.dtype, device=o.device)
-        model = PeftModel.from_pretrained(model, rest)
-        return HFSubject(model, tok, name=Path(rest).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"adapter": rest, "base": base})
-    if (sep and head == "pf") or is_personafuse_dir(spec):
-        path = rest if (sep and head == "pf") else spec
-        from personafuse import PersonaFuseModel
-
-        model = PersonaFuseModel.from_pretrained(path)
-        routing = parse_routing(o.routing, seed=o.seed)
-        return PersonaFuseSubject(model, routing, name=Path(path).name, batch_size=o.batch_size, source={"path": path})
-    if Path(spec).is_dir():  # a bare local folder: treat as a Hugging Face model
-        model, tok = load_hf(spec, dtype=o.dtype, device=o.device)
-        return HFSubject(model, tok, name=Path(spec).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"path": spec})
-    raise ValueError(f"unknown --model {spec!r}; use default, hf:ID_OR_PATH, lora:DIR, openai:MODEL or pf:DIR")
+def _looks_like_hub_id(text: str) -> bool:
+    """``owner/name``: a bare Hub id is read as ``hf:`` (anything else bare must be a folder)."""
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/"))
 
 
 def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     def serve(
         model: Annotated[
             str,
-            typer.Option("--model", "-m", help="'default' (embedded models), a PersonaFuse checkpoint directory, or a base model id/path."),
+            typer.Option("--model", "-m", help="default (embedded PersonaFuse, untrained experts) | pf:DIR or a checkpoint directory | base, hf:ID_OR_PATH or a bare id/path: a plain model wrapped with fresh experts."),
         ] = "default",
         host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
