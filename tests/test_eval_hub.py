@@ -19,6 +19,7 @@ from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import get_benchmark
 from personafuse.evaluation.benchmarks.emobench import CONFIG_FILES, CONFIG_REMOTE
 from personafuse.evaluation.benchmarks.judged import ARENA_DIR, MENTAL_PATH, MENTAL_REMOTE
+from personafuse.evaluation.benchmarks.shopmmlu import COMMIT as SHOP_COMMIT
 from personafuse.evaluation.benchmarks.tombench import ABILITY_FILES, REMOTE, TASK_FILES
 from personafuse.evaluation.data import DataError
 
@@ -31,11 +32,14 @@ def _copy(src: Path, dest: Path) -> None:
 
 
 def _shop_zip(dest: Path) -> None:
-    """data.zip as in the Shopping MMLU repository: the task folders (generation/ ...) inside."""
+    """data.zip as in the Shopping MMLU repository: the task folders (generation/ ...) inside, and
+    beside it, where the repository has it, skill_wise_eval/hf_skill_inference.py (our made-up
+    stand-in holding the official system prompt's constant name)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(dest, "w") as z:
         for f in sorted((FB / "shopmmlu" / "generation").iterdir()):
             z.write(f, f"data/generation/{f.name}")
+    _copy(FB / "shopmmlu" / "hf_skill_inference.py.txt", dest.parent / "skill_wise_eval" / "hf_skill_inference.py")
 
 
 def build_mirror(root: Path) -> Path:
@@ -114,6 +118,7 @@ def test_shopmmlu_data_zip_as_local_data(tmp_path: Path, monkeypatch: pytest.Mon
     _shop_zip(z)
     items = get_benchmark("shopmmlu").load(z)
     assert [i.categories["task"] for i in items] == ["review_qa", "review_qa"]
+    assert items[0].prompt.startswith("[fixture system prompt]")  # read from the file beside data.zip
     assert get_benchmark("shopmmlu").load(z)[0].prompt == items[0].prompt  # unpacked once, reused
     bad = tmp_path / "bad.zip"
     bad.write_text("not a zip")
@@ -174,7 +179,7 @@ def test_github_errors_name_the_source(raw_server: tuple[Path, list[str]]) -> No
     root, _ = raw_server
     with pytest.raises(DataError, match=r"mentalchat: could not fetch .*question\.jsonl from GitHub ChiaPatricia/MentalChat16K_Main@9eb19df.*404"):
         get_benchmark("mentalchat").load(None)
-    lfs = root / "KL4805/ShoppingMMLU/main/data.zip"
+    lfs = root / f"KL4805/ShoppingMMLU/{SHOP_COMMIT}/data.zip"  # fetched at the pinned commit
     lfs.parent.mkdir(parents=True)
     lfs.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 1\n")
     with pytest.raises(DataError, match="Git LFS pointer"):
