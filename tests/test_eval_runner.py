@@ -31,7 +31,7 @@ def _gsm_reply(messages: list[dict[str, str]], body: dict) -> str:
     if "rolls an hour" in user:
         return "12*5 = 60 and 60-7 = 53\n#### 53"
     if "helmet" in user:
-        return "The total is $1,300."
+        return "The total is $1,300.\n#### 1,300"  # strict GSM8K reads only "#### N"
     return "I think 5."
 
 
@@ -50,7 +50,8 @@ def test_run_writes_results_and_item_lines(tmp_path: Path) -> None:
     assert saved["subject"]["kind"] == "openai" and "gsm8k" in saved["timings"]
     lines = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
     assert {"id", "response", "parsed", "score", "prompt"} <= set(lines[0])
-    assert [r["parsed"] for r in lines] == ["53", "$1,300", "5"]
+    assert [r["parsed"] for r in lines] == ["53", "1,300", None]  # strict-match: "#### N" only
+    assert [r["parsed_flexible"] for r in lines] == ["53", "1,300", "5."]  # flexible: the last number ("." kept)
 
 
 def test_resume_generates_only_missing_items(tmp_path: Path) -> None:
@@ -69,7 +70,7 @@ def test_rescore_reparses_stored_responses(tmp_path: Path) -> None:
         _runner(srv, tmp_path, ["gsm8k"]).run()
         p = tmp_path / "gsm8k.jsonl"
         recs = [json.loads(x) for x in p.read_text().splitlines()]
-        recs[2]["response"] = "-2"  # as if the stored reply had been parsed wrongly before
+        recs[2]["response"] = "#### -2"  # as if the stored reply had been parsed wrongly before
         p.write_text("".join(json.dumps(r) + "\n" for r in recs))
         n0 = len(srv.requests)
         cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA))

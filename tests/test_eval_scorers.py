@@ -9,7 +9,7 @@ import pytest
 from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.eqbench import parse_answers, score_v1, score_v2
-from personafuse.evaluation.benchmarks.gsm8k import exact_match, extract_number
+from personafuse.evaluation.benchmarks.gsm8k import exact_match, regex_filter
 
 CTX = ScoreContext()
 
@@ -20,10 +20,16 @@ def _eq_items():
     return b, {i.id: i for i in b.load(FIXTURE_BENCHDATA)}
 
 
-def test_eqbench_perfect_answers_score_100_v1_and_v2() -> None:
-    for version, ref_key in (("v2", "v2"), ("v1", "v1")):
+def test_eqbench_perfect_answers_score_100_v1_and_v2(tmp_path) -> None:
+    import json
+
+    # v1 is scored on a 60-question file only (the reference tells the versions apart by size).
+    raw = json.loads(next((FIXTURE_BENCHDATA / "eq-bench").glob("*.json")).read_text())
+    v1_file = tmp_path / "eq_bench_v1_questions_60.json"
+    v1_file.write_text(json.dumps({str(k): q for k, q in enumerate(list(raw.values()) * 30)}))
+    for version, ref_key, data in (("v2", "v2", FIXTURE_BENCHDATA), ("v1", "v1", v1_file)):
         b = get_benchmark("eqbench", {"version": version})
-        items = b.load(FIXTURE_BENCHDATA)
+        items = b.load(data)
         recs = []
         for it in items:
             ref = it.reference[ref_key]
@@ -56,8 +62,10 @@ def test_eqbench_v1_worked_example_normalises_to_ten() -> None:
 def test_eqbench_parse_rule_and_unparseable() -> None:
     b, items = _eq_items()
     it = items["1"]
-    # Markdown is stripped; emotion names match case-insensitively.
-    assert b.score_item(it, ["**hurt**: 8\nAmused: 0\n# Indifferent: 1\nSuspicious: 6"], CTX)["score"] == pytest.approx(10.0)
+    # The reference strips nothing and matches names exactly: markdown or lower case do not parse.
+    assert b.score_item(it, ["Hurt: 8\nAmused: 0\n# Indifferent: 1\nSuspicious: 6"], CTX)["score"] == pytest.approx(10.0)
+    for bad in ("**Hurt**: 8\nAmused: 0\nIndifferent: 1\nSuspicious: 6", "hurt: 8\nAmused: 0\nIndifferent: 1\nSuspicious: 6"):
+        assert b.score_item(it, [bad], CTX)["score"] is None
     # Three emotions, a wrong emotion, or five pairs are all unparseable.
     for bad in ("Hurt: 8\nAmused: 0\nIndifferent: 1", "Hurt: 8\nAmused: 0\nIndifferent: 1\nAngry: 6", "Note: 1\nHurt: 8\nAmused: 0\nIndifferent: 1\nSuspicious: 6"):
         rec = b.score_item(it, [bad], CTX)
@@ -74,33 +82,34 @@ def test_eqbench_aggregate_reports_parseable_share() -> None:
     assert agg["score"] == pytest.approx(94.665138, abs=1e-4)  # over parseable answers (official)
     assert agg["percent_parseable"] == 50.0
     assert agg["score_all"] == pytest.approx(47.332569, abs=1e-4)  # unparseable counted as 0
+    assert agg["failed"] is True  # 50 % parseable is under the reference's 83.33 %
+    assert agg["score_lm_eval"] == pytest.approx(47.332569, abs=1e-4)  # lm-eval: unparseable = 0
 
 
 # ---- GSM8K ------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    ("text", "number"),
+    ("text", "strict", "flexible"),
     [
-        ("12 * 5 = 60, 60 - 7 = 53.\n#### 53", "53"),
-        ("The answer is $1,300.", "$1,300"),
-        ("So he has 4 apples. The answer is 12, wait, 3 + 9 = 12 apples in total.", "12"),
-        ("Total: \\boxed{-2}", "-2"),
-        ("She spent $8 on lemons. The final answer is $8 + 8 = $16.", "$16"),
-        ("The answer is 600,000. The house cost 350,000 + 250,000.", "600,000"),
-        ("**Answer:** 18 dollars per day, i.e. 3 for 6 days", "18"),
-        ("It is 1,000,000 grains.", "1,000,000"),
-        ("No idea.", None),
+        ("12 * 5 = 60, 60 - 7 = 53.\n#### 53", "53", "53"),
+        ("The answer is $1,300.", "[invalid]", "$1,300."),  # lm-eval strict needs "#### N"
+        ("So he has 4 apples. The answer is 12, wait, 3 + 9 = 12 apples in total.", "[invalid]", "12"),
+        ("#### 18.00", "18.00", "18.00"),
+        ("#### 18\n#### 19", "18", "19"),  # strict: the first; flexible: the last number
+        ("No idea.", "[invalid]", "[invalid]"),
     ],
 )
-def test_gsm8k_number_extraction(text: str, number: str | None) -> None:
-    assert extract_number(text) == number
+def test_gsm8k_strict_and_flexible_extraction(text: str, strict: str, flexible: str) -> None:
+    assert regex_filter(text, r"#### (\-?[0-9\.\,]+)") == strict
+    assert regex_filter(text, r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1) == flexible
 
 
-def test_gsm8k_exact_match_normalises() -> None:
-    assert exact_match("$1,300.", "1,300")
-    assert exact_match("53.00", "53")
-    assert exact_match("−2", "-2")
-    assert not exact_match("52", "53")
-    assert not exact_match(None, "53")
+def test_gsm8k_exact_match_is_lm_eval_s() -> None:
+    kw = {"regexes_to_ignore": [",", "\\$", "(?s).*#### ", "\\.$"], "ignore_case": True}
+    assert exact_match("$1,300.", "Work.\n#### 1,300", **kw)
+    assert exact_match("53.", "#### 53", **kw)
+    assert not exact_match("53.00", "#### 53", **kw)  # no numeric normalisation: "18.00" is not 18
+    assert not exact_match("52", "#### 53", **kw)
+    assert not exact_match("[invalid]", "#### 53", **kw)
 
 
 # ---- SafetyBench, GPQA (choice parsing: test_eval_choice.py) ------------------------------------------------------
