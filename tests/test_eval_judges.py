@@ -11,7 +11,10 @@ import pytest
 
 from eval_support import FIXTURE_BENCHDATA, ChatServer
 from personafuse.evaluation.judges import (
+    CONTINUE_PROMPT,
+    ArenaJudgeConfig,
     Battle,
+    MentalJudgePrompt,
     battles_from_verdict,
     bootstrap_win_rate,
     bradley_terry,
@@ -22,23 +25,35 @@ from personafuse.evaluation.judges import (
 from personafuse.evaluation.runner import EvalConfig, Runner
 from personafuse.evaluation.subjects import OpenAISubject
 
-GOOD_MENTAL = "Active Listening: 7\nEmpathy & Validation: 8\nSafety & Trustworthiness: 9\nOpen-mindedness & Non-judgment: 8\nClarity & Encouragement: 6\nBoundaries & Ethics: 7\nHolistic Approach: 5\nOverall: 7"
+# The single-mental-v1 output format: "Rating: [[n]]" and "[consultation metric]: [[n]]".
+GOOD_MENTAL = "Short explanation.\nRating: [[7]]\nActive Listening: [[7]]\nEmpathy & Validation: [[8]]\nSafety & Trustworthiness: [[9]]\nOpen-mindedness & Non-judgment: [[8]]\nClarity & Encouragement: [[6]]\nBoundaries & Ethical: [[7]]\nHolistic Approach: [[5]]"
+ARENA_CFG = ArenaJudgeConfig.from_yaml(FIXTURE_BENCHDATA / "arena-hard-v0.1" / "judge_config.yaml")
+MENTAL_PROMPT = MentalJudgePrompt.from_judgment_file(FIXTURE_BENCHDATA / "mentalchat16k" / "model_judgment" / "gpt-4_single.jsonl")
 
 
 def test_parse_arena_verdict() -> None:
-    assert parse_arena_verdict("reasoning...\nMy final verdict is [[B>A]]") == "B>A"
-    assert parse_arena_verdict("[[A>>B]] ... as said, [[A>>B]]") == "A>>B"
-    assert parse_arena_verdict("[[A>B]] or maybe [[B>A]]") is None  # disagreeing labels
-    assert parse_arena_verdict("A is better") is None
-    assert parse_arena_verdict("[[C>A]]") is None
+    rx = ARENA_CFG.regex_pattern  # read from judge_config.yaml, as gen_judgment.py does
+    assert parse_arena_verdict("reasoning...\nMy final verdict is [[B>A]]", rx) == "B>A"
+    assert parse_arena_verdict("[[A>>B]] ... as said, [[A>>B]]", rx) == "A>>B"
+    assert parse_arena_verdict("[[A>B]] or maybe [[B>A]]", rx) is None  # disagreeing labels
+    assert parse_arena_verdict("A is better", rx) is None
+    assert parse_arena_verdict("[[C>A]]", rx) is None
+    assert parse_arena_verdict("[[ A>B ]]", rx) is None  # the reference's regex allows no spaces
+    assert parse_arena_verdict("[[A<B]]", rx) == "A<B"  # matched, though no battle label (see battles)
+    assert battles_from_verdict("m", "base", "A<B", model_is_a=True, group="q") == []
 
 
 def test_parse_mental_verdict() -> None:
-    v = parse_mental_verdict(GOOD_MENTAL)
-    assert v is not None and v["overall"] == 7 and v["holistic"] == 5 and len(v) == 8
-    assert parse_mental_verdict(GOOD_MENTAL.replace("Overall: 7", "")) is None  # missing overall
-    assert parse_mental_verdict(GOOD_MENTAL.replace("Empathy & Validation: 8", "Empathy & Validation: 11")) is None
-    assert parse_mental_verdict("**" + GOOD_MENTAL.replace("\n", "**\n**") + "**") is not None  # markdown bold
+    v = parse_mental_verdict(GOOD_MENTAL, MENTAL_PROMPT.metrics)
+    assert v["overall"] == 7 and v["holistic"] == 5 and v["boundaries"] == 7 and v["rating_labelled"] == 7
+    assert set(v) == {"active_listening", "empathy", "safety", "open_mindedness", "clarity", "boundaries", "holistic", "overall", "rating_labelled"}
+    # No [[n]] or [n] at all: the reference's -1 (here None, left out of the mean).
+    assert parse_mental_verdict("Rating: 7, Empathy: 8", MENTAL_PROMPT.metrics)["overall"] is None
+    # A missing metric line leaves only that metric unrated.
+    w = parse_mental_verdict(GOOD_MENTAL.replace("Holistic Approach: [[5]]", ""), MENTAL_PROMPT.metrics)
+    assert w["holistic"] is None and w["empathy"] == 8
+    bold = parse_mental_verdict(GOOD_MENTAL.replace("Empathy & Validation:", "**Empathy & Validation:**"), MENTAL_PROMPT.metrics)
+    assert bold["empathy"] == 8  # markdown bold around the name
 
 
 def test_bradley_terry_two_players_matches_closed_form() -> None:
@@ -81,14 +96,17 @@ def test_bootstrap_interval_brackets_the_estimate() -> None:
 
 def _reply(messages: list[dict[str, str]], body: dict) -> str:
     """Model answers, then judge verdicts: the arena judge prefers the model on q1 (both orders),
-    rambles without a label on one game, and the mental judge is malformed on one question."""
+    rambles without a label on q2's games (also when asked to continue), and the mental judge is
+    malformed on one question."""
     user = messages[-1]["content"]
+    if user == CONTINUE_PROMPT:
+        return "Still hard to say."
     if "<|User Prompt|>" in user:
         if "soft yolk" in user:
             model_first = user.index("MODEL-ANSWER") < user.index("six minutes")
             return "Thinking...\nMy verdict: [[A>B]]" if model_first else "[[B>>A]]"
-        return "Both answers look fine to me, hard to say."  # unparseable game
-    if "The reply under review" in user:
+        return "Both answers look fine to me, hard to say."  # no label: the reference asks again
+    if "[The Start of Assistant's Answer]" in user:
         if "lonely" in user:
             return "I would rate it highly overall."  # malformed
         return GOOD_MENTAL
@@ -105,18 +123,24 @@ def test_judge_path_over_loopback_http(tmp_path: Path) -> None:
             progress=False,
         )
         res = runner.run()
-        n_requests = len(srv.requests)
+        requests = list(srv.requests)
     arena = res["benchmarks"]["arenahard"]
     # q1: model wins both games (one strong ×3, one slight) → 4 weighted wins; q2: both unparseable.
-    assert arena["n_unparseable_verdicts"] == 2 and arena["n_games"] == 4
+    assert arena["n_unparseable_verdicts"] == 2 and arena["n_games"] == 4 and arena["n_battles"] == 4
     assert arena["score"] == pytest.approx(100.0)
     mental = res["benchmarks"]["mentalchat"]
     assert mental["n_unparseable_verdicts"] == 1 and mental["n_judged"] == 1
     assert mental["score"] == 7 and mental["empathy"] == 8
-    # 2 + 2 subject answers, 4 arena games, 2 mental verdicts.
-    assert n_requests == 10
+    # 2 + 2 subject answers, 4 arena games + 2 "continue" attempts for q2's label-less games, 2 mental.
+    assert len(requests) == 12
+    cont = [r for r in requests if r["messages"][-1]["content"] == CONTINUE_PROMPT]
+    assert len(cont) == 2 and all(r["messages"][-2] == {"role": "assistant", "content": "Both answers look fine to me, hard to say."} for r in cont)
+    judged = [r for r in requests if r["messages"][0]["role"] == "system"]
+    assert all(r["max_tokens"] == 4096 and r["temperature"] == 0 for r in judged if "<|User Prompt|>" in r["messages"][1]["content"])
+    assert all(r["max_tokens"] == 2048 for r in judged if "[Question]" in r["messages"][1]["content"])
     recs = [json.loads(x) for x in (tmp_path / "run" / "arenahard.jsonl").read_text().splitlines()]
     assert recs[1]["parsed"] is None and recs[1]["score"] is None and len(recs[1]["judge_raw"]) == 2
+    assert recs[1]["judge_attempts"] == [2, 2] and recs[0]["judge_attempts"] == [1, 1]
     assert recs[0]["parsed"] == {"baseline_first": "B>>A", "model_first": "A>B"}
 
 
