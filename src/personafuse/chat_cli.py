@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.panel import Panel
+
+from personafuse.display import show_reply
 
 console = Console()
 err_console = Console(stderr=True)
@@ -61,121 +62,103 @@ def _routing(text: str, seed: int):
         raise typer.BadParameter(str(e), param_hint="--routing") from None
 
 
-def show_reply(query: str, gen: Any) -> None:
-    from personafuse.display import summary_line, weight_bars
+def chat_command(
+    message: Annotated[str | None, typer.Argument(help="One message; leave out for an interactive chat.")] = None,
+    model: ModelOpt = "default",
+    routing: RoutingOpt = "router",
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 128,
+    sample: Annotated[bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
+    seed: Annotated[int, typer.Option(help="Seed for sampling and random routing.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the reply and weights as JSON.")] = False,
+) -> None:
+    """Chat with a PersonaFuse model; every reply shows its ten routing weights."""
+    route_spec = _routing(routing, seed)
+    with err_console.status("loading model…"):
+        m = load_model(model)
+    kw = {"routing": route_spec, "max_new_tokens": max_new_tokens, "do_sample": sample, "temperature": temperature, "seed": seed}
 
-    console.print(Panel(query, title="user", border_style="cyan"))
-    cut = " [dim](cut off at --max-new-tokens)[/dim]" if gen.finish_reason == "length" else ""
-    console.print(Panel((gen.text or "(empty reply)") + cut, title="PersonaFuse", border_style="green"))
-    console.print(weight_bars(gen.weights, title="routing weights"))
-    console.print(f"[dim]{summary_line(gen.weights)}[/dim]\n")
+    def show(text: str, gen: Any) -> None:
+        if as_json:  # one JSON object per reply, also in the interactive chat
+            print(json.dumps({"reply": gen.text, "weights": gen.weights, "finish_reason": gen.finish_reason}), flush=True)
+        else:
+            show_reply(text, gen, console)
+
+    if message is not None:
+        show(message, m.generate([message], **kw)[0])
+        return
+    _interactive(m, kw, show, as_json)
+
+
+def _interactive(m: Any, kw: dict[str, Any], show: Any, as_json: bool) -> None:
+    if not as_json:
+        console.print("[bold]Interactive chat[/bold] — empty line or Ctrl-D to quit, '/reset' to start over.")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            # with --json the prompt goes to stderr, so stdout stays one JSON object per line
+            text = (err_console if as_json else console).input("[cyan]you> [/cyan]").strip()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if not text:
+            break
+        if text == "/reset":
+            history.clear()
+            continue
+        history.append({"role": "user", "content": text})
+        gen = m.generate([history], **kw)[0]
+        history.append({"role": "assistant", "content": gen.text})
+        show(text, gen)
+
+
+def route_command(
+    queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
+    model: ModelOpt = "default",
+    as_json: Annotated[bool, typer.Option("--json", help='Print JSON: {"weights": {pole: w}} per query.')] = False,
+    tau: Annotated[float | None, typer.Option(help="Override the softmax temperature.")] = None,
+) -> None:
+    """Show how the router would mix the ten experts for each query (no generation)."""
+    from personafuse.display import summary_line, weight_bars
+    from personafuse.traits import big_five_summary, weights_dict
+
+    if tau is not None and not tau > 0:
+        raise typer.BadParameter(f"the temperature must be positive, got {tau}", param_hint="--tau")
+    with err_console.status("loading model…"):
+        m = load_model(model)
+    w = m.route(queries, tau=tau)
+    for q, row in zip(queries, w.tolist(), strict=True):
+        weights = weights_dict(row)
+        if as_json:
+            top = sorted(weights, key=weights.__getitem__, reverse=True)[:3]
+            print(json.dumps({"query": q, "weights": weights, "top": top, "big_five": big_five_summary(row)}))
+        else:
+            console.print(weight_bars(weights, title=q))
+            console.print(f"[dim]{summary_line(weights)}[/dim]\n")
+
+
+def demo_command(
+    out: Annotated[Path, typer.Option(help="Working folder (data and checkpoints are cached here).")] = Path("runs/demo"),
+    queries: Annotated[int, typer.Option(help="Seed queries the embedded teacher turns into records.")] = 24,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
+    untrained: Annotated[bool, typer.Option("--untrained", help="Skip data and training: show the untrained model.")] = False,
+) -> None:
+    """The whole pipeline on the embedded models, ending in contrasting replies.
+
+    Persona-CoT data from the embedded teacher, the three training stages, then three contrasting
+    queries (anxious user, maths, brainstorm), each reply shown with its ten routing weights."""
+    from personafuse.demo import DEMO_QUERIES, run_demo
+
+    quiet_loading()
+    if untrained:
+        with err_console.status("loading model…"):
+            m = load_model("default")
+        for q, gen in zip(DEMO_QUERIES, m.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
+            show_reply(q, gen, console)
+        return
+    run_demo(out, queries=queries, max_new_tokens=max_new_tokens)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def chat(
-        message: Annotated[
-            str | None, typer.Argument(help="One message; leave out for an interactive chat.")
-        ] = None,
-        model: ModelOpt = "default",
-        routing: RoutingOpt = "router",
-        max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 128,
-        sample: Annotated[
-            bool, typer.Option("--sample/--greedy", help="Sample instead of greedy decoding.")
-        ] = False,
-        temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
-        seed: Annotated[int, typer.Option(help="Seed for sampling and random routing.")] = 0,
-        as_json: Annotated[bool, typer.Option("--json", help="Print the reply and weights as JSON.")] = False,
-    ) -> None:
-        """Chat with a PersonaFuse model; every reply shows its ten routing weights."""
-        route_spec = _routing(routing, seed)
-        with err_console.status("loading model…"):
-            m = load_model(model)
-        kw = {
-            "routing": route_spec,
-            "max_new_tokens": max_new_tokens,
-            "do_sample": sample,
-            "temperature": temperature,
-            "seed": seed,
-        }
-
-        def show(text: str, gen: Any) -> None:
-            if as_json:  # one JSON object per reply, also in the interactive chat
-                print(json.dumps({"reply": gen.text, "weights": gen.weights, "finish_reason": gen.finish_reason}), flush=True)
-            else:
-                show_reply(text, gen)
-
-        if message is not None:
-            show(message, m.generate([message], **kw)[0])
-            return
-        if not as_json:
-            console.print("[bold]Interactive chat[/bold] — empty line or Ctrl-D to quit, '/reset' to start over.")
-        history: list[dict[str, str]] = []
-        while True:
-            try:
-                # with --json the prompt goes to stderr, so stdout stays one JSON object per line
-                text = (err_console if as_json else console).input("[cyan]you> [/cyan]").strip()
-            except (EOFError, KeyboardInterrupt):
-                break
-            if not text:
-                break
-            if text == "/reset":
-                history.clear()
-                continue
-            history.append({"role": "user", "content": text})
-            gen = m.generate([history], **kw)[0]
-            history.append({"role": "assistant", "content": gen.text})
-            show(text, gen)
-
-    @app.command()
-    def route(
-        queries: Annotated[list[str], typer.Argument(help="One or more queries.")],
-        model: ModelOpt = "default",
-        as_json: Annotated[
-            bool, typer.Option("--json", help='Print JSON: {"weights": {pole: w}} per query.')
-        ] = False,
-        tau: Annotated[float | None, typer.Option(help="Override the softmax temperature.")] = None,
-    ) -> None:
-        """Show how the router would mix the ten experts for each query (no generation)."""
-        from personafuse.display import summary_line, weight_bars
-        from personafuse.traits import big_five_summary, weights_dict
-
-        if tau is not None and not tau > 0:
-            raise typer.BadParameter(f"the temperature must be positive, got {tau}", param_hint="--tau")
-        with err_console.status("loading model…"):
-            m = load_model(model)
-        w = m.route(queries, tau=tau)
-        for q, row in zip(queries, w.tolist(), strict=True):
-            weights = weights_dict(row)
-            if as_json:
-                top = sorted(weights, key=weights.__getitem__, reverse=True)[:3]
-                print(
-                    json.dumps(
-                        {"query": q, "weights": weights, "top": top, "big_five": big_five_summary(row)}
-                    )
-                )
-            else:
-                console.print(weight_bars(weights, title=q))
-                console.print(f"[dim]{summary_line(weights)}[/dim]\n")
-
-    @app.command()
-    def demo(
-        out: Annotated[Path, typer.Option(help="Working folder (data and checkpoints are cached here).")] = Path("runs/demo"),
-        queries: Annotated[int, typer.Option(help="Seed queries the embedded teacher turns into records.")] = 24,
-        max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
-        untrained: Annotated[bool, typer.Option("--untrained", help="Skip data and training: show the untrained model.")] = False,
-    ) -> None:
-        """The whole pipeline on the embedded models, ending in contrasting replies.
-
-        Persona-CoT data from the embedded teacher, the three training stages, then three contrasting
-        queries (anxious user, maths, brainstorm), each reply shown with its ten routing weights."""
-        from personafuse.demo import DEMO_QUERIES, run_demo
-
-        quiet_loading()
-        if untrained:
-            with err_console.status("loading model…"):
-                m = load_model("default")
-            for q, gen in zip(DEMO_QUERIES, m.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
-                show_reply(q, gen)
-            return
-        run_demo(out, queries=queries, max_new_tokens=max_new_tokens)
+    app.command("chat")(chat_command)
+    app.command("route")(route_command)
+    app.command("demo")(demo_command)

@@ -66,12 +66,12 @@ def run_demo(out: Path = Path("runs/demo"), queries: int = 24, max_new_tokens: i
     t_train = time.perf_counter()
 
     console.rule("[bold]3. Contrasting queries")
-    from personafuse.chat_cli import show_reply
+    from personafuse.display import show_reply
     from personafuse.model import PersonaFuseModel
 
     pf = PersonaFuseModel.from_pretrained(final).eval()
     for q, gen in zip(DEMO_QUERIES, pf.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):
-        show_reply(q, gen)
+        show_reply(q, gen, console)
     t_end = time.perf_counter()
     console.print(
         f"[dim]data {t_data - t_start:.0f}s · training {t_train - t_data:.0f}s · answers {t_end - t_train:.0f}s · "

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
@@ -34,3 +36,15 @@ def summary_line(weights: Mapping[str, float]) -> str:
     """``Openness +0.12 · Conscientiousness -0.03 …`` (high minus low pole per trait)."""
     net = big_five_summary([weights[p] for p in TRAIT_POLES])
     return " · ".join(f"{name} {v:+.2f}" for name, v in net.items())
+
+
+def show_reply(query: str, gen: Any, console: Console | None = None) -> None:
+    """A query, the reply and its ten weights as ``chat`` and ``demo`` print them."""
+    from rich.panel import Panel
+
+    console = console or Console()
+    console.print(Panel(query, title="user", border_style="cyan"))
+    cut = " [dim](cut off at --max-new-tokens)[/dim]" if gen.finish_reason == "length" else ""
+    console.print(Panel((gen.text or "(empty reply)") + cut, title="PersonaFuse", border_style="green"))
+    console.print(weight_bars(gen.weights, title="routing weights"))
+    console.print(f"[dim]{summary_line(gen.weights)}[/dim]\n")

@@ -8,94 +8,98 @@ from typing import Annotated
 import typer
 
 
+def serve_command(
+    model: Annotated[
+        str,
+        typer.Option("--model", "-m", help="default (embedded PersonaFuse, untrained experts) | pf:DIR or a checkpoint directory | base, hf:ID_OR_PATH or a bare id/path: a plain model wrapped with fresh experts."),
+    ] = "default",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="PERSONAFUSE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")
+    ] = None,
+    served_name: Annotated[str, typer.Option(help="Model id reported by /v1/models and in responses.")] = "personafuse",
+    max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch.")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")] = 256,
+    batch_wait_ms: Annotated[float, typer.Option(help="How long the first waiting request waits for company.")] = 10.0,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (chat template included).")] = 2048,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
+    default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
+    temperature: Annotated[float, typer.Option(help="Temperature when a request gives none (0 = greedy).")] = 0.7,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+) -> None:
+    """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
+    import torch
+    import uvicorn
+
+    from personafuse.chat_cli import load_model
+    from personafuse.serving.server import ServeConfig, create_app
+
+    if threads:
+        torch.set_num_threads(threads)
+    typer.echo(f"loading {model} ...", err=True)
+    m = load_model(model).eval()
+    cfg = ServeConfig(
+        model_name=served_name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        batch_wait_ms=batch_wait_ms,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens_limit=max_tokens_limit,
+        default_max_tokens=default_max_tokens,
+        default_temperature=temperature,
+    )
+    typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
+    uvicorn.run(create_app(m, cfg), host=host, port=port, log_level="warning")
+
+
+def annotate_serve_command(
+    responses: Annotated[
+        list[Path] | None, typer.Argument(help="JSONL files, one per system (see docs/serving.md); leave out to reuse the database.")
+    ] = None,
+    db: Annotated[Path, typer.Option(help="SQLite file holding pairs and judgements.")] = Path("annotations.sqlite"),
+    annotators_per_pair: Annotated[
+        int | None,
+        typer.Option(help="Judgements wanted per pair (7 as in the paper if never set; later runs keep the stored value)."),
+    ] = None,
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8100,
+    reference: Annotated[
+        str | None, typer.Option(help="Only pair this system with each other one (e.g. personafuse vs each baseline).")
+    ] = None,
+) -> None:
+    """Load responses (once; later runs reuse the database) and serve the annotation page."""
+    import uvicorn
+
+    from personafuse.serving.annotation import AnnotationStore, create_annotation_app
+
+    store = AnnotationStore(db, annotators_per_pair=annotators_per_pair, reference=reference)
+    if responses:
+        added = store.load_responses(responses)
+        typer.echo(f"{added} new pairs; {store.count_pairs()} in {db}", err=True)
+    typer.echo(f"annotation page: http://{host}:{port}/", err=True)
+    uvicorn.run(create_annotation_app(store), host=host, port=port, log_level="warning")
+
+
+def annotate_export_command(
+    db: Annotated[Path, typer.Option(help="SQLite file written by 'annotate serve'.")] = Path("annotations.sqlite"),
+    out: Annotated[Path, typer.Option(help="Folder for win_rates.csv, win_rates.md and win_rates.png.")] = Path("human_eval"),
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 2000,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Win rates per system pair and task type (majority vote per pair) with bootstrap CIs."""
+    from personafuse.serving.annotation import AnnotationStore, export
+
+    paths = export(AnnotationStore(db), out, n_boot=bootstrap, seed=seed)
+    for p in paths:
+        typer.echo(str(p))
+
+
 def register(app: typer.Typer) -> None:
-    @app.command()
-    def serve(
-        model: Annotated[
-            str,
-            typer.Option("--model", "-m", help="default (embedded PersonaFuse, untrained experts) | pf:DIR or a checkpoint directory | base, hf:ID_OR_PATH or a bare id/path: a plain model wrapped with fresh experts."),
-        ] = "default",
-        host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-        api_key: Annotated[
-            str | None, typer.Option(envvar="PERSONAFUSE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")
-        ] = None,
-        served_name: Annotated[str, typer.Option(help="Model id reported by /v1/models and in responses.")] = "personafuse",
-        max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch.")] = 16,
-        max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")] = 256,
-        batch_wait_ms: Annotated[float, typer.Option(help="How long the first waiting request waits for company.")] = 10.0,
-        max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (chat template included).")] = 2048,
-        max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
-        default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
-        temperature: Annotated[float, typer.Option(help="Temperature when a request gives none (0 = greedy).")] = 0.7,
-        threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
-    ) -> None:
-        """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
-        import torch
-        import uvicorn
-
-        from personafuse.chat_cli import load_model
-        from personafuse.serving.server import ServeConfig, create_app
-
-        if threads:
-            torch.set_num_threads(threads)
-        typer.echo(f"loading {model} ...", err=True)
-        m = load_model(model).eval()
-        cfg = ServeConfig(
-            model_name=served_name,
-            api_key=api_key,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            batch_wait_ms=batch_wait_ms,
-            max_prompt_tokens=max_prompt_tokens,
-            max_tokens_limit=max_tokens_limit,
-            default_max_tokens=default_max_tokens,
-            default_temperature=temperature,
-        )
-        typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
-        uvicorn.run(create_app(m, cfg), host=host, port=port, log_level="warning")
-
+    app.command("serve")(serve_command)
     annotate_app = typer.Typer(help="Pairwise human evaluation: collect judgements, export win rates.", no_args_is_help=True)
     app.add_typer(annotate_app, name="annotate")
 
-    @annotate_app.command("serve")
-    def annotate_serve(
-        responses: Annotated[
-            list[Path] | None, typer.Argument(help="JSONL files, one per system (see docs/serving.md); leave out to reuse the database.")
-        ] = None,
-        db: Annotated[Path, typer.Option(help="SQLite file holding pairs and judgements.")] = Path("annotations.sqlite"),
-        annotators_per_pair: Annotated[
-            int | None,
-            typer.Option(help="Judgements wanted per pair (7 as in the paper if never set; later runs keep the stored value)."),
-        ] = None,
-        host: Annotated[str, typer.Option()] = "127.0.0.1",
-        port: Annotated[int, typer.Option()] = 8100,
-        reference: Annotated[
-            str | None, typer.Option(help="Only pair this system with each other one (e.g. personafuse vs each baseline).")
-        ] = None,
-    ) -> None:
-        """Load responses (once; later runs reuse the database) and serve the annotation page."""
-        import uvicorn
-
-        from personafuse.serving.annotation import AnnotationStore, create_annotation_app
-
-        store = AnnotationStore(db, annotators_per_pair=annotators_per_pair, reference=reference)
-        if responses:
-            added = store.load_responses(responses)
-            typer.echo(f"{added} new pairs; {store.count_pairs()} in {db}", err=True)
-        typer.echo(f"annotation page: http://{host}:{port}/", err=True)
-        uvicorn.run(create_annotation_app(store), host=host, port=port, log_level="warning")
-
-    @annotate_app.command("export")
-    def annotate_export(
-        db: Annotated[Path, typer.Option(help="SQLite file written by 'annotate serve'.")] = Path("annotations.sqlite"),
-        out: Annotated[Path, typer.Option(help="Folder for win_rates.csv, win_rates.md and win_rates.png.")] = Path("human_eval"),
-        bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples for the confidence intervals.")] = 2000,
-        seed: Annotated[int, typer.Option()] = 0,
-    ) -> None:
-        """Win rates per system pair and task type (majority vote per pair) with bootstrap CIs."""
-        from personafuse.serving.annotation import AnnotationStore, export
-
-        paths = export(AnnotationStore(db), out, n_boot=bootstrap, seed=seed)
-        for p in paths:
-            typer.echo(str(p))
+    annotate_app.command("serve")(annotate_serve_command)
+    annotate_app.command("export")(annotate_export_command)

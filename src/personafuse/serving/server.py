@@ -97,44 +97,199 @@ def _validation_message(e: ValidationError) -> tuple[str, str]:
     return f"{loc}: {msg}{more}", loc
 
 
-def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
-    cfg = config or ServeConfig()
-    metrics = Metrics()
-    # The request handlers count prompt tokens with their own tokenizer copy: a fast tokenizer
-    # shared with the worker thread can fail with "Already borrowed" when both use it at once.
-    count_tok = copy.deepcopy(model.tokenizer)
-    context = int(getattr(getattr(model.base_model, "config", None), "max_position_embeddings", 0) or 0)
-    state: dict[str, Batcher] = {}
+class ChatService:
+    """What the chat endpoint does, request by request: read and check the request, queue it,
+    and answer in full or as a stream. One per app; ``create_app`` wires it to the routes."""
 
-    def count_prompt_tokens(messages: list[dict[str, str]]) -> int:
-        return len(prompt_ids(count_tok, messages))  # the text model.chat_inputs sends
+    def __init__(self, model: Any, cfg: ServeConfig, metrics: Metrics) -> None:
+        self.cfg, self.metrics = cfg, metrics
+        # The request handlers count prompt tokens with their own tokenizer copy: a fast tokenizer
+        # shared with the worker thread can fail with "Already borrowed" when both use it at once.
+        self.count_tok = copy.deepcopy(model.tokenizer)
+        self.context = int(getattr(getattr(model.base_model, "config", None), "max_position_embeddings", 0) or 0)
+        self.batcher: Batcher | None = None
 
-    @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        state["batcher"] = Batcher(
-            model,
-            max_batch=cfg.max_batch,
-            max_queue=cfg.max_queue,
-            batch_wait_s=cfg.batch_wait_ms / 1000,
-            metrics=metrics,
-        )
-        yield
-        await asyncio.to_thread(state["batcher"].close)
-
-    app = FastAPI(title="PersonaFuse", lifespan=lifespan)
-    app.state.metrics = metrics
-    app.state.config = cfg
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    def check_key(request: Request) -> None:
-        if not cfg.api_key:
+    def check_key(self, request: Request) -> None:
+        if not self.cfg.api_key:
             return
         auth = request.headers.get("authorization", "")
         given = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
         if not given:
             raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'")
-        if not secrets.compare_digest(given.encode(), cfg.api_key.encode()):
+        if not secrets.compare_digest(given.encode(), self.cfg.api_key.encode()):
             raise APIError(401, "invalid API key")
+
+    @staticmethod
+    async def read_request(request: Request) -> ChatCompletionRequest:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"the request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise APIError(400, "the request body must be a JSON object")
+        try:
+            return ChatCompletionRequest.model_validate(body)
+        except ValidationError as e:
+            msg, loc = _validation_message(e)
+            raise APIError(400, msg, loc) from None
+
+    def build_job(self, req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
+        cfg = self.cfg
+        routing, desc = parse_persona(req.persona, req.seed)
+        max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
+        if max_tokens > cfg.max_tokens_limit:
+            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise APIError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", param)
+        try:
+            messages = req.conversation()
+        except ValueError as e:
+            raise APIError(400, str(e), "messages") from None
+        if not any(m["role"] == "user" for m in messages):
+            raise APIError(400, "messages: at least one message must have role 'user'", "messages")
+        n_prompt = len(prompt_ids(self.count_tok, messages))  # the text model.chat_inputs sends
+        if n_prompt > cfg.max_prompt_tokens:
+            raise APIError(
+                400, f"messages: the prompt is {n_prompt} tokens; this server allows at most {cfg.max_prompt_tokens}", "messages"
+            )
+        if self.context and n_prompt + max_tokens > self.context:
+            raise APIError(
+                400,
+                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds the model's context of {self.context} tokens",
+                "max_tokens",
+            )
+        temperature = cfg.default_temperature if req.temperature is None else req.temperature
+        spec = RowSpec(max_tokens, temperature, req.top_p or 1.0, req.seed, req.stop_list())
+        return Job(messages, routing, spec, asyncio.get_running_loop()), desc
+
+    def submit(self, job: Job) -> None:
+        try:
+            self.batcher.submit(job)  # type: ignore[union-attr]
+        except QueueFull as e:
+            raise APIError(429, f"server busy: {e}; retry shortly") from None
+        except Unavailable as e:
+            raise APIError(503, f"unavailable: {e}") from None
+
+    async def handle(self, request: Request) -> Response:
+        self.check_key(request)
+        req = await self.read_request(request)
+        job, desc = self.build_job(req)
+        self.submit(job)
+        try:
+            kind, first = await job.events.get()
+        except asyncio.CancelledError:
+            job.cancelled = True
+            raise
+        if kind == "error":
+            raise APIError(500, first)
+        reply = _Reply(self, job, {"weights": first["weights"], **desc}, first["prompt_tokens"])
+        if not req.stream:
+            return await reply.complete()
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(reply.stream(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _Reply:
+    """One accepted request's answer: the events of its job as one JSON body or an SSE stream."""
+
+    def __init__(self, service: ChatService, job: Job, persona: dict[str, Any], prompt_tokens: int) -> None:
+        self.service, self.job, self.persona, self.prompt_tokens = service, job, persona, prompt_tokens
+        self.cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.model_name = service.cfg.model_name
+
+    def usage(self, n: int) -> dict[str, int]:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+
+    def finish(self, completion_tokens: int, first_at: float | None) -> None:
+        metrics, job = self.service.metrics, self.job
+        metrics.tokens(self.prompt_tokens, completion_tokens)
+        metrics.observe_latency(time.monotonic() - job.arrived)
+        if first_at is not None:
+            metrics.observe_first_token(first_at - job.arrived)
+        metrics.request("chat_completions", 200)
+
+    async def complete(self) -> JSONResponse:
+        parts: list[str] = []
+        first_at = None
+        try:
+            while True:
+                kind, payload = await self.job.events.get()
+                if kind == "delta":
+                    first_at = first_at or time.monotonic()
+                    parts.append(payload)
+                elif kind == "error":
+                    raise APIError(500, payload)
+                elif kind == "end":
+                    break
+        except asyncio.CancelledError:
+            self.job.cancelled = True  # client went away: free its row in the batch
+            raise
+        self.finish(payload["completion_tokens"], first_at)
+        message = {"role": "assistant", "content": "".join(parts)}
+        return JSONResponse(
+            {
+                "id": self.cid,
+                "object": "chat.completion",
+                "created": self.created,
+                "model": self.model_name,
+                "choices": [{"index": 0, "message": message, "finish_reason": payload["finish_reason"], "logprobs": None}],
+                "usage": self.usage(payload["completion_tokens"]),
+                "persona": self.persona,
+            }
+        )
+
+    def chunk(self, delta: dict[str, Any] | None, finish_reason: str | None = None, **extra: Any) -> str:
+        obj = {"id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.model_name}
+        obj["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+        return f"data: {json.dumps({**obj, **extra})}\n\n"
+
+    async def stream(self, include_usage: bool) -> AsyncIterator[str]:
+        done = False
+        first_at = None
+        try:
+            # The weights are known before the first token: send them at once (the chat page
+            # draws the trait display while the reply streams) and again with the last chunk.
+            yield self.chunk({"role": "assistant", "content": ""}, persona=self.persona)
+            while True:
+                kind, payload = await self.job.events.get()
+                if kind == "delta":
+                    first_at = first_at or time.monotonic()
+                    yield self.chunk({"content": payload})
+                elif kind == "error":
+                    err = {"message": payload, "type": "server_error", "param": None, "code": 500}
+                    yield f"data: {json.dumps({'error': err})}\n\n"
+                    self.service.metrics.request("chat_completions", 500)
+                    break
+                elif kind == "end":
+                    yield self.chunk({}, payload["finish_reason"], persona=self.persona)
+                    if include_usage:
+                        yield self.chunk(None, usage=self.usage(payload["completion_tokens"]))
+                    self.finish(payload["completion_tokens"], first_at)
+                    break
+            yield "data: [DONE]\n\n"
+            done = True
+        finally:
+            if not done:
+                self.job.cancelled = True
+
+
+def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
+    cfg = config or ServeConfig()
+    metrics = Metrics()
+    service = ChatService(model, cfg, metrics)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        service.batcher = Batcher(
+            model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000, metrics=metrics
+        )
+        yield
+        await asyncio.to_thread(service.batcher.close)
+
+    app = FastAPI(title="PersonaFuse", lifespan=lifespan)
+    app.state.metrics = metrics
+    app.state.config = cfg
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -148,17 +303,11 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        b = state.get("batcher")
+        b = service.batcher
         ok = b is not None and b.healthy
-        return JSONResponse(
-            {
-                "status": "ok" if ok else "unavailable",
-                "model": cfg.model_name,
-                "queue_depth": b.queue_depth if b else 0,
-                "running": b.running if b else 0,
-            },
-            status_code=200 if ok else 503,
-        )
+        body = {"status": "ok" if ok else "unavailable", "model": cfg.model_name,
+                "queue_depth": b.queue_depth if b else 0, "running": b.running if b else 0}  # fmt: skip
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics_text() -> PlainTextResponse:
@@ -166,169 +315,11 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
-        check_key(request)
-        return {
-            "object": "list",
-            "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "personafuse"}],
-        }
-
-    def build_job(req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
-        routing, desc = parse_persona(req.persona, req.seed)
-        max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
-        if max_tokens > cfg.max_tokens_limit:
-            param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-            raise APIError(400, f"{param} is {max_tokens}; this server allows at most {cfg.max_tokens_limit}", param)
-        try:
-            messages = req.conversation()
-        except ValueError as e:
-            raise APIError(400, str(e), "messages") from None
-        if not any(m["role"] == "user" for m in messages):
-            raise APIError(400, "messages: at least one message must have role 'user'", "messages")
-        n_prompt = count_prompt_tokens(messages)
-        if n_prompt > cfg.max_prompt_tokens:
-            raise APIError(
-                400, f"messages: the prompt is {n_prompt} tokens; this server allows at most {cfg.max_prompt_tokens}", "messages"
-            )
-        if context and n_prompt + max_tokens > context:
-            raise APIError(
-                400,
-                f"max_tokens: prompt ({n_prompt}) + max_tokens ({max_tokens}) exceeds the model's context of {context} tokens",
-                "max_tokens",
-            )
-        temperature = cfg.default_temperature if req.temperature is None else req.temperature
-        spec = RowSpec(max_tokens, temperature, req.top_p or 1.0, req.seed, req.stop_list())
-        return Job(messages, routing, spec, asyncio.get_running_loop()), desc
+        service.check_key(request)
+        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "personafuse"}]}
 
     @app.post(CHAT)
     async def chat_completions(request: Request) -> Response:
-        check_key(request)
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-        except ValidationError as e:
-            msg, loc = _validation_message(e)
-            raise APIError(400, msg, loc) from None
-        job, desc = build_job(req)
-        batcher = state["batcher"]
-        try:
-            batcher.submit(job)
-        except QueueFull as e:
-            raise APIError(429, f"server busy: {e}; retry shortly") from None
-        except Unavailable as e:
-            raise APIError(503, f"unavailable: {e}") from None
-        cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-        created = int(time.time())
-        try:
-            kind, first = await job.events.get()
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-        if kind == "error":
-            raise APIError(500, first)
-        persona = {"weights": first["weights"], **desc}
-        prompt_tokens = first["prompt_tokens"]
-
-        def finish(completion_tokens: int, first_at: float | None) -> None:
-            now = time.monotonic()
-            metrics.tokens(prompt_tokens, completion_tokens)
-            metrics.observe_latency(now - job.arrived)
-            if first_at is not None:
-                metrics.observe_first_token(first_at - job.arrived)
-            metrics.request("chat_completions", 200)
-
-        usage = lambda n: {"prompt_tokens": prompt_tokens, "completion_tokens": n, "total_tokens": prompt_tokens + n}  # noqa: E731
-
-        if not req.stream:
-            parts: list[str] = []
-            first_at = None
-            try:
-                while True:
-                    kind, payload = await job.events.get()
-                    if kind == "delta":
-                        first_at = first_at or time.monotonic()
-                        parts.append(payload)
-                    elif kind == "error":
-                        raise APIError(500, payload)
-                    elif kind == "end":
-                        break
-            except asyncio.CancelledError:
-                job.cancelled = True  # client went away: free its row in the batch
-                raise
-            finish(payload["completion_tokens"], first_at)
-            return JSONResponse(
-                {
-                    "id": cid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": cfg.model_name,
-                    "choices": [
-                        {
-                            "index": 0,
-                            "message": {"role": "assistant", "content": "".join(parts)},
-                            "finish_reason": payload["finish_reason"],
-                            "logprobs": None,
-                        }
-                    ],
-                    "usage": usage(payload["completion_tokens"]),
-                    "persona": persona,
-                }
-            )
-
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> str:
-            obj = {
-                "id": cid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": cfg.model_name,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}],
-                **extra,
-            }
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            done = False
-            first_at = None
-            try:
-                # The weights are known before the first token: send them at once (the chat page
-                # draws the trait display while the reply streams) and again with the last chunk.
-                yield chunk({"role": "assistant", "content": ""}, persona=persona)
-                while True:
-                    kind, payload = await job.events.get()
-                    if kind == "delta":
-                        first_at = first_at or time.monotonic()
-                        yield chunk({"content": payload})
-                    elif kind == "error":
-                        err = {"message": payload, "type": "server_error", "param": None, "code": 500}
-                        yield f"data: {json.dumps({'error': err})}\n\n"
-                        metrics.request("chat_completions", 500)
-                        break
-                    elif kind == "end":
-                        yield chunk({}, payload["finish_reason"], persona=persona)
-                        if include_usage:
-                            obj = {
-                                "id": cid,
-                                "object": "chat.completion.chunk",
-                                "created": created,
-                                "model": cfg.model_name,
-                                "choices": [],
-                                "usage": usage(payload["completion_tokens"]),
-                            }
-                            yield f"data: {json.dumps(obj)}\n\n"
-                        finish(payload["completion_tokens"], first_at)
-                        break
-                yield "data: [DONE]\n\n"
-                done = True
-            finally:
-                if not done:
-                    job.cancelled = True
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return await service.handle(request)
 
     return app
