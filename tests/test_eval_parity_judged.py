@@ -171,7 +171,7 @@ def ref_fastchat_rating(judgment: str) -> Any:
     match = re.search(ONE_SCORE, judgment)
     if not match:
         match = re.search(ONE_SCORE_BACKUP, judgment)
-    if match:
+    if match:  # noqa: SIM108 (kept as the reference writes it)
         rating = ast.literal_eval(match.groups()[0])
     else:
         rating = -1
