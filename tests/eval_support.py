@@ -25,7 +25,7 @@ def real_benchdata() -> Path | None:
 
 
 class ChatServer:
-    """An OpenAI-compatible ``/v1/chat/completions`` server in a thread. ``reply(messages, body)``
+    """An OpenAI-compatible ``/v1/chat/completions`` (and ``/v1/completions``) server in a thread. ``reply(messages, body)``
     decides each answer (a string, or (string, extra fields)); every request body is kept in ``requests``."""
 
     def __init__(self, reply: Callable[[list[dict[str, Any]], dict[str, Any]], str]) -> None:
@@ -41,20 +41,28 @@ class ChatServer:
                 n = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(n))
                 server.requests.append(body)
-                if not self.path.endswith("/chat/completions"):
+                chat = self.path.endswith("/chat/completions")
+                if not chat and not self.path.endswith("/completions"):
                     self.send_response(404)
                     self.end_headers()
                     return
-                text = server.reply(body["messages"], body)
+                # A raw completion (RawPrompt) reaches the reply function as one user message.
+                messages = body["messages"] if chat else [{"role": "user", "content": body["prompt"]}]
+                text = server.reply(messages, body)
                 extra: dict[str, Any] = {}
                 if isinstance(text, tuple):  # (text, extra top-level fields), e.g. routing weights
                     text, extra = text
+                choice = (
+                    {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    if chat
+                    else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}
+                )
                 payload = {
                     "id": f"cmpl-{len(server.requests)}",
-                    "object": "chat.completion",
+                    "object": "chat.completion" if chat else "text_completion",
                     "created": 0,
                     "model": body.get("model", "test"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "choices": [choice],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
                     **extra,
                 }

@@ -4,7 +4,7 @@ reply.
 
 * :func:`as_messages` — a query string or a message list as checked ``{"role", "content"}`` dicts;
 * :func:`prompt_text` — the model's chat template with the generation prompt; for a tokenizer without
-  one, a plain transcript (:func:`plain_transcript`);
+  one, a plain transcript (:func:`plain_transcript`); a :class:`RawPrompt` as it is;
 * :func:`encode_prompts` — a left-padded batch of those texts for ``generate``;
 * :func:`prompt_ids` — one prompt's ids (training masks them out of the labels; the server counts them);
 * :func:`eos_token_ids` — the tokenizer's EOS and every EOS id of the model's generation config.
@@ -18,7 +18,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-# A prompt is a plain user message or a whole chat (list of {"role", "content"}).
+
+class RawPrompt(str):
+    """Text sent to the model exactly as it is: a completion prompt, no chat template and no
+    system prompt (benchmarks whose reference prompts a raw completion: lm-eval's default for
+    GSM8K and GPQA, SafetyBench's and Shop-MMLU's own scripts). Tokenised with the tokenizer's
+    special tokens, as lm-eval and ``transformers`` do by default."""
+
+
+# A prompt is a plain user message, a whole chat (list of {"role", "content"}), or raw text.
 Prompt = str | list[dict[str, str]]
 
 
@@ -50,30 +58,35 @@ def plain_transcript(messages: Sequence[dict[str, str]]) -> str:
 
 def prompt_text(tokenizer: Any, prompt: Prompt, system: str | None = None) -> str:
     """The text the model reads before its reply."""
+    if isinstance(prompt, RawPrompt):
+        return str(prompt)
     msgs = as_messages(prompt, system)
     if has_chat_template(tokenizer):
         return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     return plain_transcript(msgs)
 
 
-def adds_special_tokens(tokenizer: Any) -> bool:
+def adds_special_tokens(tokenizer: Any, prompt: Prompt | None = None) -> bool:
     """Whether prompt text is tokenised with the tokenizer's special tokens."""
-    # A rendered chat template already holds its special tokens; a plain transcript gets the
-    # tokenizer's own (BOS), as a plain LM saw its text in pre-training.
-    return not has_chat_template(tokenizer)
+    # A rendered chat template already holds its special tokens; a plain transcript or a raw
+    # prompt gets the tokenizer's own (BOS), as a plain LM saw its text in pre-training.
+    return isinstance(prompt, RawPrompt) or not has_chat_template(tokenizer)
 
 
 def encode_prompts(tokenizer: Any, prompts: Sequence[Prompt], system: str | None = None) -> Any:
     """Left-padded ``input_ids`` / ``attention_mask`` (PyTorch) for batched generation."""
     texts = [prompt_text(tokenizer, p, system) for p in prompts]
+    special = {adds_special_tokens(tokenizer, p) for p in prompts}
+    if len(special) > 1:  # one tokenizer call has one setting
+        raise ValueError("a batch mixes raw prompts with chat prompts; send them in separate calls")
     return tokenizer(
-        texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=adds_special_tokens(tokenizer)
+        texts, padding=True, padding_side="left", return_tensors="pt", add_special_tokens=special.pop() if special else True
     )
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt, system: str | None = None) -> list[int]:
     """Token ids of one prompt, exactly as :func:`encode_prompts` writes them (without padding)."""
-    return tokenizer(prompt_text(tokenizer, prompt, system), add_special_tokens=adds_special_tokens(tokenizer))["input_ids"]
+    return tokenizer(prompt_text(tokenizer, prompt, system), add_special_tokens=adds_special_tokens(tokenizer, prompt))["input_ids"]
 
 
 def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:

@@ -243,7 +243,7 @@ class Runner:
 
     def _do_chunk(self, bench: Benchmark, chunk: Sequence[Item]) -> tuple[list[dict[str, Any]], float]:
         prompts = [bench.prompts(it) for it in chunk]
-        flat = [p for ps in prompts for p in ps]
+        flat = [bench.send(p) for ps in prompts for p in ps]
         max_new = self.cfg.max_new_tokens or bench.max_new_tokens
         t = time.perf_counter()
         gens = self.subject.generate(flat, max_new_tokens=max_new, do_sample=False)
@@ -274,7 +274,7 @@ class Runner:
                 break
             temp = 0.01 + 0.15 * (attempt - 1)
             t = time.perf_counter()
-            regen = self.subject.generate([prompts[i][0] for i in pend], max_new_tokens=max_new, do_sample=True, temperature=temp, seed=self.cfg.seed + attempt)
+            regen = self.subject.generate([bench.send(prompts[i][0]) for i in pend], max_new_tokens=max_new, do_sample=True, temperature=temp, seed=self.cfg.seed + attempt)
             dt = time.perf_counter() - t
             gen_s += dt
             for i in pend:  # retries count towards the item's generation time

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from personafuse.chat import as_messages, encode_prompts
+from personafuse.chat import RawPrompt, as_messages, encode_prompts
 from personafuse.specs import ModelSpec, load_personafuse
 from personafuse.specs import is_personafuse_dir as is_personafuse_dir  # re-exported: its old home
 from personafuse.traits import TRAIT_POLES, pole_name, weights_dict
@@ -136,11 +136,15 @@ class OpenAISubject:
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
 
     def _one(self, p: Prompt, max_new_tokens: int, temperature: float, seed: int | None) -> Generation:
-        kw: dict[str, Any] = {"model": self.model, "messages": as_messages(p, self.system_prompt), "max_tokens": max_new_tokens, "temperature": temperature}
+        kw: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature}
         if seed is not None:
             kw["seed"] = seed
-        resp = self.client.chat.completions.create(**kw)
-        text = (resp.choices[0].message.content or "") if resp.choices else ""
+        if isinstance(p, RawPrompt):  # a completion prompt: the completions endpoint, no template
+            resp = self.client.completions.create(prompt=str(p), **kw)
+            text = (resp.choices[0].text or "") if resp.choices else ""
+        else:
+            resp = self.client.chat.completions.create(messages=as_messages(p, self.system_prompt), **kw)
+            text = (resp.choices[0].message.content or "") if resp.choices else ""
         with self._lock:
             self.usage["requests"] += 1
             if resp.usage is not None:

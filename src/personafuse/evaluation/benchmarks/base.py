@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personafuse.chat import RawPrompt
 from personafuse.evaluation.data import DataError, find_benchdata, hub_allowed
 
 # A prompt is either a plain user message or a full chat (list of {"role", "content"}).
@@ -78,11 +79,16 @@ class Benchmark:
     folder: str = ""
     # The implementation the default protocol reproduces (recorded in every results.json).
     reference: Reference | None = None
+    # Whether prompts go through the subject's chat template (True) or are sent as raw completion
+    # text (False, personafuse.chat.RawPrompt), as the reference sends them; -o NAME.chat_template=.
+    chat_template: bool = True
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})
         if "max_new_tokens" in self.options:  # e.g. -o gsm8k.max_new_tokens=128
             self.max_new_tokens = int(self.options["max_new_tokens"])
+        if "chat_template" in self.options:  # e.g. -o gsm8k.chat_template=true for a chat model
+            self.chat_template = _flag(self.options["chat_template"], f"{self.name}.chat_template")
 
     # ---- data -------------------------------------------------------------------------
     def resolve_source(self, data: str | Path | None) -> Path | None:
@@ -123,6 +129,14 @@ class Benchmark:
     def prompts(self, item: Item) -> list[Prompt]:
         return [item.prompt]
 
+    def send(self, prompt: Prompt) -> Prompt:
+        """The prompt as the subject receives it: raw completion text where the protocol says so."""
+        if not self.chat_template:
+            if not isinstance(prompt, str):
+                raise ValueError(f"{self.name}: a raw-completion protocol needs text prompts, got a chat")
+            return RawPrompt(prompt)
+        return prompt
+
     # ---- protocol ---------------------------------------------------------------------
     def protocol_extra(self) -> dict[str, Any]:
         """Benchmark-specific protocol facts (system prompt source, shots, answer format...)."""
@@ -135,6 +149,7 @@ class Benchmark:
             "reference": self.reference.to_dict() if self.reference else None,
             "max_new_tokens": self.max_new_tokens,
             "max_attempts": self.max_attempts,
+            "chat_template": self.chat_template,
             **self.protocol_extra(),
         }
 
@@ -170,6 +185,17 @@ class Benchmark:
             f"by_{cat}": {v: round(mean(xs) * self.score_scale, 6) for v, xs in sorted(vals.items())}
             for cat, vals in groups.items()
         }
+
+
+def _flag(v: Any, what: str) -> bool:
+    if isinstance(v, bool):
+        return v
+    text = str(v).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"-o {what}: expected true or false, got {v!r}")
 
 
 def _num(v: Any) -> float:

@@ -103,6 +103,8 @@ def multi_choice_regex(resp: str, choices: Sequence[str], pattern: str, *, group
 
 
 class GPQA(Benchmark):
+    # The reference prompts a raw completion (no chat template); -o gpqa.chat_template=true for a chat model.
+    chat_template = False
     name = "gpqa"
     title = "GPQA"
     folder = "gpqa"
@@ -137,7 +139,6 @@ class GPQA(Benchmark):
             "filters": {"strict-match": self.strict, "flexible-extract": self.flexible},
             "metric": self.metric,
             "option_order": "per-item seeded shuffle (lm-eval: process-global random.shuffle)",
-            "chat_template": "the subject's (lm-eval's default is raw completion)",
             "system_prompt": None,
             "temperature": 0.0,
         }

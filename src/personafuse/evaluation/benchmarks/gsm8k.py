@@ -167,6 +167,8 @@ def _metric(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 class GSM8K(Benchmark):
+    # The reference prompts a raw completion (no chat template); -o gsm8k.chat_template=true for a chat model.
+    chat_template = False
     name = "gsm8k"
     title = "GSM8K"
     folder = "gsm8k"
@@ -198,7 +200,6 @@ class GSM8K(Benchmark):
             "until": self.until,
             "filters": self.filters,
             "metric": self.metric,
-            "chat_template": "the subject's (lm-eval's default is raw completion)",
             "system_prompt": None,
             "temperature": 0.0,
         }

@@ -16,7 +16,8 @@ default protocol is theirs:
   examples of the question's category from the dev file ``dev_{lang}.json`` (``{category: [example]}``,
   Hub-only). The README presents both settings; the paper does not say which it used.
 * Generation: greedy, at most 64 new tokens (``gen``: ``max_new_tokens=64, min_new_tokens=2``). They
-  send the prompt as a raw completion; our subjects apply their chat template (one user message).
+  send the prompt as a raw completion, and so do we (``chat_template = False``; ``-o safetybench.chat_template=true``
+  applies the subject's template instead).
 * Extraction (``process_medium_results`` / ``check_abcd``): the first line, then an option's text in
   that line, then the next non-empty line.
 * Unparsed replies: a random option, drawn by ``random.seed(2023)`` then ``random.choice`` per failed
@@ -150,6 +151,8 @@ def option_lines(options: Sequence[str]) -> str:
 
 
 class SafetyBench(Benchmark):
+    # The reference prompts a raw completion (no chat template); -o safetybench.chat_template=true for a chat model.
+    chat_template = False
     name = "safetybench"
     title = "SafetyBench"
     folder = "safetybench"
@@ -298,7 +301,6 @@ class SafetyBench(Benchmark):
             "language": self.language,
             "shots": self.shots,
             "prompt_source": self.header_source or "construct_evaluate_prompts' zero-shot format lines",
-            "chat_template": "the subject's (reference: raw completion, evaluate_baichuan.py:gen)",
             "temperature": 0.0,
             "reference_min_new_tokens": 2,
             "answer_extraction": "process_medium_results/check_abcd (first line, option text, next non-empty line)",

@@ -7,8 +7,8 @@ harnesses side by side; we follow the skill-wise one (``skill_wise_eval/``), whi
 
 * Prompt (``hf_skill_inference.py``): the official system prompt (the module constant
   ``system_prompt``, READ at run time from that file, parsed with ``ast``, never executed) followed
-  directly by the item's ``input_field``. They send it as a raw completion; our subjects apply their
-  chat template, so the same text goes as one user message. Zero-shot, greedy.
+  directly by the item's ``input_field``. They send it as a raw completion, and so do we
+  (``chat_template = False``; ``-o shopmmlu.chat_template=true`` sends it as one user message). Zero-shot, greedy.
 * Generation length: 100 new tokens for non-multiple-choice items (``hf_skill_inference.py``; the
   task-wise ``hf_generation.py`` uses 128).
 * Item score (``skill_wise_eval/metrics.py:sent_transformer``): cosine similarity of the reply's and
@@ -100,6 +100,8 @@ def sent_transformer(sims: Sequence[float]) -> float:
 
 
 class ShopMMLU(Benchmark):
+    # The reference prompts a raw completion (no chat template); -o shopmmlu.chat_template=true for a chat model.
+    chat_template = False
     name = "shopmmlu"
     title = "Shop-MMLU"
     folder = "shopmmlu"
@@ -214,7 +216,6 @@ class ShopMMLU(Benchmark):
     def protocol_extra(self) -> dict[str, Any]:
         return {
             "prompt_source": self.prompt_source,
-            "chat_template": "the subject's, one user message (reference: raw completion of system_prompt + input_field)",
             "shots": 0,
             "temperature": 0.0,
             "embedder": "all-MiniLM-L6-v2",
