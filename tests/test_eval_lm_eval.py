@@ -4,13 +4,13 @@ model: loglikelihood (multiple choice), loglikelihood_rolling (perplexity) and g
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
 import torch
 
 from eval_support import make_tiny_llama
+from personafuse.routing import Routing
 
 lm_eval = pytest.importorskip("lm_eval")
 torch.set_num_threads(1)
@@ -91,20 +91,252 @@ def test_personafuse_model_runs_lm_eval_tasks(tmp_path: Path) -> None:
     assert len(out["samples"]["pf_tiny_mc"]) == 4
 
 
-def test_resolve_weights_modes() -> None:
+def test_resolve_weights_goes_through_routing() -> None:
+    """resolve_weights is Routing.parse + Routing.resolve with the queries' router texts as keys:
+    every mode as the Routing class defines it, a seeded Random Route draws per query (the same
+    experts for a query in any batch), and the old JSON form still reads."""
     from personafuse.evaluation.lm_eval_model import resolve_weights
-    from personafuse.evaluation.subjects import parse_routing
+    from personafuse.routing import Routing
+
+    row = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03]
+    calls: list[list] = []
 
     def router(texts):
-        return torch.tensor([[0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03]] * len(texts))
+        calls.append(list(texts))
+        return torch.tensor([row] * len(texts))
 
-    rng = random.Random(0)
-    top = resolve_weights(parse_routing("top_k:2"), ["q", "r"], router, rng=rng)
+    top = resolve_weights(Routing.parse("top_k:2"), ["q", "r"], router)
     assert top.shape == (2, 10) and torch.allclose(top[0, :2], torch.tensor([0.6, 0.4]))
-    rnd = resolve_weights(parse_routing("random:5"), ["q"] * 3, router, rng=rng)
+    rnd = resolve_weights("random:5", ["q", "r", "s"], router)
     assert ((rnd > 0).sum(-1) == 5).all() and torch.allclose(rnd.sum(-1), torch.ones(3))
-    pole = resolve_weights(parse_routing("pole:low_N"), ["q"], router, rng=rng)
+    # keyed by query: "r" draws the same experts alone, second in a batch, or after other calls
+    alone = resolve_weights("random:5", ["r"], router)
+    assert torch.equal(alone[0], rnd[1]) and torch.equal(resolve_weights("random:5", ["x", "r"], router)[1], rnd[1])
+    pole = resolve_weights({"mode": "pole", "pole": "low_N"}, ["q"], router)
     assert pole[0, 9] == 1 and pole.sum() == 1
+    blend = resolve_weights("blend:0.25:high_O=1", ["q"], router)
+    assert torch.allclose(blend[0], 0.75 * torch.tensor(row) + 0.25 * torch.eye(10)[0])
+    calls.clear()
+    resolve_weights("pole:high_A", ["q"], router)
+    resolve_weights("fixed:high_A=1", ["q"], router)
+    assert calls == []  # modes that do not read the router never call it
+    # chat queries: the router reads the conversation (the user turn), the key is its router text
+    chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "r"}]
+    assert torch.equal(resolve_weights("random:5", [chat], router)[0], rnd[1])
+    many = resolve_weights("router", [f"q{i}" for i in range(150)], router)
+    assert many.shape == (150, 10) and [len(c) for c in calls[-3:]] == [64, 64, 22]  # chunked router calls
+    with pytest.raises(ValueError, match="needs a router"):
+        resolve_weights("router", ["q"], None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parity with lm-eval's own HFLM on the exported LoRA of the same mixture. The reference for
+# "same log-likelihoods" is EleutherAI/lm-evaluation-harness@3e093bc90a87 (identical to the
+# installed 0.4.13) lm_eval/models/huggingface.py: HFLM(pretrained=BASE, peft=ADAPTER) run on
+# PersonaFuseModel.export_lora(w) of the experts, which holds the fixed mixture w exactly.
+
+CONTEXTS = ["i feel so sad about my exam", "please help me with this math problem", "write a poem"]
+CONTINUATIONS = [" i am so worried", " what is the idea", " thanks", " how do you solve this equation"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pf(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    from conftest import build_tiny
+
+    d = tmp_path_factory.mktemp("pf_lm_eval")
+    pf = build_tiny(d)  # experts' A and B random, non-zero (conftest.randomise_experts)
+    assert all(layer.lora_B.abs().min() > 0 for layer in pf.mixture_layers.values())
+    return pf, d / "base"
+
+
+def _ll_requests(pairs: list[tuple[str, str]]) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(request_type="loglikelihood", doc={}, arguments=p, idx=i) for i, p in enumerate(pairs)]
+
+
+def _reference_lm(pf, base: Path, weights: torch.Tensor, d: Path):
+    """lm-eval's own HFLM over the base with the exported LoRA of ``weights`` (one mixture) loaded
+    by peft. Loaded here, not with HFLM's ``peft=``: that path first resizes the embeddings to
+    len(tokenizer) (95 here, the tiny config has 160 rows), which would change the softmax."""
+    from lm_eval.models.huggingface import HFLM
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    adapter = pf.export_lora(weights, d)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), str(adapter)).eval()
+    return HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(base), device="cpu", batch_size=8)
+
+
+def _ours(pf, routing: str, batch_size: int = 8):
+    from personafuse.evaluation.lm_eval_model import PersonaFuseLM
+
+    return PersonaFuseLM(model=pf, routing=routing, device="cpu", batch_size=batch_size)
+
+
+def _assert_same_ll(ours: list, ref: list, what: str) -> None:
+    assert len(ours) == len(ref)
+    for i, ((a, ga), (b, gb)) in enumerate(zip(ours, ref, strict=True)):
+        assert a == pytest.approx(b, abs=1e-4), f"{what} request {i}: {a} vs lm-eval's {b}"
+        assert ga == gb, f"{what} request {i}: is_greedy {ga} vs lm-eval's {gb}"
+
+
+def test_fixed_mixture_loglikelihoods_equal_lm_eval_hflm_on_the_export(tiny_pf: tuple, tmp_path: Path) -> None:
+    """Log-likelihoods (and rolling ones) at fixed weights through our adapter equal HFLM's on the
+    exported peft LoRA of the same weights, and the experts do change them (not the base alone)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    pf, base = tiny_pf
+    w = torch.softmax(torch.randn(10, generator=torch.Generator().manual_seed(5)) * 2, dim=-1)
+    spec = "fixed:" + ",".join(f"{x:.6f}" for x in w.tolist())
+    ours = _ours(pf, spec, batch_size=3)
+    w = torch.tensor(Routing.parse(spec).weights)  # the normalised row Routing makes of it
+    ref = _reference_lm(pf, base, w, tmp_path / "lora")
+    pairs = [(c, x) for c in CONTEXTS for x in CONTINUATIONS]
+    got = ours.loglikelihood(_ll_requests(pairs))
+    _assert_same_ll(got, ref.loglikelihood(_ll_requests(pairs)), "fixed")
+    plain = HFLM(pretrained=str(base), tokenizer=str(base), device="cpu", batch_size=8, dtype="float32")
+    base_ll = plain.loglikelihood(_ll_requests(pairs))
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, base_ll, strict=True)) > 1e-2  # experts matter
+    docs = [Instance(request_type="loglikelihood_rolling", doc={}, arguments=(c + x,), idx=0) for c, x in pairs[:5]]
+    for a, b in zip(ours.loglikelihood_rolling(docs), ref.loglikelihood_rolling(docs), strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_one_context_one_mixture_across_its_continuations(tiny_pf: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the router, every continuation of a context is scored under the router's weights for
+    that context alone (not context plus continuation): each batch row's weights are its
+    context's, in batches mixing contexts, and each context's log-likelihoods equal HFLM's on the
+    exported LoRA of its own mixture."""
+    from lm_eval.models.huggingface import HFLM
+
+    pf, base = tiny_pf
+    ours = _ours(pf, "router", batch_size=5)  # batches that mix contexts
+    seen: list[tuple[list[int], list[float]]] = []
+    real_call = HFLM._model_call
+
+    def spy(self, inps, attn_mask=None, labels=None):
+        out = real_call(self, inps, attn_mask, labels)
+        if self is ours:
+            seen.extend(zip(inps.tolist(), ours.last_weights.tolist(), strict=True))
+        return out
+
+    monkeypatch.setattr(HFLM, "_model_call", spy)
+    pairs = [(c, x) for c in CONTEXTS for x in CONTINUATIONS]
+    got = ours.loglikelihood(_ll_requests(pairs))
+    routed = {c: pf.route([c])[0] for c in CONTEXTS}
+    assert not torch.allclose(routed[CONTEXTS[0]], routed[CONTEXTS[1]], atol=1e-4)  # the router tells them apart
+    tok = ours.tokenizer
+    assert len(seen) == len(pairs)  # multi-token continuations: one row each
+    for ids, w in seen:
+        ctx = next(c for c in CONTEXTS if ids[: len(tok.encode(c))] == tok.encode(c))
+        assert torch.allclose(torch.tensor(w), routed[ctx], atol=1e-6), f"a row of {ctx!r} ran under another mixture"
+    for j, c in enumerate(CONTEXTS):
+        ref = _reference_lm(pf, base, routed[c], tmp_path / f"lora{j}")
+        mine = [r for (cc, _), r in zip(pairs, got, strict=True) if cc == c]
+        _assert_same_ll(mine, ref.loglikelihood(_ll_requests([(c, x) for x in CONTINUATIONS])), c)
+
+
+def test_coinciding_inputs_of_different_contexts_keep_their_own_mixtures(tiny_pf: tuple, tmp_path: Path) -> None:
+    """("i feel", " so sad about") and ("i feel so", " sad about") feed the model the same tokens,
+    but under two contexts' mixtures: each is still scored under its own (separate passes)."""
+    pf, base = tiny_pf
+    pairs = [("i feel", " so sad about"), ("i feel so", " sad about")]
+    got = _ours(pf, "router").loglikelihood(_ll_requests(pairs))
+    for i, (c, x) in enumerate(pairs):
+        ref = _reference_lm(pf, base, pf.route([c])[0], tmp_path / f"lora{i}")
+        _assert_same_ll([got[i]], ref.loglikelihood(_ll_requests([(c, x)])), c)
+
+
+def test_chat_templated_context_routes_on_the_user_message(tiny_pf: tuple, tmp_path: Path) -> None:
+    """With --apply_chat_template the request's context is a rendered chat: the router reads what
+    PersonaFuseModel.route reads for that conversation (router_text: the user's message, no system
+    prompt, no template text, no assistant prefill), and the scores match HFLM's on the export."""
+    from personafuse.model import router_text
+
+    pf, base = tiny_pf
+    ours = _ours(pf, "router")
+    user = "i feel so sad about my exam"
+    chat = [{"role": "system", "content": "you are a kind friend"}, {"role": "user", "content": user}]
+    ctx = ours.apply_chat_template(chat)
+    prefilled = ours.apply_chat_template([*chat, {"role": "assistant", "content": "i am"}], add_generation_prompt=False)
+    pairs = [(ctx, x) for x in CONTINUATIONS] + [(prefilled, x) for x in CONTINUATIONS]
+    got = ours.loglikelihood(_ll_requests(pairs))
+    assert torch.allclose(ours.last_weights, pf.route([user]).expand(len(ours.last_weights), -1), atol=1e-6)
+    assert not torch.allclose(pf.route([user]), pf.route([ctx]), atol=1e-4)  # the template text would route elsewhere
+    ref = _reference_lm(pf, base, pf.route([user])[0], tmp_path / "lora")
+    _assert_same_ll(got, ref.loglikelihood(_ll_requests(pairs)), "chat")
+    assert "<|user|>" in ctx and ours.query(ctx) == chat and router_text(ours.query(ctx)) == user
+    assert ours.query(prefilled) == chat  # a task's gen_prefix is the answer's start, not the query
+    assert ours.query("plain text") == "plain text"  # a raw context is the user's message itself
+
+
+def test_generation_uses_each_contexts_mixture_and_matches_lm_eval(tiny_pf: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    pf, base = tiny_pf
+    gen = {"until": ["<|end|>"], "max_gen_toks": 6, "do_sample": False}
+    reqs = [Instance(request_type="generate_until", doc={}, arguments=(c, dict(gen)), idx=0) for c in CONTEXTS]
+    ours = _ours(pf, "router", batch_size=3)
+    used: list[torch.Tensor] = []
+    real_gen = HFLM._model_generate
+
+    def spy(self, context, max_length, stop, **kw):
+        out = real_gen(self, context, max_length, stop, **kw)
+        if self is ours:
+            used.append(ours.last_weights.clone())
+        return out
+
+    monkeypatch.setattr(HFLM, "_model_generate", spy)
+    ours.generate_until(reqs)
+    assert len(used) == 1 and used[0].shape == (3, 10)
+    expected = pf.route(CONTEXTS)
+    # lm-eval batches the longest context first; each row carries its own context's weights
+    order = sorted(range(3), key=lambda i: -len(ours.tok_encode(CONTEXTS[i])))
+    assert torch.allclose(used[0], expected[order], atol=1e-6)
+    w = pf.route(["write a poem"])[0]
+    spec = "fixed:" + ",".join(f"{x:.8f}" for x in w.tolist())
+    fixed = _ours(pf, spec, batch_size=3)
+    ref = _reference_lm(pf, base, torch.tensor(Routing.parse(spec).weights), tmp_path / "lora")
+    assert fixed.generate_until(reqs) == ref.generate_until(reqs)
+
+
+def test_direct_model_call_needs_a_request_for_text_routing(tiny_pf: tuple) -> None:
+    from personafuse.traits import POLE_INDEX
+
+    pf, _ = tiny_pf
+    ids = torch.tensor([[7, 8, 9]])
+    with pytest.raises(ValueError, match="outside an lm-eval request: routing mode 'router'"):
+        _ours(pf, "router")._model_call(ids)
+    lm = _ours(pf, "pole:high_C")
+    lm._model_call(ids)
+    assert lm.last_weights[0, POLE_INDEX["high_C"]] == 1 and lm.last_weights.sum() == 1
+    with pytest.raises(ValueError, match="model_args routing='top_k:0'"):
+        _ours(pf, "top_k:0")
+
+
+def test_simple_evaluate_with_chat_template_routes_user_messages(tiny_pf: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through lm-eval's own evaluator (requests built by its tasks, chat template applied by its
+    evaluator), the router is asked about the documents' questions only."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    pf, _ = tiny_pf
+    asked: list = []
+    real_route = pf.route
+    monkeypatch.setattr(pf, "route", lambda qs, tau=None: (asked.extend(qs), real_route(qs, tau))[1])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    _write_tasks(tasks)
+    out = simple_evaluate(model=_ours(pf, "router", batch_size=4), tasks=["pf_tiny_mc", "pf_tiny_gen"],
+                          task_manager=TaskManager(include_path=str(tasks)), apply_chat_template=True)  # fmt: skip
+    questions = {f"What is {i} plus one?" for i in range(4)}
+    from personafuse.model import router_text
+
+    assert {router_text(q) for q in asked} == questions | {f"Q: {q}\nA:" for q in questions}
+    assert 0.0 <= out["results"]["pf_tiny_mc"]["acc,none"] <= 1.0
 
 
 @pytest.mark.parametrize("entry", ["lm_eval", "module"])
