@@ -56,6 +56,7 @@ def test_parse_choice_prefers_explicit_markers() -> None:
         ("Option B or option C, hard to say.", None),
         ("Answer: E", None),
         ("", None),
+        ("A) Photon\nB) Gluon\nC) W boson\nD) Graviton", None),  # the options repeated back
         # The option's own text, whole words only ("Gluon" is not in "Gluons'").
         ("It has to be the graviton.", "D"),
         ("No force carrier here.", None),

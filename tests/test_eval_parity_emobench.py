@@ -202,6 +202,8 @@ def test_eu_free_text_needs_both_parts() -> None:
     assert score_eu("A\nB", {"emotion": 0, "cause": 1}, emos, causes)["score"] == 1.0
     assert score_eu('{"answer_q1": "A", "answer_q2": "B"}', {"emotion": 0, "cause": 1}, emos, causes)["score"] == 1.0
     assert score_eu("A friend would feel B, because of C", {"emotion": 1, "cause": 2}, emos, causes)["score"] == 1.0
+    listing = "A) Joy\nB) Anger\nC) Fear\nD) Pride"  # the options repeated back: no answer
+    assert score_eu(listing, ref, emos, causes)["parsed"] is None
 
 
 def test_missing_configs_name_the_folder(tmp_path: Path) -> None:

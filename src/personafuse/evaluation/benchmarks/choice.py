@@ -92,6 +92,9 @@ def _chosen(t: str, valid: str, keys: Sequence[str]) -> str | None:
 
 def _leading(t: str, valid: str, keys: Sequence[str]) -> str | None:
     """A reply that opens with its letter: "B. text", "(C)", "D)", "A - text", "B\\n...", "A"."""
+    listed = set(re.findall(r"(?m)^\s*[(\[]?([A-Z])[).:\]]", t))
+    if len(listed) >= 3:  # the options repeated back ("A) ...\nB) ...\nC) ..."), not a choice
+        return None
     m = re.match(r"^[(\[]?([A-Z])(?:[).:\]：]|\s*$|\s*\n|\s+[-–—]\s)", t)
     return m.group(1) if m and m.group(1) in valid else None
 

@@ -312,7 +312,7 @@ def score_eu(text: str, reference: Mapping[str, int], emotion_choices: Sequence[
 
 def _split_eu(text: str) -> tuple[str, str]:
     """The emotion part and the cause part of an EU answer: JSON keys, then explicit labels,
-    then the first two lone capital letters in order (one per line or "A, B")."""
+    then exactly two lone capital letters in order (one per line, "A\\nB", or "A, B")."""
     t = text.replace("*", "")
     q1, q2 = json_letter(t, ("answer_q1",)), json_letter(t, ("answer_q2",))
     if q1 or q2:
@@ -329,6 +329,8 @@ def _split_eu(text: str) -> tuple[str, str]:
         for m in re.finditer(r"(?<![A-Za-z0-9'’])([A-F])(?![A-Za-z0-9'’])", t)
         if not (m.group(1) == "A" and re.match(r"\s+[a-z]", t[m.end() :]))
     ]
-    if len(letters) >= 2:
+    if len(letters) == 2:
         return f"[[{letters[0]}]]", f"[[{letters[1]}]]"
+    if len(letters) > 2:  # a listing of the options ("A) ...\nB) ...\nC) ..."), not an answer
+        return "", ""
     return (t, "") if m_e or not m_c else ("", t)
