@@ -70,27 +70,77 @@ def test_scores_equal_a_direct_log_likelihood(tiny: HFTeacher) -> None:
         assert s == pytest.approx(want, abs=1e-4)
 
 
-def test_constrained_mode_never_crashes_and_yields_valid_p(tiny: HFTeacher, tmp_path: Path) -> None:
-    qs = [Query("I feel anxious about my exam.", "distress"), Query("What is 12 squared?", "maths"),
-          Query("Write a limerick about a cat.", "creative_writing")]
+SCRIPT = "The user wants calm and clear help today."  # nine distinct tokens, then the end token
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer) -> HFTeacher:
+    """A tiny Llama that, whatever it is asked, writes SCRIPT and stops: a bigram chain built into
+    its weights (one-hot embeddings, MLP outputs zeroed; token i of the script points to token i+1,
+    every other token to the first). Its random attention still reads the context a little, so the
+    option scores differ by prompt. The constrained pipeline then has real sentences to keep (the
+    random ``tiny`` model never writes one), so the record checks below run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    chain = tokenizer(SCRIPT, add_special_tokens=False)["input_ids"]
+    assert len(set(chain)) == len(chain) and tokenizer.eos_token_id not in chain
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight.zero_()
+        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb.zero_()
+        emb[:, 0] = 1.0  # any token not in the chain: state 0, which starts the script
+        for state, tok in enumerate(chain, 1):
+            emb[tok].zero_()
+            emb[tok, state] = 1.0
+        for state, nxt in enumerate([*chain, tokenizer.eos_token_id]):
+            head[nxt, state] = 10.0  # a logit gap of ~57 after the final norm: greedy or not
+    return HFTeacher(model, tokenizer, name="hf:scripted", max_batch=8)
+
+
+CONSTRAINED_QUERIES = [Query("I feel anxious about my exam.", "distress"), Query("What is 12 squared?", "maths"),
+                       Query("Write a limerick about a cat.", "creative_writing")]
+
+
+def _constrained_run(teacher: HFTeacher, tmp_path: Path):
     cfg = PipelineConfig(constrained=True, response_tokens=12, trim_truncated=True, concurrency=3)
 
     async def go():
         with ShardStore(tmp_path) as st:
-            return await generate(qs, tiny, st, cfg)
+            return await generate(CONSTRAINED_QUERIES, teacher, st, cfg)
 
-    s = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_constrained_mode_never_crashes(tiny: HFTeacher, tmp_path: Path) -> None:
+    s = _constrained_run(tiny, tmp_path)
     assert s.records + s.rejected == 3 and set(s.reasons) <= set(REJECT_REASONS)
-    recs, rejs = lines(tmp_path, "records"), lines(tmp_path, "rejects")
+    rejs = lines(tmp_path, "rejects")
+    assert len(rejs) == s.rejected
+    # The random model almost never writes a sentence end, so its answers get cut: a counted reason,
+    # the raw text kept.
+    for r in rejs:
+        assert r["raw"] is not None and r["reason"] in REJECT_REASONS
+
+
+def test_constrained_mode_yields_valid_records(scripted: HFTeacher, tmp_path: Path) -> None:
+    s = _constrained_run(scripted, tmp_path)
+    recs = lines(tmp_path, "records")
+    assert (s.records, s.rejected, len(recs)) == (3, 0, 3)  # every query reaches the checks below
+    assert sorted(r["query"] for r in recs) == sorted(q.text for q in CONSTRAINED_QUERIES)
     for r in recs:
-        assert sum(r["p"]) >= 1 and r["constrained"] is True
+        assert 1 <= sum(r["p"]) <= 4 and set(r["p"]) <= {0, 1} and r["constrained"] is True
         for t in TRAITS:
             assert not (r["p"][POLE_INDEX[f"high_{t}"]] and r["p"][POLE_INDEX[f"low_{t}"]])
+        assert r["p"] == [int(p in r["traits"]) for p in TRAIT_POLES]  # p is the chosen poles
+        assert r["response"] == SCRIPT and r["cues"] == {"social": SCRIPT, "task": SCRIPT}
         assert set(r["raw"]["scores"]) == {"social", "task"}
-    for r in rejs:
-        assert r["raw"] is not None
-    # The random model almost never writes a sentence end, so its answers get cut: a counted reason.
-    assert all(r["reason"] in REJECT_REASONS for r in rejs)
+        for scores in r["raw"]["scores"].values():
+            assert set(scores) == set(TRAIT_POLES) and len(set(scores.values())) > 1  # really scored
 
 
 def test_constrained_mode_needs_a_scoring_teacher() -> None:
