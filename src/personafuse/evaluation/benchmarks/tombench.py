@@ -26,6 +26,11 @@ per-ability accuracies). The default protocol is theirs:
 
 Beside it, ``*_freetext`` keys score the same replies with our free-text parser (:func:`parse_choice`).
 
+Known differences: one official answer reads "A. " (``Knowledge-Attention Links.jsonl`` line 11);
+their string comparison can never match it, we read its letter. Their shuffles come from one
+``random.seed(42)`` stream in ``os.listdir`` order (not reproducible across machines); ours are
+seeded per item. Their HF run caps prompt + reply at 4096 tokens, ours the reply at 4096.
+
 Online source: ToMBench is not on the Hugging Face Hub in its official form, so without local data
 the 20 files and ``prompts.py`` are fetched from the authors' repository at the pinned commit.
 """
