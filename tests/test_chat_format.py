@@ -95,3 +95,15 @@ def test_eos_ids_join_tokenizer_and_generation_config(tiny):
     assert chat.eos_token_ids(tok, model) == [tok.eos_token_id, 5, 6]
     model.generation_config.eos_token_id = None
     assert chat.eos_token_ids(tok, model) == [tok.eos_token_id]
+
+
+def test_a_raw_prompt_is_sent_as_it_is(tiny):
+    tok = tiny.tokenizer
+    raw = chat.RawPrompt("what is two plus three")
+    assert chat.prompt_text(tok, raw) == "what is two plus three"  # no template, no system prompt
+    assert chat.prompt_text(tok, raw, system="be brief") == "what is two plus three"
+    assert chat.prompt_ids(tok, raw) == tok("what is two plus three")["input_ids"]
+    enc = chat.encode_prompts(tok, [raw, chat.RawPrompt("hello")])
+    assert _unpadded(enc, 0) == chat.prompt_ids(tok, raw)
+    with pytest.raises(ValueError, match="mixes raw prompts"):
+        chat.encode_prompts(tok, [raw, "hello"])

@@ -115,6 +115,19 @@ def test_rescore_refuses_replies_to_another_prompt(tmp_path: Path) -> None:
     assert p.read_text() == before  # nothing rewritten
 
 
+def test_raw_completion_protocol_reaches_the_endpoint_as_a_completion(tmp_path: Path) -> None:
+    """GSM8K's reference (lm-eval) sends a raw completion: the OpenAI subject must use the
+    completions endpoint with the prompt text as is; -o gsm8k.chat_template=true sends a chat."""
+    with ChatServer(_gsm_reply) as srv:
+        raw = _runner(srv, tmp_path / "raw", ["gsm8k"], limit=1).run()
+        assert "prompt" in srv.requests[-1] and "messages" not in srv.requests[-1]
+        assert srv.requests[-1]["prompt"].startswith("Question: ") and srv.requests[-1]["prompt"].endswith("Answer:")
+        chat = _runner(srv, tmp_path / "chat", ["gsm8k"], limit=1, options={"gsm8k": {"chat_template": "true"}}).run()
+        assert srv.requests[-1]["messages"][-1]["content"] == srv.requests[-2]["prompt"]
+    assert raw["benchmarks"]["gsm8k"]["protocol"]["chat_template"] is False
+    assert chat["benchmarks"]["gsm8k"]["protocol"]["chat_template"] is True
+
+
 def test_resume_after_a_torn_last_line(tmp_path: Path) -> None:
     with ChatServer(_gsm_reply) as srv:
         _runner(srv, tmp_path, ["gsm8k"]).run()
