@@ -42,7 +42,7 @@ def test_models_and_health(server, client):
     assert h["status"] == "ok" and h["queue_depth"] == 0
 
 
-def test_non_streaming_carries_weights(client):
+def test_non_streaming_carries_weights(client, tiny):
     r = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "i am so anxious about my exam"}], max_tokens=6, temperature=0
     )
@@ -51,7 +51,8 @@ def test_non_streaming_carries_weights(client):
     persona = r.model_extra["persona"]
     assert persona["mode"] == "router"
     assert list(persona["weights"]) == list(TRAIT_POLES)
-    assert sum(persona["weights"].values()) == pytest.approx(1.0, abs=1e-4)
+    want = tiny.route(["i am so anxious about my exam"])[0].tolist()  # the router's own weights
+    assert list(persona["weights"].values()) == pytest.approx(want, abs=1e-4)
     assert 1 <= r.usage.completion_tokens <= 6 and r.usage.prompt_tokens > 5
 
 
@@ -225,6 +226,7 @@ def test_full_queue_gets_429_and_everything_else_completes(tiny):
     with LiveServer(create_app(tiny, cfg)) as s:
         codes: list[int] = []
         bodies: list[dict] = []
+        retry_after: list[str | None] = []  # checked in the main thread: a thread's assert fails nothing
         lock = threading.Lock()
 
         def one() -> None:
@@ -237,7 +239,7 @@ def test_full_queue_gets_429_and_everything_else_completes(tiny):
                 codes.append(r.status_code)
                 bodies.append(r.json())
                 if r.status_code == 429:
-                    assert r.headers["retry-after"] == "1"
+                    retry_after.append(r.headers.get("retry-after"))
 
         threads = [threading.Thread(target=one) for _ in range(12)]
         for t in threads:
@@ -245,6 +247,7 @@ def test_full_queue_gets_429_and_everything_else_completes(tiny):
         for t in threads:
             t.join(60)
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
+        assert retry_after == ["1"] * codes.count(429)
         for b in bodies:
             if "error" in b:
                 assert "busy" in b["error"]["message"]
@@ -279,25 +282,26 @@ def test_stop_sequences_and_json_body(server):
     ).json()
     text = r["choices"][0]["message"]["content"]
     words = text.split()
-    if len(words) >= 3:
-        stop = " " + words[2]
-        r2 = httpx.post(
-            server.url + "/v1/chat/completions",
-            json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0, "stop": stop},
-        ).json()
-        assert r2["choices"][0]["message"]["content"] == text[: text.find(stop)]
-        assert r2["choices"][0]["finish_reason"] == "stop"
+    assert len(words) >= 3, text  # the stop check below must run, not be skipped
+    stop = " " + words[2]
+    r2 = httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 20, "temperature": 0, "stop": stop},
+    ).json()
+    assert r2["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    assert r2["choices"][0]["finish_reason"] == "stop"
 
 
-def test_evaluation_subject_records_weights_from_the_server(server):
+def test_evaluation_subject_records_weights_from_the_server(server, tiny):
     """`personafuse eval --model openai:...` against this server keeps each reply's weights."""
     from personafuse.evaluation.subjects import OpenAISubject
 
     subject = OpenAISubject("tiny", base_url=server.url + "/v1", api_key="x", concurrency=2, max_retries=0)
-    gens = subject.generate(["i am so anxious", "what is two plus three"], max_new_tokens=3)
-    for g in gens:
+    queries = ["i am so anxious", "what is two plus three"]
+    gens = subject.generate(queries, max_new_tokens=3)
+    for g, want in zip(gens, tiny.route(queries).tolist(), strict=True):  # each reply its own query's
         assert g.weights is not None and list(g.weights) == list(TRAIT_POLES)
-        assert sum(g.weights.values()) == pytest.approx(1.0, abs=1e-4)
+        assert list(g.weights.values()) == pytest.approx(want, abs=1e-4)
 
 
 def test_shutdown_finishes_requests_in_flight(tiny):
