@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mixture_throughput import TARGETS, randomise_lora, share_weights  # noqa: E402
 from personafuse import embedded  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
+from personafuse.packing import group_layers  # noqa: E402
 
 
 def bandwidths() -> dict[str, float]:
@@ -67,6 +68,7 @@ def main() -> None:
     moe = share_weights(base)
     state = MixtureState(10, 8, 16 / 8)
     inject_mixture(moe, TARGETS, state)
+    group_layers(moe, state)  # the packed layout, as PersonaFuseModel applies it
     randomise_lora([p for n, p in moe.named_parameters() if "lora_" in n])
     w = torch.softmax(torch.randn(args.batch, 10) * 2, -1)
     ids = torch.randint(100, 30000, (args.batch, 1))

@@ -46,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import TARGETS, randomise_lora, share_weights  # noqa: E402
 from personafuse import embedded  # noqa: E402
-from personafuse.mixture import _LIVE, MixtureLinear, MixtureState, _match_batch, inject_mixture  # noqa: E402
+from personafuse.mixture import LIVE, MixtureLinear, MixtureState, _match_batch, inject_mixture  # noqa: E402
+from personafuse.packing import group_layers  # noqa: E402
 
 TW = 16  # panel width: one AVX-512 register of fp32
 C_SOURCE = r"""
@@ -184,7 +185,7 @@ def c_mixture_forward(lib: ctypes.CDLL, layer: MixtureLinear, c_base: bool):
     torch_forward = type(layer).forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = _LIVE[self._key] if self._key in _LIVE else self.state.live  # noqa: SIM401
+        live = LIVE[self._key] if self._key in LIVE else self.state.live  # noqa: SIM401
         w = live.expanded
         x2 = x.reshape(-1, x.shape[-1])
         if w is None or live.expert_index is not None or torch.is_grad_enabled() or x2.shape[0] > 32:
@@ -279,6 +280,7 @@ def main() -> None:
         model = share_weights(base)
         state = MixtureState(10, 8, 16 / 8)
         inject_mixture(model, TARGETS, state)
+        group_layers(model, state)  # the packed layout, as PersonaFuseModel applies it
         randomise_lora([p for n, p in model.named_parameters() if "lora_" in n])
         return model, state
 

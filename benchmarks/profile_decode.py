@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from mixture_throughput import SHAPES, TARGETS, cuda_graph_us, load_base, randomise_lora, share_weights  # noqa: E402
 from personafuse import kernels  # noqa: E402
 from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
+from personafuse.packing import group_layers  # noqa: E402
 
 
 def main() -> None:
@@ -79,6 +80,7 @@ def main() -> None:
             state.pack = True if name == "moe_packed" else None
             state.fuse_act = name in ("moe_act", "moe_tuned_act")
             inject_mixture(model, TARGETS, state)
+            group_layers(model, state)  # the packed layout, as PersonaFuseModel applies it
             model.to(device)
             randomise_lora([p for n, p in model.named_parameters() if "lora_" in n])
             state.set(weights)  # packs (on accelerators), outside the compiled region

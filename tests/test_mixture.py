@@ -397,7 +397,7 @@ def test_deep_copy_has_its_own_weights_and_shares_group_outputs():
     key = twin_state.key
     del twin, twin_state, unpickled
     gc.collect()
-    assert key not in mixture._LIVE  # a dropped model's live values go with it
+    assert key not in mixture.LIVE  # a dropped model's live values go with it
 
 
 def test_activation_fusion_is_offered_only_to_mlps_it_computes_exactly():

@@ -20,16 +20,14 @@ import math
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personafuse import kernels
-
 if TYPE_CHECKING:
-    from personafuse.packing import PackedGroup
+    from collections.abc import Callable
 
 
 class _Live:
@@ -47,7 +45,7 @@ class _Live:
 # an aliasing guard per extra path, evaluated in Python on every call; with a cold CPU cache those
 # guards cost 1.1 ms per decode step at 32 layers (measured). A global looked up by a constant key
 # is one path, whatever the number of layers.
-_LIVE: dict[int, _Live] = {}
+LIVE: dict[int, _Live] = {}
 _KEYS = itertools.count()
 
 
@@ -66,7 +64,12 @@ class MixtureState:
         self.scaling = scaling
         self.weights: torch.Tensor | None = None  # [B, E], as given
         self._buffer: torch.Tensor | None = None
-        self.groups: list[PackedGroup] = []  # filled by inject_mixture; every layer is in one
+        self.layers: list[MixtureLinear] = []  # filled by inject_mixture
+        # The packed inference layout, when the caller applies it after injection
+        # (personafuse.packing.group_layers): its groups, and what set() calls with inference-style
+        # weights (the packing, once per routing decision). The state itself knows neither.
+        self.groups: list[Any] = []
+        self.on_inference_weights: list[Callable[[MixtureState, torch.Tensor], None]] = []
         self._hooks: list = []
         self._register()
         # The packed inference layout (PackedGroup, two kernels per sibling group). None = on
@@ -84,17 +87,16 @@ class MixtureState:
 
     def _register(self) -> None:
         self.key = next(_KEYS)
-        self.live = _LIVE[self.key] = _Live()
+        self.live = LIVE[self.key] = _Live()
         self._synced = -1  # the key the layers hold (see _sync_layers)
-        weakref.finalize(self, _LIVE.pop, self.key, None)
+        weakref.finalize(self, LIVE.pop, self.key, None)
 
     def _sync_layers(self, force: bool = False) -> None:
         """Give every layer this state's key (after a copy or unpickling the layers hold the old one)."""
         if self._synced == self.key and not force:
             return
-        for group in self.groups:
-            for m in group.members:
-                m._key = self.key
+        for m in self.layers:
+            m._key = self.key
         self._synced = self.key
 
     def __getstate__(self) -> dict:
@@ -119,7 +121,7 @@ class MixtureState:
     @property
     def dtype(self) -> torch.dtype | None:
         """The adapted layers' dtype, read from them (it follows ``.to()`` / ``.half()`` casts)."""
-        return self.groups[0].members[0].base.weight.dtype if self.groups else None
+        return self.layers[0].base.weight.dtype if self.layers else None
 
     def set(self, weights: torch.Tensor | None, *, pack: bool = True) -> None:
         """Hold ``weights`` [B, E] (or None: base model only) for the forwards that follow.
@@ -153,19 +155,11 @@ class MixtureState:
             else:
                 self._buffer = w
         live.expanded = w
-        if pack and self.pack is not False and not weights.requires_grad:
-            # Inference-style weights: (re)pack here, once per routing decision and outside any
-            # compiled region, so the forward uses the packs without checking them.
-            rows = weights.shape[0]
-            for group in self.groups:
-                if (
-                    group.ensure(force=self.pack is True, fuse=self.fuse, fuse_act=self.fuse_act)
-                    and group.fused
-                    and kernels.AUTOTUNE
-                ):
-                    kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
-                    if group.members[0]._fuse_act:
-                        kernels.tune(rows, rows, group.expand, group._ends, act=group.act)
+        if pack and not weights.requires_grad:
+            # Inference-style weights: the packed layout (if applied) packs here, once per routing
+            # decision and outside any compiled region, so the forward uses the packs unchecked.
+            for fn in self.on_inference_weights:
+                fn(self, weights)
 
     def invalidate_packs(self) -> None:
         """Call after giving parameters new storage by hand (``param.data = ...``)."""
@@ -210,10 +204,10 @@ class MixtureLinear(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
         self.dropout_p = float(dropout)
-        self._key = state.key  # this state's entry in _LIVE
+        self._key = state.key  # this state's entry in LIVE
         # Packed inference (PackedGroup): the group, whether it is packed now, and this layer's
         # place in it, as plain values on the layer so siblings never reach the group in a forward.
-        self._group: PackedGroup | None = None  # set by inject_mixture
+        self._group: Any = None  # a personafuse.packing.PackedGroup, set by packing.group_layers
         self._packed = False
         self._slot = self._bit = self._all = self._lo = self._hi = 0
         self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_MLPForward)
@@ -247,8 +241,8 @@ class MixtureLinear(nn.Module):
         """``W x + ((x A_cat^T) * w) B_cat^T`` (the module docstring), by one of four paths that
         compute the same sum: one expert per row (set_experts), training (the formula as written,
         autograd-friendly), packed inference (PackedGroup) and plain inference (in place)."""
-        # (not _LIVE.get(key, self.state.live): that would reach the state on every call, see _LIVE)
-        live = _LIVE[self._key] if self._key in _LIVE else self.state.live  # noqa: SIM401
+        # (not LIVE.get(key, self.state.live): that would reach the state on every call, see LIVE)
+        live = LIVE[self._key] if self._key in LIVE else self.state.live  # noqa: SIM401
         if live.expert_index is not None:
             base = self.base
             return F.linear(x, base.weight, base.bias) + self._one_expert_per_row(x, live.expert_index)
@@ -256,7 +250,7 @@ class MixtureLinear(nn.Module):
         if w is None:
             # F.linear instead of base(x): this runs 7x per layer per token, call overhead shows.
             return F.linear(x, self.base.weight, self.base.bias)
-        w = _rows_of(w, x)
+        w = rows_of(w, x)
         if torch.is_grad_enabled() or (self.dropout_p and self.training):
             y = F.linear(x, self.base.weight, self.base.bias)
             if self.dropout_p and self.training:
@@ -321,7 +315,7 @@ class MixtureLinear(nn.Module):
         return f"experts={self.state.num_experts}, r={self.state.r}, scaling={self.state.scaling:g}"
 
 
-def _rows_of(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def rows_of(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """The expanded weights [B, 1, E*r] shaped for input ``x``: [tokens, E*r] for [tokens, k]
     inputs (one row per batch element), and repeated where generate expanded the batch."""
     if x.dim() == 2:
@@ -372,9 +366,8 @@ def inject_mixture(
     missing = [t for t in targets if not any(m.split(".")[-1] == t for m in matched)]
     if missing:
         raise ValueError(f"target_modules {missing} matched no linear layer in {type(model).__name__}")
-    from personafuse.packing import group_layers  # (packing builds on this module)
-
-    group_layers(model, state)
+    state.layers = [m for m in model.modules() if isinstance(m, MixtureLinear)]
+    state._sync_layers(force=True)
     # The packed groups' per-forward dict lives exactly one forward of this model (always_call: a
     # failed forward must not leave a stale dict behind). The hooks find the state through the
     # model, so a deep copy's hooks serve the copy's state.

@@ -30,6 +30,7 @@ from personafuse.chat import encode_prompts, eos_token_ids
 from personafuse.config import PersonaFuseConfig
 from personafuse.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
 from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
+from personafuse.packing import group_layers
 from personafuse.router import PersonaEncoder, Router, router_inputs, router_text
 from personafuse.routing import Routing
 from personafuse.traits import POLE_DESCRIPTIONS, TRAIT_POLES, TraitError, weights_dict, weights_from_any
@@ -165,6 +166,7 @@ class PersonaFuseModel(nn.Module):
             p.requires_grad_(False)
         state = MixtureState(config.num_experts, config.r, config.scaling)
         inject_mixture(base_model, list(config.target_modules), state, config.dropout)
+        group_layers(base_model, state)  # the packed inference layout (used on accelerators)
         encoder = PersonaEncoder(encoder_backbone, config.embed_dim, config.encoder_pooling)
         router = Router(encoder, config.num_experts, config.embed_dim, config.tau)
         model = cls(config, base_model, tokenizer, router, encoder_tokenizer, state)
@@ -338,7 +340,7 @@ class PersonaFuseModel(nn.Module):
                 n = int((ids != tok.pad_token_id).sum()) if tok.pad_token_id is not None else len(ids)
                 stops = torch.isin(ids, eos.to(ids.device)).nonzero()
                 eos_hit = len(stops) > 0
-                results[start + row] = Generation(
+                results[i] = Generation(
                     text=tok.decode(ids, skip_special_tokens=True).strip(),
                     weights=weights_dict(w_all[i].tolist()),
                     prompt_tokens=int(enc["attention_mask"][row].sum()),

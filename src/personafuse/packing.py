@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from personafuse import kernels
-from personafuse.mixture import _LIVE, MixtureLinear, MixtureState, _rows_of
+from personafuse.mixture import LIVE, MixtureLinear, MixtureState, rows_of
 
 
 class PackedGroup:
@@ -245,15 +245,29 @@ class _MLPForward:
         gate = mlp.gate_proj
         mode = gate._fuse_act
         if mode and (mode == 2 or torch.compiler.is_compiling()) and not torch.is_grad_enabled():
-            live = _LIVE[gate._key] if gate._key in _LIVE else gate.state.live  # noqa: SIM401
+            live = LIVE[gate._key] if gate._key in LIVE else gate.state.live  # noqa: SIM401
             w = live.expanded
             if w is not None and live.expert_index is None and not (gate.dropout_p and gate.training):
-                return mlp.down_proj(gate._group.compute_act(x, _rows_of(w, x)))
+                return mlp.down_proj(gate._group.compute_act(x, rows_of(w, x)))
         return type(mlp).forward(mlp, x)
 
 
+def pack_groups(state: MixtureState, weights: torch.Tensor) -> None:
+    """(Re)pack the state's groups for inference-style weights (called by ``MixtureState.set``)."""
+    if state.pack is False:
+        return
+    rows = weights.shape[0]
+    for group in state.groups:
+        if group.ensure(force=state.pack is True, fuse=state.fuse, fuse_act=state.fuse_act) and group.fused and kernels.AUTOTUNE:
+            kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
+            if group.members[0]._fuse_act:
+                kernels.tune(rows, rows, group.expand, group._ends, act=group.act)
+
+
 def group_layers(model: nn.Module, state: MixtureState) -> None:
-    """Form the sibling groups of an injected model (every mixture layer is in one) on ``state``."""
+    """Apply the packed layout to a model after :func:`~personafuse.mixture.inject_mixture`: form
+    the sibling groups (every mixture layer is in one) on ``state`` and have ``state.set`` pack
+    them for inference-style weights. Without this call the mixture runs unpacked."""
     for group in state.groups:
         group.invalidate()
     state.groups = []
@@ -276,4 +290,5 @@ def group_layers(model: nn.Module, state: MixtureState) -> None:
     for slot, group in enumerate(state.groups):
         for pos, m in enumerate(group.members):
             m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
-    state._sync_layers(force=True)  # the groups' layers may be new
+    if pack_groups not in state.on_inference_weights:
+        state.on_inference_weights.append(pack_groups)
