@@ -52,8 +52,19 @@ def test_pf_router_weights_and_routing_analysis(ckpt: Path, tmp_path: Path) -> N
     from personafuse.evaluation.routing_analysis import analyse
 
     rep = analyse([], situations=str(FIXTURES / "situations.jsonl"), model=f"pf:{ckpt}", out=str(tmp_path))
+    # Each situation's row is the mean of the router's weights over that situation's own queries.
+    from personafuse import PersonaFuseModel
+
+    model = PersonaFuseModel.from_pretrained(ckpt)
+    by_sit: dict[str, list[str]] = {}
+    for line in (FIXTURES / "situations.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        by_sit.setdefault(row["situation"], []).append(row["query"])
+    assert sorted(r["group"] for r in rep.rows) == sorted(by_sit)
     for row in rep.rows:
-        assert sum(row[p] for p in TRAIT_POLES) == pytest.approx(1.0, abs=1e-5)
+        want = model.route(by_sit[row["group"]]).mean(0).tolist()
+        assert row["n"] == len(by_sit[row["group"]])
+        assert [row[p] for p in TRAIT_POLES] == pytest.approx(want, abs=1e-5), row["group"]
     assert (tmp_path / "radar_situations.png").is_file()
 
 
