@@ -204,8 +204,9 @@ def test_hf_subject_on_a_tiny_model(tmp_path: Path) -> None:
     subj = load_subject(f"hf:{path}")
     assert isinstance(subj, HFSubject)
     gens = subj.generate(["Hi", [{"role": "user", "content": "A longer question here?"}], "x"], max_new_tokens=4)
-    again = subj.generate(["Hi", [{"role": "user", "content": "A longer question here?"}], "x"], max_new_tokens=4)
-    assert [g.text for g in gens] == [g.text for g in again]  # greedy is deterministic; order kept
+    # Each prompt alone: a batched call that forgot to undo its length sort would differ here.
+    alone = [subj.generate([p], max_new_tokens=4)[0] for p in ["Hi", [{"role": "user", "content": "A longer question here?"}], "x"]]
+    assert [g.text for g in gens] == [g.text for g in alone] and len({g.text for g in alone}) == 3
     assert all(g.weights is None for g in gens)
 
 
