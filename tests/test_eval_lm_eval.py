@@ -1,5 +1,9 @@
 """The registered lm-eval ``personafuse`` model runs small local lm-eval tasks end to end on a tiny
-model: loglikelihood (multiple choice), loglikelihood_rolling (perplexity) and generate_until."""
+model: loglikelihood (multiple choice), loglikelihood_rolling (perplexity) and generate_until.
+
+On a tiny PersonaFuse model with non-zero random experts it also matches lm-eval's own ``HFLM`` on
+the ``export_lora`` of the same mixture (log-likelihoods to 1e-4, greedy generations exactly), and
+each request is routed on its context alone, as the query ``PersonaFuseModel.route`` gets."""
 
 from __future__ import annotations
 
@@ -451,3 +455,18 @@ def test_eq_bench_local_docs_score_100_with_the_reference_answer() -> None:
     assert eq_bench_local.calculate_score_fullscale(docs[0], [answer]) == {"eqbench": 100.0, "percent_parseable": 100}
     with pytest.raises(Exception, match="no_such.json"):
         eq_bench_local.load(eq_bench_file="/nonexistent/no_such.json")
+
+
+def test_device_model_argument_places_the_model(tmp_path: Path) -> None:
+    """HFLM leaves a model it is handed where it is; the adapter puts it on ``device`` first
+    (before, ``--device cuda`` ran a PersonaFuse checkpoint on the CPU)."""
+    from conftest import build_tiny
+
+    pf = build_tiny()
+    from personafuse.evaluation.lm_eval_model import PersonaFuseLM
+
+    lm = PersonaFuseLM(model=pf, routing="router", device="meta", batch_size=1)
+    assert lm.device.type == "meta" and pf.device.type == "meta"
+    assert next(pf.base_model.parameters()).device.type == "meta"
+    with pytest.raises(TypeError, match="PersonaFuseModel"):
+        PersonaFuseLM(model=object())

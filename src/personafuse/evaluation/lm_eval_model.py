@@ -58,19 +58,28 @@ LM_EVAL_VERSION = "0.4.13"
 ROUTER_CHUNK = 64  # queries per router call: the encoder sees at most this many at once
 
 
-def _load(spec: str, dtype: str) -> tuple[Any, Any, Any]:
-    """(HF causal LM, tokenizer, PersonaFuse model or None) for a ``--model``-style spec."""
+def _device(requested: str | None) -> str:
+    """Where a model this class loads goes: the ``device`` model argument, else CUDA when there is
+    one. HFLM leaves a model it is handed where it is, so it is placed here, before HFLM sees it."""
+    if requested:
+        return str(requested)
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
+    """(HF causal LM, tokenizer, PersonaFuse model or None) for a ``--model``-style spec, on ``device``."""
     from personafuse.evaluation.subjects import SubjectOptions, is_personafuse_dir, load_subject
 
     head, sep, rest = spec.partition(":")
     if (sep and head == "pf") or is_personafuse_dir(spec):
         from personafuse import PersonaFuseModel
 
-        pf = PersonaFuseModel.from_pretrained(rest if sep else spec)
+        pf = PersonaFuseModel.from_pretrained(rest if sep else spec, **({"dtype": dtype} if dtype != "auto" else {}))
+        pf.to(device)
         return pf.base_model, pf.tokenizer, pf
     if sep and head == "openai":
         raise ValueError("model=openai:... is not a local model; use lm-eval's own local-chat-completions model for endpoints")
-    subj = load_subject(spec, SubjectOptions(dtype=dtype))
+    subj = load_subject(spec, SubjectOptions(dtype=dtype, device=device))
     return subj.model, subj.tokenizer, None  # type: ignore[attr-defined]
 
 
@@ -146,9 +155,11 @@ class PersonaFuseLM(HFLM):
             warnings.warn(f"PersonaFuseLM was written against lm-eval {LM_EVAL_VERSION}, this is "
                           f"{lm_eval.__version__}: check its HFLM batching hooks", stacklevel=2)  # fmt: skip
         if isinstance(model, str):
-            hf_model, tok, pf = _load(model, str(dtype))
+            hf_model, tok, pf = _load(model, str(dtype), _device(kwargs.get("device")))
         elif hasattr(model, "mixture_weights") and hasattr(model, "route"):
             hf_model, tok, pf = model.base_model, model.tokenizer, model  # a PersonaFuseModel built in-process
+            if kwargs.get("device"):
+                pf.to(kwargs["device"])
         else:
             raise TypeError(f"model must be a --model spec string or a PersonaFuseModel, got {type(model).__name__}")
         if tok.pad_token is None:
