@@ -69,7 +69,8 @@ def is_personafuse_dir(path: str | Path) -> bool:
 def load_personafuse(spec: str | ModelSpec, **overrides: Any) -> Any:
     """A :class:`~personafuse.PersonaFuseModel` for a spec: a checkpoint, the embedded default, or
     a plain model (``base``, ``hf:``, a bare id) as the base of fresh, untrained experts.
-    ``overrides`` go to :class:`~personafuse.PersonaFuseConfig` for new models."""
+    ``overrides`` (e.g. ``dtype``) go to :class:`~personafuse.PersonaFuseConfig` or to
+    ``from_pretrained``."""
     from personafuse.config import PersonaFuseConfig
     from personafuse.model import PersonaFuseModel
 
@@ -77,7 +78,7 @@ def load_personafuse(spec: str | ModelSpec, **overrides: Any) -> Any:
     if s.kind == "personafuse":
         if s.embedded:
             return PersonaFuseModel.from_config(PersonaFuseConfig(**overrides))
-        return PersonaFuseModel.from_pretrained(s.target)
+        return PersonaFuseModel.from_pretrained(s.target, **overrides)
     if s.kind == "hf":
         p = Path(s.target)
         if p.is_dir() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):

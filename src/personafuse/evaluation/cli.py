@@ -55,11 +55,13 @@ def eval_command(
         torch.set_num_threads(threads)
     from rich.console import Console
 
+    from personafuse.chat_cli import quiet_loading
     from personafuse.evaluation.data import DataError
     from personafuse.evaluation.report import summary_table
     from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
+    quiet_loading()  # the run shows its own progress; no transformers bar per model load
     cfg = EvalConfig(
         model=model,
         benchmarks=[b.strip() for b in benchmarks.split(",") if b.strip()],

@@ -67,17 +67,18 @@ def _device(requested: str | None) -> str:
 
 
 def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
-    """(HF causal LM, tokenizer, PersonaFuse model or None) for a ``--model``-style spec, on ``device``."""
-    from personafuse.evaluation.subjects import SubjectOptions, is_personafuse_dir, load_subject
+    """(HF causal LM, tokenizer, PersonaFuse model or None) for a ``--model``-style spec, on
+    ``device``, in the grammar every command reads (:mod:`personafuse.specs`: ``default`` is the
+    embedded PersonaFuse, ``base`` the plain embedded SmolLM2)."""
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
+    from personafuse.specs import ModelSpec, load_personafuse
 
-    head, sep, rest = spec.partition(":")
-    if (sep and head == "pf") or is_personafuse_dir(spec):
-        from personafuse import PersonaFuseModel
-
-        pf = PersonaFuseModel.from_pretrained(rest if sep else spec, **({"dtype": dtype} if dtype != "auto" else {}))
+    s = ModelSpec.parse(spec)
+    if s.kind == "personafuse":
+        pf = load_personafuse(s, **({"dtype": dtype} if dtype != "auto" else {}))
         pf.to(device)
         return pf.base_model, pf.tokenizer, pf
-    if sep and head == "openai":
+    if s.kind == "openai":
         raise ValueError("model=openai:... is not a local model; use lm-eval's own local-chat-completions model for endpoints")
     subj = load_subject(spec, SubjectOptions(dtype=dtype, device=device))
     return subj.model, subj.tokenizer, None  # type: ignore[attr-defined]
