@@ -180,12 +180,6 @@ def test_resume_drops_log_lines_past_the_last_checkpoint(tmp_path: Path) -> None
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3, 4, 5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=json.JSONDecodeError,
-    reason="real defect: stages.train_loop parses every old log line with json.loads when it drops "
-    "lines past the checkpoint, so a torn last line (a crash mid-write) raises JSONDecodeError",
-)
 def test_resume_survives_a_torn_last_log_line(tmp_path: Path) -> None:
     """The crash hit mid-write of step 4's log line: the torn line is dropped, not a crash."""
     records = _records(tmp_path, 30, seed=4)

@@ -57,9 +57,12 @@ def router_loss(
     beta: float = 1.0,
     margin: float = DEFAULT_MARGIN,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Eq. (6). Returns the loss and its parts (as floats, for logging)."""
+    """Eq. (6), L_router = L_contrastive + beta * L_trait: the one composition stages 2 and 3 train
+    with. L_trait counts only pairs of queries that share their activation vector (the stage-2
+    batches share one; the joint stage's uniform batches mostly do not). Returns the loss and its
+    parts (as floats, for logging)."""
     lc = contrastive_loss(h, expert_embeddings, p, margin)
-    lt = trait_consistency_loss(h)
+    lt = trait_consistency_loss(h, p)
     loss = lc + beta * lt
     return loss, {"contrastive": float(lc.detach()), "trait": float(lt.detach()), "router": float(loss.detach())}
 

@@ -351,6 +351,20 @@ class PersonaFuseModel(nn.Module):
         return results  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ persistence
+    def expert_parameters(self) -> dict[str, nn.Parameter]:
+        """The ten experts' stacked LoRA factors, by their names in this module (what stages 1
+        and 3 train)."""
+        return {
+            f"base_model.{name}.{part}": getattr(layer, part)
+            for name, layer in self.mixture_layers.items()
+            for part in ("lora_A", "lora_B")
+        }
+
+    def router_parameters(self) -> dict[str, nn.Parameter]:
+        """The router's parameters (encoder, projection, expert embeddings), by their names in this
+        module (what stages 2 and 3 train)."""
+        return {f"router.{n}": p for n, p in self.router.named_parameters()}
+
     @property
     def mixture_layers(self) -> dict[str, MixtureLinear]:
         return mixture_layers(self.base_model)

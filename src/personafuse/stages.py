@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from personafuse import engine
-from personafuse.losses import causal_lm_loss_sums, contrastive_loss, trait_consistency_loss
+from personafuse.losses import causal_lm_loss_sums, router_loss
 from personafuse.mixture import MixtureLinear
 from personafuse.model import PersonaFuseModel
 from personafuse.records import Record, encode_record
 from personafuse.router import router_inputs
 from personafuse.train_config import StageConfig, TrainConfig
+from personafuse.traits import NUM_POLES
 
 Row = tuple[int, int]  # (record index, expert index or -1)
 
@@ -68,7 +69,7 @@ def warmup_plan(
 ) -> Callable[[int], list[Row]]:
     """Stage 1: each step takes ``rows_per_expert`` records of every expert i from its own stream
     over ``{r | p_i = 1}``: the same rows expert i would see in a run of its own."""
-    experts = list(range(10)) if experts is None else list(experts)
+    experts = list(range(NUM_POLES)) if experts is None else list(experts)
     streams = {}
     for i in experts:
         idx = [k for k, r in enumerate(records) if r.p and r.p[i]]
@@ -121,6 +122,9 @@ class WarmupObjective(nn.Module):
         super().__init__()
         self.pf = pf
 
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.pf.expert_parameters()
+
     def forward(self, input_ids, attention_mask, labels, experts):
         # set_experts(), not use(): the experts must stay in place for activation-checkpointing
         # recompute during backward. One expert per row: only its rank-r adapter runs.
@@ -133,11 +137,12 @@ class RouterObjective(nn.Module):
         super().__init__()
         self.pf, self.beta, self.margin = pf, beta, margin
 
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.pf.router_parameters()
+
     def forward(self, enc_ids, enc_mask, p):
         h = self.pf.router.encoder(enc_ids, enc_mask)
-        lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
-        lt = trait_consistency_loss(h, p)
-        return lc, lt
+        return router_loss(h, self.pf.router.expert_embeddings, p, self.beta, self.margin)
 
 
 class JointObjective(nn.Module):
@@ -145,19 +150,27 @@ class JointObjective(nn.Module):
         super().__init__()
         self.pf, self.beta, self.margin = pf, beta, margin
 
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return {**self.pf.expert_parameters(), **self.pf.router_parameters()}
+
     def forward(self, input_ids, attention_mask, labels, enc_ids, enc_mask, p):
         w, h = self.pf.router(enc_ids, enc_mask)
-        self.pf.state.set(w)  # kept for activation-checkpointing recompute (see WarmupObjective)
+        # The LM loss reaches the router through w (tests/test_safety_net.py); kept set for
+        # activation-checkpointing recompute (see WarmupObjective).
+        self.pf.state.set(w)
         sums, counts = causal_lm_loss_sums(self.pf.base_model, input_ids, attention_mask, labels)
-        lc = contrastive_loss(h, self.pf.router.expert_embeddings, p, self.margin)
-        lt = trait_consistency_loss(h, p)
-        return sums, counts, lc, lt
+        lr_, parts = router_loss(h, self.pf.router.expert_embeddings, p, self.beta, self.margin)
+        return sums, counts, lr_, parts
 
 
 class SFTObjective(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        # peft marks its adapter trainable and freezes the rest (get_peft_model)
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def forward(self, input_ids, attention_mask, labels):
         return causal_lm_loss_sums(self.model, input_ids, attention_mask, labels)
@@ -220,7 +233,7 @@ class Featurizer:
 
     def p_batch(self, ks: Sequence[int], device) -> torch.Tensor:
         return torch.tensor(
-            [list(self.records[k].p or (0,) * 10) for k in ks], dtype=torch.float32, device=device
+            [list(self.records[k].p or (0,) * NUM_POLES) for k in ks], dtype=torch.float32, device=device
         )
 
 
@@ -295,6 +308,146 @@ def _clip_per_expert_sharded(grads, max_norm: float, num_experts: int, r: int) -
 ENCODER_BACKBONE = "router.encoder.backbone."  # the pretrained part of the router (StageConfig.encoder_lr)
 
 
+class _StageRun:
+    """One stage's training state, set up as a torchtune recipe sets up: accelerator, float32
+    master copies of half-precision trainables, the (possibly sharded) model, optimiser, schedule."""
+
+    def __init__(self, name: str, sc: StageConfig, tc: TrainConfig, objective: nn.Module, trainable: dict[str, nn.Parameter]) -> None:
+        from transformers import get_scheduler
+
+        if not trainable:
+            raise ValueError(f"stage {name}: nothing to train")
+        self.name, self.sc, self.objective, self.trainable = name, sc, objective, trainable
+        self.acc = acc = engine.make_accelerator(tc.mixed_precision)
+        self.main = acc.is_main_process  # files are written by one process; every process reads them
+        if self.main and acc.num_processes > 1:
+            tqdm.write(f"{name}: {engine.describe(acc)}")
+        for p in objective.parameters():
+            p.requires_grad_(False)
+        for p in trainable.values():
+            p.requires_grad_(True)
+        # Trainable tensors of a half-precision model train as float32 master weights (a bf16 weight
+        # cannot take an update 1e-4 of its size: the joint stage's lr of 1e-5 would mostly vanish).
+        # Compute stays in the model's dtype through autocast; the dtypes are restored at the end.
+        self.original_dtypes = {k: p.dtype for k, p in trainable.items()}
+        half = next((d for d in self.original_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
+        for p in trainable.values():
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+        _drop_inference_packs(objective)  # new storage: packs must not alias the old one
+        model, live, paths = objective, trainable, None  # what trains: the objective, or its sharded copy
+        if engine.is_fsdp(acc):
+            model, paths = engine.shard_copy(objective, trainable)
+            live = engine.params_by_path(model, paths)
+        self.autocast = (
+            torch.autocast(acc.device.type, dtype=half) if half is not None and acc.mixed_precision == "no" else contextlib.nullcontext()
+        )
+        optimizer = _optimizer(name, sc, live)
+        scheduler = get_scheduler(
+            sc.scheduler, optimizer, num_warmup_steps=math.ceil(sc.warmup_ratio * sc.steps), num_training_steps=sc.steps
+        )
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        # fully_shard replaced the parameters with sharded ones: find them again
+        self.live = engine.params_by_path(self.model, paths) if paths is not None else live
+
+    def resume_from(self, out_dir: Path, resume: bool) -> int:
+        """The step to start from: the latest checkpoint's (its log lines past it dropped), else 0."""
+        log_path = out_dir / "losses.jsonl"
+        ckpt = latest_checkpoint(out_dir) if resume else None
+        start = 0
+        if ckpt is not None:
+            state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
+            engine.load_checkpoint_state(self.acc, self.model, self.live, self.optimizer, self.scheduler, state, str(ckpt / "state.pt"))
+            start = state["step"]
+            if self.main and log_path.exists():
+                kept = [e for e in _read_log(log_path) if e["step"] <= start]
+                log_path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+        elif self.main and log_path.exists():
+            log_path.unlink()
+        self.acc.wait_for_everyone()
+        return start
+
+    def step(self, step: int, plan: Callable[[int], list[Row]], step_fn: Callable[..., dict[str, float]], clip_fn: Any) -> dict[str, float]:
+        with self.autocast:
+            stats = step_fn(self.acc, self.model, plan(step), step)
+        if self.sc.max_grad_norm:
+            if clip_fn is not None:
+                clip_fn(self.model, self.sc.max_grad_norm)
+            else:
+                self.acc.clip_grad_norm_(list(self.live.values()), self.sc.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return stats
+
+    def checkpoint(self, out_dir: Path, done: int) -> None:
+        state = engine.checkpoint_state(self.acc, self.model, self.live, self.optimizer, self.scheduler, done)  # every process
+        if self.main:
+            _save_checkpoint(out_dir, state)
+
+    def finish(self) -> None:
+        """Hand the trained values back to ``trainable`` in their original dtypes."""
+        if self.live is not self.trainable:
+            engine.hand_back(self.live, self.trainable)
+            self.acc.free_memory()  # the sharded copy, its optimiser state and gradients
+        _restore_dtypes(self.trainable, self.original_dtypes)
+        _drop_inference_packs(self.objective)
+
+
+def _optimizer(name: str, sc: StageConfig, live: dict[str, nn.Parameter]) -> torch.optim.Optimizer:
+    groups: list[dict[str, Any]] = [{"params": list(live.values())}]
+    if sc.encoder_lr is not None:
+        enc = [p for n, p in live.items() if n.startswith(ENCODER_BACKBONE)]
+        rest = [p for n, p in live.items() if not n.startswith(ENCODER_BACKBONE)]
+        groups = [g for g in ({"params": rest}, {"params": enc, "lr": sc.encoder_lr}) if g["params"]]
+    if sc.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+    if sc.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=sc.lr, weight_decay=sc.weight_decay)
+    raise ValueError(f"stage {name}: unknown optimizer {sc.optimizer!r}; expected adamw or sgd")
+
+
+class _StageLog:
+    """losses.jsonl (one line per step, flushed), TensorBoard scalars and the progress bar."""
+
+    def __init__(self, name: str, out_dir: Path, steps: int, start: int, main: bool) -> None:
+        self.name, self.main = name, main
+        self.writer = None
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+        self.bar = tqdm(total=steps, initial=start, desc=name, disable=not main, dynamic_ncols=True)
+        self.file = (out_dir / "losses.jsonl").open("a") if main else None
+
+    def __enter__(self) -> _StageLog:
+        return self
+
+    def write(self, step: int, lr: float, stats: dict[str, float], dt: float) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps({"step": step, "lr": lr, "seconds": dt, **stats}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            for k, v in stats.items():
+                self.writer.add_scalar(f"{self.name}/{k}", v, step)
+        postfix = {k: f"{v:.4f}" for k, v in stats.items() if k.startswith("loss")}
+        if "tokens" in stats:
+            postfix["tok/s"] = f"{stats['tokens'] / dt:.0f}"
+        self.bar.set_postfix(postfix)
+        self.bar.update(1)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.file is not None:
+            self.file.close()
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
 def train_loop(
     name: str,
     sc: StageConfig,
@@ -309,149 +462,32 @@ def train_loop(
     clip_fn: Callable[[nn.Module, float], None] | None = None,
     stop_after: int | None = None,
 ) -> StageResult:
-    """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``.
+    """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``:
+    set up, resume, loop (step, log, checkpoint), hand back.
 
     ``trainable`` (name -> parameter of ``objective``) ends the stage holding the trained values,
     whole and in its original dtypes, whatever the engine (see :mod:`personafuse.engine`)."""
-    from transformers import get_scheduler
-
-    acc = engine.make_accelerator(tc.mixed_precision)
-    main = acc.is_main_process  # files are written by one process; every process reads them
-    if main and acc.num_processes > 1:
-        tqdm.write(f"{name}: {engine.describe(acc)}")
+    run = _StageRun(name, sc, tc, objective, trainable)  # refuses a bad engine before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    if main:
+    if run.main:
         tc.save(out_dir / "train_config.json")
-    for p in objective.parameters():
-        p.requires_grad_(False)
-    for p in trainable.values():
-        p.requires_grad_(True)
-    if not trainable:
-        raise ValueError(f"stage {name}: nothing to train")
-    # Trainable tensors of a half-precision model train as float32 master weights (a bf16 weight
-    # cannot take an update 1e-4 of its size: the joint stage's lr of 1e-5 would mostly vanish).
-    # Compute stays in the model's dtype through autocast; the dtypes are restored at the end.
-    original_dtypes = {k: p.dtype for k, p in trainable.items()}
-    half = next((d for d in original_dtypes.values() if d in (torch.float16, torch.bfloat16)), None)
-    for p in trainable.values():
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.float()
-    _drop_inference_packs(objective)  # new storage: packs must not alias the old one
-    model, live = objective, trainable  # what trains: the objective itself, or its sharded copy
-    if engine.is_fsdp(acc):
-        model, paths = engine.shard_copy(objective, trainable)
-        live = engine.params_by_path(model, paths)
-    autocast = (
-        torch.autocast(acc.device.type, dtype=half)
-        if half is not None and acc.mixed_precision == "no"
-        else contextlib.nullcontext()
-    )
-    groups: list[dict[str, Any]] = [{"params": list(live.values())}]
-    if sc.encoder_lr is not None:
-        enc = [p for n, p in live.items() if n.startswith(ENCODER_BACKBONE)]
-        rest = [p for n, p in live.items() if not n.startswith(ENCODER_BACKBONE)]
-        groups = [g for g in ({"params": rest}, {"params": enc, "lr": sc.encoder_lr}) if g["params"]]
-    if sc.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, lr=sc.lr, weight_decay=sc.weight_decay)
-    elif sc.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=sc.lr, weight_decay=sc.weight_decay)
-    else:
-        raise ValueError(f"stage {name}: unknown optimizer {sc.optimizer!r}; expected adamw or sgd")
-    scheduler = get_scheduler(
-        sc.scheduler,
-        optimizer,
-        num_warmup_steps=math.ceil(sc.warmup_ratio * sc.steps),
-        num_training_steps=sc.steps,
-    )
-    model, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
-    if live is not trainable:
-        live = engine.params_by_path(model, paths)  # fully_shard replaced them with sharded ones
-
-    def finish() -> None:
-        if live is not trainable:
-            engine.hand_back(live, trainable)
-            acc.free_memory()  # the sharded copy, its optimiser state and gradients
-        _restore_dtypes(trainable, original_dtypes)
-        _drop_inference_packs(objective)
-
-    start = 0
-    log_path = out_dir / "losses.jsonl"
-    ckpt = latest_checkpoint(out_dir) if resume else None
-    if ckpt is not None:
-        state = torch.load(ckpt / "state.pt", weights_only=False, map_location="cpu")
-        engine.load_checkpoint_state(acc, model, live, optimizer, scheduler, state, str(ckpt / "state.pt"))
-        start = state["step"]
-        if main and log_path.exists():  # drop log lines past the checkpoint
-            kept = [
-                line
-                for line in log_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start
-            ]
-            log_path.write_text("".join(line + "\n" for line in kept))
-    elif main and log_path.exists():
-        log_path.unlink()
-    acc.wait_for_everyone()
-    if start >= sc.steps:
-        finish()
-        return StageResult(name, out_dir, start, _read_log(log_path))
-
-    writer = None
-    if acc.is_main_process:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start + 1)
-        except ImportError:  # tensorboard is optional
-            writer = None
-    bar = tqdm(
-        total=sc.steps, initial=start, desc=f"{name}", disable=not acc.is_main_process, dynamic_ncols=True
-    )
-    model.train()
-    log_file = log_path.open("a") if main else None
-    try:
-        for step in range(start, sc.steps):
-            t0 = time.perf_counter()
-            rows = plan(step)
-            with autocast:
-                stats = step_fn(acc, model, rows, step)
-            if sc.max_grad_norm:
-                if clip_fn is not None:
-                    clip_fn(model, sc.max_grad_norm)
-                else:
-                    acc.clip_grad_norm_(list(live.values()), sc.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            dt = time.perf_counter() - t0
-            entry = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "seconds": dt, **stats}
-            if log_file is not None:
-                log_file.write(json.dumps(entry) + "\n")
-                log_file.flush()
-                if writer is not None:
-                    for k, v in stats.items():
-                        writer.add_scalar(f"{name}/{k}", v, step + 1)
-                postfix = {k: f"{v:.4f}" for k, v in stats.items() if k.startswith("loss")}
-                if "tokens" in stats:
-                    postfix["tok/s"] = f"{stats['tokens'] / dt:.0f}"
-                bar.set_postfix(postfix)
-                bar.update(1)
-            done = step + 1
-            if done % tc.save_every == 0 or done == sc.steps or done == stop_after:
-                state = engine.checkpoint_state(acc, model, live, optimizer, scheduler, done)  # every process
-                if main:
-                    _save_checkpoint(out_dir, state)
-            if stop_after is not None and done >= stop_after:
-                break
-    finally:
-        if log_file is not None:
-            log_file.close()
-        bar.close()
-        if writer is not None:
-            writer.close()
-    finish()
-    acc.wait_for_everyone()
-    losses = _read_log(log_path)
-    if main:
+    start = done = run.resume_from(out_dir, resume)
+    if start < sc.steps:
+        run.model.train()
+        with _StageLog(name, out_dir, sc.steps, start, run.main) as log:
+            for step in range(start, sc.steps):
+                t0 = time.perf_counter()
+                stats = run.step(step, plan, step_fn, clip_fn)
+                done = step + 1
+                log.write(done, run.scheduler.get_last_lr()[0], stats, time.perf_counter() - t0)
+                if done % tc.save_every == 0 or done == sc.steps or done == stop_after:
+                    run.checkpoint(out_dir, done)
+                if stop_after is not None and done >= stop_after:
+                    break
+    run.finish()
+    run.acc.wait_for_everyone()
+    losses = _read_log(out_dir / "losses.jsonl")
+    if run.main and done > start:
         plot_losses(losses, out_dir / "loss.png", title=name)
     return StageResult(name, out_dir, done, losses)
 
@@ -486,9 +522,20 @@ def _save_checkpoint(out_dir: Path, state: dict[str, Any], keep: int = 2) -> Non
 
 
 def _read_log(path: Path) -> list[dict[str, float]]:
+    """The stage's log lines; a torn last line (a crash mid-write) is dropped, as the evaluation
+    runner and the data store drop theirs."""
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for n, line in enumerate(lines, 1):
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise ValueError(f"{path}:{n}: not valid JSON; delete the line to go on") from None
+    return out
 
 
 def plot_losses(losses: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -533,6 +580,22 @@ def _shard(acc, rows: list[Row]) -> list[Row]:
     return rows[acc.process_index :: acc.num_processes]
 
 
+def micro_batches(
+    acc, objective: nn.Module, rows: list[Row], size: int, order: Callable[[list[Row]], list[Row]] | None = None
+) -> Iterator[tuple[list[Row], float]]:
+    """The one micro-batch / accumulation pattern of every stage: this process's share of a step's
+    rows (``order`` may sort it), in chunks of ``size``, each with its fraction of that share; the
+    caller's forward and backward run inside DDP's ``no_sync`` for every chunk but the last, so
+    gradients are all-reduced once per step."""
+    mine = _shard(acc, rows)
+    if order is not None:
+        mine = order(mine)
+    chunks = _chunks(mine, size)
+    for c, chunk in enumerate(chunks):
+        with _sync_last(acc, objective, c, len(chunks)):
+            yield chunk, len(chunk) / max(len(mine), 1)
+
+
 # --------------------------------------------------------------------------- stages
 def _stage_dir(tc: TrainConfig, name: str) -> Path:
     return Path(tc.out) / name
@@ -551,40 +614,33 @@ def run_warmup(
     sc = tc.warmup
     feats = Featurizer.for_model(records, pf, tc)
     plan = warmup_plan(records, sc.batch_size * sc.grad_accum, tc.seed, experts)
-    trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n}
+    objective = WarmupObjective(pf)
     E, r = pf.config.num_experts, pf.config.r
 
-    def step_fn(acc, objective, rows, step):
+    def step_fn(acc, model, rows, step):
         # Loss = sum over experts of (token-mean LM loss over that expert's rows of this step).
         norms = [0] * E
         for k, i in rows:
             norms[i] += feats.response_tokens(k)
-        mine = _by_length(feats, _shard(acc, rows))
         total = torch.zeros((), device=acc.device)
-        chunks = _chunks(mine, sc.micro_batch_size)
-        for c, chunk in enumerate(chunks):
+        for chunk, _ in micro_batches(acc, model, rows, sc.micro_batch_size, functools.partial(_by_length, feats)):
             b = feats.lm_batch([k for k, _ in chunk], acc.device)
             experts = torch.tensor([i for _, i in chunk], device=acc.device)
             denom = torch.tensor([norms[i] for _, i in chunk], dtype=torch.float32, device=acc.device)
-            with _sync_last(acc, objective, c, len(chunks)):
-                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"], experts)
-                loss = (sums / denom.clamp(min=1)).sum() * acc.num_processes
-                acc.backward(loss)
+            sums, _ = model(b["input_ids"], b["attention_mask"], b["labels"], experts)
+            loss = (sums / denom.clamp(min=1)).sum() * acc.num_processes
+            acc.backward(loss)
             total += loss.detach() / acc.num_processes
         total = acc.reduce(total, reduction="sum")
         active = sum(1 for n in norms if n)
-        return {
-            "loss_lm": float(total) / max(active, 1),
-            "experts": float(active),
-            "tokens": float(sum(norms)),
-        }
+        return {"loss_lm": float(total) / max(active, 1), "experts": float(active), "tokens": float(sum(norms))}
 
     return train_loop(
         "warmup",
         sc,
         tc,
-        WarmupObjective(pf),
-        trainable,
+        objective,
+        objective.trainable(),
         step_fn,
         plan,
         out_dir or _stage_dir(tc, "warmup"),
@@ -605,34 +661,26 @@ def run_router(
     sc = tc.router
     feats = Featurizer.for_model(records, pf, tc)
     plan = same_p_plan(records, sc.batch_size * sc.grad_accum, sc.steps, tc.seed)
-    trainable = {n: p for n, p in pf.named_parameters() if n.startswith("router.")}
+    objective = RouterObjective(pf, tc.beta, tc.margin)
 
-    def step_fn(acc, objective, rows, step):
-        mine = _shard(acc, rows)
-        chunks = _chunks(mine, sc.micro_batch_size)
-        lc_tot = lt_tot = 0.0
-        for c, chunk in enumerate(chunks):
+    def step_fn(acc, model, rows, step):
+        lr_tot = lc_tot = lt_tot = 0.0
+        for chunk, frac in micro_batches(acc, model, rows, sc.micro_batch_size):
             ks = [k for k, _ in chunk]
             enc = feats.enc_batch(ks, acc.device)
-            frac = len(chunk) / max(len(mine), 1)
-            with _sync_last(acc, objective, c, len(chunks)):
-                lc, lt = objective(enc["enc_ids"], enc["enc_mask"], feats.p_batch(ks, acc.device))
-                acc.backward((lc + tc.beta * lt) * frac)
-            lc_tot += float(lc.detach()) * frac
-            lt_tot += float(lt.detach()) * frac
-        return {
-            "loss_router": lc_tot + tc.beta * lt_tot,
-            "loss_contrastive": lc_tot,
-            "loss_trait": lt_tot,
-            "batch": float(len(rows)),
-        }
+            loss, parts = model(enc["enc_ids"], enc["enc_mask"], feats.p_batch(ks, acc.device))
+            acc.backward(loss * frac)
+            lr_tot += parts["router"] * frac
+            lc_tot += parts["contrastive"] * frac
+            lt_tot += parts["trait"] * frac
+        return {"loss_router": lr_tot, "loss_contrastive": lc_tot, "loss_trait": lt_tot, "batch": float(len(rows))}
 
     return train_loop(
         "router",
         sc,
         tc,
-        RouterObjective(pf, tc.beta, tc.margin),
-        trainable,
+        objective,
+        objective.trainable(),
         step_fn,
         plan,
         _stage_dir(tc, "router"),
@@ -652,37 +700,27 @@ def run_joint(
     sc = tc.joint
     feats = Featurizer.for_model(records, pf, tc)
     plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
-    trainable = {n: p for n, p in pf.named_parameters() if ".lora_" in n or n.startswith("router.")}
+    objective = JointObjective(pf, tc.beta, tc.margin)
 
-    def step_fn(acc, objective, rows, step):
+    def step_fn(acc, model, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
-        mine = _shard(acc, rows)
-        chunks = _chunks(mine, sc.micro_batch_size)
-        lm_tot = lc_tot = lt_tot = 0.0
-        for c, chunk in enumerate(chunks):
+        lm_tot = lr_tot = lc_tot = lt_tot = 0.0
+        for chunk, frac in micro_batches(acc, model, rows, sc.micro_batch_size):
             ks = [k for k, _ in chunk]
             b = feats.lm_batch(ks, acc.device)
             enc = feats.enc_batch(ks, acc.device)
-            frac = len(chunk) / max(len(mine), 1)
-            with _sync_last(acc, objective, c, len(chunks)):
-                sums, _, lc, lt = objective(
-                    b["input_ids"],
-                    b["attention_mask"],
-                    b["labels"],
-                    enc["enc_ids"],
-                    enc["enc_mask"],
-                    feats.p_batch(ks, acc.device),
-                )
-                lm = sums.sum() / max(norm, 1) * acc.num_processes
-                acc.backward(lm + tc.gamma * (lc + tc.beta * lt) * frac)
+            p = feats.p_batch(ks, acc.device)
+            sums, _, lr_, parts = model(b["input_ids"], b["attention_mask"], b["labels"], enc["enc_ids"], enc["enc_mask"], p)
+            lm = sums.sum() / max(norm, 1) * acc.num_processes
+            acc.backward(lm + tc.gamma * lr_ * frac)
             lm_tot += float(lm.detach()) / acc.num_processes
-            lc_tot += float(lc.detach()) * frac
-            lt_tot += float(lt.detach()) * frac
-        lr_ = lc_tot + tc.beta * lt_tot
+            lr_tot += parts["router"] * frac
+            lc_tot += parts["contrastive"] * frac
+            lt_tot += parts["trait"] * frac
         return {
-            "loss": lm_tot + tc.gamma * lr_,
+            "loss": lm_tot + tc.gamma * lr_tot,
             "loss_lm": lm_tot,
-            "loss_router": lr_,
+            "loss_router": lr_tot,
             "loss_contrastive": lc_tot,
             "loss_trait": lt_tot,
             "tokens": float(norm),
@@ -692,8 +730,8 @@ def run_joint(
         "joint",
         sc,
         tc,
-        JointObjective(pf, tc.beta, tc.margin),
-        trainable,
+        objective,
+        objective.trainable(),
         step_fn,
         plan,
         _stage_dir(tc, "joint"),
@@ -716,19 +754,17 @@ def run_sft(
     sc = tc.sft
     feats = Featurizer(records, tokenizer, tokenizer, tc.max_length, tc.max_length)
     plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
-    trainable = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    objective = SFTObjective(model)
+    trainable = objective.trainable()  # before train_loop: it freezes everything, then thaws these
 
-    def step_fn(acc, objective, rows, step):
+    def step_fn(acc, model_, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
-        mine = _by_length(feats, _shard(acc, rows))
-        chunks = _chunks(mine, sc.micro_batch_size)
         total = 0.0
-        for c, chunk in enumerate(chunks):
+        for chunk, _ in micro_batches(acc, model_, rows, sc.micro_batch_size, functools.partial(_by_length, feats)):
             b = feats.lm_batch([k for k, _ in chunk], acc.device)
-            with _sync_last(acc, objective, c, len(chunks)):
-                sums, _ = objective(b["input_ids"], b["attention_mask"], b["labels"])
-                loss = sums.sum() / max(norm, 1) * acc.num_processes
-                acc.backward(loss)
+            sums, _ = model_(b["input_ids"], b["attention_mask"], b["labels"])
+            loss = sums.sum() / max(norm, 1) * acc.num_processes
+            acc.backward(loss)
             total += float(loss.detach()) / acc.num_processes
         return {"loss_lm": total, "tokens": float(norm)}
 
@@ -736,7 +772,7 @@ def run_sft(
         "sft",
         sc,
         tc,
-        SFTObjective(model),
+        objective,
         trainable,
         step_fn,
         plan,
