@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import TARGETS, randomise_lora, share_weights  # noqa: E402
 from personafuse import embedded  # noqa: E402
-from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
-from personafuse.packing import group_layers  # noqa: E402
+from personafuse.moe.mixture import MixtureState, inject_mixture  # noqa: E402
+from personafuse.moe.packing import group_layers  # noqa: E402
 
 
 def bandwidths() -> dict[str, float]:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from personafuse import embedded  # noqa: E402
 from personafuse.data.sources import seed_queries  # noqa: E402
-from personafuse.router import PersonaEncoder  # noqa: E402
+from personafuse.moe.router import PersonaEncoder  # noqa: E402
 
 
 @torch.no_grad()

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import cuda_graph_us  # noqa: E402
-from personafuse.mixture import MixtureLinear, MixtureState  # noqa: E402
-from personafuse.packing import group_layers  # noqa: E402
+from personafuse.moe.mixture import MixtureLinear, MixtureState  # noqa: E402
+from personafuse.moe.packing import group_layers  # noqa: E402
 
 
 def build(hidden: int, kv: int, inter: int, device, dtype):

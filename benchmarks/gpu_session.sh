@@ -10,7 +10,7 @@
 # Default part (issue 2, 2026-11-27: the figures the changes since the last device session move):
 #   mixture decode, static cache + torch.compile: random Llama-3.1-8B shapes, bf16, batch 32,
 #   128 new tokens, 5 rounds (~70 s of compilation per variant on an H100, ~80 s of tile timing),
-#   through personafuse.decoding.greedy_generate (no host sync per token): base vs moe vs
+#   through personafuse.moe.decoding.greedy_generate (no host sync per token): base vs moe vs
 #   moe_tuned_act (the fused expand with tile sizes timed on the device, and the MLP's activation
 #   fused into the gate/up expand); gpu_compile_personafuse.json. What tuning alone gains per kernel
 #   is in its expand_tuned_configs (default_ms / best_ms); COMPILE_VARIANTS=base,moe,moe_tuned,

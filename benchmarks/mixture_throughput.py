@@ -7,7 +7,7 @@ them alike. Ratios are tokens/s relative to the base model measured in the same 
     python benchmarks/mixture_throughput.py                          # embedded SmolLM2, CPU, batch 8
     python benchmarks/mixture_throughput.py --shape llama-3.1-8b --device cuda --dtype bfloat16 \
         --batch 32 --json out.json                                   # random Llama-3.1-8B shapes
-    ... --compile --decoder personafuse      # every variant through personafuse.decoding.greedy_generate
+    ... --compile --decoder personafuse      # every variant through personafuse.moe.decoding.greedy_generate
 
 Variants:
   base        the base model alone
@@ -17,7 +17,7 @@ Variants:
   moe_packed / moe_unpacked  (extra) the same with MixtureState.pack forced on / off
   moe_fused / moe_unfused  (extra) packed, the expand fused in eager mode too / never fused
   moe_tuned   (extra) moe with the fused expand's tile sizes timed on the device for each group
-              shape (personafuse.kernels.AUTOTUNE on during its calls only; the time spent tuning
+              shape (personafuse.moe.kernels.AUTOTUNE on during its calls only; the time spent tuning
               and the winning tilings are in the JSON)
   moe_act / moe_tuned_act  (extra) moe / moe_tuned with the MLP's activation and product fused
               into the gate/up expand (MixtureState.fuse_act; where the fused expand runs)
@@ -43,9 +43,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from personafuse import kernels  # noqa: E402
-from personafuse.decoding import greedy_generate  # noqa: E402
-from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
+from personafuse.moe import kernels  # noqa: E402
+from personafuse.moe.decoding import greedy_generate  # noqa: E402
+from personafuse.moe.mixture import MixtureState, inject_mixture  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VARIANTS = (
@@ -149,7 +149,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="static KV cache + torch.compile (GPU)")
     ap.add_argument("--decoder", choices=["generate", "personafuse"], default="generate",
                     help="the decoding loop for every variant: transformers' generate, or "
-                    "personafuse.decoding.greedy_generate (static cache, no host sync per token)")
+                    "personafuse.moe.decoding.greedy_generate (static cache, no host sync per token)")
     ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     unknown = [v for v in args.variants.split(",") if v not in VARIANTS]

@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import SHAPES, TARGETS, cuda_graph_us, load_base, randomise_lora, share_weights  # noqa: E402
-from personafuse import kernels  # noqa: E402
-from personafuse.mixture import MixtureState, inject_mixture  # noqa: E402
-from personafuse.packing import group_layers  # noqa: E402
+from personafuse.moe import kernels  # noqa: E402
+from personafuse.moe.mixture import MixtureState, inject_mixture  # noqa: E402
+from personafuse.moe.packing import group_layers  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
     python benchmarks/stage_throughput.py --shape llama-3.1-8b --encoder-shape qwen2.5-0.5b \
         --device cuda --dtype bfloat16 --batch 32 --seq 512 --json out.json
 
-Runs the stages' own objectives (personafuse.stages.WarmupObjective / RouterObjective /
+Runs the stages' own objectives (personafuse.training.stages.WarmupObjective / RouterObjective /
 JointObjective) on random token ids: stage 1 with one expert per row, stage 2 on the router
 alone, stage 3 with the router's weights live in the mixture. Reports tokens/s (LM tokens per second
 of optimiser steps) and the peak GPU memory of each stage.
@@ -24,9 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from mixture_throughput import SHAPES  # noqa: E402
-from personafuse.config import PersonaFuseConfig  # noqa: E402
-from personafuse.model import PersonaFuseModel  # noqa: E402
-from personafuse.stages import JointObjective, RouterObjective, WarmupObjective, set_activation_checkpointing  # noqa: E402
+from personafuse.moe.config import PersonaFuseConfig  # noqa: E402
+from personafuse.moe.model import PersonaFuseModel  # noqa: E402
+from personafuse.training.stages import (  # noqa: E402
+    JointObjective,
+    RouterObjective,
+    WarmupObjective,
+    set_activation_checkpointing,
+)
 
 ENCODERS = {
     # Qwen2.5-0.5B (config.json of Qwen/Qwen2.5-0.5B), randomly initialised.

@@ -14,10 +14,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from personafuse import stages  # noqa: E402
-from personafuse.records import load_records  # noqa: E402
-from personafuse.stages import run_joint, run_warmup  # noqa: E402
-from personafuse.train_config import StageConfig  # noqa: E402
+from personafuse.training import stages  # noqa: E402
+from personafuse.training.config import StageConfig  # noqa: E402
+from personafuse.training.records import load_records  # noqa: E402
+from personafuse.training.stages import run_joint, run_warmup  # noqa: E402
 from test_training import build_tiny, make_tc  # noqa: E402
 
 STAGE = StageConfig(steps=3, batch_size=2, grad_accum=2, lr=0.5, micro_batch_size=3, max_grad_norm=0.05,
@@ -88,7 +88,7 @@ def train_bf16(tmp: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
     from conftest import make_tokenizer, tiny_causal_lm
-    from personafuse.stages import run_sft
+    from personafuse.training.stages import run_sft
 
     lora = get_peft_model(tiny_causal_lm("qwen2").to(torch.bfloat16),
                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -120,7 +120,7 @@ if __name__ == "__main__":
     sharded_clips = []
     original = stages._clip_per_expert_sharded
     stages._clip_per_expert_sharded = lambda *a: sharded_clips.append(1) or original(*a)
-    from personafuse import engine
+    from personafuse.training import engine
 
     copies = []
     shard_copy = engine.shard_copy

@@ -14,10 +14,10 @@ import torch
 from conftest import build_tiny, make_tokenizer, synthetic_records
 from personafuse import chat
 from personafuse.evaluation.subjects import HFSubject
-from personafuse.records import Record, encode_record
-from personafuse.router import router_inputs, router_text
-from personafuse.stages import Featurizer
-from personafuse.train_config import TrainConfig
+from personafuse.moe.router import router_inputs, router_text
+from personafuse.training.config import TrainConfig
+from personafuse.training.records import Record, encode_record
+from personafuse.training.stages import Featurizer
 
 torch.set_num_threads(1)
 

@@ -1,4 +1,4 @@
-"""personafuse.decoding.greedy_generate against transformers' greedy generate, token for token."""
+"""personafuse.moe.decoding.greedy_generate against transformers' greedy generate, token for token."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import build_tiny
-from personafuse.decoding import greedy_generate
+from personafuse.moe.decoding import greedy_generate
 
 PROMPT_LEN = 9
 
@@ -75,7 +75,7 @@ def test_greedy_generate_compiled_step_equals_eager_and_defaults_to_generation_c
 def test_greedy_generate_reuses_its_cache_across_lengths_and_batches():
     """The static cache outlives a call (CUDA graphs keep their addresses); a shorter run in a longer
     cache, and another batch size, still give generate's tokens."""
-    from personafuse import decoding
+    from personafuse.moe import decoding
 
     pf = build_tiny()
     model = pf.base_model
@@ -113,7 +113,7 @@ def test_greedy_generate_rejects_bad_arguments(kwargs, message):
 
 
 def test_model_generate_decodes_greedily_with_the_fast_loop_unless_the_config_processes_logits():
-    from personafuse import decoding
+    from personafuse.moe import decoding
 
     pf = build_tiny()
     model = pf.base_model
@@ -193,7 +193,7 @@ def test_each_model_compiles_its_own_decode_step_so_dynamos_recompile_limit_is_p
 def test_plain_greedy_names_what_greedy_generate_does_not_apply():
     from transformers import GenerationConfig
 
-    from personafuse.decoding import plain_greedy
+    from personafuse.moe.decoding import plain_greedy
 
     assert plain_greedy(GenerationConfig()) and plain_greedy(None)
     assert plain_greedy(GenerationConfig(repetition_penalty=1.0, num_beams=1, min_length=0))  # neutral values

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from eval_support import make_tiny_llama
-from personafuse.routing import Routing
+from personafuse.moe.routing import Routing
 
 lm_eval = pytest.importorskip("lm_eval")
 torch.set_num_threads(1)
@@ -100,7 +100,7 @@ def test_resolve_weights_goes_through_routing() -> None:
     every mode as the Routing class defines it, a seeded Random Route draws per query (the same
     experts for a query in any batch), and the old JSON form still reads."""
     from personafuse.evaluation.lm_eval_model import resolve_weights
-    from personafuse.routing import Routing
+    from personafuse.moe.routing import Routing
 
     row = [0.3, 0.2, 0.1, 0.1, 0.1, 0.05, 0.05, 0.04, 0.03, 0.03]
     calls: list[list] = []
@@ -257,7 +257,7 @@ def test_chat_templated_context_routes_on_the_user_message(tiny_pf: tuple, tmp_p
     """With --apply_chat_template the request's context is a rendered chat: the router reads what
     PersonaFuseModel.route reads for that conversation (router_text: the user's message, no system
     prompt, no template text, no assistant prefill), and the scores match HFLM's on the export."""
-    from personafuse.model import router_text
+    from personafuse.moe.model import router_text
 
     pf, base = tiny_pf
     ours = _ours(pf, "router")
@@ -337,7 +337,7 @@ def test_simple_evaluate_with_chat_template_routes_user_messages(tiny_pf: tuple,
     out = simple_evaluate(model=_ours(pf, "router", batch_size=4), tasks=["pf_tiny_mc", "pf_tiny_gen"],
                           task_manager=TaskManager(include_path=str(tasks)), apply_chat_template=True)  # fmt: skip
     questions = {f"What is {i} plus one?" for i in range(4)}
-    from personafuse.model import router_text
+    from personafuse.moe.model import router_text
 
     assert {router_text(q) for q in asked} == questions | {f"Q: {q}\nA:" for q in questions}
     assert 0.0 <= out["results"]["pf_tiny_mc"]["acc,none"] <= 1.0

@@ -2,7 +2,7 @@
 modes, per-item weights in the run files, routing analysis with the real router, lm-eval's
 ``personafuse`` class with mixture weights, and probing the persona encoder.
 
-Skips until ``personafuse.model`` is on the branch; uses the tiny-model builder of tests/conftest.py.
+Skips until ``personafuse.moe.model`` is on the branch; uses the tiny-model builder of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("personafuse.model", reason="the PersonaFuse model is not on this branch yet")
+pytest.importorskip("personafuse.moe.model", reason="the PersonaFuse model is not on this branch yet")
 conftest = pytest.importorskip("conftest")
 if not hasattr(conftest, "build_tiny"):
     pytest.skip("tests/conftest.py has no build_tiny yet", allow_module_level=True)

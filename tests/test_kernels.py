@@ -1,4 +1,4 @@
-"""The fused expand kernel (personafuse.kernels), run on CPU by Triton's interpreter.
+"""The fused expand kernel (personafuse.moe.kernels), run on CPU by Triton's interpreter.
 
 TRITON_INTERPRET must be set before triton is imported, so each check runs in a fresh process.
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from personafuse import kernels
+from personafuse.moe import kernels
 
 TESTS = Path(__file__).parent
 
@@ -48,7 +48,7 @@ def test_kernel_equals_reference_for_every_group_shape():
     out = _interpret(
         """
         import torch
-        from personafuse import kernels
+        from personafuse.moe import kernels
         assert kernels.INTERPRET and kernels.triton is not None
         g = torch.Generator().manual_seed(0)
         cases = [([32, 16, 16], 80, 5, 5), ([64, 64], 80, 40, 5), ([48], 20, 33, 33), ([16, 32, 16], 80, 70, 1)]
@@ -130,7 +130,7 @@ def test_gate_up_kernel_with_the_activation_equals_the_reference():
     out = _interpret(
         """
         import torch
-        from personafuse import kernels
+        from personafuse.moe import kernels
         g = torch.Generator().manual_seed(0)
         for inter, rank, rows, seqs in [(32, 80, 5, 5), (64, 20, 12, 4), (48, 80, 3, 3)]:
             for act in ("silu", "gelu_tanh"):
@@ -164,7 +164,7 @@ def test_fused_activation_matches_the_plain_model_compiles_and_pickles(kind):
         import pickle
         import torch
         from conftest import build_tiny, routed_batch_and_plain_logits
-        from personafuse import packing
+        from personafuse.moe import packing
         pf = build_tiny(base_kind="{kind}")
         st = pf.state
         st.pack, st.fuse, st.fuse_act = True, True, True
@@ -209,14 +209,14 @@ def test_fused_activation_matches_the_plain_model_compiles_and_pickles(kind):
         assert graphs[0].count("personafuse.grouped_expand.") == 3 * n_layers
         torch.testing.assert_close(out, plain, atol=1e-5, rtol=1e-4)
         if "{kind}" == "llama":  # inductor, as on a GPU (CUDA graphs aside): same greedy tokens
-            from personafuse.decoding import greedy_generate
+            from personafuse.moe.decoding import greedy_generate
             with st.use(w):
                 mask = torch.ones_like(ids)
                 eager = greedy_generate(pf.base_model, ids, mask, max_new_tokens=4)
                 inductor = greedy_generate(pf.base_model, ids, mask, max_new_tokens=4, compile=True)
             assert torch.equal(eager, inductor)
         if "{kind}" == "llama":  # tuning: the gate/up kernel with the activation is timed on its own
-            from personafuse import kernels
+            from personafuse.moe import kernels
             kernels.AUTOTUNE = True
             st.fuse = True
             with torch.no_grad():
@@ -246,7 +246,7 @@ def test_every_candidate_tiling_computes_the_same_sum():
     out = _interpret(
         """
         import torch
-        from personafuse import kernels
+        from personafuse.moe import kernels
         g = torch.Generator().manual_seed(1)
         cases = [([32, 16, 16], 80, 8, 8), ([128, 128], 80, 32, 32), ([64], 20, 70, 7), ([48, 48], 80, 3, 3)]
         for sizes, rank, rows, seqs in cases:
@@ -275,7 +275,7 @@ def test_autotune_times_each_group_shape_once_and_the_kernel_uses_the_winner():
         """
         import torch
         from conftest import build_tiny, routed_batch_and_plain_logits
-        from personafuse import kernels
+        from personafuse.moe import kernels
         timed, launched = [], []
         time_ms, launch = kernels._time_ms, kernels._launch
         kernels._time_ms = lambda fn: timed.append(1) or time_ms(fn)  # count timings, keep the real clock

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from personafuse.losses import contrastive_loss, lm_loss, router_loss, trait_consistency_loss
+from personafuse.training.losses import contrastive_loss, lm_loss, router_loss, trait_consistency_loss
 
 
 def test_contrastive_loss_hand_computed():
@@ -67,7 +67,7 @@ def test_loss_on_scored_positions_only_equals_full_logits(kind):
     # causal_lm_loss_sums projects only response positions through the LM head; value and
     # gradients must equal the plain full-logits computation.
     from conftest import tiny_causal_lm
-    from personafuse.losses import causal_lm_loss_sums, lm_loss_sums
+    from personafuse.training.losses import causal_lm_loss_sums, lm_loss_sums
 
     torch.manual_seed(0)
     model = tiny_causal_lm("llama" if kind == "peft" else kind, init_range=0.3)

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import build_tiny, tiny_causal_lm
-from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture
-from personafuse.stages import set_activation_checkpointing
+from personafuse.moe.mixture import MixtureLinear, MixtureState, inject_mixture
+from personafuse.training.stages import set_activation_checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -372,7 +372,7 @@ def test_deep_copy_has_its_own_weights_and_shares_group_outputs():
     import gc
     import pickle
 
-    from personafuse import mixture
+    from personafuse.moe import mixture
 
     pf = build_tiny()
     pf.state.pack = True
@@ -405,7 +405,7 @@ def test_activation_fusion_is_offered_only_to_mlps_it_computes_exactly():
     another forward, or an activation the kernel lacks, keeps its own code."""
     from transformers.activations import ACT2FN
 
-    from personafuse.packing import _fusable_act
+    from personafuse.moe.packing import _fusable_act
 
     def mlp_group(kind: str):
         state = MixtureState(10, 2, 1.0)

@@ -6,8 +6,8 @@ from safetensors.torch import load_file
 
 from conftest import build_tiny
 from personafuse import PersonaFuseModel
-from personafuse.config import PersonaFuseConfig
 from personafuse.embedded import ModelNotFoundError
+from personafuse.moe.config import PersonaFuseConfig
 
 
 def test_save_and_load_round_trip_exactly(tmp_path):

@@ -17,9 +17,9 @@ from torch import nn
 
 from conftest import build_tiny, make_tokenizer, synthetic_records, tiny_causal_lm, write_jsonl
 from personafuse.evaluation.subjects import HFSubject
-from personafuse.records import Record, load_records
-from personafuse.stages import Featurizer, run_joint, run_warmup
-from personafuse.train_config import StageConfig, TrainConfig
+from personafuse.training.config import StageConfig, TrainConfig
+from personafuse.training.records import Record, load_records
+from personafuse.training.stages import Featurizer, run_joint, run_warmup
 from personafuse.traits import weights_dict
 
 

@@ -8,9 +8,9 @@ import torch
 
 from conftest import build_tiny as _build_tiny
 from conftest import synthetic_records, write_jsonl
-from personafuse.records import RecordError, load_records
-from personafuse.stages import run_joint, run_router, run_warmup
-from personafuse.train_config import StageConfig, TrainConfig
+from personafuse.training.config import StageConfig, TrainConfig
+from personafuse.training.records import RecordError, load_records
+from personafuse.training.stages import run_joint, run_router, run_warmup
 
 
 def build_tiny():
@@ -231,8 +231,8 @@ def test_sft_baseline_trains_a_peft_adapter(tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from personafuse.config import PersonaFuseConfig
-    from personafuse.stages import train_baseline
+    from personafuse.moe.config import PersonaFuseConfig
+    from personafuse.training.stages import train_baseline
 
     base_dir = tmp_path / "base"
     _build_tiny(tmp_path, init_range=0.3)  # writes base/ and encoder/ there

@@ -53,7 +53,7 @@ def load_model(spec: str) -> Any:
 
 
 def _routing(text: str, seed: int):
-    from personafuse.routing import Routing
+    from personafuse.moe.routing import Routing
     from personafuse.traits import TraitError
 
     try:

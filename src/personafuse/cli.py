@@ -20,7 +20,7 @@ def _register() -> None:
 
     app.add_typer(data_app, name="data")
     from personafuse.chat_cli import register as register_chat
-    from personafuse.train_cli import app as train_app
+    from personafuse.training.cli import app as train_app
 
     register_chat(app)
     app.add_typer(train_app, name="train")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from personafuse.train_config import StageConfig, TrainConfig
+from personafuse.training.config import StageConfig, TrainConfig
 
 console = Console()
 
@@ -59,7 +59,7 @@ def run_demo(out: Path = Path("runs/demo"), queries: int = 24, max_new_tokens: i
     t_data = time.perf_counter()
 
     console.rule("[bold]2. Three-stage training (brief, CPU)")
-    from personafuse.stages import train
+    from personafuse.training.stages import train
 
     tc = demo_config(out)
     final = train(tc, "all", resume=True)
@@ -67,7 +67,7 @@ def run_demo(out: Path = Path("runs/demo"), queries: int = 24, max_new_tokens: i
 
     console.rule("[bold]3. Contrasting queries")
     from personafuse.display import show_reply
-    from personafuse.model import PersonaFuseModel
+    from personafuse.moe.model import PersonaFuseModel
 
     pf = PersonaFuseModel.from_pretrained(final).eval()
     for q, gen in zip(DEMO_QUERIES, pf.generate(DEMO_QUERIES, max_new_tokens=max_new_tokens), strict=True):

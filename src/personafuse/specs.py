@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personafuse.config import CONFIG_NAME
+from personafuse.moe.config import CONFIG_NAME
 
 EMBEDDED = "default"  # PersonaFuseConfig's spelling of the embedded base / encoder
 KINDS = ("personafuse", "hf", "lora", "openai")
@@ -71,8 +71,8 @@ def load_personafuse(spec: str | ModelSpec, **overrides: Any) -> Any:
     a plain model (``base``, ``hf:``, a bare id) as the base of fresh, untrained experts.
     ``overrides`` (e.g. ``dtype``) go to :class:`~personafuse.PersonaFuseConfig` or to
     ``from_pretrained``."""
-    from personafuse.config import PersonaFuseConfig
-    from personafuse.model import PersonaFuseModel
+    from personafuse.moe.config import PersonaFuseConfig
+    from personafuse.moe.model import PersonaFuseModel
 
     s = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
     if s.kind == "personafuse":

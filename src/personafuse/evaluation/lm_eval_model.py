@@ -23,10 +23,10 @@ as in 0.4.13). A PersonaFuse checkpoint runs each forward pass and each generati
   ``PersonaFuseModel.route`` would get at inference: a raw-text context is the user's message
   itself; a chat-templated context (``--apply_chat_template``) is mapped back to the conversation
   lm-eval rendered it from (this class records each ``apply_chat_template`` call), minus the
-  trailing assistant prefill (a task's ``gen_prefix``), and :func:`personafuse.model.router_text`
+  trailing assistant prefill (a task's ``gen_prefix``), and :func:`personafuse.moe.model.router_text`
   of that conversation drops the system prompt and keeps the user turn(s), as at inference.
   ``loglikelihood_rolling``'s context is the whole document.
-* **Weights** come from :class:`personafuse.routing.Routing` (``Routing.parse(routing)`` then
+* **Weights** come from :class:`personafuse.moe.routing.Routing` (``Routing.parse(routing)`` then
   ``routing.resolve(n, router_weights, keys=router_texts)``, as ``PersonaFuseModel.resolve_weights``
   does for ``generate``), so every mode means here what it means everywhere else.
 * **Which row is whose**: ``HFLM._loglikelihood_tokens`` hands ``_model_call`` only a right-padded
@@ -48,8 +48,8 @@ import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
-from personafuse.model import Prompt, router_text
-from personafuse.routing import Routing
+from personafuse.moe.model import Prompt, router_text
+from personafuse.moe.routing import Routing
 from personafuse.traits import NUM_POLES
 
 # The HFLM internals this adapter hooks (_loglikelihood_tokens' input window and zero padding,
@@ -90,7 +90,7 @@ def resolve_weights(
     router: Callable[[list[Prompt]], Any] | None,
 ) -> torch.Tensor:
     """[len(queries), 10] float32 weights for these queries under ``routing`` (a
-    :class:`~personafuse.routing.Routing`, its CLI form or its JSON form).
+    :class:`~personafuse.moe.routing.Routing`, its CLI form or its JSON form).
 
     The same resolution as ``PersonaFuseModel.resolve_weights``: the router (``router``, e.g.
     ``model.route``) runs only for the modes that read it, in chunks of ``ROUTER_CHUNK`` queries,

@@ -176,7 +176,7 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
 
         return encode_pf
     from personafuse.embedded import load_backbone, load_tokenizer
-    from personafuse.router import is_decoder_backbone
+    from personafuse.moe.router import is_decoder_backbone
 
     random_init = s.startswith("random:")
     source, pooling = encoder_source(s[len("random:") :] if random_init else s)

@@ -167,13 +167,13 @@ class OpenAISubject:
 
 
 # ---------------------------------------------------------------------------------------------
-# PersonaFuse checkpoint (duck-typed; the model class lives in personafuse.model)
+# PersonaFuse checkpoint (duck-typed; the model class lives in personafuse.moe.model)
 # ---------------------------------------------------------------------------------------------
 def parse_routing(spec: str | None, seed: int = 0) -> dict[str, Any]:
     """A routing spec → keyword arguments for ``personafuse.Routing`` (the grammar of
     :meth:`personafuse.Routing.parse`: ``router`` · ``random:K`` · ``top_k:K`` · ``pole:high_A`` ·
     ``fixed:high_A=0.5,low_N=0.5`` or ten comma-separated numbers · ``blend:0.3:high_A=1``)."""
-    from personafuse.routing import Routing
+    from personafuse.moe.routing import Routing
 
     try:
         return Routing.parse(spec or "router", seed=seed).to_dict()

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from personafuse.routing import Routing
+from personafuse.moe.routing import Routing
 from personafuse.serving.decode import BatchDecode, RowSpec
 from personafuse.serving.metrics import Metrics
 from personafuse.traits import weights_dict

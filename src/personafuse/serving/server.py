@@ -28,7 +28,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import ValidationError
 
 from personafuse.chat import prompt_ids
-from personafuse.routing import Routing
+from personafuse.moe.routing import Routing
 from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
 from personafuse.serving.metrics import Metrics

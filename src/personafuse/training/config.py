@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from personafuse.config import PersonaFuseConfig
+from personafuse.moe.config import PersonaFuseConfig
 
 STAGES = ("warmup", "router", "joint")
 

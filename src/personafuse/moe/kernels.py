@@ -1,6 +1,6 @@
 """``grouped_expand``: every expert expand of a packed sibling group in one GPU kernel.
 
-A :class:`~personafuse.packing.PackedGroup` computes ``out = x P^T``, whose first ``split`` columns
+A :class:`~personafuse.moe.packing.PackedGroup` computes ``out = x P^T``, whose first ``split`` columns
 are the members' base outputs and whose last ``n * R`` columns are each member's shrink
 ``h_j = x A_j^T`` (``R = experts * r``). This op finishes the layer::
 

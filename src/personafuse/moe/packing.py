@@ -3,9 +3,9 @@
 q/k/v read the same hidden states, as do an MLP's gate/up. At inference on accelerators a decode
 step pays per kernel, not per byte, so :class:`PackedGroup` stores each sibling group's base
 weights and shrinks as one matrix and its expands as another, and runs the group in two kernels
-(the expand in Triton, :mod:`personafuse.kernels`). :func:`group_layers` forms the groups when the
-mixture is injected; :meth:`personafuse.mixture.MixtureState.set` packs them once per routing
-decision. The sum computed is the mixture's own (:mod:`personafuse.mixture`), to float rounding.
+(the expand in Triton, :mod:`personafuse.moe.kernels`). :func:`group_layers` forms the groups when the
+mixture is injected; :meth:`personafuse.moe.mixture.MixtureState.set` packs them once per routing
+decision. The sum computed is the mixture's own (:mod:`personafuse.moe.mixture`), to float rounding.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from personafuse import kernels
-from personafuse.mixture import LIVE, MixtureLinear, MixtureState, rows_of
+from personafuse.moe import kernels
+from personafuse.moe.mixture import LIVE, MixtureLinear, MixtureState, rows_of
 
 
 class PackedGroup:
@@ -265,7 +265,7 @@ def pack_groups(state: MixtureState, weights: torch.Tensor) -> None:
 
 
 def group_layers(model: nn.Module, state: MixtureState) -> None:
-    """Apply the packed layout to a model after :func:`~personafuse.mixture.inject_mixture`: form
+    """Apply the packed layout to a model after :func:`~personafuse.moe.mixture.inject_mixture`: form
     the sibling groups (every mixture layer is in one) on ``state`` and have ``state.set`` pack
     them for inference-style weights. Without this call the mixture runs unpacked."""
     for group in state.groups:

@@ -10,7 +10,7 @@ exact sum of the experts' outputs, computed as one rank-80 LoRA: no Python loop 
 no per-request merge. ``expand`` repeats each weight r times and folds in alpha/r; it is computed
 once per routing decision (:meth:`MixtureState.set`) and shared by every layer, so each adapted
 layer costs two skinny matmuls and one multiply. At inference on accelerators, sibling layers
-(q/k/v, gate/up) go further and share two kernels in all (:mod:`personafuse.packing`).
+(q/k/v, gate/up) go further and share two kernels in all (:mod:`personafuse.moe.packing`).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class MixtureState:
         self._buffer: torch.Tensor | None = None
         self.layers: list[MixtureLinear] = []  # filled by inject_mixture
         # The packed inference layout, when the caller applies it after injection
-        # (personafuse.packing.group_layers): its groups, and what set() calls with inference-style
+        # (personafuse.moe.packing.group_layers): its groups, and what set() calls with inference-style
         # weights (the packing, once per routing decision). The state itself knows neither.
         self.groups: list[Any] = []
         self.on_inference_weights: list[Callable[[MixtureState, torch.Tensor], None]] = []
@@ -207,7 +207,7 @@ class MixtureLinear(nn.Module):
         self._key = state.key  # this state's entry in LIVE
         # Packed inference (PackedGroup): the group, whether it is packed now, and this layer's
         # place in it, as plain values on the layer so siblings never reach the group in a forward.
-        self._group: Any = None  # a personafuse.packing.PackedGroup, set by packing.group_layers
+        self._group: Any = None  # a personafuse.moe.packing.PackedGroup, set by packing.group_layers
         self._packed = False
         self._slot = self._bit = self._all = self._lo = self._hi = 0
         self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_MLPForward)

@@ -29,13 +29,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from personafuse import engine
-from personafuse.losses import causal_lm_loss_sums, router_loss
-from personafuse.mixture import MixtureLinear
-from personafuse.model import PersonaFuseModel
-from personafuse.records import Record, encode_record
-from personafuse.router import router_inputs
-from personafuse.train_config import StageConfig, TrainConfig
+from personafuse.moe.mixture import MixtureLinear
+from personafuse.moe.model import PersonaFuseModel
+from personafuse.moe.router import router_inputs
+from personafuse.training import engine
+from personafuse.training.config import StageConfig, TrainConfig
+from personafuse.training.losses import causal_lm_loss_sums, router_loss
+from personafuse.training.records import Record, encode_record
 from personafuse.traits import NUM_POLES
 
 Row = tuple[int, int]  # (record index, expert index or -1)
@@ -466,7 +466,7 @@ def train_loop(
     set up, resume, loop (step, log, checkpoint), hand back.
 
     ``trainable`` (name -> parameter of ``objective``) ends the stage holding the trained values,
-    whole and in its original dtypes, whatever the engine (see :mod:`personafuse.engine`)."""
+    whole and in its original dtypes, whatever the engine (see :mod:`personafuse.training.engine`)."""
     run = _StageRun(name, sc, tc, objective, trainable)  # refuses a bad engine before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
@@ -813,8 +813,8 @@ def train(
 ) -> Path:
     """Run one stage or all three; each stage starts from the previous stage's saved model.
     Returns the directory of the last model saved (``OUT/joint/model`` after a full run)."""
-    from personafuse.records import load_records
-    from personafuse.train_config import STAGES
+    from personafuse.training.config import STAGES
+    from personafuse.training.records import load_records
 
     if stage != "all" and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected warmup, router, joint or all")
@@ -855,7 +855,7 @@ def train_baseline(tc: TrainConfig, kind: str, *, resume: bool = False) -> Path:
     from peft import LoraConfig, get_peft_model
 
     from personafuse import embedded
-    from personafuse.records import load_records
+    from personafuse.training.records import load_records
 
     if kind not in BASELINE_KINDS:
         raise ValueError(f"unknown baseline kind {kind!r}; expected one of {', '.join(BASELINE_KINDS)}")

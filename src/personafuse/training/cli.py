@@ -24,7 +24,7 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the lat
 
 
 def _load(config: Path | None, data: str | None, out: str | None):
-    from personafuse.train_config import TrainConfig
+    from personafuse.training.config import TrainConfig
 
     try:
         tc = TrainConfig.load(config) if config else TrainConfig()
@@ -47,7 +47,7 @@ def _say(message: str) -> None:
 
 def _run(fn, *args, **kwargs):
     from personafuse.embedded import ModelNotFoundError
-    from personafuse.records import RecordError
+    from personafuse.training.records import RecordError
 
     try:
         return fn(*args, **kwargs)
@@ -69,7 +69,7 @@ def train(
     """Run the training stages; each saves OUT/STAGE/model and starts from the previous one."""
     if ctx.invoked_subcommand is not None:
         return
-    from personafuse.stages import train as run_train
+    from personafuse.training.stages import train as run_train
 
     tc = _load(config, data, out)
     final = _run(run_train, tc, stage, resume=resume)
@@ -86,7 +86,7 @@ def baseline(
     out: OutOpt = None,
 ) -> None:
     """Fit one LoRA by SFT (Direct-, Human-Like- or Persona-CoT-finetuned baseline)."""
-    from personafuse.stages import train_baseline
+    from personafuse.training.stages import train_baseline
 
     tc = _load(config, data, out)
     adapter = _run(train_baseline, tc, kind, resume=resume)

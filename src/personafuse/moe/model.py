@@ -27,12 +27,12 @@ from transformers import CompileConfig
 from personafuse import embedded
 from personafuse.chat import as_messages as as_messages  # re-exported: its old home
 from personafuse.chat import encode_prompts, eos_token_ids
-from personafuse.config import PersonaFuseConfig
-from personafuse.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
-from personafuse.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
-from personafuse.packing import group_layers
-from personafuse.router import PersonaEncoder, Router, router_inputs, router_text
-from personafuse.routing import Routing
+from personafuse.moe.config import PersonaFuseConfig
+from personafuse.moe.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
+from personafuse.moe.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
+from personafuse.moe.packing import group_layers
+from personafuse.moe.router import PersonaEncoder, Router, router_inputs, router_text
+from personafuse.moe.routing import Routing
 from personafuse.traits import POLE_DESCRIPTIONS, TRAIT_POLES, TraitError, weights_dict, weights_from_any
 
 # Compiled generation sizes its KV cache in steps of this many positions: one graph serves prompts
@@ -96,7 +96,7 @@ class PersonaFuseModel(nn.Module):
     Build with :meth:`from_config` (base and encoder loaded from the config's specs, or passed in)
     or :meth:`from_pretrained` (a :meth:`save_pretrained` folder). :meth:`route` gives the
     router's [B, 10] weights, :meth:`generate` replies with the weights it used (any
-    :class:`~personafuse.routing.Routing` mode, or fixed ``weights``), :meth:`mixture_weights`
+    :class:`~personafuse.moe.routing.Routing` mode, or fixed ``weights``), :meth:`mixture_weights`
     holds weights for custom forward passes on ``base_model``, and :meth:`export_lora` writes one
     fixed mixture as a standard peft LoRA. Poles are in :data:`personafuse.TRAIT_POLES` order.
     """
@@ -273,10 +273,10 @@ class PersonaFuseModel(nn.Module):
     ) -> list[Generation]:
         """Generate replies for strings or chat-message lists. Each reply reports its ten weights.
 
-        ``routing``: a :class:`~personafuse.routing.Routing`, its CLI form (``"top_k:2"``,
+        ``routing``: a :class:`~personafuse.moe.routing.Routing`, its CLI form (``"top_k:2"``,
         ``"pole:high_A"``, ...) or its JSON form (``{"mode": "random", "k": 2}``); default the router.
         ``weights`` (one vector for all prompts, or one per prompt: [B, 10]) overrides ``routing``. Greedy decoding
-        runs :func:`personafuse.decoding.greedy_generate` (the same tokens as transformers'
+        runs :func:`personafuse.moe.decoding.greedy_generate` (the same tokens as transformers'
         ``generate``, without a host sync per token) unless the base model's generation config
         processes logits (repetition penalty and the like), which ``generate`` then applies.
         ``compile``: True compiles the decoding step (CUDA graphs on GPUs; a static KV cache held
@@ -514,7 +514,7 @@ class PersonaFuseModel(nn.Module):
 
 def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
     """The local snapshot of a checkpoint on the Hub; a path that does not exist is named as such."""
-    from personafuse.config import CONFIG_NAME
+    from personafuse.moe.config import CONFIG_NAME
 
     looks_local = repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1
     if looks_local:
