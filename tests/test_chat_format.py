@@ -107,3 +107,15 @@ def test_a_raw_prompt_is_sent_as_it_is(tiny):
     assert _unpadded(enc, 0) == chat.prompt_ids(tok, raw)
     with pytest.raises(ValueError, match="mixes raw prompts"):
         chat.encode_prompts(tok, [raw, "hello"])
+
+
+def test_one_generation_result_type() -> None:
+    """The model, the evaluation subjects and the package top level hand back one Generation."""
+    import personafuse
+    from personafuse import chat
+    from personafuse.evaluation import subjects
+    from personafuse.moe import model
+
+    assert personafuse.Generation is chat.Generation is subjects.Generation is model.Generation
+    g = chat.Generation("hi")
+    assert (g.weights, g.finish_reason, g.completion_tokens) == (None, "stop", 0)

@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "PersonaFuseConfig": "personafuse.moe.config",
     "PersonaFuseModel": "personafuse.moe.model",
-    "Generation": "personafuse.moe.model",
+    "Generation": "personafuse.chat",
     "Routing": "personafuse.moe.routing",
     "MixtureLinear": "personafuse.moe.mixture",
     "Router": "personafuse.moe.router",
@@ -40,9 +40,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from personafuse.chat import Generation
     from personafuse.moe.config import PersonaFuseConfig
     from personafuse.moe.mixture import MixtureLinear
-    from personafuse.moe.model import Generation, PersonaFuseModel
+    from personafuse.moe.model import PersonaFuseModel
     from personafuse.moe.router import Router
     from personafuse.moe.routing import Routing
 

@@ -7,7 +7,8 @@ reply.
   one, a plain transcript (:func:`plain_transcript`); a :class:`RawPrompt` as it is;
 * :func:`encode_prompts` — a left-padded batch of those texts for ``generate``;
 * :func:`prompt_ids` — one prompt's ids (training masks them out of the labels; the server counts them);
-* :func:`eos_token_ids` — the tokenizer's EOS and every EOS id of the model's generation config.
+* :func:`eos_token_ids` — the tokenizer's EOS and every EOS id of the model's generation config;
+* :class:`Generation` — a reply as every generator returns it (model, evaluation subjects).
 
 One definition matters: a prompt built one way in training and another at inference is a model
 trained on text it never sees.
@@ -16,6 +17,7 @@ trained on text it never sees.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -98,3 +100,17 @@ def eos_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
         if i is not None and int(i) not in ids:
             ids.append(int(i))
     return ids
+
+
+@dataclass
+class Generation:
+    """One reply: its text and the ten routing weights it was generated under (``{pole: w}``;
+    ``None`` for a model without experts), token counts where the generator knows them, and why it
+    stopped (``"stop"``: an EOS id or stop text; ``"length"``: the token limit)."""
+
+    text: str
+    weights: dict[str, float] | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"
+    extra: dict[str, Any] = field(default_factory=dict)

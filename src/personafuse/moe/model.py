@@ -15,7 +15,6 @@ import hashlib
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from torch import nn
 from transformers import CompileConfig
 
 from personafuse import embedded
+from personafuse.chat import Generation, encode_prompts, eos_token_ids
 from personafuse.chat import as_messages as as_messages  # re-exported: its old home
-from personafuse.chat import encode_prompts, eos_token_ids
 from personafuse.moe.config import PersonaFuseConfig
 from personafuse.moe.decoding import cache_kwarg, greedy_generate, plain_greedy, static_cache
 from personafuse.moe.mixture import MixtureLinear, MixtureState, inject_mixture, mixture_layers
@@ -44,15 +43,6 @@ ENCODER_DELTA_FILE = "encoder_delta.safetensors"
 
 Prompt = str | Sequence[Mapping[str, str]]
 
-
-@dataclass
-class Generation:
-    text: str
-    weights: dict[str, float]
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 Weights = torch.Tensor | Sequence[float] | Sequence[Sequence[float]] | Mapping[str, float] | Sequence[Mapping[str, float]]
