@@ -200,3 +200,21 @@ def test_plain_greedy_names_what_greedy_generate_does_not_apply():
     for field, value in [("repetition_penalty", 1.3), ("num_beams", 4), ("suppress_tokens", [5]),
                          ("penalty_alpha", 0.6), ("min_new_tokens", 3)]:  # fmt: skip
         assert not plain_greedy(GenerationConfig(**{field: value})), field
+
+
+def test_one_kv_cache_argument_for_every_caller() -> None:
+    """cache_kwarg / output_cache (read by decoding, the server's decode loop and the data teachers):
+    a prefix's returned cache, handed back under the model's own argument name, continues the
+    sequence exactly as one forward over the whole of it."""
+    from conftest import tiny_causal_lm
+    from personafuse.moe.decoding import cache_kwarg, output_cache
+
+    model = tiny_causal_lm().eval()
+    ids = torch.randint(5, 160, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits[:, -4:]
+        pre = model(input_ids=ids[:, :8], use_cache=True)
+        cache = output_cache(pre)
+        assert cache.get_seq_length() == 8
+        rest = model(input_ids=ids[:, 8:], use_cache=True, **{cache_kwarg(model): cache}).logits
+    torch.testing.assert_close(rest, whole, atol=1e-5, rtol=1e-5)

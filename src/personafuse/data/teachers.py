@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import inspect
 import os
 import random
 import threading
@@ -161,9 +160,9 @@ class HFTeacher(Teacher):
         self._lock = threading.Lock()
         self._gen = _Batcher(self._locked(self._generate_batch), max_batch)
         self._score = _Batcher(self._locked(self._score_batch), score_batch)
-        # transformers renamed forward(past_key_values=) to forward(cache=); accept both
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        from personafuse.moe.decoding import cache_kwarg
+
+        self._cache_kw = cache_kwarg(model)
 
     @classmethod
     def from_pretrained(cls, id_or_path: str, *, gguf_file: str | None = None, device: str | None = None,
@@ -246,6 +245,8 @@ class HFTeacher(Teacher):
         return out
 
     def _score_group(self, prompt: str, options: list[str]) -> list[float]:
+        from personafuse.moe import decoding
+
         torch = self.torch
         p = self.tok(prompt, add_special_tokens=chat.adds_special_tokens(self.tok))["input_ids"]
         opts = [self.tok(o, add_special_tokens=False)["input_ids"] for o in options]
@@ -253,7 +254,7 @@ class HFTeacher(Teacher):
         pad = self.tok.pad_token_id
         with torch.inference_mode():
             pre = self.model(input_ids=torch.tensor([p], device=self.device), use_cache=True)
-            cache = getattr(pre, "cache", None) or pre.past_key_values
+            cache = decoding.output_cache(pre)
             cache.batch_repeat_interleave(n)
             ids = torch.tensor([o + [pad] * (width - len(o)) for o in opts], device=self.device)
             # right padding: pads come after every real token, so they never affect the scores

@@ -35,8 +35,16 @@ def generate_compile_options() -> dict[str, Any]:
 
 
 def cache_kwarg(model: nn.Module) -> str:
-    # transformers renamed past_key_values to cache (the old name warns from 5.2x on)
+    """The name ``model.forward`` takes its KV cache under: transformers renamed
+    ``past_key_values`` to ``cache`` (the old name warns from 5.2x on). Every caller that hands a
+    cache to a forward reads it here (decoding, the server's decode loop, the data teachers)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned, under the name this transformers gives it."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 def _last_logits(model: nn.Module, cache_kw: str, input_ids, attention_mask, position_ids, cache, cache_position):

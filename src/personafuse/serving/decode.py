@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from personafuse.chat import eos_token_ids
+from personafuse.moe.decoding import cache_kwarg, output_cache
 
 
 @dataclass
@@ -131,9 +132,8 @@ class BatchDecode:
             out = model.base_model(
                 input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1
             )
-            # Newer transformers call the KV cache `cache` (and warn on `past_key_values`).
-            cache_kw = "cache" if hasattr(out, "cache") else "past_key_values"
-            past = getattr(out, cache_kw)
+            cache_kw = cache_kwarg(model.base_model)
+            past = output_cache(out)
             logits = out.logits[:, -1, :]
             last_pos = pos[:, -1:]
             while True:
