@@ -101,11 +101,15 @@ def validate_activation(p: Sequence[float], *, allow_both_poles: bool = True, wh
         out.append(int(v))
     if not any(out):
         raise TraitError(f"{what} is all zero: at least one pole must be active")
-    if not allow_both_poles:
-        for t in TRAITS:
-            if out[POLE_INDEX[f"high_{t}"]] and out[POLE_INDEX[f"low_{t}"]]:
-                raise TraitError(f"{what} activates both poles of {TRAIT_NAMES[t]} (high_{t} and low_{t})")
+    if not allow_both_poles and (both := both_poles(out)):
+        t = both[0]
+        raise TraitError(f"{what} activates both poles of {TRAIT_NAMES[t]} (high_{t} and low_{t})")
     return out
+
+
+def both_poles(p: Sequence[float]) -> list[str]:
+    """The traits (``O``, ``C``, ...) whose high and low pole are both active in ``p``."""
+    return [t for t in TRAITS if p[POLE_INDEX[f"high_{t}"]] and p[POLE_INDEX[f"low_{t}"]]]
 
 
 def weights_from_any(

@@ -29,6 +29,7 @@ from personafuse.data.parsing import (
     parse_response,
     parse_traits,
 )
+from personafuse.data.schema import make_record
 from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
 from personafuse.data.teachers import Completion, GenParams, Teacher, TeacherError, TeacherRequestError
@@ -150,28 +151,28 @@ class PersonaCoT:
         ctx.timings["total"] = time.perf_counter() - t0
         return self._record(q, ctx, rec)
 
-    # -- record layout (docs/data.md documents it). Every key has one type per output folder
-    # (strings are "" rather than null when absent): datasets infers a column's type from the
-    # first shard, and a small shard written after a resume must not pin a column to null.
+    # -- record layout (data/schema.py; docs/data.md documents it). Every key has one type per
+    # output folder (strings are "" rather than null when absent): datasets infers a column's type
+    # from the first shard, and a small shard written after a resume must not pin a column to null.
     def _record(self, q: Query, ctx: _Ctx, part: dict[str, Any]) -> dict[str, Any]:
-        return {
-            "id": q.id,
-            "query": q.text,
-            "situation": q.situation or "",
-            "source": q.source,
-            "mode": self.cfg.mode,
-            "cues": part.get("cues"),
-            "traits": part.get("traits"),
-            "trait_reasons": part.get("trait_reasons"),
-            "p": part.get("p"),
-            "response": part["response"],
-            "rationale": part.get("rationale") or "",
-            "teacher": self.teacher.name,
-            "prompt_version": prompts.PROMPT_VERSION,
-            "constrained": self.cfg.constrained and self.cfg.mode == "persona_cot",
-            "timings": {k: (round(v, 4) if v is not None else None) for k, v in ctx.timings.items()},
-            "raw": ctx.raw,
-        }
+        return make_record(
+            id=q.id,
+            query=q.text,
+            situation=q.situation or "",
+            source=q.source,
+            mode=self.cfg.mode,
+            cues=part.get("cues"),
+            traits=part.get("traits"),
+            trait_reasons=part.get("trait_reasons"),
+            p=part.get("p"),
+            response=part["response"],
+            rationale=part.get("rationale") or "",
+            teacher=self.teacher.name,
+            prompt_version=prompts.PROMPT_VERSION,
+            constrained=self.cfg.constrained and self.cfg.mode == "persona_cot",
+            timings={k: (round(v, 4) if v is not None else None) for k, v in ctx.timings.items()},
+            raw=ctx.raw,
+        )
 
     def _finish(self, c: Completion, parts: ResponseParts, *, asked_rationale: bool) -> tuple[str, str | None]:
         """Apply the truncation rule and the empty check to a parsed step-3 reply."""

@@ -11,7 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from personafuse.traits import POLE_INDEX, TRAIT_NAMES, TRAITS, pole_name, vector_from_poles
+from personafuse.traits import TRAIT_NAMES, both_poles, pole_name, vector_from_poles
 
 UNPARSEABLE = "unparseable"
 ALL_ZERO = "all_zero_p"
@@ -58,9 +58,8 @@ def activation_from_poles(poles: Iterable[str]) -> list[int]:
     p = vector_from_poles(canon)
     if not any(p):
         raise Rejection(ALL_ZERO, "no pole activated")
-    for t in TRAITS:
-        if p[POLE_INDEX[f"high_{t}"]] and p[POLE_INDEX[f"low_{t}"]]:
-            raise Rejection(BOTH_POLES, f"both poles of {TRAIT_NAMES[t]} activated")
+    if both := both_poles(p):
+        raise Rejection(BOTH_POLES, f"both poles of {TRAIT_NAMES[both[0]]} activated")
     return p
 
 
