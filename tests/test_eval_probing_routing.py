@@ -206,3 +206,21 @@ def test_default_encoder_embeds_with_smollm2() -> None:
     smol = make_encoder("default-encoder")(texts)
     mini = make_encoder("minilm")(texts)
     assert smol.shape == (2, 576) and mini.shape == (2, 384)
+
+
+def test_probe_pf_checkpoint_reads_the_persona_encoder(tmp_path: Path) -> None:
+    """``pf:DIR`` goes through the --model grammar's loader and embeds with the router's encoder on
+    the router's input text (PersonaFuseModel.persona_embeddings), batch by batch."""
+    from conftest import build_tiny
+    from personafuse.evaluation.probing import make_encoder
+
+    pf = build_tiny(tmp_path)
+    pf.save_pretrained(tmp_path / "ckpt")
+    texts = [f"i feel so {w} about my exam" for w in ("anxious", "happy", "tired")] * 30  # 90: two batches
+    got = make_encoder(f"pf:{tmp_path / 'ckpt'}")(texts)
+    with torch.no_grad():
+        want = pf.persona_embeddings(texts).float().numpy()
+    assert got.shape == want.shape == (90, pf.config.embed_dim)
+    assert abs(got - want).max() < 1e-5
+    with pytest.raises(FileNotFoundError):
+        make_encoder(f"pf:{tmp_path / 'missing'}")

@@ -15,8 +15,8 @@ Encoders: any spec ``personafuse.embedded.resolve`` knows — ``minilm`` (embedd
 encoder), ``hf:PATH`` (any Hugging Face encoder or decoder) — with ``@mean``/``@last`` pooling
 (default: last token for decoder LMs, mean for encoders, as the router does); ``random:SPEC`` (the
 same architecture, randomly initialised — an untrained control); ``pf:DIR`` (a PersonaFuse
-checkpoint's persona encoder, through ``model.persona_embeddings(texts)`` or
-``model.router.encode(texts)``, duck-typed).
+checkpoint's persona encoder, ``PersonaFuseModel.persona_embeddings``: the router's input text
+through its encoder, as routing reads a query).
 """
 
 from __future__ import annotations
@@ -159,12 +159,11 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
 
     s = spec.strip()
     if s.startswith("pf:"):
-        from personafuse import PersonaFuseModel
+        from personafuse.specs import load_personafuse
 
-        pf = PersonaFuseModel.from_pretrained(s[3:])
-        fn = getattr(pf, "persona_embeddings", None) or getattr(getattr(pf, "router", None), "encode", None)
-        if fn is None:
-            raise ValueError(f"{s}: the model exposes neither persona_embeddings() nor router.encode()")
+        pf = load_personafuse(s)  # the --model grammar: a checkpoint folder or Hub id
+        fn = pf.persona_embeddings  # the router's encoder on the router's own input text
+
         def encode_pf(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
             import torch
 
