@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from personafuse.training.losses import contrastive_loss, lm_loss, router_loss, trait_consistency_loss
+from personafuse.training.losses import contrastive_loss, lm_loss_sums, router_loss, trait_consistency_loss
 
 
 def test_contrastive_loss_hand_computed():
@@ -44,12 +44,14 @@ def test_lm_loss_masks_prompt_and_reduces_per_sequence():
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 7)
     labels = torch.tensor([[-100, -100, 1, 2, 3], [-100, 4, 5, -100, -100]])
-    per_seq = lm_loss(logits, labels, reduction="none")
+    sums, counts = lm_loss_sums(logits, labels)
+    per_seq = sums / counts
     ref0 = torch.nn.functional.cross_entropy(logits[0, 1:4], labels[0, 2:5])
     ref1 = torch.nn.functional.cross_entropy(logits[1, 0:2], labels[1, 1:3])
     torch.testing.assert_close(per_seq, torch.stack([ref0, ref1]))
     token_mean = (ref0 * 3 + ref1 * 2) / 5
-    torch.testing.assert_close(lm_loss(logits, labels), token_mean)
+    torch.testing.assert_close(sums.sum() / counts.sum(), token_mean)
+    torch.testing.assert_close(counts, torch.tensor([3.0, 2.0]))
 
 
 def test_trait_consistency_with_p_counts_only_same_vector_pairs():

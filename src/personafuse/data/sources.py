@@ -52,9 +52,6 @@ def query_id(text: str) -> str:
 
 # -------------------------------------------------------------------------------- raw row reading
 
-FILE_FORMATS = ("jsonl", "json", "csv", "tsv", "parquet")
-
-
 def _format_of(path: Path) -> str:
     name = path.name.lower()
     for ext, fmt in ((".jsonl", "jsonl"), (".ndjson", "jsonl"), (".json", "json"), (".csv", "csv"),

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import random
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -235,15 +235,3 @@ def stable_rng(seed: int, *parts: object) -> random.Random:
 
     h = hashlib.sha256(("|".join(str(p) for p in (seed, *parts))).encode()).hexdigest()
     return random.Random(int(h[:16], 16))
-
-
-def first_existing(folder: Path, names: Iterable[str]) -> Path | None:
-    for n in names:
-        p = folder / n
-        if p.exists():
-            return p
-    return None
-
-
-def iter_files(folder: Path, pattern: str) -> Iterator[Path]:
-    yield from sorted(folder.glob(pattern))

@@ -57,8 +57,3 @@ class SentenceEmbedder:
                 v = torch.nn.functional.normalize(v, p=2, dim=-1)
             outs.append(v.float())
         return torch.cat(outs) if outs else torch.zeros(0)
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise cosine similarity of two [N, d] tensors."""
-    return torch.nn.functional.cosine_similarity(a, b, dim=-1)

@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from personafuse.chat import RawPrompt, as_messages, encode_prompts
+from personafuse.chat import Generation, RawPrompt, as_messages, encode_prompts
 from personafuse.specs import ModelSpec, load_personafuse
 from personafuse.specs import is_personafuse_dir as is_personafuse_dir  # re-exported: its old home
 from personafuse.traits import TRAIT_POLES, pole_name, weights_dict
 
 Prompt = str | list[dict[str, str]]
-
-
-@dataclass
-class Generation:
-    text: str
-    weights: dict[str, float] | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Subject(Protocol):
@@ -295,9 +287,3 @@ def _looks_like_hub_id(text: str) -> bool:
     """``owner/name``: a bare Hub id is read as ``hf:`` (anything else bare must be a folder)."""
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/"))
-
-
-def timed(fn: Any, *a: Any, **kw: Any) -> tuple[Any, float]:
-    t = time.perf_counter()
-    r = fn(*a, **kw)
-    return r, time.perf_counter() - t

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,6 @@ class TrainConfig:
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that supports it, else no
     gradient_checkpointing: bool = False
     save_every: int = 200
-    log_every: int = 1
     seed: int = 0
 
     def to_dict(self) -> dict[str, Any]:
@@ -72,6 +72,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
         data = dict(data)
+        for key in REMOVED_FIELDS.keys() & data.keys():  # saved train_config.json files still load
+            warnings.warn(f"{source}: '{key}' is no longer a setting ({REMOVED_FIELDS[key]}); ignored", stacklevel=2)
+            del data[key]
         _reject_unknown(cls, data, source)
         kwargs: dict[str, Any] = {}
         defaults = cls()
@@ -110,6 +113,10 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+# Fields that earlier releases wrote into train_config.json, with what happens instead.
+REMOVED_FIELDS = {"log_every": "every step is logged"}
 
 
 def _reject_unknown(cls: type, data: dict[str, Any], source: str) -> None:

@@ -83,14 +83,6 @@ def lm_loss_sums(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return (tok * mask).sum(1), mask.sum(1)
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Token-mean LM loss (``reduction="none"``: one mean per sequence)."""
-    sums, counts = lm_loss_sums(logits, labels)
-    if reduction == "none":
-        return sums / counts.clamp(min=1)
-    return sums.sum() / counts.sum().clamp(min=1)
-
-
 # Output-layer options that change logits after the LM head; models that set one take the plain path.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 

@@ -35,10 +35,6 @@ def letter(i: int) -> str:
     return LETTERS[i]
 
 
-def format_options(options: Sequence[str]) -> str:
-    return "\n".join(f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options))
-
-
 def json_letter(text: str, keys: Sequence[str]) -> str | None:
     """The letter under one of ``keys`` in a JSON-like ``"key": "X"`` pair (the last such pair);
     the value may be ``"D"``, ``"(D)"``, ``"D. text"`` or lowercase."""
