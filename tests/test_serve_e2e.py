@@ -49,9 +49,15 @@ def test_default_model_server():
         maths = client.chat.completions.create(
             model="personafuse", messages=[{"role": "user", "content": "Solve 3x + 7 = 22 for x."}], max_tokens=16, temperature=0,
         )
-        for r in (anxious, maths):
+        # each reply reports the default model's router weights for its own message
+        from personafuse.specs import load_personafuse
+
+        want = load_personafuse("default").route(
+            ["I'm so anxious about tomorrow, I can't breathe.", "Solve 3x + 7 = 22 for x."]
+        ).tolist()
+        for r, w in zip((anxious, maths), want, strict=True):
             assert r.choices[0].message.content.strip()
-            assert sum(r.model_extra["persona"]["weights"].values()) == pytest.approx(1.0, abs=1e-4)
+            assert list(r.model_extra["persona"]["weights"].values()) == pytest.approx(w, abs=1e-4)
         assert anxious.model_extra["persona"]["weights"] != maths.model_extra["persona"]["weights"]
         stream = client.chat.completions.create(
             model="personafuse", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8, temperature=0, stream=True,
