@@ -135,7 +135,7 @@ def test_resolve_weights_goes_through_routing() -> None:
     chat = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "r"}]
     assert torch.equal(resolve_weights("random:5", [chat], router)[0], rnd[1])
     many = resolve_weights("router", [f"q{i}" for i in range(150)], router)
-    assert many.shape == (150, 10) and [len(c) for c in calls[-3:]] == [64, 64, 22]  # chunked router calls
+    assert many.shape == (150, 10)  # the router chunks its own calls (test_router: route in chunks)
     with pytest.raises(ValueError, match="needs a router"):
         resolve_weights("router", ["q"], None)
 

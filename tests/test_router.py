@@ -206,3 +206,18 @@ def test_the_json_form_round_trips_every_mode(spec):
     r = Routing.parse(spec, seed=9)
     again = Routing.from_dict(r.to_dict())
     assert again == r and again.to_dict() == r.to_dict()
+
+
+def test_route_runs_the_encoder_in_chunks_with_the_same_weights():
+    """route() feeds the encoder at most ROUTE_CHUNK queries at a time (memory stays flat on a
+    benchmark's worth of queries), and a query's weights do not depend on its chunk."""
+    from personafuse.moe.model import ROUTE_CHUNK
+
+    pf = build_tiny()
+    sizes = []
+    real = pf.router.forward
+    pf.router.forward = lambda ids, mask, tau=None: (sizes.append(ids.shape[0]), real(ids, mask, tau=tau))[1]
+    queries = [f"i feel {i} times so anxious about my exam" for i in range(2 * ROUTE_CHUNK + 22)]
+    w = pf.route(queries)
+    assert sizes == [ROUTE_CHUNK, ROUTE_CHUNK, 22] and w.shape == (len(queries), 10)
+    torch.testing.assert_close(w[[0, ROUTE_CHUNK + 5, -1]], pf.route([queries[0], queries[ROUTE_CHUNK + 5], queries[-1]]))

@@ -26,9 +26,9 @@ as in 0.4.13). A PersonaFuse checkpoint runs each forward pass and each generati
   trailing assistant prefill (a task's ``gen_prefix``), and :func:`personafuse.moe.model.router_text`
   of that conversation drops the system prompt and keeps the user turn(s), as at inference.
   ``loglikelihood_rolling``'s context is the whole document.
-* **Weights** come from :class:`personafuse.moe.routing.Routing` (``Routing.parse(routing)`` then
-  ``routing.resolve(n, router_weights, keys=router_texts)``, as ``PersonaFuseModel.resolve_weights``
-  does for ``generate``), so every mode means here what it means everywhere else.
+* **Weights** come from :meth:`personafuse.moe.routing.Routing.weights_for`, the resolution
+  ``PersonaFuseModel.resolve_weights`` uses for ``generate``, so every mode means here what it
+  means everywhere else.
 * **Which row is whose**: ``HFLM._loglikelihood_tokens`` hands ``_model_call`` only a right-padded
   (zeros) batch of ``(context + continuation)[-(max_length + 1):][:-1]`` token rows, in an order of
   its own. Each row is matched back to its request by exactly those tokens (:class:`_RowIndex`);
@@ -48,14 +48,13 @@ import torch
 from lm_eval.api.registry import model_registry
 from lm_eval.models.huggingface import HFLM
 
-from personafuse.moe.model import Prompt, router_text
+from personafuse.moe.model import Prompt
 from personafuse.moe.routing import Routing
 from personafuse.traits import NUM_POLES
 
 # The HFLM internals this adapter hooks (_loglikelihood_tokens' input window and zero padding,
 # generate_until's tok_batch_encode) were read in this version; another one is warned about.
 LM_EVAL_VERSION = "0.4.13"
-ROUTER_CHUNK = 64  # queries per router call: the encoder sees at most this many at once
 
 
 def _device(requested: str | None) -> str:
@@ -90,22 +89,10 @@ def resolve_weights(
     router: Callable[[list[Prompt]], Any] | None,
 ) -> torch.Tensor:
     """[len(queries), 10] float32 weights for these queries under ``routing`` (a
-    :class:`~personafuse.moe.routing.Routing`, its CLI form or its JSON form).
-
-    The same resolution as ``PersonaFuseModel.resolve_weights``: the router (``router``, e.g.
-    ``model.route``) runs only for the modes that read it, in chunks of ``ROUTER_CHUNK`` queries,
-    and ``Routing.resolve`` gets each query's :func:`router_text` as its key (a seeded Random
-    Route draws the same experts for a query however it is batched)."""
-    routing = Routing.coerce(routing)
-    router_w = None
-    if routing.needs_router:
-        if router is None:
-            raise ValueError(f"routing mode {routing.mode!r} needs a router; this model has none")
-        parts = [torch.as_tensor(router(list(queries[i : i + ROUTER_CHUNK])), dtype=torch.float32)
-                 for i in range(0, len(queries), ROUTER_CHUNK)]  # fmt: skip
-        router_w = torch.cat(parts) if parts else torch.empty(0, NUM_POLES)
-    w = routing.resolve(len(queries), router_w, keys=[router_text(q) for q in queries])
-    return w.float().cpu()
+    :class:`~personafuse.moe.routing.Routing`, its CLI form or its JSON form): exactly
+    ``PersonaFuseModel.resolve_weights``, through :meth:`Routing.weights_for` (``router``, e.g.
+    ``model.route``, runs only for the modes that read it; each query's router text is its key)."""
+    return Routing.coerce(routing).weights_for(queries, router).cpu()
 
 
 def _query_of_chat(chat: Sequence[Mapping[str, str]]) -> list[dict[str, str]]:

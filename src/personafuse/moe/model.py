@@ -37,6 +37,7 @@ from personafuse.traits import POLE_DESCRIPTIONS, TRAIT_POLES, TraitError, weigh
 # Compiled generation sizes its KV cache in steps of this many positions: one graph serves prompts
 # of any length within a step, for attention over at most this many unused positions.
 CACHE_STEP = 256
+ROUTE_CHUNK = 64  # queries per router forward in route(): bounds the encoder's memory
 EXPERTS_FILE = "experts.safetensors"
 ROUTER_FILE = "router.safetensors"
 ENCODER_DELTA_FILE = "encoder_delta.safetensors"
@@ -190,18 +191,18 @@ class PersonaFuseModel(nn.Module):
         queries = _prompt_list(queries)
         if not queries:
             return torch.empty(0, self.config.num_experts)
-        with torch.no_grad():
-            enc = self.encode_queries(queries)
-            w, _ = self.router(enc["input_ids"], enc["attention_mask"], tau=tau)
-        return w.float()
+        out = []
+        with torch.no_grad():  # in chunks: the encoder sees at most ROUTE_CHUNK queries at once
+            for i in range(0, len(queries), ROUTE_CHUNK):
+                enc = self.encode_queries(queries[i : i + ROUTE_CHUNK])
+                out.append(self.router(enc["input_ids"], enc["attention_mask"], tau=tau)[0].float())
+        return torch.cat(out)
 
     def resolve_weights(
         self, queries: Sequence[Prompt], routing: Routing | str | Mapping[str, Any] | None = None
     ) -> torch.Tensor:
         """[B, 10] weights for these queries under a routing mode (default: the router)."""
-        routing = Routing.coerce(routing)
-        router_w = self.route(queries) if routing.needs_router else None
-        return routing.resolve(len(queries), router_w, keys=[router_text(q) for q in queries])
+        return Routing.coerce(routing).weights_for(queries, self.route)
 
     def resolve_each(self, queries: Sequence[Prompt], routings: Sequence[Routing]) -> torch.Tensor:
         """[B, 10] weights, row ``b`` under ``routings[b]`` (the server: one routing per request),

@@ -11,12 +11,14 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from personafuse.chat import Prompt
+from personafuse.moe.router import router_text
 from personafuse.traits import NUM_POLES, POLE_INDEX, TraitError, pole_name, weights_from_any
 
 MODES = ("router", "fixed", "blend", "top_k", "pole", "random")
@@ -125,6 +127,19 @@ class Routing:
             pick = torch.randperm(NUM_POLES, generator=gen)[: self.k]
             out[b, pick] = 1.0 / self.k
         return out.to(device)
+
+    def weights_for(self, queries: Sequence[Prompt], router: Callable[[list[Prompt]], Any] | None) -> torch.Tensor:
+        """[len(queries), 10] float32 weights for these queries, the one resolution every caller
+        uses (``PersonaFuseModel.generate``, the lm-eval adapter): ``router`` (e.g.
+        ``PersonaFuseModel.route``) runs only for the modes that read it, and each query's
+        :func:`~personafuse.moe.router.router_text` is its key, so a seeded Random Route draws the
+        same experts for a query however it is batched."""
+        router_w = None
+        if self.needs_router:
+            if router is None:
+                raise ValueError(f"routing mode {self.mode!r} needs a router; this model has none")
+            router_w = torch.as_tensor(router(list(queries)), dtype=torch.float32) if queries else torch.empty(0, NUM_POLES)
+        return self.resolve(len(queries), router_w, keys=[router_text(q) for q in queries]).float()
 
     @classmethod
     def coerce(cls, routing: Routing | str | Mapping[str, Any] | None) -> Routing:
