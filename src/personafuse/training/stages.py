@@ -453,7 +453,6 @@ def train_loop(
     sc: StageConfig,
     tc: TrainConfig,
     objective: nn.Module,
-    trainable: dict[str, nn.Parameter],
     step_fn: Callable[..., dict[str, float]],
     plan: Callable[[int], list[Row]],
     out_dir: Path,
@@ -465,9 +464,10 @@ def train_loop(
     """Run ``sc.steps`` optimiser steps of one stage, with checkpoints and logs under ``out_dir``:
     set up, resume, loop (step, log, checkpoint), hand back.
 
-    ``trainable`` (name -> parameter of ``objective``) ends the stage holding the trained values,
-    whole and in its original dtypes, whatever the engine (see :mod:`personafuse.training.engine`)."""
-    run = _StageRun(name, sc, tc, objective, trainable)  # refuses a bad engine before anything is written
+    ``objective.trainable()`` (name -> parameter of ``objective``: what the stage trains) ends the
+    stage holding the trained values, whole and in their original dtypes, whatever the engine (see
+    :mod:`personafuse.training.engine`)."""
+    run = _StageRun(name, sc, tc, objective, objective.trainable())  # refuses a bad engine before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     if run.main:
         tc.save(out_dir / "train_config.json")
@@ -596,6 +596,13 @@ def micro_batches(
             yield chunk, len(chunk) / max(len(mine), 1)
 
 
+def _add_router_parts(totals: dict[str, float], parts: dict[str, float], frac: float) -> None:
+    """Add one micro-batch's router-loss parts (losses.router_loss), weighted by its share of the
+    step, to the step's ``loss_router`` / ``loss_contrastive`` / ``loss_trait``."""
+    for k in ("router", "contrastive", "trait"):
+        totals[f"loss_{k}"] = totals.get(f"loss_{k}", 0.0) + parts[k] * frac
+
+
 # --------------------------------------------------------------------------- stages
 def _stage_dir(tc: TrainConfig, name: str) -> Path:
     return Path(tc.out) / name
@@ -640,7 +647,6 @@ def run_warmup(
         sc,
         tc,
         objective,
-        objective.trainable(),
         step_fn,
         plan,
         out_dir or _stage_dir(tc, "warmup"),
@@ -664,23 +670,20 @@ def run_router(
     objective = RouterObjective(pf, tc.beta, tc.margin)
 
     def step_fn(acc, model, rows, step):
-        lr_tot = lc_tot = lt_tot = 0.0
+        totals: dict[str, float] = {}
         for chunk, frac in micro_batches(acc, model, rows, sc.micro_batch_size):
             ks = [k for k, _ in chunk]
             enc = feats.enc_batch(ks, acc.device)
             loss, parts = model(enc["enc_ids"], enc["enc_mask"], feats.p_batch(ks, acc.device))
             acc.backward(loss * frac)
-            lr_tot += parts["router"] * frac
-            lc_tot += parts["contrastive"] * frac
-            lt_tot += parts["trait"] * frac
-        return {"loss_router": lr_tot, "loss_contrastive": lc_tot, "loss_trait": lt_tot, "batch": float(len(rows))}
+            _add_router_parts(totals, parts, frac)
+        return {**totals, "batch": float(len(rows))}
 
     return train_loop(
         "router",
         sc,
         tc,
         objective,
-        objective.trainable(),
         step_fn,
         plan,
         _stage_dir(tc, "router"),
@@ -704,7 +707,8 @@ def run_joint(
 
     def step_fn(acc, model, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
-        lm_tot = lr_tot = lc_tot = lt_tot = 0.0
+        lm_tot = 0.0
+        totals: dict[str, float] = {}
         for chunk, frac in micro_batches(acc, model, rows, sc.micro_batch_size):
             ks = [k for k, _ in chunk]
             b = feats.lm_batch(ks, acc.device)
@@ -714,24 +718,14 @@ def run_joint(
             lm = sums.sum() / max(norm, 1) * acc.num_processes
             acc.backward(lm + tc.gamma * lr_ * frac)
             lm_tot += float(lm.detach()) / acc.num_processes
-            lr_tot += parts["router"] * frac
-            lc_tot += parts["contrastive"] * frac
-            lt_tot += parts["trait"] * frac
-        return {
-            "loss": lm_tot + tc.gamma * lr_tot,
-            "loss_lm": lm_tot,
-            "loss_router": lr_tot,
-            "loss_contrastive": lc_tot,
-            "loss_trait": lt_tot,
-            "tokens": float(norm),
-        }
+            _add_router_parts(totals, parts, frac)
+        return {"loss": lm_tot + tc.gamma * totals["loss_router"], "loss_lm": lm_tot, **totals, "tokens": float(norm)}
 
     return train_loop(
         "joint",
         sc,
         tc,
         objective,
-        objective.trainable(),
         step_fn,
         plan,
         _stage_dir(tc, "joint"),
@@ -755,7 +749,6 @@ def run_sft(
     feats = Featurizer(records, tokenizer, tokenizer, tc.max_length, tc.max_length)
     plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
     objective = SFTObjective(model)
-    trainable = objective.trainable()  # before train_loop: it freezes everything, then thaws these
 
     def step_fn(acc, model_, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
@@ -773,7 +766,6 @@ def run_sft(
         sc,
         tc,
         objective,
-        trainable,
         step_fn,
         plan,
         out_dir,
