@@ -14,6 +14,7 @@ Back-pressure (documented in docs/serving.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -29,6 +30,10 @@ from personafuse.serving.metrics import Metrics
 from personafuse.traits import weights_dict
 
 log = logging.getLogger("personafuse.serving")
+
+# What a client is told when generation fails inside the server: the detail (exception text) goes
+# to the server log only.
+GENERATION_FAILED = "generation failed inside the server (the details are in the server log)"
 
 
 class QueueFull(Exception):
@@ -98,11 +103,23 @@ class Batcher:
             self._queue.append(job)
             self._cond.notify()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Stop taking requests; finish the ones already queued."""
+    def discard(self, job: Job) -> None:
+        """The job's client left or ran out of time: mark it cancelled (a running row ends at the
+        next step) and, if it is still waiting, take it out of the queue at once so its slot is free."""
+        job.cancelled = True
+        # ValueError: already taken by the worker (or never queued)
+        with self._cond, contextlib.suppress(ValueError):
+            self._queue.remove(job)
+
+    def begin_close(self) -> None:
+        """Stop taking requests (503 from now on); the worker finishes what is queued, then stops."""
         with self._cond:
             self._closing = True
             self._cond.notify_all()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop taking requests; finish the ones already queued."""
+        self.begin_close()
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker thread
@@ -136,20 +153,37 @@ class Batcher:
             self.running = len(batch)
             try:
                 self._run(batch)
-            except Exception as e:  # one bad batch must not kill the server
+            except Exception:  # one bad batch must not kill the server
                 log.exception("batch of %d failed", len(batch))
                 for job in batch:
-                    job.push("error", f"generation failed: {type(e).__name__}: {e}")
+                    job.push("error", GENERATION_FAILED)
             finally:
                 self.running = 0
 
-    def _weights(self, batch: list[Job]) -> torch.Tensor:
-        # The model's own per-row resolution: the same router text and Random Route keys as generate().
-        return self.model.resolve_each([j.messages for j in batch], [j.routing for j in batch])
+    def _weights(self, batch: list[Job]) -> tuple[list[Job], torch.Tensor]:
+        """The jobs that could be routed and their [B, 10] weights. The model's own per-row
+        resolution (the same router text and Random Route keys as generate()); if the batch call
+        fails, each row is resolved alone so that only the rows that fail get an error."""
+        try:
+            return batch, self.model.resolve_each([j.messages for j in batch], [j.routing for j in batch])
+        except Exception:
+            if len(batch) == 1:
+                raise
+        kept, rows = [], []
+        for job in batch:
+            try:
+                rows.append(self.model.resolve_each([job.messages], [job.routing]))
+                kept.append(job)
+            except Exception:
+                log.exception("routing failed for one request")
+                job.push("error", GENERATION_FAILED)
+        return kept, torch.cat(rows) if rows else torch.empty(0, 10)
 
     def _run(self, batch: list[Job]) -> None:
         self.metrics.observe_batch(len(batch))
-        weights = self._weights(batch)
+        batch, weights = self._weights(batch)
+        if not batch:
+            return
         dec = BatchDecode(
             self.model,
             [j.messages for j in batch],
@@ -162,6 +196,10 @@ class Batcher:
         for events in dec:
             for ev in events:
                 job = batch[ev.row]
+                if ev.error is not None:  # this row failed alone; the batch goes on
+                    log.error("request failed during decoding: %s", ev.error)
+                    job.push("error", GENERATION_FAILED)
+                    continue
                 if ev.delta:
                     job.push("delta", ev.delta)
                 if ev.finished:

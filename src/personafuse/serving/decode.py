@@ -18,10 +18,14 @@ import torch
 from personafuse.chat import eos_token_ids
 from personafuse.moe.decoding import cache_kwarg, output_cache
 
+# vLLM's rule (vllm-project/vllm, vllm/sampling_params.py, ``_SAMPLING_EPS``): a temperature below
+# 1e-5 means greedy. Dividing logits by a smaller one overflows to inf and the softmax to NaN.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class RowSpec:
-    """Per-request decoding settings. ``temperature`` 0 means greedy."""
+    """Per-request decoding settings. ``temperature`` below :data:`GREEDY_BELOW` means greedy."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -37,6 +41,13 @@ class RowEvent:
     finished: bool = False
     finish_reason: str | None = None
     completion_tokens: int = 0
+    # Set when this row failed on its own (its sampling, its text): only this row ends, with
+    # finish_reason "error"; the detail is for the server log, not for the client.
+    error: str | None = None
+
+
+class RowFailed(Exception):
+    """A failure that belongs to one row; the other rows of the batch go on."""
 
 
 class _Row:
@@ -45,32 +56,58 @@ class _Row:
         self.ids: list[int] = []
         self.sent = ""  # text already handed out
         self.done = False
-        self.generator = torch.Generator().manual_seed(
-            spec.seed if spec.seed is not None else random.randrange(2**63)
-        )
+        self.error: str | None = None
+        self.reported = False  # its error event was sent
+        self.generator = torch.Generator()
+        try:
+            self.generator.manual_seed(spec.seed if spec.seed is not None else random.randrange(2**63))
+        except (RuntimeError, ValueError, OverflowError, TypeError) as e:  # a seed torch cannot take
+            self.fail(f"seed {spec.seed!r}: {e}")
         # Hold back enough characters that a stop string split across steps is never half-sent.
         self.holdback = max((len(s) for s in spec.stop), default=1) - 1
+
+    def fail(self, message: str) -> None:
+        self.done, self.error = True, message
 
 
 def _eos_ids(model: Any) -> set[int]:
     return set(eos_token_ids(model.tokenizer, model.base_model))
 
 
+def _sample_row(logits: torch.Tensor, spec: RowSpec, generator: torch.Generator) -> int:
+    """One row's next token: temperature + nucleus sampling with the row's own generator (so a
+    seeded request is reproducible whatever it is batched with). Raises :class:`RowFailed` when
+    the probabilities are not usable (NaN logits), never returns a token drawn from garbage."""
+    probs = torch.softmax(logits / spec.temperature, dim=-1)
+    if spec.top_p < 1.0:
+        sp, si = probs.sort(descending=True)
+        keep = sp.cumsum(0) - sp < spec.top_p
+        # top-p always keeps the most likely token (as vLLM's sampler does), so a tiny top_p is
+        # greedy rather than an empty distribution.
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
+    total = probs.sum()
+    if not bool(torch.isfinite(total)) or float(total) <= 0.0:
+        raise RowFailed(f"next-token probabilities are not finite (temperature {spec.temperature})")
+    return int(torch.multinomial(probs / total, 1, generator=generator))
+
+
 def _sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
-    """Next token per row: greedy where temperature is 0, else temperature + nucleus sampling with
-    the row's own generator (so a seeded request is reproducible whatever it is batched with)."""
+    """Next token per row: greedy below :data:`GREEDY_BELOW`, else sampled. A row whose logits or
+    sampling fail is marked failed (``row.error``) and the others are unaffected."""
     logits = logits.float()
     out = logits.argmax(-1).tolist()
+    nan_rows = torch.isnan(logits).any(-1).tolist()
     for b, row in enumerate(rows):
-        t = row.spec.temperature
-        if row.done or t <= 0:
+        if row.done:
             continue
-        probs = torch.softmax(logits[b] / t, dim=-1)
-        if row.spec.top_p < 1.0:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(0) - sp < row.spec.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-        out[b] = int(torch.multinomial(probs / probs.sum(), 1, generator=row.generator))
+        try:
+            if nan_rows[b]:
+                raise RowFailed("the model produced NaN logits for this row")
+            if row.spec.temperature >= GREEDY_BELOW:
+                out[b] = _sample_row(logits[b], row.spec, row.generator)
+        except Exception as e:  # whatever broke, it broke this row only
+            row.fail(f"{type(e).__name__}: {e}")
     return out
 
 
@@ -120,6 +157,40 @@ class BatchDecode:
             return RowEvent(b, delta, True, reason, len(row.ids))
         return RowEvent(b, delta, completion_tokens=len(row.ids)) if delta else None
 
+    def _advance(self, b: int, row: _Row, tok_id: int) -> RowEvent | None:
+        """Add this step's token to one row; returns the row's event, if it has one."""
+        reason = None
+        if tok_id in self.eos:
+            reason = "stop"
+        else:
+            row.ids.append(tok_id)
+            if len(row.ids) >= row.spec.max_new_tokens:
+                reason = "length"
+        ev = self._text_event(b, row, reason)
+        if ev is not None and reason is not None and tok_id in self.eos:
+            ev.completion_tokens = len(row.ids) + 1  # the end token was generated too
+        return ev
+
+    def _step_events(self, next_ids: list[int]) -> list[RowEvent]:
+        """This step's events; a row that fails here (or failed in sampling) ends alone with an
+        ``error`` event, reported once. Finished rows are fed the pad token from now on."""
+        events: list[RowEvent] = []
+        for b, row in enumerate(self.rows):
+            if not row.done:
+                try:
+                    ev = self._advance(b, row, next_ids[b])
+                except Exception as e:  # one row's failure is that row's only
+                    row.fail(f"{type(e).__name__}: {e}")
+                    ev = None
+                if ev is not None:
+                    events.append(ev)
+            if row.error is not None and not row.reported:
+                row.reported = True
+                events.append(RowEvent(b, "", True, "error", len(row.ids), error=row.error))
+            if row.done:
+                next_ids[b] = self.pad_id
+        return events
+
     @torch.no_grad()
     def __iter__(self) -> Iterator[list[RowEvent]]:
         model = self.model
@@ -141,24 +212,7 @@ class BatchDecode:
                     if not row.done and self.cancelled(b):
                         row.done = True
                 next_ids = _sample(logits, self.rows)
-                events: list[RowEvent] = []
-                for b, row in enumerate(self.rows):
-                    if row.done:
-                        next_ids[b] = self.pad_id
-                        continue
-                    tok_id = next_ids[b]
-                    reason = None
-                    if tok_id in self.eos:
-                        reason = "stop"
-                    else:
-                        row.ids.append(tok_id)
-                        if len(row.ids) >= row.spec.max_new_tokens:
-                            reason = "length"
-                    ev = self._text_event(b, row, reason)
-                    if ev is not None:
-                        if reason is not None and tok_id in self.eos:
-                            ev.completion_tokens = len(row.ids) + 1  # the end token was generated too
-                        events.append(ev)
+                events = self._step_events(next_ids)
                 self.steps += 1
                 if events:
                     yield events
