@@ -4,15 +4,20 @@ step, failures that must stay inside one request, and the door checks themselves
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 
+import httpx
 import pytest
 import torch
 
 from conftest import build_tiny
 from personafuse.moe.routing import Routing
+from personafuse.serving import ServeConfig, create_app
 from personafuse.serving import batcher as batcher_module
 from personafuse.serving.batcher import Batcher, Job
 from personafuse.serving.decode import BatchDecode, RowSpec
+from serve_support import LiveServer
 
 torch.set_num_threads(1)
 PROMPTS = ["i am so anxious", "please help me solve this math problem", "write a poem", "hello"]
@@ -120,3 +125,147 @@ def test_batcher_fails_only_the_broken_request(tiny):
     assert bad_seed[0][0] == "start" and bad_seed[-1] == ("error", failed)
     for _kind, payload in bad_routing + bad_seed:
         assert "Overflow" not in str(payload) and "TypeError" not in str(payload)
+
+
+@pytest.fixture(scope="module")
+def server(tiny):
+    cfg = ServeConfig(model_name="tiny", max_tokens_limit=24, max_prompt_tokens=40, default_max_tokens=8, batch_wait_ms=200)
+    with LiveServer(create_app(tiny, cfg)) as s:
+        yield s
+
+
+def chat(url, body, **kw):
+    return httpx.post(url + "/v1/chat/completions", json=body, timeout=60, **kw)
+
+
+def test_hostile_values_in_one_batch_never_fail_the_others(server):
+    """The audit's requests sent together (one batch): each gets a 200 (handled as the conventions
+    say) or a 400 naming its field; the ordinary request batched with them gets its reply."""
+    user = [{"role": "user", "content": "i am so anxious"}]
+    cases = {
+        "plain": ({"messages": user, "max_tokens": 6, "temperature": 0}, 200, None),
+        "tiny_temperature": ({"messages": user, "max_tokens": 6, "temperature": 1e-40}, 200, None),
+        "tiny_top_p": ({"messages": user, "max_tokens": 6, "temperature": 1.0, "top_p": 1e-300}, 200, None),
+        "huge_seed": ({"messages": user, "max_tokens": 6, "temperature": 1.0, "seed": 2**64}, 400, "seed"),
+        "alpha_string": (
+            {"messages": user, "max_tokens": 6, "persona": {"mode": "blend", "alpha": "0.5", "weights": {"high_A": 1}}},
+            200,
+            None,
+        ),
+        "random_seed_string": ({"messages": user, "max_tokens": 6, "persona": {"mode": "random", "seed": "x"}}, 400, "persona"),
+        "random_seed_huge": ({"messages": user, "max_tokens": 6, "persona": {"mode": "random"}, "seed": 2**70}, 400, "seed"),
+    }
+    results: dict[str, httpx.Response] = {}
+
+    def one(name: str) -> None:
+        results[name] = chat(server.url, cases[name][0])
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in cases]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for name, (_, status, param) in cases.items():
+        r = results[name]
+        assert r.status_code == status, (name, r.text)
+        if status == 400:
+            assert r.json()["error"]["param"] == param, (name, r.json())
+    greedy = results["plain"].json()["choices"][0]["message"]["content"]
+    assert results["tiny_temperature"].json()["choices"][0]["message"]["content"] == greedy
+    assert results["tiny_top_p"].json()["choices"][0]["message"]["content"] == greedy
+    assert results["alpha_string"].json()["persona"]["alpha"] == 0.5
+
+
+HOSTILE = [
+    # (raw body, content type, status, needle in the message, param)
+    (b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400, "nests deeper", None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "persona": ' + b"[" * 100 + b"]" * 100 + b"}", "application/json", 400, "nests deeper", "persona"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800 there"}]}', "application/json", 400, "surrogate", "messages.0.content"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": ["\\udfff"]}', "application/json", 400, "surrogate", "stop.0"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "persona": {"pole": "\\ud83d"}}', "application/json", 400, "surrogate", "persona.pole"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + b"9" * 5000 + b"}", "application/json", 400, "too many digits", None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}', "application/json", 400, "NaN is not a JSON value", None),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "seed": ' + b"9" * 40 + b"}", "application/json", 400, "seed", "seed"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1' + b"0" * 400 + b"}", "application/json", 400, "temperature", "temperature"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "text/plain", 415, "application/json", "Content-Type"),
+    (b"messages=hi", "application/x-www-form-urlencoded", 415, "application/json", "Content-Type"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "", 415, "application/json", "Content-Type"),
+]
+
+
+@pytest.mark.parametrize(("raw", "ctype", "status", "needle", "param"), HOSTILE, ids=[str(i) for i in range(len(HOSTILE))])
+def test_no_bare_500s(server, raw, ctype, status, needle, param):
+    """Deep nesting, lone surrogates, huge integers, non-JSON numbers and non-JSON content types:
+    a 4xx in the OpenAI error shape naming the problem (they were 500s, or a text/plain body was served)."""
+    headers = {"content-type": ctype} if ctype else {}  # no header at all for ""
+    r = httpx.post(server.url + "/v1/chat/completions", content=raw, headers=headers, timeout=60)
+    assert r.status_code == status, r.text[:300]
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["code"] == status
+    assert needle in err["message"] and err["param"] == param, err
+    assert "Traceback" not in r.text and "Error:" not in err["message"]
+
+
+def metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_rejections_are_counted_and_unknown_paths_use_the_error_shape(server):
+    before = httpx.get(server.url + "/metrics").text
+    assert httpx.post(server.url + "/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
+    r = httpx.get(server.url + "/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["code"] == 405
+    r = httpx.get(server.url + "/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    after = httpx.get(server.url + "/metrics").text
+    key = 'personafuse_requests_total{endpoint="chat_completions",code="415"}'
+    assert metric(after, key) == metric(before, key) + 1
+    key = 'personafuse_requests_total{endpoint="other",code="404"}'
+    assert metric(after, key) == metric(before, key) + 1
+
+
+def test_weights_that_overflow_when_summed_are_not_zeroed(server):
+    """Ten weights of 1e308 sum to inf; dividing by it used to report (and mix) ten zeros."""
+    user = [{"role": "user", "content": "hi"}]
+    r = chat(server.url, {"messages": user, "max_tokens": 1, "persona": {"weights": [1e308] * 10}})
+    assert r.status_code == 200 and list(r.json()["persona"]["weights"].values()) == pytest.approx([0.1] * 10)
+    r = chat(server.url, {"messages": user, "max_tokens": 1, "persona": {"weights": {"high_A": 1.5e308, "low_N": 1.5e308}}})
+    w = r.json()["persona"]["weights"]
+    assert w["high_A"] == pytest.approx(0.5) and w["low_N"] == pytest.approx(0.5)
+
+
+def test_top_p_zero_is_in_range_and_keeps_the_top_token(server):
+    """OpenAI's range for top_p is [0, 1]: 0 is served (the most likely token), not refused."""
+    user = [{"role": "user", "content": "write a poem"}]
+    greedy = chat(server.url, {"messages": user, "max_tokens": 6, "temperature": 0}).json()
+    r = chat(server.url, {"messages": user, "max_tokens": 6, "temperature": 1.3, "top_p": 0, "seed": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == greedy["choices"][0]["message"]["content"]
+    assert chat(server.url, {"messages": user, "top_p": 1.01}).status_code == 400
+
+
+def test_empty_api_key_does_not_switch_authentication_off(tiny):
+    with pytest.raises(ValueError, match="api_key is empty"):
+        ServeConfig(api_key="")
+    with pytest.raises(ValueError, match="api_key is empty"):
+        create_app(tiny, ServeConfig(api_key="  "))
+
+
+@pytest.mark.parametrize(("env", "args"), [({"PERSONAFUSE_API_KEY": ""}, []), ({}, ["--api-key", " "])], ids=["env", "flag"])
+def test_cli_refuses_an_empty_api_key(env, args):
+    """PERSONAFUSE_API_KEY="" (an unset shell variable expanded) used to serve with no authentication."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import personafuse
+
+    src = str(Path(personafuse.__file__).resolve().parents[1])  # the code this test run imports
+    base = {k: v for k, v in os.environ.items() if k != "PERSONAFUSE_API_KEY"}
+    run_env = {**base, **env, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
+    # --port 1: should it ever get as far as serving, it fails to bind instead of hanging
+    cmd = [sys.executable, "-m", "personafuse.cli", "serve", "--model", "no-such-model", "--port", "1", *args]
+    p = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "key is empty" in p.stderr, p.stderr[-500:]

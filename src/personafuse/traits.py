@@ -144,6 +144,12 @@ def weights_from_any(
         total = sum(vec)
         if total <= 0:
             raise TraitError(f"{what} are all zero; at least one must be positive")
+        if not math.isfinite(total):
+            # Finite weights whose sum overflows (1e308 each): v / inf would turn every weight
+            # into 0, so scale by the largest first.
+            top = max(vec)
+            vec = [v / top for v in vec]
+            total = sum(vec)
         vec = [v / total for v in vec]
     return vec
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,8 +69,10 @@ class Routing:
             if self.weights is None:
                 raise TraitError(f"routing mode {self.mode!r} needs 'weights'")
             self.weights = weights_from_any(self.weights, normalise=True)
-        if self.mode == "blend" and not 0.0 <= float(self.alpha) <= 1.0:
-            raise TraitError(f"routing 'alpha' must be in [0, 1], got {self.alpha!r}")
+        if self.mode == "blend":
+            self.alpha = _alpha(self.alpha)  # stored as the number it was checked as ("0.5" broke the mix)
+        if self.mode == "random" and self.seed is not None and not _is_seed(self.seed):
+            raise TraitError(f"routing 'seed' must be an integer from -2**63 to 2**63-1 (or null), got {self.seed!r}")
         if self.mode in ("top_k", "random") and not (
             isinstance(self.k, int) and not isinstance(self.k, bool) and 1 <= self.k <= NUM_POLES
         ):
@@ -211,6 +214,22 @@ class Routing:
                 f"persona: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
             )
         return cls(**dict(data))
+
+
+def _alpha(value: Any) -> float:
+    """The blend share as a float in [0, 1]; numbers and numeric strings (as JSON clients send them)."""
+    try:
+        alpha = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not 0.0 <= alpha <= 1.0:  # NaN fails this too
+        raise TraitError(f"routing 'alpha' must be a number in [0, 1], got {value!r}")
+    return alpha
+
+
+def _is_seed(value: Any) -> bool:
+    # torch's generators take 64-bit seeds; the range is vLLM's for a request seed (int64).
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _parse_weights(text: str, whole: str) -> dict[str, float] | list[float]:

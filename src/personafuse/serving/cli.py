@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -29,6 +30,7 @@ def serve_command(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
 ) -> None:
     """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
+    api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
     import torch
     import uvicorn
 
@@ -52,6 +54,16 @@ def serve_command(
     )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
     uvicorn.run(create_app(m, cfg), host=host, port=port, log_level="warning")
+
+
+def _nonempty_key(value: str | None, envvar: str, option: str) -> str | None:
+    """The key as given; an empty one is an error, not "no authentication". Click reads an empty
+    environment variable as unset, so the variable is looked at directly."""
+    if value is None and envvar in os.environ:
+        value = os.environ[envvar]
+    if value is not None and not value.strip():
+        raise typer.BadParameter(f"the key is empty (from {option} or {envvar}); give a key or leave both unset", param_hint=option)
+    return value
 
 
 def annotate_serve_command(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -25,18 +26,22 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personafuse.chat import prompt_ids
 from personafuse.moe.routing import Routing
 from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
 from personafuse.serving.metrics import Metrics
-from personafuse.serving.schemas import ChatCompletionRequest
+from personafuse.serving.schemas import BadRequest, ChatCompletionRequest, parse_request
 from personafuse.traits import TraitError
 
 STATIC = Path(__file__).parent / "static"
 CHAT = "/v1/chat/completions"
+log = logging.getLogger("personafuse.serving")
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+               405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+               429: "rate_limit_error", 504: "timeout_error"}  # fmt: skip
 
 
 @dataclass
@@ -51,14 +56,18 @@ class ServeConfig:
     default_max_tokens: int = 256
     default_temperature: float = 0.7
 
+    def __post_init__(self) -> None:
+        # An empty key used to switch authentication off without a word (e.g. PERSONAFUSE_API_KEY=""
+        # from an unset shell variable): refuse it; leave the key out to run without one.
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty: give a key, or leave it out (None) to serve without authentication")
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
-        self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_error"}.get(
-            status, "server_error"
-        )
+        self.kind = kind or ERROR_TYPES.get(status, "server_error")
 
     def response(self) -> JSONResponse:
         headers = {"Retry-After": "1"} if self.status in (429, 503) else None
@@ -89,12 +98,9 @@ def parse_persona(persona: dict[str, Any] | None, request_seed: int | None) -> t
     return routing, desc
 
 
-def _validation_message(e: ValidationError) -> tuple[str, str]:
-    err = e.errors()[0]
-    loc = ".".join(str(x) for x in err["loc"]) or "body"
-    msg = err["msg"].removeprefix("Value error, ")
-    more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
-    return f"{loc}: {msg}{more}", loc
+def endpoint_of(path: str) -> str:
+    """The ``endpoint`` label of a request in ``personafuse_requests_total``."""
+    return {CHAT: "chat_completions", "/v1/models": "models"}.get(path, "other")
 
 
 class ChatService:
@@ -121,17 +127,16 @@ class ChatService:
 
     @staticmethod
     async def read_request(request: Request) -> ChatCompletionRequest:
+        # JSON only: a browser can send text/plain or a form to any site without asking first
+        # (no CORS preflight), so the API refuses every other content type.
+        ctype = request.headers.get("content-type", "")
+        mime = ctype.split(";")[0].strip().lower()
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise APIError(415, f"Content-Type must be application/json, got {ctype[:80]!r}", "Content-Type")
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        try:
-            return ChatCompletionRequest.model_validate(body)
-        except ValidationError as e:
-            msg, loc = _validation_message(e)
-            raise APIError(400, msg, loc) from None
+            return parse_request(await request.body())
+        except BadRequest as e:
+            raise APIError(400, e.message, e.param) from None
 
     def build_job(self, req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
         cfg = self.cfg
@@ -158,7 +163,8 @@ class ChatService:
                 "max_tokens",
             )
         temperature = cfg.default_temperature if req.temperature is None else req.temperature
-        spec = RowSpec(max_tokens, temperature, req.top_p or 1.0, req.seed, req.stop_list())
+        top_p = 1.0 if req.top_p is None else req.top_p  # 0 is a value (keep the top token only)
+        spec = RowSpec(max_tokens, temperature, top_p, req.seed, req.stop_list())
         return Job(messages, routing, spec, asyncio.get_running_loop()), desc
 
     def submit(self, job: Job) -> None:
@@ -293,9 +299,19 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        if request.url.path == CHAT:
-            metrics.request("chat_completions", exc.status)
+        metrics.request(endpoint_of(request.url.path), exc.status)
         return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and wrong methods answer in the same error shape as everything else.
+        return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Anything unforeseen: a 500 in the API's shape; the exception itself stays in the log.
+        log.error("unhandled error on %s", request.url.path, exc_info=exc)
+        return await _api_error(request, APIError(500, "internal server error (the details are in the server log)"))
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
