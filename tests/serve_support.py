@@ -42,3 +42,30 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+class SlowModel:
+    """The tiny test model made slow and talkative, to test what happens while a request runs:
+    every forward sleeps (``prefill_s`` for a prompt, ``step_s`` for one decode step) and the end
+    token is never chosen, so a reply lasts exactly ``max_tokens`` steps. It records the prompts it
+    prefilled and counts its forwards."""
+
+    def __init__(self, step_s: float = 0.05, prefill_s: float = 0.0) -> None:
+        from conftest import build_tiny
+
+        self.model = build_tiny()
+        self.step_s, self.prefill_s = step_s, prefill_s
+        self.prefilled: list[str] = []
+        self.forwards = 0
+        self.eos = self.model.tokenizer.eos_token_id
+        self.model.base_model.register_forward_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, _module: Any, _args: Any, kwargs: dict[str, Any], out: Any) -> Any:
+        ids = kwargs.get("input_ids")
+        prefill = ids is not None and ids.shape[1] > 1
+        if prefill:
+            self.prefilled += [self.model.tokenizer.decode(row, skip_special_tokens=True) for row in ids.tolist()]
+        self.forwards += 1
+        time.sleep(self.prefill_s if prefill else self.step_s)
+        out.logits[..., self.eos] = float("-inf")
+        return out

@@ -28,14 +28,23 @@ def serve_command(
     default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
     temperature: Annotated[float, typer.Option(help="Temperature when a request gives none (0 = greedy).")] = 0.7,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
+    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; bigger ones get HTTP 413.")] = 1 << 20,
+    max_prompt_chars: Annotated[
+        int | None, typer.Option(help="Longest conversation in characters, refused before tokenising (default: 32 x --max-prompt-tokens).")
+    ] = None,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds from arrival a request may take; later ones end with HTTP 504 (0: no deadline).")
+    ] = 600.0,
+    drain_timeout: Annotated[
+        float, typer.Option(help="On SIGTERM/SIGINT, seconds in-flight requests get to finish; the rest end with HTTP 503.")
+    ] = 25.0,
 ) -> None:
     """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
     import torch
-    import uvicorn
 
     from personafuse.chat_cli import load_model
-    from personafuse.serving.server import ServeConfig, create_app
+    from personafuse.serving.server import ServeConfig, create_app, serve
 
     if threads:
         torch.set_num_threads(threads)
@@ -51,9 +60,13 @@ def serve_command(
         max_tokens_limit=max_tokens_limit,
         default_max_tokens=default_max_tokens,
         default_temperature=temperature,
+        max_body_bytes=max_body_bytes,
+        max_prompt_chars=max_prompt_chars,
+        request_timeout_s=request_timeout,
+        drain_timeout_s=drain_timeout,
     )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
-    uvicorn.run(create_app(m, cfg), host=host, port=port, log_level="warning")
+    serve(create_app(m, cfg), host, port)
 
 
 def _nonempty_key(value: str | None, envvar: str, option: str) -> str | None:

@@ -18,6 +18,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ from personafuse.chat import prompt_ids
 from personafuse.moe.routing import Routing
 from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
+from personafuse.serving.lifecycle import GONE, SHUTDOWN, TIMEOUT, Guard, InFlight
 from personafuse.serving.metrics import Metrics
 from personafuse.serving.schemas import BadRequest, ChatCompletionRequest, parse_request
 from personafuse.traits import TraitError
@@ -39,6 +41,12 @@ from personafuse.traits import TraitError
 STATIC = Path(__file__).parent / "static"
 CHAT = "/v1/chat/completions"
 log = logging.getLogger("personafuse.serving")
+# A prompt longer than this many characters per allowed token is refused before it is tokenised
+# (tokenising megabytes would hold a CPU for seconds). English averages ~4 characters a token;
+# 32 leaves room for long words, code and whitespace runs.
+CHARS_PER_TOKEN_BOUND = 32
+# nginx's status for "client closed the request": how /metrics counts a request whose client left.
+CLIENT_GONE = 499
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error", 504: "timeout_error"}  # fmt: skip
@@ -55,12 +63,21 @@ class ServeConfig:
     max_tokens_limit: int = 512
     default_max_tokens: int = 256
     default_temperature: float = 0.7
+    # Bounds on what one request may cost (docs/serving.md, "Limits and errors").
+    max_body_bytes: int = 1 << 20  # 1 MiB: a 2,048-token prompt is ~10 KB of JSON
+    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND x max_prompt_tokens
+    request_timeout_s: float = 600.0  # from arrival; 0 = none. The openai client gives up at 600 s too.
+    drain_timeout_s: float = 25.0  # SIGTERM: in-flight requests get this long (inside Kubernetes' 30 s grace)
 
     def __post_init__(self) -> None:
         # An empty key used to switch authentication off without a word (e.g. PERSONAFUSE_API_KEY=""
         # from an unset shell variable): refuse it; leave the key out to run without one.
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty: give a key, or leave it out (None) to serve without authentication")
+        if self.max_body_bytes < 1 or self.request_timeout_s < 0 or self.drain_timeout_s < 0:
+            raise ValueError("max_body_bytes must be positive; request_timeout_s and drain_timeout_s not negative")
+        if self.max_prompt_chars is None:
+            self.max_prompt_chars = CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
 
 
 class APIError(Exception):
@@ -111,9 +128,18 @@ class ChatService:
         self.cfg, self.metrics = cfg, metrics
         # The request handlers count prompt tokens with their own tokenizer copy: a fast tokenizer
         # shared with the worker thread can fail with "Already borrowed" when both use it at once.
+        # One thread runs it, off the event loop, so a long prompt never stalls /health or a stream.
         self.count_tok = copy.deepcopy(model.tokenizer)
+        self.tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="personafuse-tokenize")
         self.context = int(getattr(getattr(model.base_model, "config", None), "max_position_embeddings", 0) or 0)
         self.batcher: Batcher | None = None
+        self.flight = InFlight(self._discard)
+
+    def _discard(self, job: Job) -> None:
+        if self.batcher is not None:
+            self.batcher.discard(job)
+        else:
+            job.cancelled = True
 
     def check_key(self, request: Request) -> None:
         if not self.cfg.api_key:
@@ -125,20 +151,36 @@ class ChatService:
         if not secrets.compare_digest(given.encode(), self.cfg.api_key.encode()):
             raise APIError(401, "invalid API key")
 
-    @staticmethod
-    async def read_request(request: Request) -> ChatCompletionRequest:
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused (413) as soon as it passes ``max_body_bytes``: never held whole."""
+        cap = self.cfg.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_big = APIError(413, f"the request body is larger than this server's limit of {cap} bytes (--max-body-bytes)")
+        if declared.isdigit() and (len(declared) > 18 or int(declared) > cap):
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_big
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def read_request(self, request: Request) -> ChatCompletionRequest:
         # JSON only: a browser can send text/plain or a form to any site without asking first
         # (no CORS preflight), so the API refuses every other content type.
         ctype = request.headers.get("content-type", "")
         mime = ctype.split(";")[0].strip().lower()
         if mime != "application/json" and not mime.endswith("+json"):
             raise APIError(415, f"Content-Type must be application/json, got {ctype[:80]!r}", "Content-Type")
+        raw = await self.read_body(request)
         try:
-            return parse_request(await request.body())
+            return parse_request(raw)
         except BadRequest as e:
             raise APIError(400, e.message, e.param) from None
 
-    def build_job(self, req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
+    def check_request(self, req: ChatCompletionRequest) -> tuple[Routing, dict[str, Any], list[dict[str, str]], int]:
+        """The checks that need no tokenizer: routing, max_tokens, messages and their length."""
         cfg = self.cfg
         routing, desc = parse_persona(req.persona, req.seed)
         max_tokens = req.max_completion_tokens or req.max_tokens or min(cfg.default_max_tokens, cfg.max_tokens_limit)
@@ -151,7 +193,22 @@ class ChatService:
             raise APIError(400, str(e), "messages") from None
         if not any(m["role"] == "user" for m in messages):
             raise APIError(400, "messages: at least one message must have role 'user'", "messages")
-        n_prompt = len(prompt_ids(self.count_tok, messages))  # the text model.chat_inputs sends
+        chars = sum(len(m["content"]) for m in messages)
+        if chars > cfg.max_prompt_chars:  # type: ignore[operator]
+            raise APIError(
+                400,
+                f"messages: the conversation is {chars} characters; this server reads at most {cfg.max_prompt_chars} "
+                f"(prompts up to {cfg.max_prompt_tokens} tokens)",
+                "messages",
+            )
+        return routing, desc, messages, max_tokens
+
+    async def build_job(self, req: ChatCompletionRequest) -> tuple[Job, dict[str, Any]]:
+        cfg = self.cfg
+        routing, desc, messages, max_tokens = self.check_request(req)
+        loop = asyncio.get_running_loop()
+        # the text model.chat_inputs sends, tokenised off the event loop
+        n_prompt = len(await loop.run_in_executor(self.tokenize_pool, prompt_ids, self.count_tok, messages))
         if n_prompt > cfg.max_prompt_tokens:
             raise APIError(
                 400, f"messages: the prompt is {n_prompt} tokens; this server allows at most {cfg.max_prompt_tokens}", "messages"
@@ -165,9 +222,18 @@ class ChatService:
         temperature = cfg.default_temperature if req.temperature is None else req.temperature
         top_p = 1.0 if req.top_p is None else req.top_p  # 0 is a value (keep the top token only)
         spec = RowSpec(max_tokens, temperature, top_p, req.seed, req.stop_list())
-        return Job(messages, routing, spec, asyncio.get_running_loop()), desc
+        return Job(messages, routing, spec, loop), desc
+
+    def drain(self, bound_s: float | None = None) -> None:
+        """Begin a graceful stop (``serve`` calls it on SIGTERM/SIGINT): new requests get 503,
+        /health turns 503, and requests still in flight after the bound end with a 503."""
+        self.flight.drain(self.cfg.drain_timeout_s if bound_s is None else bound_s)
+        if self.batcher is not None:
+            self.batcher.begin_close()
 
     def submit(self, job: Job) -> None:
+        if self.flight.draining:
+            raise APIError(503, "unavailable: the server is shutting down")
         try:
             self.batcher.submit(job)  # type: ignore[union-attr]
         except QueueFull as e:
@@ -175,30 +241,45 @@ class ChatService:
         except Unavailable as e:
             raise APIError(503, f"unavailable: {e}") from None
 
+    def failure(self, kind: str, payload: Any) -> APIError:
+        """The error a job's early end (or its failure in the worker) answers with."""
+        if kind == TIMEOUT:
+            return APIError(504, f"the reply was not complete within this server's deadline of {self.cfg.request_timeout_s:g} s")
+        if kind == SHUTDOWN:
+            return APIError(503, "unavailable: the server is shutting down; retry")
+        if kind == GONE:
+            return APIError(CLIENT_GONE, "the client closed the connection")
+        return APIError(500, str(payload))
+
     async def handle(self, request: Request) -> Response:
         self.check_key(request)
         req = await self.read_request(request)
-        job, desc = self.build_job(req)
+        job, desc = await self.build_job(req)
         self.submit(job)
+        guard = self.flight.add(job, request.receive, self.cfg.request_timeout_s)
+        handed_over = False
         try:
             kind, first = await job.events.get()
-        except asyncio.CancelledError:
-            job.cancelled = True
-            raise
-        if kind == "error":
-            raise APIError(500, first)
-        reply = _Reply(self, job, {"weights": first["weights"], **desc}, first["prompt_tokens"])
-        if not req.stream:
-            return await reply.complete()
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(reply.stream(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            if kind != "start":
+                raise self.failure(kind, first)
+            reply = _Reply(self, job, guard, {"weights": first["weights"], **desc}, first["prompt_tokens"])
+            if not req.stream:
+                return await reply.complete()
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            guard.stop_listening()  # the streaming response watches the connection from here
+            handed_over = True
+            return StreamingResponse(reply.stream(include_usage), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        finally:
+            if not handed_over:  # answered, failed or cancelled here: the stream's own cleanup is not coming
+                guard.close()
+                self.flight.release(job)
 
 
 class _Reply:
     """One accepted request's answer: the events of its job as one JSON body or an SSE stream."""
 
-    def __init__(self, service: ChatService, job: Job, persona: dict[str, Any], prompt_tokens: int) -> None:
-        self.service, self.job, self.persona, self.prompt_tokens = service, job, persona, prompt_tokens
+    def __init__(self, service: ChatService, job: Job, guard: Guard, persona: dict[str, Any], prompt_tokens: int) -> None:
+        self.service, self.job, self.guard, self.persona, self.prompt_tokens = service, job, guard, persona, prompt_tokens
         self.cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.model_name = service.cfg.model_name
@@ -217,19 +298,15 @@ class _Reply:
     async def complete(self) -> JSONResponse:
         parts: list[str] = []
         first_at = None
-        try:
-            while True:
-                kind, payload = await self.job.events.get()
-                if kind == "delta":
-                    first_at = first_at or time.monotonic()
-                    parts.append(payload)
-                elif kind == "error":
-                    raise APIError(500, payload)
-                elif kind == "end":
-                    break
-        except asyncio.CancelledError:
-            self.job.cancelled = True  # client went away: free its row in the batch
-            raise
+        while True:
+            kind, payload = await self.job.events.get()
+            if kind == "delta":
+                first_at = first_at or time.monotonic()
+                parts.append(payload)
+            elif kind == "end":
+                break
+            else:  # the worker's error, the deadline, the client gone, the drain bound
+                raise self.service.failure(kind, payload)
         self.finish(payload["completion_tokens"], first_at)
         message = {"role": "assistant", "content": "".join(parts)}
         return JSONResponse(
@@ -261,22 +338,25 @@ class _Reply:
                 if kind == "delta":
                     first_at = first_at or time.monotonic()
                     yield self.chunk({"content": payload})
-                elif kind == "error":
-                    err = {"message": payload, "type": "server_error", "param": None, "code": 500}
-                    yield f"data: {json.dumps({'error': err})}\n\n"
-                    self.service.metrics.request("chat_completions", 500)
-                    break
                 elif kind == "end":
                     yield self.chunk({}, payload["finish_reason"], persona=self.persona)
                     if include_usage:
                         yield self.chunk(None, usage=self.usage(payload["completion_tokens"]))
                     self.finish(payload["completion_tokens"], first_at)
                     break
+                else:  # headers are sent: the error goes in the stream, in the API's error shape
+                    err = self.service.failure(kind, payload)
+                    body = {"message": err.message, "type": err.kind, "param": None, "code": err.status}
+                    yield f"data: {json.dumps({'error': body})}\n\n"
+                    self.service.metrics.request("chat_completions", err.status)
+                    break
             yield "data: [DONE]\n\n"
             done = True
         finally:
-            if not done:
-                self.job.cancelled = True
+            if not done:  # the client left mid-stream
+                self.service.metrics.request("chat_completions", CLIENT_GONE)
+            self.guard.close()
+            self.service.flight.release(self.job)
 
 
 def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
@@ -291,10 +371,12 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
         )
         yield
         await asyncio.to_thread(service.batcher.close)
+        service.tokenize_pool.shutdown(wait=False)
 
     app = FastAPI(title="PersonaFuse", lifespan=lifespan)
     app.state.metrics = metrics
     app.state.config = cfg
+    app.state.drain = service.drain
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(APIError)
@@ -339,3 +421,20 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
         return await service.handle(request)
 
     return app
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "warning") -> None:
+    """Run ``app`` (from :func:`create_app`) with uvicorn. On SIGTERM or SIGINT the server stops
+    accepting, lets requests in flight finish for ``drain_timeout_s`` and ends the rest with 503."""
+    import uvicorn
+
+    drain_s = app.state.config.drain_timeout_s
+
+    class _DrainingServer(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            app.state.drain()  # before uvicorn waits for the connections to finish
+            await super().shutdown(sockets)
+
+    # uvicorn's own bound is the backstop: it cancels what is left a little after ours.
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=int(drain_s) + 5)
+    _DrainingServer(config).run()
