@@ -1,5 +1,6 @@
-"""The annotation app in headless Chromium, served by the real CLI in its own process: a judgement
-made in the browser survives a server restart and appears in the export."""
+"""The annotation app in headless Chromium, served by the real CLI in its own process: a participant
+signs in with a token minted by 'personafuse annotate tokens', a judgement made in the browser
+survives a server restart and appears in the export."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from serve_support import CHROMIUM, CHROMIUM_ARGS
 
 ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
 SRC = str(Path(__file__).resolve().parents[1] / "src")
+OWNER_KEY = "owner-key-for-the-test"
 
 
 def free_port() -> int:
@@ -39,6 +41,7 @@ class AnnotateServer:
     def __init__(self, *args: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        args = (*args, "--owner-key", OWNER_KEY)
         self.proc = subprocess.Popen(cli("annotate", "serve", *args, "--port", str(self.port)), env=env())
 
     def __enter__(self) -> AnnotateServer:
@@ -68,6 +71,10 @@ def test_judgement_survives_restart_and_is_exported(tmp_path):
     db = tmp_path / "ann.sqlite"
     files = [str(tmp_path / "personafuse.jsonl"), str(tmp_path / "baseline.jsonl")]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    minted = subprocess.run(cli("annotate", "tokens", "alice", "--db", str(db)), env=env(), check=True, capture_output=True, text=True)
+    name, token = minted.stdout.split()
+    assert name == "alice" and len(token) >= 16
+    owner = {"authorization": f"Bearer {OWNER_KEY}"}
 
     with sync_api.sync_playwright() as pw:
         ctx = pw.chromium.launch_persistent_context(
@@ -77,9 +84,14 @@ def test_judgement_survives_restart_and_is_exported(tmp_path):
         page = ctx.new_page()
         with AnnotateServer(*files, "--db", str(db), "--annotators-per-pair", "5", "--reference", "personafuse") as s:
             page.goto(s.url + "/")
-            page.fill("#annotator", "alice")
+            page.fill("#token", "alice")  # a name is not a token
+            page.click("text=Start")
+            page.wait_for_function("document.getElementById('loginerror').textContent.includes('token')", timeout=10_000)
+            assert page.is_hidden("#task")
+            page.fill("#token", token)
             page.click("text=Start")
             page.wait_for_selector("#task:not([hidden])")
+            assert page.inner_text("#progress").startswith("alice:")
             first_prompt = page.inner_text("#prompt")
             a_text = page.inner_text("#resp_a")
             chosen = "personafuse" if "[personafuse]" in a_text else "baseline"
@@ -95,15 +107,17 @@ def test_judgement_survives_restart_and_is_exported(tmp_path):
                 raise AssertionError(page.inner_text("#error") + " / " + page.inner_text("#progress")) from None
             assert "1 answered" in page.inner_text("#progress")
 
-        # Restart (without the files: everything comes from the database) and log in again.
+        # Restart (without the files: everything comes from the database) and sign in again
+        # (a new port is a new origin: the browser's stored token is not shared).
         with AnnotateServer("--db", str(db)) as s:
             page.goto(s.url + "/")
-            page.fill("#annotator", "alice")
+            page.fill("#token", token)
             page.click("text=Start")
             page.wait_for_selector("#task:not([hidden])")
             assert "1 answered" in page.inner_text("#progress")
             assert page.inner_text("#prompt") != first_prompt  # the answered pair is not offered again
-            summary = httpx.get(s.url + "/api/summary").json()
+            assert httpx.get(s.url + "/api/summary").status_code == 401  # the running votes are the owner's
+            summary = httpx.get(s.url + "/api/summary", headers=owner).json()
             assert summary["judgements"] == 1 and summary["annotators_per_pair"] == 5  # kept from the first run
         ctx.close()
 

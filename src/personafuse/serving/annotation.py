@@ -14,13 +14,22 @@ transaction per answer), so a restart loses nothing.
 Export: per pair the majority vote of its annotators (an even split counts half to each side),
 then win rates per system pair and task type with percentile bootstrap intervals over pairs, as
 CSV, Markdown and a bar chart.
+
+Keeping the study sound over HTTP: annotators sign in with a participant token issued by the
+study owner (``personafuse annotate tokens``; only its SHA-256 is stored), so an identity cannot
+be typed in by someone else; each participant holds at most one open pair, so ``/api/next``
+cannot lock pairs away from others; ``/api/summary`` (systems and running votes) needs the owner
+key; and writes accept JSON bodies only.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
+import math
 import random
+import secrets
 import sqlite3
 import threading
 import time
@@ -34,11 +43,18 @@ from typing import Any
 # the route functions from this module's globals.
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from personafuse.serving.schemas import BadRequest, check_tree, parse_json
 
 CRITERIA = ("preferred", "usefulness", "social_presence")
 CRITERION_LABEL = {"preferred": "overall preference", "usefulness": "perceived usefulness", "social_presence": "social presence"}
 # An annotator who opened a pair and left keeps it reserved this long before others may take it.
 RESERVATION_S = 30 * 60
+# Version 1 (no version row): the tables below without ``participants``. Version 2 adds it.
+SCHEMA_VERSION = 2
+# Imported tokens must be at least this long: a short one could be guessed.
+MIN_TOKEN_CHARS = 16
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,6 +73,8 @@ CREATE TABLE IF NOT EXISTS judgements (
     a_is_1 INTEGER NOT NULL, preferred TEXT NOT NULL, confidence INTEGER NOT NULL,
     usefulness TEXT NOT NULL, social_presence TEXT NOT NULL, seconds REAL, created_at REAL NOT NULL,
     UNIQUE (pair_id, annotator));
+CREATE TABLE IF NOT EXISTS participants (
+    id TEXT PRIMARY KEY, token_sha256 TEXT NOT NULL UNIQUE, issued_at REAL NOT NULL);
 """
 
 
@@ -73,13 +91,24 @@ class AnnotationStore:
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")  # an acknowledged answer is on disk
-        self.db.executescript(SCHEMA)
+        self._migrate()
         if annotators_per_pair is not None:
             if annotators_per_pair < 1:
                 raise AnnotationError("annotators_per_pair must be at least 1")
             self._set_meta("annotators_per_pair", str(annotators_per_pair))
         if reference is not None:
             self._set_meta("reference", reference)
+
+    def _migrate(self) -> None:
+        """Bring a database of any earlier version up to :data:`SCHEMA_VERSION`, keeping every row.
+        Version 1 (written before participant tokens) only lacks the ``participants`` table."""
+        has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone()
+        found = self.db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone() if has_meta else None
+        version = int(found[0]) if found else 1
+        if version > SCHEMA_VERSION:
+            raise AnnotationError(f"{self.path} was written by a newer PersonaFuse (schema {version}); upgrade to open it")
+        self.db.executescript(SCHEMA)  # CREATE TABLE IF NOT EXISTS: adds what is missing only
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
 
     def _set_meta(self, key: str, value: str) -> None:
         with self._lock:
@@ -145,6 +174,61 @@ class AnnotationStore:
     def count_pairs(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM pairs").fetchone()[0]
 
+    # ------------------------------------------------------------------ participants
+    def issue_tokens(self, names: Iterable[str] = (), count: int = 0) -> list[tuple[str, str]]:
+        """New tokens for the named participants (a name that has one gets a new one; the old
+        stops working) and for ``count`` new participants ``p001``, ``p002``, ... Returns
+        ``(participant, token)`` pairs: the only time a token is seen, since only its hash is kept."""
+        issued = [(_name(n), secrets.token_urlsafe(18)) for n in names]
+        with self._lock:
+            taken = {r[0] for r in self.db.execute("SELECT id FROM participants")}
+            taken |= {r[0] for r in self.db.execute("SELECT DISTINCT annotator FROM assignments")}
+        n = 0
+        while count > 0:
+            n += 1
+            if (pid := f"p{n:03d}") not in taken and pid not in dict(issued):
+                issued.append((pid, secrets.token_urlsafe(18)))
+                count -= 1
+        self._store_tokens(issued)
+        return issued
+
+    def import_tokens(self, pairs: Iterable[tuple[str, str]]) -> int:
+        """Register tokens issued elsewhere (e.g. by a recruitment platform)."""
+        rows = [(_name(pid), token.strip()) for pid, token in pairs]
+        for pid, token in rows:
+            if len(token) < MIN_TOKEN_CHARS or not token.isprintable():
+                raise AnnotationError(f"token for {pid!r}: use at least {MIN_TOKEN_CHARS} printable characters")
+        self._store_tokens(rows)
+        return len(rows)
+
+    def _store_tokens(self, pairs: list[tuple[str, str]]) -> None:
+        now = time.time()
+        with self._lock:
+            self.db.execute("BEGIN")
+            try:
+                for pid, token in pairs:
+                    self.db.execute("DELETE FROM participants WHERE id = ?", (pid,))
+                    self.db.execute("INSERT INTO participants VALUES (?, ?, ?)", (pid, _token_hash(token), now))
+                self.db.execute("COMMIT")
+            except sqlite3.IntegrityError:
+                self.db.execute("ROLLBACK")
+                raise AnnotationError("a token was given to two participants; issue distinct tokens") from None
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def participant(self, token: str) -> str | None:
+        """The participant this token was issued to, or None."""
+        row = self.db.execute("SELECT id FROM participants WHERE token_sha256 = ?", (_token_hash(token),)).fetchone()
+        return row[0] if row else None
+
+    def participants(self) -> list[dict[str, Any]]:
+        rows = self.db.execute(
+            "SELECT p.id, p.issued_at, (SELECT COUNT(*) FROM judgements j WHERE j.annotator = p.id) AS judgements"
+            " FROM participants p ORDER BY p.id"
+        )
+        return [dict(r) for r in rows]
+
     # ------------------------------------------------------------------ assignment
     def progress(self, annotator: str) -> dict[str, int]:
         target = self.annotators_per_pair
@@ -206,6 +290,14 @@ class AnnotationStore:
         conf = answers.get("confidence")
         if not isinstance(conf, int) or isinstance(conf, bool) or not 1 <= conf <= 5:
             raise AnnotationError("confidence: give a whole number from 1 to 5")
+        seconds = answers.get("seconds")
+        if seconds is not None and (isinstance(seconds, bool) or not isinstance(seconds, int | float)
+                                    or not math.isfinite(seconds) or not 0 <= seconds <= 1e7):
+            raise AnnotationError("seconds: give the time spent in seconds (a number from 0 to 10,000,000) or leave it out")
+        if not isinstance(pair_id, int) or isinstance(pair_id, bool):
+            raise AnnotationError("pair_id: a whole number is required")
+        if not 0 <= pair_id < 2**63:  # SQLite's integers are 64-bit: a larger id names no pair
+            raise AnnotationError(f"pair_id: pair {pair_id} was not given to {annotator!r}")
         with self._lock:
             a = self.db.execute(
                 "SELECT a_is_1 FROM assignments WHERE pair_id = ? AND annotator = ?", (pair_id, annotator)
@@ -218,7 +310,7 @@ class AnnotationStore:
                     " social_presence, seconds, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (pair_id, annotator, a[0], *(_to_slot(answers[c], a[0]) for c in ("preferred",)), conf,
                      _to_slot(answers["usefulness"], a[0]), _to_slot(answers["social_presence"], a[0]),
-                     answers.get("seconds"), time.time()),
+                     None if seconds is None else float(seconds), time.time()),
                 )
             except sqlite3.IntegrityError:
                 raise AnnotationError(f"pair_id: {annotator!r} already judged pair {pair_id}") from None
@@ -238,9 +330,13 @@ class AnnotationStore:
 
 def _name(annotator: str) -> str:
     name = (annotator or "").strip()
-    if not name or len(name) > 100:
-        raise AnnotationError("annotator: give a name or id (1-100 characters)")
+    if not name or len(name) > 100 or not name.isprintable():
+        raise AnnotationError("annotator: give a name or id (1-100 printable characters)")
     return name
+
+
+def _token_hash(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _to_slot(letter: str, a_is_1: int) -> str:
@@ -360,13 +456,79 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- web app
-def create_annotation_app(store: AnnotationStore) -> FastAPI:
+# Largest body /api/judgements reads: one judgement is ~200 bytes.
+MAX_BODY_BYTES = 64 * 1024
+
+
+class Refused(Exception):
+    """An HTTP error of the annotation app (401, 413, 415, ...), answered in its JSON error shape."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def _bearer(request: Request) -> str:
+    auth = request.headers.get("authorization", "")
+    return auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+
+
+def _participant(store: AnnotationStore, request: Request) -> str:
+    token = _bearer(request)
+    who = store.participant(token) if token else None
+    if who is None:
+        raise Refused(401, "sign in with the participant token the study owner gave you" if not token else "unknown participant token")
+    return who
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    """A JSON object body. Only ``application/json``: an HTML form or a text/plain post from another
+    site (which a browser sends without asking) is refused."""
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise Refused(415, "send the judgement as JSON (Content-Type: application/json)")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise Refused(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    try:
+        body = parse_json(raw)
+        check_tree(body)
+    except BadRequest as e:
+        raise AnnotationError(e.message) from None
+    if not isinstance(body, dict):
+        raise AnnotationError("the request body must be a JSON object")
+    return body
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message}}, status_code=status)
+
+
+def create_annotation_app(store: AnnotationStore, owner_key: str | None = None) -> FastAPI:
+    """The annotation page and its API. ``owner_key`` guards ``/api/summary``; without one a
+    random key is made (``app.state.owner_key``; ``personafuse annotate serve`` prints it)."""
+    if owner_key is not None and not owner_key.strip():
+        raise ValueError("owner_key is empty: give a key, or leave it out to have one made")
     static = Path(__file__).parent / "static"
     app = FastAPI(title="PersonaFuse human evaluation")
+    app.state.owner_key = owner_key = owner_key or secrets.token_urlsafe(24)
 
     @app.exception_handler(AnnotationError)
     async def _bad(_request: Request, exc: AnnotationError) -> JSONResponse:
-        return JSONResponse({"error": {"message": str(exc)}}, status_code=400)
+        return _error(400, str(exc))
+
+    @app.exception_handler(Refused)
+    async def _refused(_request: Request, exc: Refused) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_request: Request, _exc: Exception) -> JSONResponse:
+        return _error(500, "internal error (the details are in the server log)")  # the log has the traceback
 
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
@@ -375,31 +537,26 @@ def create_annotation_app(store: AnnotationStore) -> FastAPI:
     @app.get("/static/{name}", include_in_schema=False)
     async def asset(name: str) -> FileResponse:
         if name not in ("annotate.js", "annotate.css"):
-            raise AnnotationError(f"no such file {name!r}")
+            raise Refused(404, "no such file")
         return FileResponse(static / name)
 
     @app.get("/api/next")
-    def next_pair(annotator: str) -> dict[str, Any]:
-        pair = store.next_pair(annotator)
-        return {"pair": pair, "progress": store.progress(annotator)}
+    def next_pair(request: Request) -> dict[str, Any]:
+        who = _participant(store, request)
+        return {"participant": who, "pair": store.next_pair(who), "progress": store.progress(who)}
 
     @app.post("/api/judgements")
     async def judge(request: Request) -> dict[str, Any]:
-        try:
-            body = await request.json()
-        except json.JSONDecodeError:
-            raise AnnotationError("the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise AnnotationError("the request body must be a JSON object")
-        pair_id = body.get("pair_id")
-        if not isinstance(pair_id, int):
-            raise AnnotationError("pair_id: a whole number is required")
-        store.record(str(body.get("annotator", "")), pair_id, body)
-        annotator = str(body["annotator"])
-        return {"pair": store.next_pair(annotator), "progress": store.progress(annotator)}
+        who = _participant(store, request)
+        body = await _json_body(request)
+        # The identity is the token's; an "annotator" key (the old page sent one) is ignored.
+        store.record(who, body.get("pair_id"), body)  # type: ignore[arg-type]
+        return {"participant": who, "pair": store.next_pair(who), "progress": store.progress(who)}
 
     @app.get("/api/summary")
-    def summary() -> dict[str, Any]:
+    def summary(request: Request) -> dict[str, Any]:
+        if not secrets.compare_digest(_bearer(request).encode(), owner_key.encode()):
+            raise Refused(401, "the summary needs the owner key: send 'Authorization: Bearer <owner key>'")
         return {"pairs": store.count_pairs(), "annotators_per_pair": store.annotators_per_pair,
                 "judgements": len(store.judgements()), "outcomes": pair_outcomes(store)}
 

@@ -93,18 +93,81 @@ def annotate_serve_command(
     reference: Annotated[
         str | None, typer.Option(help="Only pair this system with each other one (e.g. personafuse vs each baseline).")
     ] = None,
+    owner_key: Annotated[
+        str | None,
+        typer.Option(envvar="PERSONAFUSE_OWNER_KEY", help="Key for /api/summary (default: a new random key, printed at start)."),
+    ] = None,
 ) -> None:
-    """Load responses (once; later runs reuse the database) and serve the annotation page."""
+    """Load responses (once; later runs reuse the database) and serve the annotation page.
+    Participants sign in with tokens from 'personafuse annotate tokens'."""
     import uvicorn
 
     from personafuse.serving.annotation import AnnotationStore, create_annotation_app
 
+    owner_key = _nonempty_key(owner_key, "PERSONAFUSE_OWNER_KEY", "--owner-key")
     store = AnnotationStore(db, annotators_per_pair=annotators_per_pair, reference=reference)
     if responses:
         added = store.load_responses(responses)
         typer.echo(f"{added} new pairs; {store.count_pairs()} in {db}", err=True)
+    if not store.participants():
+        typer.echo(f"no participant tokens yet: issue them with 'personafuse annotate tokens --db {db} --mint N'", err=True)
+    app = create_annotation_app(store, owner_key=owner_key)
+    if owner_key is None:
+        typer.echo(f"owner key for /api/summary (this run only): {app.state.owner_key}", err=True)
     typer.echo(f"annotation page: http://{host}:{port}/", err=True)
-    uvicorn.run(create_annotation_app(store), host=host, port=port, log_level="warning")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def annotate_tokens_command(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="Participants to issue tokens to (a participant who has one gets a new one).")
+    ] = None,
+    db: Annotated[Path, typer.Option(help="SQLite file of the study.")] = Path("annotations.sqlite"),
+    mint: Annotated[int, typer.Option(help="Issue tokens to this many new participants (p001, p002, ...).")] = 0,
+    import_file: Annotated[
+        Path | None,
+        typer.Option("--import", help="Register tokens issued elsewhere: lines 'participant<TAB or comma>token' ('#' comments)."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the new 'participant<TAB>token' lines here (default: stdout).")] = None,
+) -> None:
+    """Issue participant tokens for the annotation page (only their hashes are stored: hand them
+    out now), or register a list of tokens; with no arguments, list the participants."""
+    from personafuse.serving.annotation import AnnotationError, AnnotationStore
+
+    store = AnnotationStore(db)
+    try:
+        if import_file is not None:
+            n = store.import_tokens(_token_lines(import_file))
+            typer.echo(f"{n} tokens registered in {db}", err=True)
+        issued = store.issue_tokens(names or [], mint) if names or mint else []
+    except AnnotationError as e:
+        raise typer.BadParameter(str(e)) from None
+    if issued:
+        text = "".join(f"{pid}\t{token}\n" for pid, token in issued)
+        if out is None:
+            typer.echo(text, nl=False)
+        else:
+            # the tokens are the participants' passwords: the file is the owner's alone from the start
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            typer.echo(f"{len(issued)} tokens written to {out}", err=True)
+    elif import_file is None:
+        for p in store.participants():
+            typer.echo(f"{p['id']}\t{p['judgements']} judgements")
+
+
+def _token_lines(path: Path) -> list[tuple[str, str]]:
+    pairs = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pid, sep, token = line.partition("\t") if "\t" in line else line.partition(",")
+        if not sep:
+            raise typer.BadParameter(f"{path}:{n}: expected 'participant<TAB>token' or 'participant,token'")
+        pairs.append((pid.strip(), token.strip()))
+    return pairs
 
 
 def annotate_export_command(
@@ -127,4 +190,5 @@ def register(app: typer.Typer) -> None:
     app.add_typer(annotate_app, name="annotate")
 
     annotate_app.command("serve")(annotate_serve_command)
+    annotate_app.command("tokens")(annotate_tokens_command)
     annotate_app.command("export")(annotate_export_command)
