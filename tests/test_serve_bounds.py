@@ -199,6 +199,21 @@ def test_a_client_that_leaves_frees_its_row():
     assert forwards < 50  # 100 forwards had it run to its end
 
 
+def test_a_streaming_client_that_leaves_frees_its_row():
+    slow = SlowModel(step_s=0.05)
+    cfg = ServeConfig(model_name="tiny", max_tokens_limit=100, max_prompt_tokens=20)
+    with LiveServer(create_app(slow.model, cfg)) as s:
+        body = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", s.url + CHAT, json=body, timeout=60) as r:
+            first = next(line for line in r.iter_lines() if line.startswith("data: "))
+        assert json.loads(first[6:])["choices"][0]["delta"]["role"] == "assistant"
+        wait_for(lambda: health(s.url)["running"] == 0, "the worker to drop the row")
+        forwards = slow.forwards
+        wait_for(lambda: code_count(s.url, 499) == 1, "the disconnect to be counted")
+        assert code_count(s.url, 200) == 0
+    assert forwards < 50
+
+
 def test_a_queued_client_that_leaves_gives_up_its_slot():
     """A request still waiting whose client left used to keep its queue slot and be generated later."""
     slow = SlowModel(step_s=0.05)
