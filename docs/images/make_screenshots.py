@@ -71,12 +71,17 @@ def main() -> None:
         }
         for name, text in replies.items():
             Path(tmp, f"{name}.jsonl").write_text(json.dumps({"id": "e1", "prompt": prompt, "task": "emotion", "response": text}) + "\n")
+        # participants sign in with a token the study owner issued
+        minted = subprocess.run([sys.executable, "-m", "personafuse.cli", "annotate", "tokens", "participant-07", "--db",
+                                 f"{tmp}/a.sqlite"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True,
+                                capture_output=True, text=True)
+        token = minted.stdout.split()[1]
         proc, url = start(["annotate", "serve", f"{tmp}/personafuse.jsonl", f"{tmp}/baseline.jsonl", "--db", f"{tmp}/a.sqlite"],
                           "/api/summary")
         try:
             page.set_viewport_size({"width": 1200, "height": 760})
             page.goto(url + "/")
-            page.fill("#annotator", "participant-07")
+            page.fill("#token", token)
             page.click("text=Start")
             page.wait_for_selector("#task:not([hidden])")
             page.screenshot(path=str(HERE / "annotate.png"))
