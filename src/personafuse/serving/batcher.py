@@ -27,7 +27,7 @@ import torch
 from personafuse.moe.routing import Routing
 from personafuse.serving.decode import BatchDecode, RowSpec
 from personafuse.serving.metrics import Metrics
-from personafuse.traits import weights_dict
+from personafuse.traits import NUM_POLES, weights_dict
 
 log = logging.getLogger("personafuse.serving")
 
@@ -177,7 +177,7 @@ class Batcher:
             except Exception:
                 log.exception("routing failed for one request")
                 job.push("error", GENERATION_FAILED)
-        return kept, torch.cat(rows) if rows else torch.empty(0, 10)
+        return kept, torch.cat(rows) if rows else torch.empty(0, NUM_POLES)
 
     def _run(self, batch: list[Job]) -> None:
         self.metrics.observe_batch(len(batch))
