@@ -228,5 +228,5 @@ class BatchDecode:
                     use_cache=True,
                     **{cache_kw: past},
                 )
-                past = getattr(out, cache_kw)
+                past = output_cache(out)
                 logits = out.logits[:, -1, :]
