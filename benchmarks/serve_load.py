@@ -110,11 +110,12 @@ def scrape(text: str) -> dict[str, float]:
 
     out = {
         "completion_tokens": val(r"^personafuse_completion_tokens_total (\S+)"),
-        "batches": val(r"^personafuse_batch_size_count (\S+)"),
-        "batched_requests": val(r"^personafuse_batch_size_sum (\S+)"),
+        # decoding steps and the rows each ran (both schedulers step; "batch" = rows per step)
+        "batches": val(r"^personafuse_step_batch_size_count (\S+)"),
+        "batched_requests": val(r"^personafuse_step_batch_size_sum (\S+)"),
     }
     for le in ("1", "2", "4", "8", "16", "32", "64"):
-        out[f"batch_le_{le}"] = val(rf'^personafuse_batch_size_bucket\{{le="{le}"\}} (\S+)')
+        out[f"batch_le_{le}"] = val(rf'^personafuse_step_batch_size_bucket\{{le="{le}"\}} (\S+)')
     return out
 
 

@@ -1,10 +1,14 @@
-"""Request queue and micro-batching.
+"""Request queue and the scheduler that decodes it.
 
-Requests wait in one bounded queue. A single worker thread owns the model: it takes the first
-waiting request, waits up to ``batch_wait_s`` for more (up to ``max_batch``), routes them in one
-router call and decodes them as one batch, each row with its own ten mixture weights (the mixture
-layer applies per-row weights in the same forward). Results go back to each request's asyncio
-queue as they appear.
+Requests wait in one bounded queue. A single worker thread owns the model. With the default
+``scheduler="step"`` it schedules per decoding step: between two steps, waiting requests join the
+running batch (up to ``max_batch`` rows; routed in one router call, their prompts prefilled in
+chunks of ``prefill_chunk`` tokens, each chunk between two decode steps of the rows already
+running), and finished, failed or cancelled rows leave at once. Every row keeps its own ten
+mixture weights from prefill to its last token (the mixture layer applies per-row weights in the
+same forward). ``scheduler="batch"`` is the earlier run-to-completion batching (a batch is taken,
+then decoded until its last row ends), kept for comparison (``benchmarks/serve_load.py``).
+Results go back to each request's asyncio queue as they appear.
 
 Back-pressure (documented in docs/serving.md):
 * :class:`QueueFull` → HTTP 429: ``max_queue`` requests are already waiting; retry later.
@@ -25,7 +29,7 @@ from typing import Any
 import torch
 
 from personafuse.moe.routing import Routing
-from personafuse.serving.decode import BatchDecode, RowSpec
+from personafuse.serving.decode import Prefill, RowEvent, RowSpec, Running, new_row
 from personafuse.serving.metrics import Metrics
 from personafuse.traits import NUM_POLES, weights_dict
 
@@ -34,6 +38,9 @@ log = logging.getLogger("personafuse.serving")
 # What a client is told when generation fails inside the server: the detail (exception text) goes
 # to the server log only.
 GENERATION_FAILED = "generation failed inside the server (the details are in the server log)"
+
+
+SCHEDULERS = ("step", "batch")
 
 
 class QueueFull(Exception):
@@ -53,6 +60,8 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
     arrived: float = field(default_factory=time.monotonic)
+    admitted: float | None = None  # when the scheduler took it from the queue
+    last_token: float | None = None  # when its latest text went out (inter-token latency)
 
     def push(self, kind: str, payload: Any) -> None:
         # The worker thread hands events to the request's event loop.
@@ -71,17 +80,24 @@ class Batcher:
         max_queue: int = 256,
         batch_wait_s: float = 0.01,
         metrics: Metrics | None = None,
+        scheduler: str = "step",
+        prefill_chunk: int = 256,
     ) -> None:
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
         self.model = model
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        self.scheduler = scheduler
+        self.prefill_chunk = prefill_chunk
         self.metrics = metrics or Metrics()
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
         self.running = 0
-        self._thread = threading.Thread(target=self._loop, name="personafuse-batcher", daemon=True)
+        loop = self._step_loop if scheduler == "step" else self._loop
+        self._thread = threading.Thread(target=loop, name="personafuse-batcher", daemon=True)
         self._thread.start()
         self.metrics.gauges["queue_depth"] = lambda: len(self._queue)
         self.metrics.gauges["running_requests"] = lambda: self.running
@@ -160,6 +176,101 @@ class Batcher:
             finally:
                 self.running = 0
 
+    # ------------------------------------------------------------------ step-level scheduling
+    def _admit(self, active: int, idle: bool) -> list[Job] | None:
+        """Waiting jobs that join at the next step (at most ``max_batch - active``). When nothing
+        runs, wait for a first one (and ``batch_wait_s`` for company); None: closing, nothing left."""
+        with self._cond:
+            if idle:
+                while not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                deadline = time.monotonic() + self.batch_wait_s
+                while len(self._queue) < self.max_batch and not self._closing:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            jobs: list[Job] = []
+            while self._queue and active + len(jobs) < self.max_batch:
+                job = self._queue.popleft()
+                if not job.cancelled:
+                    jobs.append(job)
+        now = time.monotonic()
+        for job in jobs:
+            job.admitted = now
+            self.metrics.observe_queue_wait(now - job.arrived)
+        return jobs
+
+    def _start_prefill(self, jobs: list[Job], chunk: int | None) -> Prefill | None:
+        jobs, weights = self._weights(jobs)
+        if not jobs:
+            return None
+        prefill = Prefill(self.model, [j.messages for j in jobs], weights, [new_row(j.spec, j) for j in jobs], chunk)
+        for b, job in enumerate(jobs):
+            job.push("start", {"weights": weights_dict(weights[b].tolist()), "prompt_tokens": prefill.prompt_tokens[b]})
+        return prefill
+
+    def _step_loop(self) -> None:
+        running: Running | None = None
+        prefill: Prefill | None = None
+        while True:
+            active = (len(running) if running else 0) + (len(prefill.rows) if prefill else 0)
+            jobs = self._admit(active, idle=active == 0) if prefill is None else []
+            if jobs is None:
+                return
+            self.running = active + len(jobs)
+            try:
+                if jobs:
+                    prefill = self._start_prefill(jobs, self.prefill_chunk)
+                if prefill is not None and (joined := prefill.advance()) is not None:
+                    prefill = None
+                    if running is None:
+                        running = joined
+                    else:
+                        running.merge(joined)
+            except Exception:  # the newcomers' prefill failed: they fail, the running rows go on
+                log.exception("prefill of %d request(s) failed", len(prefill.rows) if prefill else len(jobs))
+                self._fail([row.tag for row in prefill.rows] if prefill else jobs)
+                prefill = None
+            if running is not None:
+                running = self._step(running)
+            self.running = (len(running) if running else 0) + (len(prefill.rows) if prefill else 0)
+
+    def _step(self, running: Running) -> Running | None:
+        """One decoding step of the running batch; None once it is empty (or its forward failed)."""
+        self.metrics.observe_step(len(running))
+        try:
+            events = running.step(lambda row: row.tag.cancelled)
+        except Exception:  # a forward of the whole batch failed: no row can be told apart
+            log.exception("decode step of %d request(s) failed", len(running))
+            self._fail([row.tag for row in running.rows])
+            return None
+        self._dispatch(events)
+        self.metrics.generated(running.last_tokens)
+        return running if len(running) else None
+
+    def _dispatch(self, events: list[RowEvent]) -> None:
+        now = time.monotonic()
+        for ev in events:
+            job: Job = ev.row
+            if ev.error is not None:  # this row failed alone; the batch goes on
+                log.error("request failed during decoding: %s", ev.error)
+                job.push("error", GENERATION_FAILED)
+                continue
+            if ev.delta:
+                if job.last_token is not None:
+                    self.metrics.observe_inter_token(now - job.last_token)
+                job.last_token = now
+                job.push("delta", ev.delta)
+            if ev.finished:
+                job.push("end", {"finish_reason": ev.finish_reason, "completion_tokens": ev.completion_tokens})
+
+    def _fail(self, jobs: list[Job]) -> None:
+        for job in jobs:
+            job.push("error", GENERATION_FAILED)
+
     def _weights(self, batch: list[Job]) -> tuple[list[Job], torch.Tensor]:
         """The jobs that could be routed and their [B, 10] weights. The model's own per-row
         resolution (the same router text and Random Route keys as generate()); if the batch call
@@ -180,27 +291,15 @@ class Batcher:
         return kept, torch.cat(rows) if rows else torch.empty(0, NUM_POLES)
 
     def _run(self, batch: list[Job]) -> None:
+        """Run-to-completion: prefill the batch in one go, then step until its last row ends."""
         self.metrics.observe_batch(len(batch))
-        batch, weights = self._weights(batch)
-        if not batch:
-            return
-        dec = BatchDecode(
-            self.model,
-            [j.messages for j in batch],
-            weights,
-            [j.spec for j in batch],
-            cancelled=lambda b: batch[b].cancelled,
-        )
-        for b, job in enumerate(batch):
-            job.push("start", {"weights": weights_dict(weights[b].tolist()), "prompt_tokens": dec.prompt_tokens[b]})
-        for events in dec:
-            for ev in events:
-                job = batch[ev.row]
-                if ev.error is not None:  # this row failed alone; the batch goes on
-                    log.error("request failed during decoding: %s", ev.error)
-                    job.push("error", GENERATION_FAILED)
-                    continue
-                if ev.delta:
-                    job.push("delta", ev.delta)
-                if ev.finished:
-                    job.push("end", {"finish_reason": ev.finish_reason, "completion_tokens": ev.completion_tokens})
+        now = time.monotonic()
+        for job in batch:
+            job.admitted = now
+            self.metrics.observe_queue_wait(now - job.arrived)
+        prefill = self._start_prefill(batch, chunk=None)
+        running = None
+        while prefill is not None and running is None:
+            running = prefill.advance()
+        while running is not None:
+            running = self._step(running)

@@ -38,9 +38,19 @@ def serve_command(
     drain_timeout: Annotated[
         float, typer.Option(help="On SIGTERM/SIGINT, seconds in-flight requests get to finish; the rest end with HTTP 503.")
     ] = 25.0,
+    scheduler: Annotated[
+        str, typer.Option(help="step: requests join and leave the running batch at every decoding step; batch: each batch runs to its end (the earlier scheduler, for comparison).")
+    ] = "step",
+    prefill_chunk: Annotated[
+        int, typer.Option(help="Newcomers' prompt tokens per prefill forward; running requests decode a step between two chunks.")
+    ] = 256,
 ) -> None:
     """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
+    if scheduler not in ("step", "batch"):
+        raise typer.BadParameter(f"{scheduler!r} is not a scheduler; use step or batch", param_hint="--scheduler")
+    if prefill_chunk < 1:
+        raise typer.BadParameter(f"must be at least 1, got {prefill_chunk}", param_hint="--prefill-chunk")
     import torch
 
     from personafuse.chat_cli import load_model
@@ -64,6 +74,8 @@ def serve_command(
         max_prompt_chars=max_prompt_chars,
         request_timeout_s=request_timeout,
         drain_timeout_s=drain_timeout,
+        scheduler=scheduler,
+        prefill_chunk=prefill_chunk,
     )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
     serve(create_app(m, cfg), host, port)

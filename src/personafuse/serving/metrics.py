@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+RATE_WINDOW_S = 10.0  # the tokens/s gauge counts the tokens of the last this-many seconds
 
 
 class Histogram:
@@ -42,7 +45,12 @@ class Metrics:
         self.latency = Histogram(LATENCY_BUCKETS)
         self.first_token = Histogram(LATENCY_BUCKETS)
         self.batch_size = Histogram(BATCH_BUCKETS)
-        self.gauges: dict[str, Callable[[], float]] = {}
+        self.queue_wait = Histogram(LATENCY_BUCKETS)
+        self.inter_token = Histogram(TOKEN_BUCKETS)
+        self.step_rows = Histogram(BATCH_BUCKETS)
+        self.generated_tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent steps
+        self.gauges: dict[str, Callable[[], float]] = {"tokens_per_second": self.tokens_per_second}
 
     def request(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -65,6 +73,32 @@ class Metrics:
         with self._lock:
             self.batches += 1
             self.batch_size.observe(size)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        with self._lock:
+            self.queue_wait.observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        with self._lock:
+            self.inter_token.observe(seconds)
+
+    def observe_step(self, rows: int) -> None:
+        with self._lock:
+            self.step_rows.observe(rows)
+
+    def generated(self, tokens: int) -> None:
+        """Tokens one decoding step made (for the generated-tokens counter and the tokens/s gauge)."""
+        now = time.monotonic()
+        with self._lock:
+            self.generated_tokens += tokens
+            self._recent.append((now, tokens))
+            while self._recent and self._recent[0][0] < now - RATE_WINDOW_S:
+                self._recent.popleft()
+
+    def tokens_per_second(self) -> float:
+        now = time.monotonic()
+        with self._lock:
+            return sum(n for t, n in self._recent if t >= now - RATE_WINDOW_S) / RATE_WINDOW_S
 
     def render(self) -> str:
         p = "personafuse"
@@ -91,9 +125,21 @@ class Metrics:
                 f"# HELP {p}_time_to_first_token_seconds Time from arrival to the first text.",
                 f"# TYPE {p}_time_to_first_token_seconds histogram",
                 *self.first_token.lines(f"{p}_time_to_first_token_seconds"),
-                f"# HELP {p}_batch_size Requests decoded together in one batch.",
+                f"# HELP {p}_batch_size Requests decoded together in one batch (run-to-completion scheduler).",
                 f"# TYPE {p}_batch_size histogram",
                 *self.batch_size.lines(f"{p}_batch_size"),
+                f"# HELP {p}_queue_wait_seconds Time from arrival until the scheduler takes the request.",
+                f"# TYPE {p}_queue_wait_seconds histogram",
+                *self.queue_wait.lines(f"{p}_queue_wait_seconds"),
+                f"# HELP {p}_inter_token_latency_seconds Time between two text deltas of one request.",
+                f"# TYPE {p}_inter_token_latency_seconds histogram",
+                *self.inter_token.lines(f"{p}_inter_token_latency_seconds"),
+                f"# HELP {p}_step_batch_size Rows in the running batch at each decoding step.",
+                f"# TYPE {p}_step_batch_size histogram",
+                *self.step_rows.lines(f"{p}_step_batch_size"),
+                f"# HELP {p}_generated_tokens_total Tokens sampled by decoding steps (end tokens included).",
+                f"# TYPE {p}_generated_tokens_total counter",
+                f"{p}_generated_tokens_total {self.generated_tokens}",
             ]
         for name, fn in self.gauges.items():
             lines += [f"# TYPE {p}_{name} gauge", f"{p}_{name} {fn():g}"]

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personafuse.chat import prompt_ids
 from personafuse.moe.routing import Routing
-from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
+from personafuse.serving.batcher import SCHEDULERS, Batcher, Job, QueueFull, Unavailable
 from personafuse.serving.decode import RowSpec
 from personafuse.serving.lifecycle import GONE, SHUTDOWN, TIMEOUT, Guard, InFlight
 from personafuse.serving.metrics import Metrics
@@ -68,6 +68,10 @@ class ServeConfig:
     max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND x max_prompt_tokens
     request_timeout_s: float = 600.0  # from arrival; 0 = none. The openai client gives up at 600 s too.
     drain_timeout_s: float = 25.0  # SIGTERM: in-flight requests get this long (inside Kubernetes' 30 s grace)
+    # Scheduling (docs/serving.md, "Scheduling"): "step" lets requests join and leave the running
+    # batch between decoding steps; "batch" runs each batch to its end (the earlier behaviour).
+    scheduler: str = "step"
+    prefill_chunk: int = 256  # newcomers' prompt tokens per prefill forward, between two decode steps
 
     def __post_init__(self) -> None:
         # An empty key used to switch authentication off without a word (e.g. PERSONAFUSE_API_KEY=""
@@ -76,6 +80,10 @@ class ServeConfig:
             raise ValueError("api_key is empty: give a key, or leave it out (None) to serve without authentication")
         if self.max_body_bytes < 1 or self.request_timeout_s < 0 or self.drain_timeout_s < 0:
             raise ValueError("max_body_bytes must be positive; request_timeout_s and drain_timeout_s not negative")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
         if self.max_prompt_chars is None:
             self.max_prompt_chars = CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
 
@@ -367,8 +375,9 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.batcher = Batcher(
-            model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000, metrics=metrics
-        )
+            model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000, metrics=metrics,
+            scheduler=cfg.scheduler, prefill_chunk=cfg.prefill_chunk,
+        )  # fmt: skip
         yield
         await asyncio.to_thread(service.batcher.close)
         service.tokenize_pool.shutdown(wait=False)
