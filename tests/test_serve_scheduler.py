@@ -173,3 +173,21 @@ def test_joining_a_busy_batch_gives_the_tokens_and_weights_of_a_request_alone(ti
     assert busy["persona"]["weights"] == pytest.approx({**dict.fromkeys(busy["persona"]["weights"], 0.0), "high_A": 0.7, "low_N": 0.3})
     steps_over_1 = float(metrics.split('personafuse_step_batch_size_bucket{le="1"} ')[1].split()[0])
     assert float(metrics.split("personafuse_step_batch_size_count ")[1].split()[0]) > steps_over_1  # it did share steps
+
+
+def test_base_only_serves_the_base_model_with_the_experts_off(tiny) -> None:
+    """--base-only (the load benchmark's anchor): the same engine, the experts off, so the reply is
+    the plain base model's greedy reply; the response still reports the routing."""
+    enc = tiny.chat_inputs([PROMPTS[1]])
+    with torch.no_grad(), tiny.mixture_weights(None):
+        ids = tiny.base_model.generate(**enc, max_new_tokens=10, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                       pad_token_id=tiny.tokenizer.pad_token_id)  # fmt: skip
+    plain = tiny.tokenizer.decode(ids[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    replies = {}
+    for base_only in (True, False):
+        cfg = ServeConfig(model_name="tiny", max_tokens_limit=20, base_only=base_only, batch_wait_ms=0)
+        with LiveServer(create_app(tiny, cfg)) as s:
+            replies[base_only], _ = _chat(s.url, PROMPTS[1], 10, {"mode": "pole", "pole": "high_O"})
+    assert replies[True]["choices"][0]["message"]["content"] == plain
+    assert replies[False]["choices"][0]["message"]["content"] != plain  # the expert does change it
+    assert replies[True]["persona"]["weights"]["high_O"] == 1.0

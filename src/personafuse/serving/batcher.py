@@ -82,6 +82,7 @@ class Batcher:
         metrics: Metrics | None = None,
         scheduler: str = "step",
         prefill_chunk: int = 256,
+        mixture: bool = True,
     ) -> None:
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; expected one of {', '.join(SCHEDULERS)}")
@@ -91,6 +92,7 @@ class Batcher:
         self.batch_wait_s = batch_wait_s
         self.scheduler = scheduler
         self.prefill_chunk = prefill_chunk
+        self.mixture = mixture  # False: decode with the base model alone (a load benchmark's anchor)
         self.metrics = metrics or Metrics()
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -207,7 +209,8 @@ class Batcher:
         jobs, weights = self._weights(jobs)
         if not jobs:
             return None
-        prefill = Prefill(self.model, [j.messages for j in jobs], weights, [new_row(j.spec, j) for j in jobs], chunk)
+        rows = [new_row(j.spec, j) for j in jobs]
+        prefill = Prefill(self.model, [j.messages for j in jobs], weights, rows, chunk, mixture=self.mixture)
         for b, job in enumerate(jobs):
             job.push("start", {"weights": weights_dict(weights[b].tolist()), "prompt_tokens": prefill.prompt_tokens[b]})
         return prefill

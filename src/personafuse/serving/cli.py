@@ -44,6 +44,9 @@ def serve_command(
     prefill_chunk: Annotated[
         int, typer.Option(help="Newcomers' prompt tokens per prefill forward; running requests decode a step between two chunks.")
     ] = 256,
+    base_only: Annotated[
+        bool, typer.Option("--base-only", help="Decode with the experts off (the base model alone; responses still report the routing): the anchor of a load test.")
+    ] = False,
 ) -> None:
     """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
@@ -76,6 +79,7 @@ def serve_command(
         drain_timeout_s=drain_timeout,
         scheduler=scheduler,
         prefill_chunk=prefill_chunk,
+        base_only=base_only,
     )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
     serve(create_app(m, cfg), host, port)

@@ -207,9 +207,10 @@ class Running:
     the forward that gives the next logits."""
 
     def __init__(self, model: Any, rows: list[_Row], cache: Any, mask: torch.Tensor, next_pos: torch.Tensor,
-                 weights: torch.Tensor, logits: torch.Tensor) -> None:  # fmt: skip
+                 weights: torch.Tensor, logits: torch.Tensor, mixture: bool = True) -> None:  # fmt: skip
         self.model, self.rows, self.cache = model, rows, cache
         self.mask, self.next_pos, self.weights, self.logits = mask, next_pos, weights, logits
+        self.mixture = mixture  # False: the base model alone (experts off), the load benchmark's anchor
         self.text = _Text(model)
         tok = model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(self.text.eos), 0)
@@ -274,7 +275,7 @@ class Running:
 
     def _forward(self, step: torch.Tensor) -> None:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        with self.model.mixture_weights(self.weights):
+        with self.model.mixture_weights(self.weights if self.mixture else None):
             out = self.model.base_model(
                 input_ids=step, attention_mask=self.mask, position_ids=self.next_pos[:, None], use_cache=True,
                 **{self.cache_kw: self.cache},
@@ -289,8 +290,9 @@ class Prefill:
     width in one go when ``chunk`` is None), under each newcomer's own mixture weights. The last
     chunk returns a :class:`Running` batch of them, ready to step or to merge into another."""
 
-    def __init__(self, model: Any, prompts: Sequence[Any], weights: torch.Tensor, rows: list[_Row], chunk: int | None = None) -> None:
-        self.model, self.rows, self.chunk = model, rows, chunk
+    def __init__(self, model: Any, prompts: Sequence[Any], weights: torch.Tensor, rows: list[_Row], chunk: int | None = None,
+                 mixture: bool = True) -> None:  # fmt: skip
+        self.model, self.rows, self.chunk, self.mixture = model, rows, chunk, mixture
         enc = model.chat_inputs(list(prompts))
         self.ids, self.mask = enc["input_ids"], enc["attention_mask"]
         # Left padding: positions count real tokens only, exactly as HF generate does.
@@ -311,7 +313,7 @@ class Prefill:
         start = self.done_cols
         end = self.columns if self.chunk is None else min(start + self.chunk, self.columns)
         kwargs = {self.cache_kw: self.cache} if self.cache is not None else {}
-        with self.model.mixture_weights(self.weights):
+        with self.model.mixture_weights(self.weights if self.mixture else None):
             # logits_to_keep=1: only the last position's logits are needed (no [B, T, vocab] tensor).
             out = self.model.base_model(
                 input_ids=self.ids[:, start:end], attention_mask=self.mask[:, :end], position_ids=self.pos[:, start:end],
@@ -320,7 +322,8 @@ class Prefill:
         self.cache, self.done_cols = output_cache(out), end
         if end < self.columns:
             return None
-        return Running(self.model, self.rows, self.cache, self.mask, self.pos[:, -1] + 1, self.weights, out.logits[:, -1, :])
+        return Running(self.model, self.rows, self.cache, self.mask, self.pos[:, -1] + 1, self.weights, out.logits[:, -1, :],
+                       self.mixture)  # fmt: skip
 
 
 class BatchDecode:

@@ -72,6 +72,7 @@ class ServeConfig:
     # batch between decoding steps; "batch" runs each batch to its end (the earlier behaviour).
     scheduler: str = "step"
     prefill_chunk: int = 256  # newcomers' prompt tokens per prefill forward, between two decode steps
+    base_only: bool = False  # decode with the experts off (the base model alone): a load-test anchor
 
     def __post_init__(self) -> None:
         # An empty key used to switch authentication off without a word (e.g. PERSONAFUSE_API_KEY=""
@@ -376,7 +377,7 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         service.batcher = Batcher(
             model, max_batch=cfg.max_batch, max_queue=cfg.max_queue, batch_wait_s=cfg.batch_wait_ms / 1000, metrics=metrics,
-            scheduler=cfg.scheduler, prefill_chunk=cfg.prefill_chunk,
+            scheduler=cfg.scheduler, prefill_chunk=cfg.prefill_chunk, mixture=not cfg.base_only,
         )  # fmt: skip
         yield
         await asyncio.to_thread(service.batcher.close)
