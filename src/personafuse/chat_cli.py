@@ -158,7 +158,40 @@ def demo_command(
     run_demo(out, queries=queries, max_new_tokens=max_new_tokens)
 
 
+def export_command(
+    out: Annotated[Path, typer.Argument(help="Folder for the adapter (created).")],
+    routing: Annotated[str, typer.Option(help="The fixed persona: pole:high_A | fixed:high_A=0.6,low_N=0.4 | ten numbers after fixed:.")],
+    model: ModelOpt = "default",
+    name: Annotated[str | None, typer.Option(help="The adapter's name in the printed vllm command (default: the folder's name).")] = None,
+) -> None:
+    """Export one fixed persona as a standard peft LoRA (rank 10r, the same outputs as the mixture),
+    e.g. for vLLM's multi-LoRA serving: one adapter per persona, chosen per request by model name.
+
+    Prints the `vllm serve` command that loads it (docs/serving.md, "Past one machine")."""
+    from personafuse.moe.model import vllm_max_lora_rank
+    from personafuse.moe.routing import Routing
+    from personafuse.traits import TraitError
+
+    try:
+        r = Routing.parse(routing)
+    except TraitError as e:
+        raise typer.BadParameter(str(e), param_hint="--routing") from None
+    if r.mode not in ("fixed", "pole"):
+        raise typer.BadParameter(f"an exported persona is one fixed mixture; {r.mode!r} depends on the query", param_hint="--routing")
+    quiet_loading()
+    with err_console.status("loading model…"):
+        m = load_model(model)
+    w = r.resolve(1)
+    path = m.export_lora(w[0].tolist(), out).resolve()
+    info = json.loads((path / "personafuse_mixture.json").read_text())
+    rank = m.config.r * m.config.num_experts
+    err_console.print(f"wrote {path} (rank {rank}: {', '.join(f'{k} {v:g}' for k, v in info['weights'].items() if v)})")
+    print(f"vllm serve {info['base_model']} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+          f"--lora-modules {name or path.name}={path}")  # fmt: skip
+
+
 def register(app: typer.Typer) -> None:
     app.command("chat")(chat_command)
     app.command("route")(route_command)
     app.command("demo")(demo_command)
+    app.command("export")(export_command)

@@ -503,6 +503,20 @@ class PersonaFuseModel(nn.Module):
         return d
 
 
+# The ranks vLLM's --max-lora-rank accepts (vllm-project/vllm, vllm/config.py, LoRAConfig.__post_init__:
+# possible_max_ranks); an adapter of rank r loads only with max_lora_rank >= r
+# (vllm/lora/peft_helper.py, PEFTHelper.validate_legal).
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``vllm serve --max-lora-rank`` that loads an adapter of this rank."""
+    for m in VLLM_MAX_LORA_RANKS:
+        if rank <= m:
+            return m
+    raise ValueError(f"rank {rank} is above every max_lora_rank vLLM accepts ({VLLM_MAX_LORA_RANKS[-1]})")
+
+
 def _hub_checkpoint(repo_id: str, revision: str | None, cache_dir: str | Path | None) -> Path:
     """The local snapshot of a checkpoint on the Hub; a path that does not exist is named as such."""
     from personafuse.moe.config import CONFIG_NAME
