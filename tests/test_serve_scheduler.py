@@ -191,3 +191,28 @@ def test_base_only_serves_the_base_model_with_the_experts_off(tiny) -> None:
     assert replies[True]["choices"][0]["message"]["content"] == plain
     assert replies[False]["choices"][0]["message"]["content"] != plain  # the expert does change it
     assert replies[True]["persona"]["weights"]["high_O"] == 1.0
+
+
+def test_a_client_that_leaves_gives_its_row_to_a_waiting_request() -> None:
+    """One place in the batch (--max-batch 1): a long stream holds it and a short request waits.
+    The streaming client leaves; at the next step its row is gone, the waiting request takes the
+    place and is answered, and the server keeps serving."""
+    slow = SlowModel(step_s=0.02)
+    cfg = ServeConfig(model_name="tiny", max_batch=1, batch_wait_ms=0, max_tokens_limit=200, max_prompt_tokens=40)
+    with LiveServer(create_app(slow.model, cfg)) as s:
+        got: dict[str, dict] = {}
+        body = {"messages": [{"role": "user", "content": PROMPTS[0]}], "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", s.url + CHAT, json=body, timeout=60) as stream:
+            lines = stream.iter_lines()
+            next(line for line in lines if '"content"' in line)  # it is decoding
+            waiting = threading.Thread(target=lambda: got.update(short=_chat(s.url, PROMPTS[2], 5)[0]))
+            waiting.start()
+            deadline = time.monotonic() + 30
+            while httpx.get(s.url + "/health").json()["queue_depth"] != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert httpx.get(s.url + "/health").json()["queue_depth"] == 1
+        # the stream's client is gone
+        waiting.join(60)
+        again, _ = _chat(s.url, PROMPTS[1], 3)
+    assert got["short"]["usage"]["completion_tokens"] == 5 and again["usage"]["completion_tokens"] == 3
+    assert slow.forwards < 100  # the long reply did not run to its end first
