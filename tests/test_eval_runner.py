@@ -244,6 +244,35 @@ def test_personafuse_subject_records_weights(tmp_path: Path) -> None:
     assert subj.describe()["routing"]["mode"] == "random"
 
 
+def test_personafuse_subject_sends_the_system_prompt() -> None:
+    """--system-prompt reached hf/openai subjects only: `--model default` (a PersonaFuse model) ran
+    without it and recorded it in its config as if it had been used."""
+    from personafuse.chat import RawPrompt
+
+    sent = []
+
+    class _Model(_DuckPersonaFuse):
+        def generate(self, prompts, routing=None, **kw):
+            sent.extend(prompts)
+            return super().generate(prompts, routing, **{k: v for k, v in kw.items() if k in ("max_new_tokens", "batch_size")})
+
+    subj = PersonaFuseSubject(_Model(), parse_routing("router"), routing_factory=_FakeRouting, system_prompt="Be kind.")
+    subj.generate(["q", [{"role": "user", "content": "u"}], RawPrompt("Question: 1+1\nAnswer:")], max_new_tokens=3)
+    assert sent[0] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "q"}]
+    assert sent[1] == [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "u"}]
+    assert sent[2] == "Question: 1+1\nAnswer:" and isinstance(sent[2], RawPrompt)  # raw completions stay raw
+
+
+
+def test_load_subject_hands_the_system_prompt_to_personafuse(monkeypatch: pytest.MonkeyPatch) -> None:
+    import personafuse.evaluation.subjects as subjects
+    from personafuse.evaluation.subjects import SubjectOptions
+
+    monkeypatch.setattr(subjects, "load_personafuse", lambda spec: _DuckPersonaFuse())
+    subj = load_subject("default", SubjectOptions(system_prompt="Be kind."))
+    assert isinstance(subj, PersonaFuseSubject) and subj.system_prompt == "Be kind."
+
+
 def test_cli_reports_bad_data_cleanly(tmp_path: Path) -> None:
     app = typer.Typer()
     register(app)

@@ -27,7 +27,7 @@ def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
 
 
 def eval_command(
-    model: Annotated[str, typer.Option(help="default | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
+    model: Annotated[str, typer.Option(help="default | base | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
     benchmarks: Annotated[str, typer.Option(help="comma-separated: emobench,eqbench,tombench,gpqa,gsm8k,arenahard,safetybench,shopmmlu,mentalchat")] = "emobench,eqbench,gsm8k",
     out: Annotated[Path, typer.Option(help="run directory (results.json + NAME.jsonl); resumed if it exists")] = Path("runs/eval"),
     data: Annotated[str | None, typer.Option(help="folder laid out like ../shared/benchdata, or one benchmark's file")] = None,
@@ -36,11 +36,11 @@ def eval_command(
     routing: Annotated[str | None, typer.Option(help="PersonaFuse routing: router | fixed:POLE=W,... | random:K | pole:NAME | top_k:K")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for openai:MODEL")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for openai:MODEL (else OPENAI_API_KEY)")] = None,
-    judge: Annotated[str | None, typer.Option(help="judge for arenahard/mentalchat: openai:MODEL or hf:PATH")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge for arenahard/mentalchat: openai:MODEL, hf:PATH, default or base (the embedded model)")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="base URL of the judge endpoint")] = None,
     judge_api_key: Annotated[str | None, typer.Option(help="API key of the judge endpoint")] = None,
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
-    system_prompt: Annotated[str | None, typer.Option(help="system message for hf/openai subjects (prompting baselines)")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="system message put first in every chat prompt (prompting baselines); raw-completion prompts get none")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="override every benchmark's generation length")] = None,
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="BENCHMARK.KEY=VALUE, e.g. eqbench.version=v1, emobench.language=zh")] = None,
     overwrite: Annotated[bool, typer.Option(help="start the run directory afresh")] = False,

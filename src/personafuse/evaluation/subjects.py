@@ -187,10 +187,13 @@ def _weights_to_dict(w: Any) -> dict[str, float] | None:
 
 class PersonaFuseSubject:
     """Wraps a PersonaFuse model: ``model.generate(prompts, ..., routing=Routing(...))`` returning
-    objects with ``.text`` and ``.weights``; ``model.route(queries)`` giving [B, 10]."""
+    objects with ``.text`` and ``.weights``; ``model.route(queries)`` giving [B, 10]. A
+    ``system_prompt`` is put first in every chat prompt (not in raw completion prompts), as
+    :class:`HFSubject` does; the router does not read system messages."""
 
-    def __init__(self, model: Any, routing: dict[str, Any], *, name: str = "personafuse", batch_size: int = 8, source: dict[str, Any] | None = None, routing_factory: Any = None) -> None:
+    def __init__(self, model: Any, routing: dict[str, Any], *, name: str = "personafuse", batch_size: int = 8, source: dict[str, Any] | None = None, routing_factory: Any = None, system_prompt: str | None = None) -> None:
         self.model = model
+        self.system_prompt = system_prompt
         self.routing_kwargs = routing
         self.name = name
         self.batch_size = batch_size
@@ -210,6 +213,8 @@ class PersonaFuseSubject:
                 kw["temperature"] = temperature
             if seed is not None:
                 kw["seed"] = seed
+        if self.system_prompt:
+            prompts = [p if isinstance(p, RawPrompt) else as_messages(p, self.system_prompt) for p in prompts]
         gens = self.model.generate(list(prompts), **kw)
         return [Generation(text=str(g.text).strip(), weights=_weights_to_dict(getattr(g, "weights", None))) for g in gens]
 
@@ -273,7 +278,7 @@ def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
     if s.kind == "personafuse":
         model = load_personafuse(s)
         name = "personafuse-default" if s.embedded else Path(s.target).name
-        return PersonaFuseSubject(model, parse_routing(o.routing, seed=o.seed), name=name, batch_size=o.batch_size, source={"path": s.target})
+        return PersonaFuseSubject(model, parse_routing(o.routing, seed=o.seed), name=name, batch_size=o.batch_size, source={"path": s.target}, system_prompt=o.system_prompt)
     if s.embedded:  # ``base``
         model, tok, source = _embedded_base(o.device)
         return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source=source)
