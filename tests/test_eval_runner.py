@@ -188,6 +188,24 @@ def test_cli_eval_and_report(tmp_path: Path) -> None:
     assert (tmp_path / "rep" / "relative_general_intelligence_and_safety.png").stat().st_size > 1000
 
 
+def test_cli_summary_shows_stderr_and_variants_and_rescore_fits_a_line(tmp_path: Path) -> None:
+    """The printed summary carries each score's standard error and the variants scored on the same
+    replies (GSM8K: flexible and official beside strict); --rescore's line is short enough not to wrap."""
+    app = typer.Typer()
+    register(app)
+    args = ["eval", "--model", "openai:m", "--benchmarks", "gsm8k", "--data", str(FIXTURE_BENCHDATA), "--out", str(tmp_path / "o"), "--no-progress"]
+    with ChatServer(_gsm_reply) as srv:
+        args += ["--base-url", srv.base_url, "--api-key", "k"]
+        r = CliRunner().invoke(app, args, terminal_width=100)
+        assert r.exit_code == 0, r.output
+        block = json.loads((tmp_path / "o" / "results.json").read_text())["benchmarks"]["gsm8k"]
+        assert f"{block['score']:.4f} ± {block['stderr']:.4f}" in r.output
+        assert f"score_flexible={block['score_flexible']:.4f}" in r.output and "score_official=" in r.output
+        r = CliRunner().invoke(app, [*args, "--rescore"], terminal_width=100)
+    assert r.exit_code == 0, r.output
+    assert f"rescored gsm8k: 0 of 3 items changed; score {block['score']:.6g} -> {block['score']:.6g}" in r.output
+
+
 def test_bad_option_and_model_specs() -> None:
     with pytest.raises(ValueError, match="unknown --model"):
         load_subject("nonsense:thing")

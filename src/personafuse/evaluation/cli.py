@@ -26,6 +26,11 @@ def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _short(v: Any) -> str:
+    """A score in six significant digits (the rescore line fits a terminal); ``None`` as "–"."""
+    return f"{v:.6g}" if isinstance(v, int | float) and not isinstance(v, bool) else ("–" if v is None else str(v))
+
+
 def eval_command(
     model: Annotated[str, typer.Option(help="default | base | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
     benchmarks: Annotated[str, typer.Option(help="comma-separated: emobench,eqbench,tombench,gpqa,gsm8k,arenahard,safetybench,shopmmlu,mentalchat")] = "emobench,eqbench,gsm8k",
@@ -95,7 +100,7 @@ def eval_command(
     Console().print(summary_table(results))
     for name, agg in results["benchmarks"].items():
         if (rs := agg.get("rescore")) is not None:  # what the fixed scorer changed in stored replies
-            Console().print(f"rescored {name}: {rs['items_changed']} of {rs['items']} items changed; score {rs['old_score']} -> {rs['new_score']}")
+            Console().print(f"rescored {name}: {rs['items_changed']} of {rs['items']} items changed; score {_short(rs['old_score'])} -> {_short(rs['new_score'])}")
     Console().print(f"wrote {out / 'results.json'}")
 
 

@@ -26,6 +26,19 @@ SUBSCORES: dict[str, tuple[str, ...]] = {
     "shopmmlu": ("score",),
     "mentalchat": ("score", "active_listening", "empathy", "safety", "open_mindedness", "clarity", "boundaries", "holistic"),
 }
+# The other variants each benchmark reports beside ``score`` on the same replies (shown by
+# ``personafuse eval``'s summary; the report's columns stay SUBSCORES).
+VARIANTS: dict[str, tuple[str, ...]] = {
+    "emobench": ("score_freetext",),
+    "eqbench": ("score_lm_eval",),
+    "tombench": ("accuracy", "score_freetext"),
+    "gpqa": ("score_strict",),
+    "gsm8k": ("score_flexible", "score_official"),
+    "arenahard": ("ci_low", "ci_high", "n_unparseable_verdicts"),
+    "safetybench": ("accuracy", "score_freetext"),
+    "shopmmlu": ("task_mean",),
+    "mentalchat": ("overall_labelled", "n_unparseable_verdicts"),
+}
 GROUPS: dict[str, tuple[str, ...]] = {
     "Social-emotional intelligence": ("emobench", "eqbench", "tombench"),
     "General intelligence and safety": ("gpqa", "arenahard", "gsm8k", "safetybench"),
@@ -207,9 +220,15 @@ def summary_table(results: Mapping[str, Any]) -> Any:
     t.add_column("items", justify="right")
     for b, block in (results.get("benchmarks") or {}).items():
         extras = []
-        for k in SUBSCORES.get(b, ())[1:]:
+        for k in (*VARIANTS.get(b, ()), *SUBSCORES.get(b, ())[1:]):
             v = block.get(k)
-            if isinstance(v, int | float):
-                extras.append(f"{k}={_fmt(float(v))}")
-        t.add_row(TITLES.get(b, b), _fmt(block.get("score")), " ".join(extras), str(block.get("n_items", block.get("n", ""))))
+            if isinstance(v, bool):
+                continue
+            if isinstance(v, int):
+                extras.append(f"{k}={v}")
+            elif isinstance(v, float):
+                extras.append(f"{k}={_fmt(v)}")
+        score, err = block.get("score"), block.get("stderr")
+        shown = _fmt(score) + (f" ± {_fmt(float(err))}" if isinstance(err, int | float) and score is not None else "")
+        t.add_row(TITLES.get(b, b), shown, " ".join(extras), str(block.get("n_items", block.get("n", ""))))
     return t
