@@ -255,3 +255,13 @@ def test_real_minilm_item_by_item() -> None:
     for (it, r), rec in zip(pairs, out, strict=True):
         assert rec["score"] == pytest.approx(ref_sent_transformer(r, it.reference, ref_model), abs=1e-5)
         assert rec["cosine"] == pytest.approx(ref_task_wise(r, it.reference, ref_model), abs=1e-5)
+
+
+def test_missing_data_is_named_before_the_prompt_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--data at a benchdata folder without shopmmlu/ (the shared one): the error said the prompt
+    file was missing and to "pass --data", which the user had done; it names the missing data now."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv("PERSONAFUSE_HUB_MIRROR", raising=False)
+    (tmp_path / "gsm8k").mkdir()
+    with pytest.raises(DataError, match=r"no generation \*_dataset\.json files in .*not on the Hub"):
+        get_benchmark("shopmmlu").load(tmp_path)

@@ -128,8 +128,10 @@ class ShopMMLU(Benchmark):
             source = unpack(fetch(REMOTE, "data.zip", bench=self.name))
         elif source.suffix == ".zip":
             source = unpack(source)
-        self._load_prompt(origin)
         skill = self._skill_file(source)
+        if skill is None:
+            self._files(source)  # no data here is what to say first, before looking for the prompt file
+        self._load_prompt(origin)
         items = self._skill_items(skill) if skill else self._generation_items(source)
         if not items:
             raise DataError(f"shopmmlu: no {EMBEDDING_METRIC} items in {skill or source} (tasks={self.tasks})")
@@ -210,7 +212,10 @@ class ShopMMLU(Benchmark):
         else:
             files = [f for f in files if task_metric(f.stem) == EMBEDDING_METRIC]
         if not files:
-            raise DataError(f"shopmmlu: no generation *_dataset.json files in {gen}")
+            raise DataError(
+                f"shopmmlu: no generation *_dataset.json files in {gen} (Shopping MMLU is not on the Hub: pass --data "
+                "with the official data.zip, its unpacked folder or a folder holding shopmmlu/)"
+            )
         return files
 
     def protocol_extra(self) -> dict[str, Any]:
