@@ -168,6 +168,31 @@ def test_eqbench_retry_rule_resamples_unparseable_answers(tmp_path: Path) -> Non
     assert res["benchmarks"]["eqbench"]["percent_parseable"] == 100.0
 
 
+def test_eqbench_revision_keeps_the_first_partial_result(tmp_path: Path) -> None:
+    """-o eqbench.revise=true: when no attempt fully parses, the reference (process_question's
+    prev_result) stores the FIRST partially parsed attempt; the runner kept the last reply, here an
+    unparseable one, and lost the item."""
+    calls: list[float] = []
+
+    def reply(messages, body):
+        calls.append(body["temperature"])
+        if len(calls) > 1:
+            return "I cannot tell."
+        if "Hurt" in messages[-1]["content"]:
+            first = "Hurt: 8\nAmused: 0\nIndifferent: 1\nSuspicious: 6"
+        else:
+            first = "Guilty: 6\nProud: 1\nDefensive: 7\nRelieved: 0"
+        return f"First pass scores:\n{first}\n\nCritique: fine.\n\nRevised scores:\nnone"  # revised part unparseable
+
+    with ChatServer(reply) as srv:
+        res = _runner(srv, tmp_path, ["eqbench"], limit=1, options={"eqbench": {"revise": True}}).run()
+    assert len(calls) == 3  # a partial result is still retried
+    rec = next(iter(read_records(tmp_path / "eqbench.jsonl").values()))
+    assert rec["attempts"] == 3 and rec["response"].startswith("First pass scores:")
+    assert rec["success"] is False and rec["first_pass_v2"] == pytest.approx(10.0) and rec["revised_v2"] is None
+    assert res["benchmarks"]["eqbench"]["score"] == pytest.approx(100.0)  # the first pass counts
+
+
 def test_cli_eval_and_report(tmp_path: Path) -> None:
     app = typer.Typer()
     register(app)

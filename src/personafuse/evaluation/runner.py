@@ -268,10 +268,14 @@ class Runner:
             }
             recs.append(rec)
         # Benchmarks with a retry rule (EQ-Bench): resample unparseable answers, temperature rising.
+        first_partial: dict[int, dict[str, Any]] = {}
         for attempt in range(2, bench.max_attempts + 1):
             pend = [i for i, r in enumerate(recs) if bench.needs_retry(r)]
             if not pend:
                 break
+            for i in pend:
+                if i not in first_partial and bench.partial(recs[i]):
+                    first_partial[i] = dict(recs[i])
             temp = 0.01 + 0.15 * (attempt - 1)
             t = time.perf_counter()
             regen = self.subject.generate([bench.send(prompts[i][0]) for i in pend], max_new_tokens=max_new, do_sample=True, temperature=temp, seed=self.cfg.seed + attempt)
@@ -282,6 +286,10 @@ class Runner:
             rescored = bench.score_batch([chunk[i] for i in pend], [[g.text] for g in regen], self.ctx)
             for i, g, sc in zip(pend, regen, rescored, strict=True):
                 recs[i].update({"response": g.text, "weights": g.weights, "attempts": attempt, "temperature": round(temp, 3), **sc})
+        # Out of attempts without a success: the first partial result stands (not the last reply).
+        for i, kept in first_partial.items():
+            if bench.needs_retry(recs[i]):
+                recs[i] = {**kept, "attempts": recs[i]["attempts"], "time_s": recs[i]["time_s"]}
         return recs, gen_s
 
 

@@ -165,6 +165,11 @@ class Benchmark:
     def needs_retry(self, record: Mapping[str, Any]) -> bool:
         return False
 
+    def partial(self, record: Mapping[str, Any]) -> bool:
+        """A failed attempt that still holds a partial result, kept if no later attempt succeeds
+        (EQ-Bench with revision: the reference stores the first such result)."""
+        return False
+
     def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         """Mean item score (unscorable items count as 0 unless the benchmark says otherwise) plus a
         breakdown per category key."""

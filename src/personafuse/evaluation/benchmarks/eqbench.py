@@ -248,6 +248,12 @@ class EQBench(Benchmark):
     def needs_retry(self, record: Mapping[str, Any]) -> bool:
         return not record.get("success", record.get("score") is not None)
 
+    def partial(self, record: Mapping[str, Any]) -> bool:
+        # process_question's prev_result: with revision, a failed attempt whose first pass or revised
+        # scores parsed; the first one is stored when the attempts run out without a success.
+        keys = [f"{t}_{v}" for t in ("first_pass", "revised") for v in ("v1", "v2")]
+        return self.revise and not record.get("success") and any(record.get(k) is not None for k in keys)
+
     def aggregate(self, records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         n = len(records)
         out: dict[str, Any] = {}
