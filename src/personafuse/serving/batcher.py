@@ -141,29 +141,9 @@ class Batcher:
         self._thread.join(timeout)
 
     # ------------------------------------------------------------------ worker thread
-    def _take(self) -> list[Job] | None:
-        with self._cond:
-            while not self._queue:
-                if self._closing:
-                    return None
-                self._cond.wait()
-            # Give requests arriving together a moment to join the batch.
-            deadline = time.monotonic() + self.batch_wait_s
-            while len(self._queue) < self.max_batch and not self._closing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = []
-            while self._queue and len(batch) < self.max_batch:
-                job = self._queue.popleft()
-                if not job.cancelled:
-                    batch.append(job)
-            return batch
-
     def _loop(self) -> None:
         while True:
-            batch = self._take()
+            batch = self._admit(0, idle=True)  # run-to-completion: a whole batch at a time
             if batch is None:
                 return
             if not batch:
@@ -296,10 +276,6 @@ class Batcher:
     def _run(self, batch: list[Job]) -> None:
         """Run-to-completion: prefill the batch in one go, then step until its last row ends."""
         self.metrics.observe_batch(len(batch))
-        now = time.monotonic()
-        for job in batch:
-            job.admitted = now
-            self.metrics.observe_queue_wait(now - job.arrived)
         prefill = self._start_prefill(batch, chunk=None)
         running = None
         while prefill is not None and running is None:
