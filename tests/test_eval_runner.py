@@ -80,6 +80,15 @@ def test_rescore_reparses_stored_responses(tmp_path: Path) -> None:
     assert json.loads(p.read_text().splitlines()[2])["parsed"] == "-2"
 
 
+def test_max_new_tokens_override_is_sent_and_recorded(tmp_path: Path) -> None:
+    with ChatServer(_gsm_reply) as srv:
+        res = _runner(srv, tmp_path, ["gsm8k"], limit=2, max_new_tokens=7).run()
+        sent = {b.get("max_tokens", b.get("max_completion_tokens")) for b in srv.requests}
+    assert sent == {7}  # the limit the replies were generated under ...
+    assert res["benchmarks"]["gsm8k"]["protocol"]["max_new_tokens"] == 7  # ... is the one recorded
+    assert json.loads((tmp_path / "results.json").read_text())["benchmarks"]["gsm8k"]["protocol"]["max_new_tokens"] == 7
+
+
 def test_results_record_the_protocol_and_rescore_says_what_changed(tmp_path: Path) -> None:
     with ChatServer(_gsm_reply) as srv:
         res = _runner(srv, tmp_path, ["gsm8k"]).run()

@@ -173,6 +173,8 @@ class Runner:
     def run_benchmark(self, name: str) -> dict[str, Any]:
         opts = {"seed": self.cfg.seed, **self.cfg.options.get(name, {})}
         bench = get_benchmark(name, opts)
+        if self.cfg.max_new_tokens:  # --max-new-tokens: the limit used is the one results.json records
+            bench.max_new_tokens = self.cfg.max_new_tokens
         items = subsample(bench.load(self.cfg.data), self.cfg.limit, self.cfg.seed)
         path = self.out / f"{bench.name}.jsonl"
         done = read_records(path)
@@ -244,7 +246,7 @@ class Runner:
     def _do_chunk(self, bench: Benchmark, chunk: Sequence[Item]) -> tuple[list[dict[str, Any]], float]:
         prompts = [bench.prompts(it) for it in chunk]
         flat = [bench.send(p) for ps in prompts for p in ps]
-        max_new = self.cfg.max_new_tokens or bench.max_new_tokens
+        max_new = bench.max_new_tokens
         t = time.perf_counter()
         gens = self.subject.generate(flat, max_new_tokens=max_new, do_sample=False)
         gen_s = time.perf_counter() - t
