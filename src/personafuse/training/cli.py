@@ -65,16 +65,34 @@ def train(
     resume: ResumeOpt = False,
     data: DataOpt = None,
     out: OutOpt = None,
+    random_route: Annotated[
+        int | None,
+        typer.Option(
+            "--random-route",
+            metavar="K",
+            help="Train the Random Route K baseline instead (paper Table 3): warm-up, no router stage, "
+            "joint stage with K random experts per sequence. Evaluate it with --routing random:K.",
+        ),
+    ] = None,
 ) -> None:
     """Run the training stages; each saves OUT/STAGE/model and starts from the previous one."""
     if ctx.invoked_subcommand is not None:
         return
+    import dataclasses
+
     from personafuse.training.stages import train as run_train
 
     tc = _load(config, data, out)
+    if random_route is not None:
+        try:
+            tc = dataclasses.replace(tc, random_route=random_route)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--random-route") from None
     final = _run(run_train, tc, stage, resume=resume)
     _say(f"[green]done[/green]: model saved to {final}")
     _say(f"loss logs and curves: {Path(tc.out)}/<stage>/losses.jsonl, loss.png, tensorboard/")
+    if tc.random_route:
+        _say(f"Random Route {tc.random_route}: evaluate with --routing random:{tc.random_route} (its router was never trained)")
 
 
 @app.command()

@@ -15,6 +15,9 @@ from typing import Any
 from personafuse.moe.config import PersonaFuseConfig
 
 STAGES = ("warmup", "router", "joint")
+# The Random Route k baseline (paper Table 3: "post-training: PersonaFuse", random activation in
+# place of the router) trains warm-up and joint only.
+RANDOM_ROUTE_STAGES = ("warmup", "joint")
 
 
 @dataclass
@@ -65,6 +68,20 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     save_every: int = 200
     seed: int = 0
+    # k > 0 trains the Random Route k baseline instead of PersonaFuse: the same warm-up, no router
+    # stage, and a joint stage where each sequence gets k experts drawn at random (1/k each, seeded)
+    # and only the experts learn. Evaluate it with ``--routing random:k``.
+    random_route: int = 0
+
+    def __post_init__(self) -> None:
+        k = self.random_route
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= 10:
+            raise ValueError(f"random_route must be an integer from 0 (off) to 10 experts, got {k!r}")
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this run trains, in order (each starts from the previous one's model)."""
+        return RANDOM_ROUTE_STAGES if self.random_route else STAGES
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from personafuse.moe.mixture import MixtureLinear
 from personafuse.moe.model import PersonaFuseModel
 from personafuse.moe.router import router_inputs
+from personafuse.moe.routing import Routing
 from personafuse.training import engine
 from personafuse.training.config import StageConfig, TrainConfig
 from personafuse.training.losses import causal_lm_loss_sums, router_loss
@@ -161,6 +162,30 @@ class JointObjective(nn.Module):
         sums, counts = causal_lm_loss_sums(self.pf.base_model, input_ids, attention_mask, labels)
         lr_, parts = router_loss(h, self.pf.router.expert_embeddings, p, self.beta, self.margin)
         return sums, counts, lr_, parts
+
+
+class RandomRouteObjective(nn.Module):
+    """The joint stage of the Random Route k baseline: the LM loss under k experts drawn at random
+    per sequence (weights from :func:`random_route_weights`) in place of the router's; only the
+    experts train."""
+
+    def __init__(self, pf: PersonaFuseModel) -> None:
+        super().__init__()
+        self.pf = pf
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        return self.pf.expert_parameters()
+
+    def forward(self, input_ids, attention_mask, labels, weights):
+        self.pf.state.set(weights)  # kept set for activation-checkpointing recompute
+        return causal_lm_loss_sums(self.pf.base_model, input_ids, attention_mask, labels)
+
+
+def random_route_weights(k: int, seed: int, step: int, rows: Sequence[int]) -> torch.Tensor:
+    """[len(rows), 10]: k distinct experts at 1/k for each record of this step, drawn as inference's
+    ``Routing("random", k, seed)`` draws them, keyed by (step, record): the same however the step
+    is split into micro-batches or processes, and after a resume."""
+    return Routing("random", k=k, seed=seed).resolve(len(rows), keys=[f"step{step}:record{r}" for r in rows])
 
 
 class SFTObjective(nn.Module):
@@ -734,6 +759,37 @@ def run_joint(
     )
 
 
+def run_random_joint(
+    pf: PersonaFuseModel,
+    records: Sequence[Record],
+    tc: TrainConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+) -> StageResult:
+    """Random Route k's joint stage (``tc.random_route`` = k): the joint stage's data, batches and
+    schedule, with random activation instead of the router and the LM loss alone."""
+    sc = tc.joint
+    feats = Featurizer.for_model(records, pf, tc)
+    plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
+    objective = RandomRouteObjective(pf)
+
+    def step_fn(acc, model, rows, step):
+        norm = sum(feats.response_tokens(k) for k, _ in rows)
+        lm_tot = 0.0
+        for chunk, _ in micro_batches(acc, model, rows, sc.micro_batch_size):
+            ks = [k for k, _ in chunk]
+            b = feats.lm_batch(ks, acc.device)
+            w = random_route_weights(tc.random_route, tc.seed, step, ks).to(acc.device)
+            sums, _ = model(b["input_ids"], b["attention_mask"], b["labels"], w)
+            lm = sums.sum() / max(norm, 1) * acc.num_processes
+            acc.backward(lm)
+            lm_tot += float(lm.detach()) / acc.num_processes
+        return {"loss": lm_tot, "loss_lm": lm_tot, "tokens": float(norm)}
+
+    return train_loop("joint", sc, tc, objective, step_fn, plan, _stage_dir(tc, "joint"), resume=resume, stop_after=stop_after)
+
+
 def run_sft(
     model: nn.Module,
     tokenizer: Any,
@@ -810,16 +866,18 @@ def train(
 
     if stage != "all" and stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; expected warmup, router, joint or all")
+    if stage not in ("all", *tc.stages):
+        raise ValueError(f"Random Route ({tc.random_route} random experts, random_route in the config) has no {stage} stage; it trains {' and '.join(tc.stages)}")
     records = records if records is not None else load_records(tc.data, require_p=True)
-    todo = list(STAGES) if stage == "all" else [stage]
-    runners = {"warmup": run_warmup, "router": run_router, "joint": run_joint}
+    todo = list(tc.stages) if stage == "all" else [stage]
+    runners = {"warmup": run_warmup, "router": run_router, "joint": run_random_joint if tc.random_route else run_joint}
     last = None
     for name in todo:
         done_dir = stage_model_dir(tc, name)
         if resume and (done_dir / "personafuse_config.json").is_file():
             last = done_dir  # finished earlier
             continue
-        prev = STAGES[STAGES.index(name) - 1] if name != "warmup" else None
+        prev = tc.stages[tc.stages.index(name) - 1] if name != "warmup" else None
         if prev is None:
             pf = PersonaFuseModel.from_config(tc.model)
         else:
