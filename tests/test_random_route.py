@@ -13,7 +13,7 @@ from conftest import build_tiny, synthetic_records, write_jsonl
 from personafuse.moe.mixture import MixtureState
 from personafuse.training.config import StageConfig, TrainConfig
 from personafuse.training.records import load_records
-from personafuse.training.stages import random_route_weights, run_random_joint, train
+from personafuse.training.stages import random_route_weights, run_joint, train
 
 
 def _records(tmp_path, n=40, seed=4):
@@ -54,7 +54,7 @@ def test_random_route_joint_trains_the_experts_only_under_k_random_experts(tmp_p
     monkeypatch.setattr(MixtureState, "set", spy)
     sc = StageConfig(steps=60, batch_size=8, lr=1e-2, micro_batch_size=4, warmup_ratio=0.0, scheduler="constant")
     tc = _tc(tmp_path, random_route=2, joint=sc)
-    result = run_random_joint(pf, records, tc)
+    result = run_joint(pf, records, tc)
     rows = torch.cat(seen)
     assert rows.shape[0] == 60 * 8  # every sequence of every step ran under a random route ...
     assert ((rows > 0).sum(-1) == 2).all() and torch.allclose(rows[rows > 0], torch.tensor(0.5))  # ... of 2 experts at 1/2
@@ -70,11 +70,11 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
     records = _records(tmp_path)
     sc = StageConfig(steps=6, batch_size=3, lr=5e-3, micro_batch_size=2)
     full = build_tiny()
-    run_random_joint(full, records, _tc(tmp_path / "full", random_route=2, joint=sc))
+    run_joint(full, records, _tc(tmp_path / "full", random_route=2, joint=sc))
     tc = _tc(tmp_path / "split", random_route=2, joint=sc)
-    run_random_joint(build_tiny(), records, tc, stop_after=3)
+    run_joint(build_tiny(), records, tc, stop_after=3)
     resumed = build_tiny()
-    run_random_joint(resumed, records, tc, resume=True)
+    run_joint(resumed, records, tc, resume=True)
     for (n, p1), (_, p2) in zip(full.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(p1, p2, atol=1e-6, rtol=1e-6, msg=n)
 

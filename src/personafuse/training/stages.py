@@ -725,67 +725,40 @@ def run_joint(
     resume: bool = False,
     stop_after: int | None = None,
 ) -> StageResult:
+    """Stage 3: experts and router learn ``L_lm + gamma * L_router`` with the router's weights live.
+    With ``tc.random_route`` = k (the Random Route k baseline) the same data, batches and schedule run
+    under k random experts per sequence instead of the router, and only the experts learn, from
+    ``L_lm`` alone."""
     sc = tc.joint
     feats = Featurizer.for_model(records, pf, tc)
     plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
-    objective = JointObjective(pf, tc.beta, tc.margin)
+    random_k = tc.random_route
+    objective = RandomRouteObjective(pf) if random_k else JointObjective(pf, tc.beta, tc.margin)
+
+    def chunk_losses(acc, model, ks, frac, step, totals):
+        """One micro-batch's LM loss sums, and its router loss (None for Random Route)."""
+        b = feats.lm_batch(ks, acc.device)
+        if random_k:
+            w = random_route_weights(random_k, tc.seed, step, ks).to(acc.device)
+            sums, _ = model(b["input_ids"], b["attention_mask"], b["labels"], w)
+            return sums, None
+        enc = feats.enc_batch(ks, acc.device)
+        p = feats.p_batch(ks, acc.device)
+        sums, _, lr_, parts = model(b["input_ids"], b["attention_mask"], b["labels"], enc["enc_ids"], enc["enc_mask"], p)
+        _add_router_parts(totals, parts, frac)
+        return sums, lr_
 
     def step_fn(acc, model, rows, step):
         norm = sum(feats.response_tokens(k) for k, _ in rows)
         lm_tot = 0.0
         totals: dict[str, float] = {}
         for chunk, frac in micro_batches(acc, model, rows, sc.micro_batch_size):
-            ks = [k for k, _ in chunk]
-            b = feats.lm_batch(ks, acc.device)
-            enc = feats.enc_batch(ks, acc.device)
-            p = feats.p_batch(ks, acc.device)
-            sums, _, lr_, parts = model(b["input_ids"], b["attention_mask"], b["labels"], enc["enc_ids"], enc["enc_mask"], p)
+            sums, lr_ = chunk_losses(acc, model, [k for k, _ in chunk], frac, step, totals)
             lm = sums.sum() / max(norm, 1) * acc.num_processes
-            acc.backward(lm + tc.gamma * lr_ * frac)
+            acc.backward(lm if lr_ is None else lm + tc.gamma * lr_ * frac)
             lm_tot += float(lm.detach()) / acc.num_processes
-            _add_router_parts(totals, parts, frac)
-        return {"loss": lm_tot + tc.gamma * totals["loss_router"], "loss_lm": lm_tot, **totals, "tokens": float(norm)}
-
-    return train_loop(
-        "joint",
-        sc,
-        tc,
-        objective,
-        step_fn,
-        plan,
-        _stage_dir(tc, "joint"),
-        resume=resume,
-        stop_after=stop_after,
-    )
-
-
-def run_random_joint(
-    pf: PersonaFuseModel,
-    records: Sequence[Record],
-    tc: TrainConfig,
-    *,
-    resume: bool = False,
-    stop_after: int | None = None,
-) -> StageResult:
-    """Random Route k's joint stage (``tc.random_route`` = k): the joint stage's data, batches and
-    schedule, with random activation instead of the router and the LM loss alone."""
-    sc = tc.joint
-    feats = Featurizer.for_model(records, pf, tc)
-    plan = uniform_plan(records, sc.batch_size * sc.grad_accum, tc.seed)
-    objective = RandomRouteObjective(pf)
-
-    def step_fn(acc, model, rows, step):
-        norm = sum(feats.response_tokens(k) for k, _ in rows)
-        lm_tot = 0.0
-        for chunk, _ in micro_batches(acc, model, rows, sc.micro_batch_size):
-            ks = [k for k, _ in chunk]
-            b = feats.lm_batch(ks, acc.device)
-            w = random_route_weights(tc.random_route, tc.seed, step, ks).to(acc.device)
-            sums, _ = model(b["input_ids"], b["attention_mask"], b["labels"], w)
-            lm = sums.sum() / max(norm, 1) * acc.num_processes
-            acc.backward(lm)
-            lm_tot += float(lm.detach()) / acc.num_processes
-        return {"loss": lm_tot, "loss_lm": lm_tot, "tokens": float(norm)}
+        router = tc.gamma * totals["loss_router"] if totals else 0.0
+        return {"loss": lm_tot + router, "loss_lm": lm_tot, **totals, "tokens": float(norm)}
 
     return train_loop("joint", sc, tc, objective, step_fn, plan, _stage_dir(tc, "joint"), resume=resume, stop_after=stop_after)
 
@@ -870,7 +843,7 @@ def train(
         raise ValueError(f"Random Route ({tc.random_route} random experts, random_route in the config) has no {stage} stage; it trains {' and '.join(tc.stages)}")
     records = records if records is not None else load_records(tc.data, require_p=True)
     todo = list(tc.stages) if stage == "all" else [stage]
-    runners = {"warmup": run_warmup, "router": run_router, "joint": run_random_joint if tc.random_route else run_joint}
+    runners = {"warmup": run_warmup, "router": run_router, "joint": run_joint}
     last = None
     for name in todo:
         done_dir = stage_model_dir(tc, name)
