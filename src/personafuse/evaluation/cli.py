@@ -52,6 +52,8 @@ def eval_command(
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
     rescore: Annotated[bool, typer.Option(help="re-parse and re-score the stored responses (no regeneration)")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is much faster on a busy shared CPU)")] = None,
+    persona_cot_prompting: Annotated[bool, typer.Option(help="Persona-CoT prompting baseline: the model names the cues and poles, then answers; only the answer is scored")] = False,
+    reasoning_tokens: Annotated[int, typer.Option(help="with --persona-cot-prompting: tokens allowed for the reasoning on top of each benchmark's answer cap")] = 512,
 ) -> None:
     """Evaluate a model on the paper's benchmarks; writes OUT/results.json and OUT/NAME.jsonl."""
     if threads:
@@ -61,6 +63,7 @@ def eval_command(
     from rich.console import Console
 
     from personafuse.chat_cli import quiet_loading
+    from personafuse.evaluation.cot_prompting import with_persona_cot
     from personafuse.evaluation.data import DataError
     from personafuse.evaluation.report import summary_table
     from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
@@ -80,13 +83,14 @@ def eval_command(
         max_new_tokens=max_new_tokens,
         system_prompt=system_prompt,
         options=_parse_options(option),
+        persona_cot=reasoning_tokens if persona_cot_prompting else None,
     )
     sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed, system_prompt=system_prompt)
     jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size)
     try:
         runner = Runner(
             cfg,
-            lambda: load_subject(model, sopts),
+            lambda: with_persona_cot(load_subject(model, sopts), cfg.persona_cot),
             judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
             progress=progress,
             overwrite=overwrite,

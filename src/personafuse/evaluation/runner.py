@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personafuse.chat import Generation
 from personafuse.evaluation.benchmarks import Benchmark, Item, ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.base import prompt_hash
 from personafuse.evaluation.data import subsample
@@ -41,10 +42,24 @@ class EvalConfig:
     max_new_tokens: int | None = None  # override every benchmark's default
     system_prompt: str | None = None
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-benchmark options
+    # Persona-CoT prompting (evaluation.cot_prompting): reasoning tokens before the answer; None: off
+    persona_cot: int | None = None
 
     def identity(self) -> dict[str, Any]:
         """What must match for a directory to be resumed (limit and batch sizes may change)."""
-        return {"model": self.model, "seed": self.seed, "routing": self.routing, "judge": self.judge, "options": self.options, "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt}
+        out = {"model": self.model, "seed": self.seed, "routing": self.routing, "judge": self.judge, "options": self.options, "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt}
+        if self.persona_cot is not None:  # only when on: directories written before it still resume
+            out["persona_cot"] = self.persona_cot
+        return out
+
+
+def _cot_field(gens: Sequence[Generation]) -> dict[str, Any]:
+    """``{"persona_cot": full reply(s)}`` for Persona-CoT prompting (``response`` holds only the
+    answer section that was scored); nothing for other subjects."""
+    full = [g.extra.get("persona_cot") for g in gens]
+    if full[0] is None:
+        return {}
+    return {"persona_cot": full[0] if len(full) == 1 else full}
 
 
 class RunMismatch(RuntimeError):
@@ -268,6 +283,7 @@ class Runner:
                 "time_s": round(per_item_s, 4),
                 **sc,
             }
+            rec.update(_cot_field(gs))
             recs.append(rec)
         # Benchmarks with a retry rule (EQ-Bench): resample unparseable answers, temperature rising.
         first_partial: dict[int, dict[str, Any]] = {}
@@ -287,7 +303,7 @@ class Runner:
                 recs[i]["time_s"] = round(recs[i]["time_s"] + dt / len(pend), 4)
             rescored = bench.score_batch([chunk[i] for i in pend], [[g.text] for g in regen], self.ctx)
             for i, g, sc in zip(pend, regen, rescored, strict=True):
-                recs[i].update({"response": g.text, "weights": g.weights, "attempts": attempt, "temperature": round(temp, 3), **sc})
+                recs[i].update({"response": g.text, "weights": g.weights, "attempts": attempt, "temperature": round(temp, 3), **sc, **_cot_field([g])})
         # Out of attempts without a success: the first partial result stands (not the last reply).
         for i, kept in first_partial.items():
             if bench.needs_retry(recs[i]):

@@ -4,7 +4,8 @@ A subject turns a batch of prompts (strings or chat message lists) into :class:`
 carrying the text and, for PersonaFuse, the ten routing weights used. Specs accepted by
 :func:`load_subject`:
 
-* ``default`` — the embedded SmolLM2-135M-Instruct (plain, no experts);
+* ``default`` — the embedded PersonaFuse (SmolLM2-135M-Instruct with its experts and router);
+* ``base`` — the embedded SmolLM2-135M-Instruct alone (no experts);
 * ``hf:ID_OR_PATH`` — any Hugging Face causal LM;
 * ``lora:DIR`` — a peft LoRA adapter on the base named in its ``adapter_config.json``;
 * ``openai:MODEL`` — an OpenAI-compatible endpoint (``base_url``/``api_key`` or
