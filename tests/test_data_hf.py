@@ -238,3 +238,23 @@ def test_vllm_adapter_against_the_llm_chat_contract(monkeypatch: pytest.MonkeyPa
     s = asyncio.run(go())
     assert s.records == 5 and dict(s.reasons) == {"truncated_response": 1}
     assert calls == [6]  # six concurrent requests became one LLM.chat batch
+
+
+def test_only_the_embedded_teacher_defaults_to_constrained_mode(tmp_path: Path) -> None:
+    """A capable teacher (hf:, openai:, vllm:) writes the full chain of thought unless --constrained
+    is asked for; the run header and every record say which mode made them."""
+    from eval_support import make_tiny_llama
+    from personafuse.data.cli import default_constrained
+
+    assert default_constrained("default") is True
+    assert not any(default_constrained(t) for t in ("hf:tiiuae/Falcon3-10B-Instruct", "openai:gpt-4o", "vllm:x"))
+    model_dir = make_tiny_llama(tmp_path / "teacher")
+    env = {**cli_env(), "OMP_NUM_THREADS": "1"}
+    for flag, constrained in ((None, False), ("--constrained", True)):
+        out = tmp_path / f"out-{constrained}"
+        args = [sys.executable, "-m", "personafuse.data.cli", "generate", "--teacher", f"hf:{model_dir}", "--source", "seeds",
+                "--limit", "2", "--out", str(out), "--max-new-tokens", "8", "--no-progress", *([flag] if flag else [])]
+        r = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert ("(constrained: poles by log-likelihood)" if constrained else "(full chain of thought)") in r.stderr
+        assert json.loads((out / "run.json").read_text())["constrained"] is constrained  # records carry it too (test above)

@@ -24,6 +24,14 @@ app = typer.Typer(name="data", help="Generate and inspect Persona-CoT training d
 LOCAL_RESPONSE_TOKENS = 256
 
 
+def default_constrained(teacher: str) -> bool:
+    """Whether Persona-CoT data from ``teacher`` uses constrained mode unless told otherwise: only
+    the embedded 135M teacher, which cannot write the paper's chain of thought; every other teacher
+    (``hf:``, ``openai:``, ``vllm:``) runs the full three-step procedure (``--constrained`` asks
+    for the other mode explicitly)."""
+    return teacher == "default"
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -44,7 +52,7 @@ def generate(
     max_retries: Annotated[int, typer.Option(help="Retries per request on 429/5xx/timeouts.")] = 5,
     backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
-    constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (default for local hf teachers) or parsed from free text.")] = None,
+    constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (the default for the embedded teacher only) or the full chain of thought parsed from free text (the default for every other teacher).")] = None,
     single_call: Annotated[bool, typer.Option(help="Free mode: all three steps in one request.")] = False,
     max_new_tokens: Annotated[int | None, typer.Option(help="Token limit for the response step.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
@@ -86,7 +94,8 @@ def generate(
     # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
     # letting queries finish (and the progress bar move) in waves.
     concurrency = concurrency or (2 * batch_size if local else 32)
-    is_constrained = (local if constrained is None else constrained) and mode == "persona_cot"
+    is_constrained = default_constrained(teacher) if constrained is None else constrained
+    is_constrained = is_constrained and mode == "persona_cot"
     cfg = PipelineConfig(
         mode=mode,
         constrained=is_constrained,
@@ -108,7 +117,7 @@ def generate(
         t0 = time.perf_counter()
         t = make_teacher(teacher, opts)
         typer.echo(f"teacher {t.name} ready in {time.perf_counter() - t0:.1f}s; mode {mode}"
-                   f"{' (constrained)' if is_constrained else ''}; {len(queries)} queries from {source}", err=True)
+                   f"{' (constrained: poles by log-likelihood)' if is_constrained else (' (full chain of thought)' if mode == 'persona_cot' else '')}; {len(queries)} queries from {source}", err=True)
         summary = asyncio.run(_run(queries, t, store, cfg, retry_reasons or [], progress))
     except (TeacherError, StoreError) as e:
         _fail(str(e))
