@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 
@@ -31,6 +32,20 @@ def _run(queries: list[Query], teacher: OpenAITeacher, out: Path, **cfg: object)
             await teacher.aclose()
 
     return asyncio.run(go())
+
+
+def test_both_poles_of_one_trait_is_an_option_with_a_counted_reject_by_default(stub: StubServer, tmp_path: Path) -> None:
+    """The paper does not state "never both poles of one trait": by default such replies are counted
+    'both_poles' rejects; --allow-both-poles keeps them as records (and a resume must agree)."""
+    qs = [Query("q [bothpoles]", "test"), Query("How do I fix a flat tyre?", "test")]
+    strict = _run(qs, OpenAITeacher("stub", base_url=stub.base_url, max_in_flight=2), tmp_path / "strict", concurrency=2)
+    assert (strict.records, dict(strict.reasons)) == (1, {"both_poles": 1})
+    kept = _run(qs, OpenAITeacher("stub", base_url=stub.base_url, max_in_flight=2), tmp_path / "kept", concurrency=2, allow_both_poles=True)
+    assert kept.records == 2 and not kept.reasons
+    rec = next(r for r in lines(tmp_path / "kept", "records") if r["query"] == "q [bothpoles]")
+    assert any(rec["p"][2 * t] and rec["p"][2 * t + 1] for t in range(5))  # high and low of one trait
+    assert json.loads((tmp_path / "kept" / "run.json").read_text())["allow_both_poles"] is True
+    assert "allow_both_poles" not in json.loads((tmp_path / "strict" / "run.json").read_text())
 
 
 def test_well_formed_malformed_and_failing_replies(stub: StubServer, tmp_path: Path) -> None:

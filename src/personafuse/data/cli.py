@@ -54,6 +54,8 @@ def generate(
     batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
     constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (the default for the embedded teacher only) or the full chain of thought parsed from free text (the default for every other teacher).")] = None,
     single_call: Annotated[bool, typer.Option(help="Free mode: all three steps in one request.")] = False,
+    allow_both_poles: Annotated[bool, typer.Option(help="Keep replies that activate both poles of one trait (the paper does not say; by default they are 'both_poles' rejects).")] = False,
+    poles_per_cue: Annotated[int, typer.Option(help="Constrained mode: at most this many poles per cue.")] = 2,
     max_new_tokens: Annotated[int | None, typer.Option(help="Token limit for the response step.")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
     shuffle: Annotated[bool, typer.Option(help="Shuffle the seed set or file before --limit (Hub sources always sample).")] = False,
@@ -99,6 +101,8 @@ def generate(
     cfg = PipelineConfig(
         mode=mode,
         constrained=is_constrained,
+        allow_both_poles=allow_both_poles,
+        poles_per_cue=poles_per_cue,
         single_call=single_call,
         concurrency=concurrency,
         response_tokens=max_new_tokens or (LOCAL_RESPONSE_TOKENS if local else 1024),

@@ -59,6 +59,9 @@ class PipelineConfig:
     response_tokens: int = 1024
     temperature: float = 0.0
     poles_per_cue: int = 2  # constrained mode: at most this many poles per cue
+    # Rules the paper does not state, with our defaults: a record may not activate both poles of one
+    # trait (such replies are counted as "both_poles" rejects); True keeps them.
+    allow_both_poles: bool = False
     trim_truncated: bool = False  # cut a length-truncated answer at its last full sentence
     max_consecutive_errors: int = 50  # abort when the teacher keeps failing (server down)
     repetition_penalty: float = 1.0  # passed to local teachers
@@ -77,6 +80,8 @@ class PipelineConfig:
             "prompt_version": prompts.PROMPT_VERSION,
             "constrained": self.constrained if self.mode == "persona_cot" else False,
             "single_call": self.single_call if self.mode == "persona_cot" else False,
+            # only when set, so that folders written before the option existed still resume
+            **({"allow_both_poles": True} if self.allow_both_poles and self.mode == "persona_cot" else {}),
         }
 
 
@@ -200,7 +205,7 @@ class PersonaCoT:
         cues = parse_cues(c1.text)
         c2 = await self._ask(ctx, "traits", prompts.traits_messages(q.text, cues.social, cues.task), self.cfg.traits_tokens)
         choice = parse_traits(c2.text)
-        p = choice.p
+        p = activation_from_poles(choice.poles, allow_both_poles=self.cfg.allow_both_poles)
         c3 = await self._ask(ctx, "response", prompts.response_messages(q.text, cues.social, cues.task, choice.triples()),
                              self.cfg.response_tokens)
         parts = parse_response(c3.text)
@@ -211,7 +216,7 @@ class PersonaCoT:
         c = await self._ask(ctx, "response", prompts.single_call_messages(q.text),
                             self.cfg.cue_tokens + self.cfg.traits_tokens + self.cfg.response_tokens)
         full = parse_full(c.text)
-        p = full.traits.p
+        p = activation_from_poles(full.traits.poles, allow_both_poles=self.cfg.allow_both_poles)
         response, rationale = self._finish(c, full.parts, asked_rationale=True)
         return self._persona_part(full.cues.social, full.cues.task, full.traits, p, response, rationale)
 
@@ -265,7 +270,7 @@ class PersonaCoT:
             social=[(p, f"calibrated log-likelihood {cal_soc[TRAIT_POLES.index(p)]:+.3f}") for p in soc_poles],
             task=[(p, f"calibrated log-likelihood {cal_task[TRAIT_POLES.index(p)]:+.3f}") for p in task_poles],
         )
-        p = activation_from_poles(choice.poles)
+        p = activation_from_poles(choice.poles, allow_both_poles=self.cfg.allow_both_poles)
 
         poles = choice.poles
         c3 = await self._ask(ctx, "response", prompts.local_response_messages(q.text, social, task, poles),

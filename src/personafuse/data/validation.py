@@ -47,8 +47,9 @@ class Rejection(Exception):
         self.ctx = ctx  # the pipeline attaches raw teacher text and timings here
 
 
-def activation_from_poles(poles: Iterable[str]) -> list[int]:
-    """``p`` from pole spellings; rejects unknown poles, an empty set and both poles of one trait."""
+def activation_from_poles(poles: Iterable[str], *, allow_both_poles: bool = False) -> list[int]:
+    """``p`` from pole spellings; rejects unknown poles, an empty set and (unless
+    ``allow_both_poles``: the paper does not state the rule) both poles of one trait."""
     canon: list[str] = []
     for pole in poles:
         try:
@@ -58,7 +59,7 @@ def activation_from_poles(poles: Iterable[str]) -> list[int]:
     p = vector_from_poles(canon)
     if not any(p):
         raise Rejection(ALL_ZERO, "no pole activated")
-    if both := both_poles(p):
+    if not allow_both_poles and (both := both_poles(p)):
         raise Rejection(BOTH_POLES, f"both poles of {TRAIT_NAMES[both[0]]} activated")
     return p
 
