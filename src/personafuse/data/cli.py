@@ -161,6 +161,25 @@ async def _run(queries: list[Query], teacher: Teacher, store: ShardStore, cfg: P
 
 
 @app.command()
+def relabel(
+    src: Annotated[Path, typer.Argument(help="Records folder (records-*.jsonl) or one records file.")],
+    out: Annotated[Path, typer.Option("--out", help="New folder for the relabelled records (must not hold records).")],
+    labeller: Annotated[str, typer.Option(help="tat: the paper's Table 1 task matched to each query by the embedded sentence encoder.")] = "tat",
+    min_similarity: Annotated[float, typer.Option(help="Queries whose best cosine to a Table 1 task is below this keep the teacher's labels.")] = 0.0,
+) -> None:
+    """Give every record a new activation vector from another labeller; the teacher's stays in `raw`."""
+    from personafuse.data.tat_labeller import TATLabeller, relabel_records
+
+    if labeller != "tat":
+        _fail(f"--labeller {labeller!r}: the only labeller is 'tat'")
+    try:
+        summary = relabel_records(src, out, TATLabeller(), min_similarity=min_similarity)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
 def stats(
     folder: Annotated[Path, typer.Argument(help="A generate --out folder.")],
     png: Annotated[Path | None, typer.Option(help="Heat map path (default FOLDER/stats.png).")] = None,
