@@ -1,0 +1,165 @@
+"""One config for the whole experiment: which teacher writes the data, which variants are trained
+and evaluated on which benchmarks, with which seeds. YAML on disk; ``--set a.b=VALUE`` overrides
+any field by its dotted key (the value read as YAML: ``--set seeds=[0,1,2]``). Every mistake is
+reported with the field it is in, before any work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The paper's Table 3 rows, in its order.
+VARIANTS: tuple[str, ...] = (
+    "base",  # the base model, no training
+    "direct_ft",  # SFT on Direct data
+    "human_like_ft",  # SFT on Human-like data
+    "pcot_ft",  # SFT on Persona-CoT data, no experts
+    "pcot_prompting",  # no training: the three steps at inference
+    "random_route_1",
+    "random_route_2",
+    "random_route_5",  # the PersonaFuse pipeline with k random experts instead of the router
+    "personafuse",
+)
+# The records each trained variant learns from (data modes of ``personafuse data generate``).
+TRAINING_DATA: dict[str, str] = {
+    "direct_ft": "direct",
+    "human_like_ft": "human_like",
+    "pcot_ft": "persona_cot",
+    "random_route_1": "persona_cot",
+    "random_route_2": "persona_cot",
+    "random_route_5": "persona_cot",
+    "personafuse": "persona_cot",
+}
+BASELINE_KIND = {"direct_ft": "direct", "human_like_ft": "human_like", "pcot_ft": "cot_sft"}
+
+
+class ConfigError(ValueError):
+    """A bad reproduce config; the message names the field (dotted) and the file."""
+
+
+@dataclass
+class TeacherConfig:
+    spec: str = "default"  # default | hf:ID | openai:MODEL | vllm:ID
+    base_url: str | None = None
+    constrained: bool | None = None  # None: the teacher's default (personafuse data generate)
+
+
+@dataclass
+class DataConfig:
+    source: str = "seeds"
+    limit: int = 24
+    seed: int = 0
+    labeller: str = "teacher"  # or "tat": relabel with the paper's Table 1 (personafuse data relabel)
+
+
+@dataclass
+class EvalConfig:
+    benchmarks: list[str] = field(default_factory=lambda: ["emobench", "eqbench", "tombench"])
+    data: str | None = None
+    limit: int | None = 8
+    judge: str | None = None
+    reasoning_tokens: int = 512  # Persona-CoT prompting's budget before the answer
+
+
+@dataclass
+class ReproduceConfig:
+    model: str = "default"  # the base model every variant starts from
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: str | None = None  # a training config file (personafuse train --config); None: the paper's
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+    def validate(self, where: str = "config") -> ReproduceConfig:
+        from personafuse.evaluation.benchmarks import ALIASES, BENCHMARKS
+
+        def bad(key: str, msg: str) -> ConfigError:
+            return ConfigError(f"{where}: {key}: {msg}")
+
+        if not isinstance(self.teacher.spec, str) or not self.teacher.spec.strip():
+            raise bad("teacher.spec", "a teacher is required (default, hf:ID, openai:MODEL or vllm:ID)")
+        if self.teacher.spec.split(":", 1)[0] not in ("default", "hf", "openai", "vllm"):
+            raise bad("teacher.spec", f"unknown teacher {self.teacher.spec!r}; use default, hf:ID, openai:MODEL or vllm:ID")
+        if not self.variants:
+            raise bad("variants", "at least one variant")
+        for i, v in enumerate(self.variants):
+            if v not in VARIANTS:
+                raise bad(f"variants[{i}]", f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+        for i, b in enumerate(self.eval.benchmarks):
+            if ALIASES.get(str(b).lower(), str(b).lower()) not in BENCHMARKS:
+                raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
+        for key, value, low in (("data.limit", self.data.limit, 1), ("eval.limit", self.eval.limit, 1), ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0)):
+            if value is None and key == "eval.limit":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise bad(key, f"an integer >= {low}, got {value!r}")
+        if self.data.labeller not in ("teacher", "tat"):
+            raise bad("data.labeller", f"{self.data.labeller!r}; use teacher or tat")
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise bad("seeds", f"a list of integers, got {self.seeds!r}")
+        if self.train is not None and not Path(self.train).is_file():
+            raise bad("train", f"training config {self.train!r} does not exist")
+        return self
+
+    # ---- reading --------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> ReproduceConfig:
+        return _build(cls, data, where, "").validate(where)
+
+    @classmethod
+    def load(cls, path: str | Path | None, sets: list[str] | None = None) -> ReproduceConfig:
+        """The config in ``path`` (None: the defaults) with ``--set KEY=VALUE`` overrides applied."""
+        import yaml
+
+        where = str(path) if path else "defaults"
+        data: Any = {}
+        if path:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"{p}: no such config file")
+            try:
+                data = yaml.safe_load(p.read_text()) or {}
+            except yaml.YAMLError as e:  # carries the line and column
+                raise ConfigError(f"{p}: invalid YAML: {e}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{p}: expected a mapping at the top level")
+        for item in sets or []:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. eval.limit=8")
+            _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, f"--set {item!r}")
+        return cls.from_dict(data, where if not sets else f"{where} with --set")
+
+
+def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"{where}: {prefix}{key}: unknown field; known: {', '.join(fields)}")
+        sub = _NESTED.get((cls, key))
+        kwargs[key] = _build(sub, value, where, f"{prefix}{key}.") if sub else value
+    return cls(**kwargs)
+
+
+_NESTED: dict[tuple[type, str], type] = {
+    (ReproduceConfig, "teacher"): TeacherConfig,
+    (ReproduceConfig, "data"): DataConfig,
+    (ReproduceConfig, "eval"): EvalConfig,
+}
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any, what: str) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{what}: {part} is not a section")
+        node = nxt
+    node[parts[-1]] = value

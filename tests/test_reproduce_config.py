@@ -1,0 +1,85 @@
+"""The experiment grid's config and plan (issue 20): YAML plus --set overrides, errors that name
+the field before any work starts, and the cells each config runs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from personafuse.reproduce.config import VARIANTS, ConfigError, ReproduceConfig
+from personafuse.reproduce.plan import estimate, plan
+
+
+def test_defaults_are_the_papers_grid():
+    cfg = ReproduceConfig.load(None)
+    assert cfg.variants == list(VARIANTS) and cfg.seeds == [0] and cfg.teacher.spec == "default"
+
+
+def test_yaml_and_dotted_overrides(tmp_path: Path):
+    f = tmp_path / "grid.yaml"
+    f.write_text("teacher:\n  spec: openai:falcon\n  base_url: http://h:8000/v1\neval:\n  benchmarks: [gsm8k]\n")
+    cfg = ReproduceConfig.load(f, ["eval.limit=3", "seeds=[0,1,2]", "variants=[direct_ft, personafuse]", "data.labeller=tat"])
+    assert (cfg.teacher.spec, cfg.teacher.base_url) == ("openai:falcon", "http://h:8000/v1")
+    assert (cfg.eval.benchmarks, cfg.eval.limit, cfg.seeds) == (["gsm8k"], 3, [0, 1, 2])
+    assert cfg.variants == ["direct_ft", "personafuse"] and cfg.data.labeller == "tat"
+
+
+@pytest.mark.parametrize(
+    ("sets", "field"),
+    [
+        (["variants=[base, random_route_3]"], "variants[1]"),
+        (["eval.benchmarks=[gsm8k, mmlu]"], "eval.benchmarks[1]"),
+        (["teacher.spec="], "teacher.spec"),
+        (["teacher.spec=gpt4"], "teacher.spec"),
+        (["eval.limt=3"], "eval.limt"),
+        (["seeds=[0, x]"], "seeds"),
+        (["eval.limit=0"], "eval.limit"),
+        (["data.labeller=llm"], "data.labeller"),
+        (["train=nowhere.yaml"], "train"),
+        (["eval=3"], "eval"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, sets, field):
+    f = tmp_path / "grid.yaml"
+    f.write_text("seeds: [0]\n")
+    with pytest.raises(ConfigError, match=r"grid\.yaml.*: " + re.escape(field) + ":"):
+        ReproduceConfig.load(f, sets)
+
+
+def test_yaml_errors_and_bad_set_syntax_name_the_file(tmp_path: Path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("eval: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad\.yaml: invalid YAML.*line 1"):
+        ReproduceConfig.load(f)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        ReproduceConfig.load(None, ["eval.limit"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        ReproduceConfig.load(tmp_path / "missing.yaml")
+
+
+def test_the_plan_runs_each_cell_after_what_it_needs(tmp_path: Path):
+    cfg = ReproduceConfig.load(None, ["seeds=[0,1]", "data.labeller=tat"])
+    cells = plan(cfg)
+    names = [c.name for c in cells]
+    assert names[:4] == ["data/persona_cot", "data/direct", "data/human_like", "relabel/persona_cot"]
+    for i, c in enumerate(cells):  # every dependency comes earlier
+        assert all(n in names[:i] for n in c.needs), c
+    trained = [c for c in cells if c.kind == "train"]
+    assert len(trained) == 7 * 2  # base and pcot_prompting train nothing
+    assert {c.needs for c in trained if "personafuse" in c.name or "random_route" in c.name} == {("relabel/persona_cot",)}
+    assert next(c for c in cells if c.name == "train/direct_ft/seed1").needs == ("data/direct",)
+    assert next(c for c in cells if c.name == "eval/base/seed0").needs == ()
+    assert cells[-1].name == "report" and len(cells[-1].needs) == len(VARIANTS) * 2
+    (tmp_path / "data/direct").mkdir(parents=True)
+    (tmp_path / "data/direct/done.json").write_text("{}")
+    assert [c.name for c in cells if c.done(tmp_path)] == ["data/direct"]
+
+
+def test_the_estimate_counts_requests_before_anything_runs():
+    cfg = ReproduceConfig.load(None, ["variants=[base, personafuse]", "eval.benchmarks=[tombench, arenahard]", "eval.limit=4", "data.limit=10"])
+    est = estimate(cfg)
+    assert est["teacher_requests"] == 3 * 10  # Persona-CoT data only: three steps per query
+    assert est["generations"] == (5 * 4 + 4) * 2  # ToMBench asks five times per item; two variants
+    assert est["judge_requests"] == 2 * 4 * 2 and est["eval_runs"] == 2
