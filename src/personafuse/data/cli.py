@@ -96,8 +96,7 @@ def generate(
     # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
     # letting queries finish (and the progress bar move) in waves.
     concurrency = concurrency or (2 * batch_size if local else 32)
-    is_constrained = default_constrained(teacher) if constrained is None else constrained
-    is_constrained = is_constrained and mode == "persona_cot"
+    is_constrained = mode == "persona_cot" and (default_constrained(teacher) if constrained is None else constrained)
     cfg = PipelineConfig(
         mode=mode,
         constrained=is_constrained,

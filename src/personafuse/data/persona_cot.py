@@ -205,7 +205,7 @@ class PersonaCoT:
         cues = parse_cues(c1.text)
         c2 = await self._ask(ctx, "traits", prompts.traits_messages(q.text, cues.social, cues.task), self.cfg.traits_tokens)
         choice = parse_traits(c2.text)
-        p = activation_from_poles(choice.poles, allow_both_poles=self.cfg.allow_both_poles)
+        p = self._activation(choice.poles)
         c3 = await self._ask(ctx, "response", prompts.response_messages(q.text, cues.social, cues.task, choice.triples()),
                              self.cfg.response_tokens)
         parts = parse_response(c3.text)
@@ -216,9 +216,13 @@ class PersonaCoT:
         c = await self._ask(ctx, "response", prompts.single_call_messages(q.text),
                             self.cfg.cue_tokens + self.cfg.traits_tokens + self.cfg.response_tokens)
         full = parse_full(c.text)
-        p = activation_from_poles(full.traits.poles, allow_both_poles=self.cfg.allow_both_poles)
+        p = self._activation(full.traits.poles)
         response, rationale = self._finish(c, full.parts, asked_rationale=True)
         return self._persona_part(full.cues.social, full.cues.task, full.traits, p, response, rationale)
+
+    def _activation(self, poles: list[str]) -> list[int]:
+        """``p`` for the chosen poles, under this run's rules (``allow_both_poles``)."""
+        return activation_from_poles(poles, allow_both_poles=self.cfg.allow_both_poles)
 
     @staticmethod
     def _persona_part(social: str, task: str, choice: TraitChoice, p: list[int], response: str,
@@ -270,7 +274,7 @@ class PersonaCoT:
             social=[(p, f"calibrated log-likelihood {cal_soc[TRAIT_POLES.index(p)]:+.3f}") for p in soc_poles],
             task=[(p, f"calibrated log-likelihood {cal_task[TRAIT_POLES.index(p)]:+.3f}") for p in task_poles],
         )
-        p = activation_from_poles(choice.poles, allow_both_poles=self.cfg.allow_both_poles)
+        p = self._activation(choice.poles)
 
         poles = choice.poles
         c3 = await self._ask(ctx, "response", prompts.local_response_messages(q.text, social, task, poles),

@@ -67,7 +67,7 @@ class TATLabeller:
         return out
 
 
-def relabel_records(src: Path, out: Path, labeller: TATLabeller, *, batch: int = 64, min_similarity: float = 0.0) -> dict[str, Any]:
+def relabel_records(src: Path, out: Path, labeller: TATLabeller, *, min_similarity: float = 0.0) -> dict[str, Any]:
     """Write every record of ``src`` (a records folder or file) to ``out/records-00000.jsonl`` with
     ``p`` (and ``traits``, ``trait_reasons``) from ``labeller``; the teacher's vector and the
     similarities go to ``raw``. A query whose best cosine is below ``min_similarity`` resembles no
@@ -81,9 +81,7 @@ def relabel_records(src: Path, out: Path, labeller: TATLabeller, *, batch: int =
     if out.exists() and any(out.glob("records-*.jsonl")):
         raise FileExistsError(f"{out} already holds records; relabel into a new folder")
     rows = [(f"{f}:{n}", row) for f in files for n, row in iter_lines(f)]
-    labels: list[TATLabel] = []
-    for i in range(0, len(rows), batch):
-        labels += labeller.label([str(row.get("query", "")) for _, row in rows[i : i + batch]])
+    labels = labeller.label([str(row.get("query", "")) for _, row in rows])  # the encoder batches
     lines, changed, kept = [], 0, 0
     for (where, row), lab in zip(rows, labels, strict=True):
         use = lab.similarity[lab.task] >= min_similarity

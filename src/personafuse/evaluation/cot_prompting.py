@@ -17,6 +17,7 @@ procedure needs a chat. The full reply is kept in each item record under ``perso
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Sequence
 from typing import Any
@@ -32,6 +33,7 @@ from personafuse.traits import TRAIT_POLES
 REASONING_TOKENS = 512
 
 
+@functools.cache
 def instruction() -> str:
     """The system text that asks for the three steps (its hash is recorded in results.json)."""
     menu = ", ".join(pole_label(p) for p in TRAIT_POLES)
@@ -120,11 +122,6 @@ class PersonaCoTPrompting:
                 "instruction_sha": hashlib.sha256(instruction().encode()).hexdigest()[:16],
             },
         }
-
-    def __getattr__(self, name: str) -> Any:  # route(), model, ... of the wrapped subject
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)
 
 
 def with_persona_cot(subject: Any, reasoning_tokens: int | None) -> Any:

@@ -91,9 +91,10 @@ class ReproduceConfig:
         for i, b in enumerate(self.eval.benchmarks):
             if ALIASES.get(str(b).lower(), str(b).lower()) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
-        for key, value, low in (("data.limit", self.data.limit, 1), ("eval.limit", self.eval.limit, 1), ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0)):
-            if value is None and key == "eval.limit":
-                continue
+        counts = [("data.limit", self.data.limit, 1), ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0)]
+        if self.eval.limit is not None:  # None: every item
+            counts.append(("eval.limit", self.eval.limit, 1))
+        for key, value, low in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(key, f"an integer >= {low}, got {value!r}")
         if self.data.labeller not in ("teacher", "tat"):
