@@ -4,6 +4,7 @@ each sequence gets k random experts at 1/k, only the experts training."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -98,6 +99,24 @@ def test_the_pipeline_runs_warmup_then_joint_and_no_router_stage(tmp_path):
     assert any(not torch.equal(p, w[n]) for n, p in j.items() if ".lora_" in n)
     with pytest.raises(ValueError, match="random_route.*no router stage"):
         train(tc, "router")
+
+
+def test_the_warmup_does_not_depend_on_random_route(tmp_path):
+    """Why ``personafuse reproduce`` trains the warm-up once and copies it to Random Route k: the
+    stage reads neither the router nor the routing, so the experts come out the same."""
+    from personafuse import PersonaFuseModel
+
+    tiny = build_tiny(tmp_path)
+    _records(tmp_path, n=24)
+    small = StageConfig(steps=3, batch_size=2, lr=1e-2, micro_batch_size=4)
+    models = []
+    for k in (0, 2):
+        tc = dataclasses.replace(_tc(tmp_path, model=tiny.config, random_route=k, warmup=small), out=str(tmp_path / f"k{k}"))
+        models.append(PersonaFuseModel.from_pretrained(train(tc, "warmup")))
+    a, b = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    assert any(p.abs().sum() > 0 for n, p in a.items() if "lora_B" in n)  # it trained (a fresh B is zero)
+    for n, p in a.items():
+        torch.testing.assert_close(p, b[n], rtol=0, atol=0, msg=n)
 
 
 @pytest.mark.parametrize("bad", [11, -1, "2", True, 1.5])

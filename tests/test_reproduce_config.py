@@ -39,6 +39,9 @@ def test_yaml_and_dotted_overrides(tmp_path: Path):
         (["data.labeller=llm"], "data.labeller"),
         (["train=nowhere.yaml"], "train"),
         (["eval=3"], "eval"),
+        (["data.source=[]"], "data.source"),
+        (["eval.options=[1]"], "eval.options"),
+        (["data.labeller=both", "variants=[personafuse_tat]"], "variants[0]"),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, sets, field):
@@ -63,18 +66,49 @@ def test_the_plan_runs_each_cell_after_what_it_needs(tmp_path: Path):
     cfg = ReproduceConfig.load(None, ["seeds=[0,1]", "data.labeller=tat"])
     cells = plan(cfg)
     names = [c.name for c in cells]
-    assert names[:4] == ["data/persona_cot", "data/direct", "data/human_like", "relabel/persona_cot"]
+    assert names[:5] == ["queries", "data/persona_cot", "data/direct", "data/human_like", "relabel/persona_cot"]
     for i, c in enumerate(cells):  # every dependency comes earlier
         assert all(n in names[:i] for n in c.needs), c
     trained = [c for c in cells if c.kind == "train"]
     assert len(trained) == 7 * 2  # base and pcot_prompting train nothing
-    assert {c.needs for c in trained if "personafuse" in c.name or "random_route" in c.name} == {("relabel/persona_cot",)}
+    assert next(c for c in cells if c.name == "train/personafuse/seed1").needs == ("relabel/persona_cot",)
+    # Random Route k reuses PersonaFuse's warm-up experts (tests/test_random_route.py: they are the same)
+    assert next(c for c in cells if c.name == "train/random_route_2/seed1").needs == ("relabel/persona_cot", "train/personafuse/seed1")
     assert next(c for c in cells if c.name == "train/direct_ft/seed1").needs == ("data/direct",)
     assert next(c for c in cells if c.name == "eval/base/seed0").needs == ()
-    assert cells[-1].name == "report" and len(cells[-1].needs) == len(VARIANTS) * 2
+    assert [c.name for c in cells if c.kind == "replies"] == [f"replies/{v}/seed0" for v in VARIANTS]  # first seed only
+    assert cells[-1].name == "report" and len(cells[-1].needs) == len(VARIANTS) * 3
     (tmp_path / "data/direct").mkdir(parents=True)
     (tmp_path / "data/direct/done.json").write_text("{}")
     assert [c.name for c in cells if c.done(tmp_path)] == ["data/direct"]
+
+
+def test_both_labellers_add_a_tat_personafuse_on_personafuses_warmup():
+    cfg = ReproduceConfig.load(None, ["data.labeller=both", "variants=[direct_ft, random_route_1, personafuse]"])
+    cells = {c.name: c for c in plan(cfg)}
+    assert cells["train/personafuse/seed0"].needs == ("data/persona_cot",)  # the teacher's labels
+    assert cells["train/personafuse_tat/seed0"].needs == ("relabel/persona_cot", "train/personafuse/seed0")
+    assert cfg.all_variants() == ["direct_ft", "random_route_1", "personafuse", "personafuse_tat"]
+    with pytest.raises(ConfigError, match="variants\\[0\\]"):  # it is not a variant one lists
+        ReproduceConfig.load(None, ["variants=[personafuse_tat]"])
+
+
+def test_commands_are_the_projects_own(tmp_path: Path):
+    from personafuse.reproduce.run import command
+
+    cfg = ReproduceConfig.load(None, ["teacher.spec=openai:falcon", "teacher.base_url=http://h/v1", "eval.options={tombench: {max_new_tokens: 32}}",
+                                      "train_launcher=accelerate launch --multi_gpu --num_processes 8", "data.source=[seeds, wildchat]"])
+    cells = {c.name: c for c in plan(cfg)}
+    assert command(cfg, cells["data/persona_cot"]) == [
+        "personafuse", "data", "generate", "--out", "data/persona_cot", "--teacher", "openai:falcon", "--source",
+        "file:queries/train.jsonl", "--mode", "persona_cot", "--seed", "0", "--no-progress", "--base-url", "http://h/v1"]
+    assert command(cfg, cells["train/random_route_5/seed0"])[:6] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "8", "-m"]
+    assert command(cfg, cells["train/random_route_5/seed0"])[-2:] == ["--random-route", "5"]
+    ev = command(cfg, cells["eval/random_route_2/seed0"])
+    assert ev[-2:] == ["--routing", "random:2"] and "tombench.max_new_tokens=32" in ev
+    assert "--persona-cot-prompting" in command(cfg, cells["eval/pcot_prompting/seed0"])
+    assert command(cfg, cells["eval/direct_ft/seed0"])[3] == "lora:train/direct_ft/seed0/baseline-direct/adapter"
+    assert command(cfg, cells["queries"])[:3] == ["split", "seeds", "wildchat"]
 
 
 def test_the_estimate_counts_requests_before_anything_runs():

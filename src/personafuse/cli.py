@@ -30,6 +30,9 @@ def _register() -> None:
     from personafuse.serving.cli import register as register_serving
 
     register_serving(app)
+    from personafuse.reproduce.cli import register as register_reproduce
+
+    register_reproduce(app)
 
 
 def main() -> None:

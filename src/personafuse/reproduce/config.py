@@ -33,6 +33,24 @@ TRAINING_DATA: dict[str, str] = {
     "personafuse": "persona_cot",
 }
 BASELINE_KIND = {"direct_ft": "direct", "human_like_ft": "human_like", "pcot_ft": "cot_sft"}
+# With ``data.labeller: both``: PersonaFuse again, its router and joint stages retrained on the TAT
+# labeller's vectors (the warm-up experts reused), for the router analysis under both labellings.
+TAT_VARIANT = "personafuse_tat"
+TRAINING_DATA[TAT_VARIANT] = "persona_cot"
+# How the report names each variant (the paper's Table 3 wording).
+TITLES = {
+    "base": "Base",
+    "direct_ft": "Direct-FT",
+    "human_like_ft": "Human-like-FT",
+    "pcot_ft": "Persona-CoT-FT",
+    "pcot_prompting": "Persona-CoT prompting",
+    "random_route_1": "Random Route 1",
+    "random_route_2": "Random Route 2",
+    "random_route_5": "Random Route 5",
+    "personafuse": "PersonaFuse",
+    TAT_VARIANT: "PersonaFuse (TAT labels)",
+}
+LABELLERS = ("teacher", "tat", "both")
 
 
 class ConfigError(ValueError):
@@ -44,14 +62,19 @@ class TeacherConfig:
     spec: str = "default"  # default | hf:ID | openai:MODEL | vllm:ID
     base_url: str | None = None
     constrained: bool | None = None  # None: the teacher's default (personafuse data generate)
+    max_new_tokens: int | None = None  # the response step's limit (None: the command's default)
 
 
 @dataclass
 class DataConfig:
-    source: str = "seeds"
-    limit: int = 24
-    seed: int = 0
-    labeller: str = "teacher"  # or "tat": relabel with the paper's Table 1 (personafuse data relabel)
+    # a query source of `personafuse data generate --source`, or a list of them (mixed in turn)
+    source: str | list[str] = "seeds"
+    limit: int = 24  # training queries (the same ones for every data mode)
+    heldout: int = 2  # situation queries per situation kept out of training (router analysis, pairs)
+    seed: int = 0  # shuffles the source before the split
+    # teacher: the teacher's activation vectors; tat: the PersonaFuse pipeline learns from the TAT
+    # labeller's (personafuse data relabel); both: the teacher's, plus a personafuse_tat variant
+    labeller: str = "teacher"
 
 
 @dataclass
@@ -59,8 +82,27 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["emobench", "eqbench", "tombench"])
     data: str | None = None
     limit: int | None = 8
-    judge: str | None = None
+    judge: str | None = None  # for arenahard / mentalchat: openai:MODEL, hf:PATH, default
+    judge_base_url: str | None = None
+    # per-benchmark protocol options, as `personafuse eval -o BENCH.KEY=VALUE` (recorded in results)
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     reasoning_tokens: int = 512  # Persona-CoT prompting's budget before the answer
+    batch_size: int = 8
+    reply_tokens: int = 256  # replies to the held-out queries (the pairwise study's file)
+    threads: int | None = None  # torch CPU threads per cell (None: torch's default)
+
+
+@dataclass
+class ProbeConfig:
+    """The encoder probing of the paper's Table 6 (``personafuse probe``); off without a dataset."""
+
+    # clinc150 | clinc150-intents | emotion | ecommerce | a local CSV/JSONL | seeds (the bundled
+    # seed queries by situation: offline, but the router saw data.limit of them in training)
+    dataset: str | None = None
+    data: str | None = None  # a local copy of a preset (nothing is downloaded unless the Hub is reachable)
+    text_field: str | None = None  # columns of a local file
+    label_field: str | None = None
+    limit: int | None = 2000
 
 
 @dataclass
@@ -69,9 +111,18 @@ class ReproduceConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: str | None = None  # a training config file (personafuse train --config); None: the paper's
+    # how training cells start on several GPUs, e.g. "accelerate launch --multi_gpu --num_processes 8"
+    # (the cell runs `LAUNCHER -m personafuse.cli train ...`); None: one process
+    train_launcher: str | None = None
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     eval: EvalConfig = field(default_factory=EvalConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+
+    def all_variants(self) -> list[str]:
+        """The configured variants plus the ones the labeller adds, in report order."""
+        extra = [TAT_VARIANT] if self.data.labeller == "both" else []
+        return [*self.variants, *extra]
 
     def validate(self, where: str = "config") -> ReproduceConfig:
         from personafuse.evaluation.benchmarks import ALIASES, BENCHMARKS
@@ -86,19 +137,26 @@ class ReproduceConfig:
         if not self.variants:
             raise bad("variants", "at least one variant")
         for i, v in enumerate(self.variants):
-            if v not in VARIANTS:
+            if v not in VARIANTS:  # personafuse_tat comes with data.labeller: both
                 raise bad(f"variants[{i}]", f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
         for i, b in enumerate(self.eval.benchmarks):
             if ALIASES.get(str(b).lower(), str(b).lower()) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
-        counts = [("data.limit", self.data.limit, 1), ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0)]
+        counts = [("data.limit", self.data.limit, 1), ("data.heldout", self.data.heldout, 0),
+                  ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0), ("eval.batch_size", self.eval.batch_size, 1),
+                  ("eval.reply_tokens", self.eval.reply_tokens, 1)]
         if self.eval.limit is not None:  # None: every item
             counts.append(("eval.limit", self.eval.limit, 1))
         for key, value, low in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(key, f"an integer >= {low}, got {value!r}")
-        if self.data.labeller not in ("teacher", "tat"):
-            raise bad("data.labeller", f"{self.data.labeller!r}; use teacher or tat")
+        srcs = [self.data.source] if isinstance(self.data.source, str) else self.data.source
+        if not isinstance(srcs, list) or not srcs or not all(isinstance(x, str) and x.strip() for x in srcs):
+            raise bad("data.source", f"a query source or a list of them, got {self.data.source!r}")
+        if not isinstance(self.eval.options, dict) or not all(isinstance(v, dict) for v in self.eval.options.values()):
+            raise bad("eval.options", "a mapping of benchmark -> {option: value}, e.g. {tombench: {max_new_tokens: 32}}")
+        if self.data.labeller not in LABELLERS:
+            raise bad("data.labeller", f"{self.data.labeller!r}; use {', '.join(LABELLERS)}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
             raise bad("seeds", f"a list of integers, got {self.seeds!r}")
         if self.train is not None and not Path(self.train).is_file():
@@ -152,6 +210,7 @@ _NESTED: dict[tuple[type, str], type] = {
     (ReproduceConfig, "teacher"): TeacherConfig,
     (ReproduceConfig, "data"): DataConfig,
     (ReproduceConfig, "eval"): EvalConfig,
+    (ReproduceConfig, "probe"): ProbeConfig,
 }
 
 

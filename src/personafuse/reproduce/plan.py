@@ -1,9 +1,9 @@
 """The cells of the experiment grid, in the order they run, and what is cached.
 
-data[mode] -> (relabel) -> train[variant, seed] -> eval[variant, seed] -> report. A cell's
-folder is ``OUT/<cell name>``; a cell is done when its ``done.json`` exists (written last), so a
-run killed at any point redoes at most the cell in progress. Untrained variants (``base``,
-``pcot_prompting``) have no train cell.
+queries -> data[mode] -> (relabel) -> train[variant, seed] -> eval[variant, seed] and
+replies[variant] -> report. A cell's folder is ``OUT/<cell name>``; a cell is done when its
+``done.json`` exists (written last), so a run killed at any point redoes at most the cell in
+progress. Untrained variants (``base``, ``pcot_prompting``) have no train cell.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personafuse.reproduce.config import TRAINING_DATA, ReproduceConfig
+from personafuse.reproduce.config import TAT_VARIANT, TRAINING_DATA, ReproduceConfig
 
 DATA_MODES = ("persona_cot", "direct", "human_like")
 # Generations per evaluated item (ToMBench asks each item five times, options shuffled).
@@ -21,38 +21,61 @@ ASKS_PER_ITEM = {"tombench": 5}
 JUDGE_CALLS_PER_ITEM = {"arenahard": 2, "mentalchat": 1}
 # Teacher requests per query: the three Persona-CoT steps (free mode), one for the baselines.
 TEACHER_CALLS_PER_QUERY = {"persona_cot": 3, "direct": 1, "human_like": 1}
+QUERIES = "queries"
 
 
 @dataclass(frozen=True)
 class Cell:
-    kind: str  # data | relabel | train | eval | report
+    kind: str  # queries | data | relabel | train | eval | replies | report
     name: str  # its folder under OUT, e.g. "train/personafuse/seed0"
     needs: tuple[str, ...] = ()
 
     def done(self, out: Path) -> bool:
         return (out / self.name / "done.json").is_file()
 
+    @property
+    def variant(self) -> str:
+        return self.name.split("/")[1]
+
+    @property
+    def seed(self) -> int:
+        return int(self.name.rsplit("seed", 1)[1])
+
 
 def plan(cfg: ReproduceConfig) -> list[Cell]:
     """Every cell of ``cfg``'s grid, each after the cells it needs."""
-    modes = [m for m in DATA_MODES if any(TRAINING_DATA.get(v) == m for v in cfg.variants)]
-    cells = [Cell("data", f"data/{m}") for m in modes]
+    variants = cfg.all_variants()
+    modes = [m for m in DATA_MODES if any(TRAINING_DATA.get(v) == m for v in variants)]
+    cells = [Cell("queries", QUERIES)] + [Cell("data", f"data/{m}", (QUERIES,)) for m in modes]
     source = {m: f"data/{m}" for m in modes}
-    if cfg.data.labeller == "tat" and "persona_cot" in modes:
+    tat_source = source.get("persona_cot")
+    if cfg.data.labeller in ("tat", "both") and "persona_cot" in modes:
         cells.append(Cell("relabel", "relabel/persona_cot", ("data/persona_cot",)))
-        source["persona_cot"] = "relabel/persona_cot"
-    evals = []
+        tat_source = "relabel/persona_cot"
+        if cfg.data.labeller == "tat":
+            source["persona_cot"] = tat_source
+    evals, replies = [], []
     for seed in cfg.seeds:
-        for v in cfg.variants:
-            needs: tuple[str, ...] = ()
-            if v in TRAINING_DATA:
-                train = Cell("train", f"train/{v}/seed{seed}", (source[TRAINING_DATA[v]],))
-                cells.append(train)
-                needs = (train.name,)
+        # PersonaFuse trains first: the variants that share its warm-up experts copy them
+        for v in sorted((v for v in variants if v in TRAINING_DATA), key=lambda v: v != "personafuse"):
+            data = tat_source if v == TAT_VARIANT else source[TRAINING_DATA[v]]
+            warm = (f"train/personafuse/seed{seed}",) if shares_warmup(v) and "personafuse" in variants else ()
+            cells.append(Cell("train", f"train/{v}/seed{seed}", (data, *warm)))  # type: ignore[arg-type]
+        for v in variants:
+            needs = (f"train/{v}/seed{seed}",) if v in TRAINING_DATA else ()
             evals.append(Cell("eval", f"eval/{v}/seed{seed}", needs))
-    cells += evals
-    cells.append(Cell("report", "report", tuple(c.name for c in evals)))
+            if seed == cfg.seeds[0]:  # one set of replies per variant for the pairwise study
+                replies.append(Cell("replies", f"replies/{v}/seed{seed}", (QUERIES, *needs)))
+    cells += evals + replies
+    cells.append(Cell("report", "report", tuple(c.name for c in evals + replies)))
     return cells
+
+
+def shares_warmup(variant: str) -> bool:
+    """Random Route k and the TAT-labelled PersonaFuse start from PersonaFuse's warm-up experts: the
+    warm-up reads neither the router nor the routing (the same records, seed and steps give the
+    same experts), so it is trained once per seed instead of five times."""
+    return variant == TAT_VARIANT or variant.startswith("random_route_")
 
 
 def estimate(cfg: ReproduceConfig) -> dict[str, Any]:
@@ -60,9 +83,22 @@ def estimate(cfg: ReproduceConfig) -> dict[str, Any]:
     judge requests for the evaluation (items per benchmark = ``eval.limit``; None: "all")."""
     modes = {c.name.split("/")[1] for c in plan(cfg) if c.kind == "data"}
     teacher = sum(TEACHER_CALLS_PER_QUERY[m] * cfg.data.limit for m in modes)
-    runs = len(cfg.variants) * len(cfg.seeds)
+    runs = len(cfg.all_variants()) * len(cfg.seeds)
+    replies = len(cfg.all_variants()) * cfg.data.heldout * situation_count(cfg)
     if cfg.eval.limit is None:
-        return {"teacher_requests": teacher, "generations": "all items", "judge_requests": "all items", "eval_runs": runs}
+        return {"teacher_requests": teacher, "generations": "all items", "judge_requests": "all items", "eval_runs": runs,
+                "reply_generations": replies}
     gen = sum(ASKS_PER_ITEM.get(b, 1) * cfg.eval.limit for b in cfg.eval.benchmarks) * runs
     judge = sum(JUDGE_CALLS_PER_ITEM.get(b, 0) * cfg.eval.limit for b in cfg.eval.benchmarks) * runs
-    return {"teacher_requests": teacher, "generations": gen, "judge_requests": judge, "eval_runs": runs}
+    return {"teacher_requests": teacher, "generations": gen, "judge_requests": judge, "eval_runs": runs,
+            "reply_generations": replies}
+
+
+def situation_count(cfg: ReproduceConfig) -> int:
+    """Situations in the query source (the bundled seeds: 12); 1 for sources that cannot be read
+    cheaply before the run (the estimate then counts one held-out group)."""
+    if "seeds" not in ([cfg.data.source] if isinstance(cfg.data.source, str) else cfg.data.source):
+        return 1
+    from personafuse.data.sources import seed_queries
+
+    return len({q.situation for q in seed_queries()})

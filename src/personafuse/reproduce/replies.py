@@ -1,0 +1,63 @@
+"""One variant's replies to the held-out situation queries: the pairwise study's input
+(``personafuse annotate serve`` reads one such file per system) and what the docs quote.
+
+Run by ``personafuse reproduce`` as its own process (``python -m personafuse.reproduce.replies``),
+like every cell that loads a model, so a crash or a kill takes no other cell's memory with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+
+def write_replies(model: str, queries: Path, out: Path, *, system: str, routing: str | None = None, seed: int = 0,
+                  batch_size: int = 8, max_new_tokens: int = 256, persona_cot: int | None = None) -> int:
+    """Greedy replies of ``model`` to every ``query`` in ``queries`` (JSONL with ``id``, ``query``,
+    ``situation``), written whole to ``out`` as annotation rows (``id``, ``prompt``, ``response``,
+    ``system``, ``task``, ``weights``). Returns the number of rows."""
+    from personafuse.evaluation.cot_prompting import with_persona_cot
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
+
+    rows = [json.loads(line) for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
+    subject = with_persona_cot(load_subject(model, SubjectOptions(routing=routing, seed=seed, batch_size=batch_size)), persona_cot)
+    gens = subject.generate([[{"role": "user", "content": r["query"]}] for r in rows], max_new_tokens=max_new_tokens, do_sample=False)
+    lines = [
+        json.dumps({"id": r["id"], "prompt": r["query"], "response": g.text, "system": system, "task": r.get("situation") or "all",
+                    "weights": g.weights}, ensure_ascii=False) + "\n"
+        for r, g in zip(rows, gens, strict=True)
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text("".join(lines), encoding="utf-8")
+    os.replace(tmp, out)
+    return len(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m personafuse.reproduce.replies", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", required=True, help="a --model spec (base, hf:, lora:, pf:)")
+    ap.add_argument("--queries", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--system", required=True, help="the variant's name in the pairs file")
+    ap.add_argument("--routing")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--persona-cot-prompting", action="store_true", help="the Persona-CoT prompting baseline")
+    ap.add_argument("--reasoning-tokens", type=int, default=512)
+    ap.add_argument("--threads", type=int)
+    a = ap.parse_args(argv)
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
+    n = write_replies(a.model, a.queries, a.out, system=a.system, routing=a.routing, seed=a.seed, batch_size=a.batch_size,
+                      max_new_tokens=a.max_new_tokens, persona_cot=a.reasoning_tokens if a.persona_cot_prompting else None)
+    print(f"wrote {n} replies to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
