@@ -117,3 +117,24 @@ def test_the_estimate_counts_requests_before_anything_runs():
     assert est["teacher_requests"] == 3 * 10  # Persona-CoT data only: three steps per query
     assert est["generations"] == (5 * 4 + 4) * 2  # ToMBench asks five times per item; two variants
     assert est["judge_requests"] == 2 * 4 * 2 and est["eval_runs"] == 2
+
+
+def test_the_split_holds_out_each_situation_and_mixes_sources_in_turn(tmp_path: Path):
+    import json
+
+    from personafuse.reproduce.run import split_queries
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps({"query": f"alpha {i}", "situation": ["maths", "grief"][i % 2]}) + "\n" for i in range(10)))
+    b.write_text("".join(json.dumps({"query": f"beta {i}"}) + "\n" for i in range(10)))  # no situations
+    cfg = ReproduceConfig.load(None, [f"data.source=[file:{a}, file:{b}]", "data.limit=8", "data.heldout=2"])
+    assert split_queries(cfg, tmp_path / "q") == {"train": 8, "heldout": 4}
+    held = [json.loads(x) for x in (tmp_path / "q/heldout.jsonl").read_text().splitlines()]
+    train = [json.loads(x) for x in (tmp_path / "q/train.jsonl").read_text().splitlines()]
+    assert sorted(r["situation"] for r in held) == ["grief", "grief", "maths", "maths"]
+    assert not {r["query"] for r in held} & {r["query"] for r in train}
+    # the sources take turns (alpha's first ones go to the held-out set: only alpha has situations)
+    assert {r["query"].split()[0] for r in train} == {"alpha", "beta"}
+    assert sum(r["query"].startswith("beta") for r in train) >= 4
+    with pytest.raises(Exception, match="data.limit: 30 training queries asked"):
+        split_queries(ReproduceConfig.load(None, [f"data.source=file:{a}", "data.limit=30"]), tmp_path / "q2")
