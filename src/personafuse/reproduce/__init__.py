@@ -1,2 +1,3 @@
-"""The paper's whole experiment as one grid (issue 20): its configuration (:mod:`.config`) and the
-cells it runs (:mod:`.plan`). Running the cells and writing the report are not built yet."""
+"""``personafuse reproduce``, the paper's whole experiment as one grid: its configuration
+(:mod:`.config`), the cells and their order (:mod:`.plan`), running them (:mod:`.run`, with
+:mod:`.replies` for the pairs file) and the report (:mod:`.report`)."""

@@ -23,6 +23,9 @@ VARIANTS: tuple[str, ...] = (
     "personafuse",
 )
 # The records each trained variant learns from (data modes of ``personafuse data generate``).
+# With ``data.labeller: both``: PersonaFuse again, its router and joint stages retrained on the TAT
+# labeller's vectors (the warm-up experts reused), for the router analysis under both labellings.
+TAT_VARIANT = "personafuse_tat"
 TRAINING_DATA: dict[str, str] = {
     "direct_ft": "direct",
     "human_like_ft": "human_like",
@@ -31,12 +34,9 @@ TRAINING_DATA: dict[str, str] = {
     "random_route_2": "persona_cot",
     "random_route_5": "persona_cot",
     "personafuse": "persona_cot",
+    TAT_VARIANT: "persona_cot",
 }
 BASELINE_KIND = {"direct_ft": "direct", "human_like_ft": "human_like", "pcot_ft": "cot_sft"}
-# With ``data.labeller: both``: PersonaFuse again, its router and joint stages retrained on the TAT
-# labeller's vectors (the warm-up experts reused), for the router analysis under both labellings.
-TAT_VARIANT = "personafuse_tat"
-TRAINING_DATA[TAT_VARIANT] = "persona_cot"
 # How the report names each variant (the paper's Table 3 wording).
 TITLES = {
     "base": "Base",
@@ -75,6 +75,11 @@ class DataConfig:
     # teacher: the teacher's activation vectors; tat: the PersonaFuse pipeline learns from the TAT
     # labeller's (personafuse data relabel); both: the teacher's, plus a personafuse_tat variant
     labeller: str = "teacher"
+
+    @property
+    def sources(self) -> list[str]:
+        """``source`` as a list (one spec or several)."""
+        return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
 @dataclass
@@ -125,7 +130,7 @@ class ReproduceConfig:
         return [*self.variants, *extra]
 
     def validate(self, where: str = "config") -> ReproduceConfig:
-        from personafuse.evaluation.benchmarks import ALIASES, BENCHMARKS
+        from personafuse.evaluation.benchmarks import BENCHMARKS, canonical_name
 
         def bad(key: str, msg: str) -> ConfigError:
             return ConfigError(f"{where}: {key}: {msg}")
@@ -140,7 +145,7 @@ class ReproduceConfig:
             if v not in VARIANTS:  # personafuse_tat comes with data.labeller: both
                 raise bad(f"variants[{i}]", f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
         for i, b in enumerate(self.eval.benchmarks):
-            if ALIASES.get(str(b).lower(), str(b).lower()) not in BENCHMARKS:
+            if canonical_name(str(b)) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
         counts = [("data.limit", self.data.limit, 1), ("data.heldout", self.data.heldout, 0),
                   ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0), ("eval.batch_size", self.eval.batch_size, 1),
@@ -150,8 +155,7 @@ class ReproduceConfig:
         for key, value, low in counts:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise bad(key, f"an integer >= {low}, got {value!r}")
-        srcs = [self.data.source] if isinstance(self.data.source, str) else self.data.source
-        if not isinstance(srcs, list) or not srcs or not all(isinstance(x, str) and x.strip() for x in srcs):
+        if not isinstance(self.data.source, str | list) or not self.data.sources or not all(isinstance(x, str) and x.strip() for x in self.data.sources):
             raise bad("data.source", f"a query source or a list of them, got {self.data.source!r}")
         if not isinstance(self.eval.options, dict) or not all(isinstance(v, dict) for v in self.eval.options.values()):
             raise bad("eval.options", "a mapping of benchmark -> {option: value}, e.g. {tombench: {max_new_tokens: 32}}")

@@ -97,7 +97,7 @@ def estimate(cfg: ReproduceConfig) -> dict[str, Any]:
 def situation_count(cfg: ReproduceConfig) -> int:
     """Situations in the query source (the bundled seeds: 12); 1 for sources that cannot be read
     cheaply before the run (the estimate then counts one held-out group)."""
-    if "seeds" not in ([cfg.data.source] if isinstance(cfg.data.source, str) else cfg.data.source):
+    if "seeds" not in cfg.data.sources:
         return 1
     from personafuse.data.sources import seed_queries
 

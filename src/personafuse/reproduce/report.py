@@ -24,16 +24,12 @@ from personafuse.reproduce.plan import QUERIES, Cell
 BASELINE = "direct_ft"  # the paper reports improvements relative to Direct-finetuned
 
 
-def _benchmark_name(cfg: ReproduceConfig) -> list[str]:
-    from personafuse.evaluation.benchmarks import ALIASES
-
-    return [ALIASES.get(b.lower(), b.lower()) for b in cfg.eval.benchmarks]
-
-
 def summarise(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """``{"variants": {NAME: {"benchmarks": {BENCH: score}, ...}}, "relative_improvement": {NAME:
     {BENCH: pct}}, ...}``: each score the mean over seeds of its ``results.json`` score."""
-    benches = _benchmark_name(cfg)
+    from personafuse.evaluation.benchmarks import canonical_name
+
+    benches = [canonical_name(b) for b in cfg.eval.benchmarks]
     variants: dict[str, Any] = {}
     for v in cfg.all_variants():
         per_seed: dict[str, list[float]] = {b: [] for b in benches}

@@ -2,8 +2,9 @@
 generate``, ``train``, ``train baseline``, ``eval``) in a child process, run in ``OUT`` with paths
 relative to it, its output appended to ``OUT/reproduce.log``. A cell is done when its
 ``done.json`` (the command it ran, a train cell's whole training config, seconds) exists; a done
-cell whose command or config changed, or whose input was redone, is cleared and redone. The commands resume themselves (records, checkpoints,
-evaluated items), so a run killed anywhere loses at most part of one cell.
+cell whose command or config changed, or whose input was redone, is cleared and redone. The
+commands resume themselves (records, checkpoints, evaluated items), so a run killed anywhere loses
+at most part of one cell.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def _absolute(value: str | None) -> str | None:
 def resolved(cfg: ReproduceConfig) -> ReproduceConfig:
     """``cfg`` with every local path absolute."""
     cfg = dataclasses.replace(cfg, model=_absolute(cfg.model) or cfg.model, train=_absolute(cfg.train))
-    sources = [_absolute(s) or s for s in ([cfg.data.source] if isinstance(cfg.data.source, str) else cfg.data.source)]
+    sources = [_absolute(s) or s for s in cfg.data.sources]
     cfg.data = dataclasses.replace(cfg.data, source=sources[0] if isinstance(cfg.data.source, str) else sources)
     cfg.eval = dataclasses.replace(cfg.eval, data=_absolute(cfg.eval.data))
     cfg.probe = dataclasses.replace(cfg.probe, data=_absolute(cfg.probe.data))
@@ -87,7 +88,7 @@ def mixed_sources(cfg: ReproduceConfig) -> list[Any]:
     ``data.limit``."""
     from personafuse.data.sources import ADAPTERS, load_source
 
-    specs = [cfg.data.source] if isinstance(cfg.data.source, str) else list(cfg.data.source)
+    specs = cfg.data.sources
     share = -(-cfg.data.limit // len(specs))
     lists = [load_source(s, shuffle=True, seed=cfg.data.seed, limit=share if s.split(":", 1)[0] in ADAPTERS else None)
              for s in specs]
@@ -112,8 +113,7 @@ def routing_of(variant: str) -> str | None:
 def command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
     """The command line a cell runs (``personafuse ...`` or ``python -m ...``), paths relative to OUT."""
     if cell.kind == "queries":
-        sources = [cfg.data.source] if isinstance(cfg.data.source, str) else list(cfg.data.source)
-        return ["split", *sources, f"limit={cfg.data.limit}", f"heldout={cfg.data.heldout}", f"seed={cfg.data.seed}"]
+        return ["split", *cfg.data.sources, f"limit={cfg.data.limit}", f"heldout={cfg.data.heldout}", f"seed={cfg.data.seed}"]
     if cell.kind == "data":
         return _data_command(cfg, cell.name.split("/")[1])
     if cell.kind == "relabel":
@@ -233,6 +233,7 @@ class Grid:
         self.cells = plan(self.cfg)
         self.console = console or Console(stderr=True)
         self.redone: set[str] = set()
+        self._inputs: dict[str, dict[str, Any]] = {}  # per cell; the config does not change during a run
 
     # ---- state ------------------------------------------------------------------------------
     def stored(self, cell: Cell) -> dict[str, Any] | None:
@@ -252,7 +253,10 @@ class Grid:
     def inputs(self, cell: Cell) -> dict[str, Any]:
         """What a done cell must have run with to count as done: its command, and for training the
         config it wrote (an edited training config redoes the training)."""
-        return {"command": command(self.cfg, cell), "train_config": train_config(self.cfg, cell).to_dict() if cell.kind == "train" else None}
+        if cell.name not in self._inputs:  # state() asks for every cell before each cell runs
+            tc = train_config(self.cfg, cell).to_dict() if cell.kind == "train" else None
+            self._inputs[cell.name] = {"command": command(self.cfg, cell), "train_config": tc}
+        return self._inputs[cell.name]
 
     def describe(self) -> str:
         """What ``--dry-run`` prints: every cell with its state and command, and the estimate."""
@@ -263,7 +267,7 @@ class Grid:
             if state == "done" and any(states[n] != "done" for n in c.needs):
                 state = "stale"  # an input will be redone first
             states[c.name] = state
-            shown = "(tables, figures, router analysis, pairs)" if c.kind == "report" else shlex.join(command(self.cfg, c))
+            shown = "(tables, figures, router analysis, pairs)" if c.kind == "report" else shlex.join(self.inputs(c)["command"])
             lines.append(f"  [{state:5}] {c.name:34} {shown}")
         est = estimate(self.cfg)
         lines.append("estimate: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in est.items()))
@@ -300,7 +304,7 @@ class Grid:
         if cell.kind in FRESH and folder.exists():
             shutil.rmtree(folder)
         t0 = time.perf_counter()
-        cmd = command(self.cfg, cell)
+        cmd = self.inputs(cell)["command"]
         if cell.kind == "queries":
             self._log(cell, cmd)
             counts = split_queries(self.cfg, folder)

@@ -21,11 +21,18 @@ BENCHMARKS: dict[str, type[Benchmark]] = {
 ALIASES = {"eq-bench": "eqbench", "eq_bench": "eqbench", "arena-hard": "arenahard", "mentalchat16k": "mentalchat", "shop-mmlu": "shopmmlu", "shop": "shopmmlu"}
 
 
+def canonical_name(name: str) -> str:
+    """The registry key a user's spelling of a benchmark means (``EQ-Bench`` -> ``eqbench``);
+    unknown names come back lower-cased, not in :data:`BENCHMARKS`."""
+    key = name.strip().lower()
+    return ALIASES.get(key, key)
+
+
 def get_benchmark(name: str, options: Mapping[str, Any] | None = None) -> Benchmark:
-    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    key = canonical_name(name)
     if key not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)}")
     return BENCHMARKS[key](options)
 
 
-__all__ = ["BENCHMARKS", "Benchmark", "Item", "ScoreContext", "get_benchmark"]
+__all__ = ["BENCHMARKS", "Benchmark", "Item", "ScoreContext", "canonical_name", "get_benchmark"]
