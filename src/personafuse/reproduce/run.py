@@ -58,21 +58,13 @@ def resolved(cfg: ReproduceConfig) -> ReproduceConfig:
 
 # ---------------------------------------------------------------------------------- the split
 def split_queries(cfg: ReproduceConfig, folder: Path) -> dict[str, int]:
-    """``train.jsonl`` (``data.limit`` queries every data mode answers) and ``heldout.jsonl``
+    """``train.jsonl`` (``data.limit`` distinct queries every data mode answers) and ``heldout.jsonl``
     (``data.heldout`` per situation, never trained on: the router analysis and the pairwise study),
-    from the source shuffled with ``data.seed``."""
-    queries = mixed_sources(cfg)
-    held: dict[str, list[Any]] = defaultdict(list)
-    train = []
-    for q in queries:
-        if q.situation and len(held[q.situation]) < cfg.data.heldout:
-            held[q.situation].append(q)
-        elif len(train) < cfg.data.limit:
-            train.append(q)
+    from the sources shuffled with ``data.seed``."""
+    train, heldout = _split(mixed_sources(cfg), cfg.data.heldout, cfg.data.limit)
     if len(train) < cfg.data.limit:
         raise ReproduceError(f"data.limit: {cfg.data.limit} training queries asked, the source {cfg.data.source!r} has "
-                             f"{len(train)} left after holding out {cfg.data.heldout} per situation")
-    heldout = [q for rows in held.values() for q in rows]
+                             f"{len(train)} distinct ones left after holding out {cfg.data.heldout} per situation")
     folder.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         text = "".join(json.dumps({"id": f"{name[:-6]}-{i}", "query": q.text, "situation": q.situation}, ensure_ascii=False) + "\n"
@@ -81,18 +73,69 @@ def split_queries(cfg: ReproduceConfig, folder: Path) -> dict[str, int]:
     return {"train": len(train), "heldout": len(heldout)}
 
 
+def _split(queries: list[Any], heldout: int, limit: int) -> tuple[list[Any], list[Any]]:
+    """The first ``heldout`` queries of each situation are held out, the next ``limit`` train."""
+    held: dict[str, list[Any]] = defaultdict(list)
+    train = []
+    for q in queries:
+        if q.situation and len(held[q.situation]) < heldout:
+            held[q.situation].append(q)
+        elif len(train) < limit:
+            train.append(q)
+    return train, [q for rows in held.values() for q in rows]
+
+
+def _in_turn(lists: list[list[Any]]) -> list[Any]:
+    """One query of each source in turn; a query another source (or an earlier turn) already gave
+    is dropped (compared normalised, as ``personafuse data generate`` de-duplicates)."""
+    from personafuse.data.sources import normalise_query
+
+    seen: set[str] = set()
+    out = []
+    for i in range(max(map(len, lists), default=0)):
+        for qs in lists:
+            if i < len(qs) and (key := normalise_query(qs[i].text)) not in seen:
+                seen.add(key)
+                out.append(qs[i])
+    return out
+
+
+def _trim_hub(queries: list[Any], hub: set[int], excess: int) -> list[Any]:
+    """Drops the last ``excess`` Hub queries (sampled a little over), so the split's cut at
+    ``data.limit`` never falls on a small source's queries."""
+    drop: set[int] = set()
+    for q in reversed(queries):
+        if len(drop) >= excess:
+            break
+        if id(q) in hub:
+            drop.add(id(q))
+    return [q for q in queries if id(q) not in drop]
+
+
 def mixed_sources(cfg: ReproduceConfig) -> list[Any]:
     """The queries of ``data.source`` (one spec or a list, e.g. the paper's ShareGPT, WildChat,
     PersonaHub and Infinity-Instruct plus the labelled seeds), each shuffled with ``data.seed`` and
-    taken in turn so that every source contributes alike; a Hub source is sampled to its share of
-    ``data.limit``."""
+    taken in turn, duplicates across sources dropped. Small sources (seeds, files) give all they
+    have; the Hub sources share the rest, sampled until the split holds ``data.limit`` distinct
+    training queries (or every Hub source is exhausted: the split then says how many it found)."""
     from personafuse.data.sources import ADAPTERS, load_source
 
     specs = cfg.data.sources
-    share = -(-cfg.data.limit // len(specs))
-    lists = [load_source(s, shuffle=True, seed=cfg.data.seed, limit=share if s.split(":", 1)[0] in ADAPTERS else None)
-             for s in specs]
-    return [q for i in range(max(map(len, lists))) for qs in lists if i < len(qs) for q in [qs[i]]]
+    hub = [i for i, s in enumerate(specs) if s.split(":", 1)[0] in ADAPTERS]
+    lists = [[] if i in hub else load_source(s, shuffle=True, seed=cfg.data.seed) for i, s in enumerate(specs)]
+    asked = dict.fromkeys(hub, 0)
+    while True:
+        queries = _in_turn(lists)
+        missing = cfg.data.limit - len(_split(queries, cfg.data.heldout, len(queries))[0])  # < 0: to spare
+        # a source that gave fewer than asked has nothing more; the others share what is missing
+        active = [i for i in hub if len(lists[i]) >= asked[i]]
+        if missing <= 0 or not active:
+            return _trim_hub(queries, {id(q) for i in hub for q in lists[i]}, -missing)
+        # a little over the share: duplicates across sources cost another pass over the stream
+        more = -(-missing // len(active)) + max(8, missing // 50)
+        for i in active:
+            asked[i] += more
+            lists[i] = load_source(specs[i], shuffle=True, seed=cfg.data.seed, limit=asked[i])
 
 
 # ---------------------------------------------------------------------------------- commands
