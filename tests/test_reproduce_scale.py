@@ -55,3 +55,18 @@ def test_the_split_says_how_many_distinct_queries_the_sources_hold(tmp_path: Pat
     cfg = ReproduceConfig.load(None, [f"data.source={json.dumps(specs)}", "data.limit=500", "data.heldout=2"])
     with pytest.raises(ReproduceError, match=r"data.limit: 500 training queries asked.* has 116 distinct"):
         split_queries(cfg, tmp_path / "q")
+
+
+def test_set_train_fields_edit_the_presets_training_file():
+    from personafuse.reproduce.config import ConfigError
+
+    preset = "configs/reproduce/llama-3.1-8b.yaml"
+    cfg = ReproduceConfig.load(preset, ["train.warmup.steps=2", "train.model.encoder_model=/tmp/enc", "train.max_length=64"])
+    tc = cfg.training()
+    assert (tc.warmup.steps, tc.model.encoder_model, tc.max_length) == (2, "/tmp/enc", 64)
+    assert tc.warmup.lr == 1e-4 and tc.joint.steps == 300  # the rest is the preset's file (configs/paper-llama3.1-8b.yaml)
+    assert cfg.train == "configs/paper-llama3.1-8b.yaml"
+    with pytest.raises(ConfigError, match=r"llama-3\.1-8b\.yaml with --set: train\.warmup\.stepz: .*unknown field"):
+        ReproduceConfig.load(preset, ["train.warmup.steps=2", "train.warmup.stepz=2"])
+    with pytest.raises(ConfigError, match=r"eval\.devices\[1\]: 'gpu1' is not a device"):
+        ReproduceConfig.load(preset, ["eval.devices=[cuda:0, gpu1]"])

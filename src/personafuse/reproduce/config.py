@@ -89,12 +89,19 @@ class EvalConfig:
     limit: int | None = 8
     judge: str | None = None  # for arenahard / mentalchat: openai:MODEL, hf:PATH, default
     judge_base_url: str | None = None
+    # A judge whose URL resolves to the teacher's (e.g. both from $OPENAI_BASE_URL) is refused by the
+    # preflight check unless this says the teacher is meant to judge too.
+    judge_shares_teacher: bool = False
     # per-benchmark protocol options, as `personafuse eval -o BENCH.KEY=VALUE` (recorded in results)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     reasoning_tokens: int = 512  # Persona-CoT prompting's budget before the answer
     batch_size: int = 8
     reply_tokens: int = 256  # replies to the held-out queries (the pairwise study's file)
     threads: int | None = None  # torch CPU threads per cell (None: torch's default)
+    # Devices the independent eval / replies cells run on side by side, one cell per entry (each
+    # child sees its GPU as CUDA_VISIBLE_DEVICES): auto (every visible CUDA device; one cell at a
+    # time without one) | [cuda:0, cuda:1, ...] | [cpu, cpu] (several CPU cells at once).
+    devices: str | list[str] = "auto"
 
 
 @dataclass
@@ -116,6 +123,8 @@ class ReproduceConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: str | None = None  # a training config file (personafuse train --config); None: the paper's
+    # dotted edits on top of it, from ``--set train.FIELD=VALUE`` (e.g. train.warmup.steps=2)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
     # how training cells start on several GPUs, e.g. "accelerate launch --multi_gpu --num_processes 8"
     # (the cell runs `LAUNCHER -m personafuse.cli train ...`); None: one process
     train_launcher: str | None = None
@@ -165,7 +174,25 @@ class ReproduceConfig:
             raise bad("seeds", f"a list of integers, got {self.seeds!r}")
         if self.train is not None and not Path(self.train).is_file():
             raise bad("train", f"training config {self.train!r} does not exist")
+        _check_devices(self.eval.devices, bad)
+        if not isinstance(self.train_overrides, dict):
+            raise bad("train_overrides", "a mapping of dotted training fields to values (--set train.FIELD=VALUE)")
+        for key in self.train_overrides:  # each alone, so the error names the one that is wrong
+            try:
+                self.training({key: self.train_overrides[key]})
+            except (ValueError, TypeError, ConfigError) as e:
+                raise bad(f"train.{key}", str(e)) from None
         return self
+
+    def training(self, overrides: dict[str, Any] | None = None) -> Any:
+        """The ``TrainConfig`` of ``train`` (or the paper's defaults) with ``train_overrides``
+        (or ``overrides``) applied to its fields."""
+        from personafuse.training.config import TrainConfig
+
+        data: dict[str, Any] = _read_mapping(Path(self.train)) if self.train else {}
+        for key, value in (self.train_overrides if overrides is None else overrides).items():
+            _set_dotted(data, key, value, f"train.{key}")
+        return TrainConfig.from_dict(data, source=f"{self.train or 'the default training config'} with --set train.*")
 
     # ---- reading --------------------------------------------------------------------------
     @classmethod
@@ -193,7 +220,11 @@ class ReproduceConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
                 raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. eval.limit=8")
-            _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None, f"--set {item!r}")
+            value = yaml.safe_load(raw) if raw.strip() else None
+            if key.strip().startswith("train."):  # a field of the training file, not of the grid
+                data.setdefault("train_overrides", {})[key.strip()[len("train."):]] = value
+            else:
+                _set_dotted(data, key.strip(), value, f"--set {item!r}")
         return cls.from_dict(data, where if not sets else f"{where} with --set")
 
 
@@ -216,6 +247,32 @@ _NESTED: dict[tuple[type, str], type] = {
     (ReproduceConfig, "eval"): EvalConfig,
     (ReproduceConfig, "probe"): ProbeConfig,
 }
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    """A training file's raw mapping (YAML or JSON), before its fields are checked."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _check_devices(devices: Any, bad: Any) -> None:
+    """``eval.devices`` names devices (whether this machine has them is the preflight's question)."""
+    import re
+
+    if devices == "auto":
+        return
+    if not isinstance(devices, list) or not devices:
+        raise bad("eval.devices", f"auto or a list such as [cuda:0, cuda:1] or [cpu, cpu], got {devices!r}")
+    for i, d in enumerate(devices):
+        if not isinstance(d, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", d.strip().lower()):
+            raise bad(f"eval.devices[{i}]", f"{d!r} is not a device; use cpu, mps, cuda or cuda:N")
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any, what: str) -> None:

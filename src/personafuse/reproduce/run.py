@@ -222,9 +222,7 @@ def _threads(cfg: ReproduceConfig) -> list[str]:
 def train_config(cfg: ReproduceConfig, cell: Cell) -> Any:
     """A train cell's ``TrainConfig``: ``train`` (or the paper's defaults) with the cell's data,
     folder, seed and base model."""
-    from personafuse.training.config import TrainConfig
-
-    tc = TrainConfig.load(cfg.train) if cfg.train else TrainConfig()
+    tc = cfg.training()  # the file with --set train.FIELD=VALUE applied
     model = tc.model if cfg.model == "default" else dataclasses.replace(tc.model, base_model=cfg.model)
     return dataclasses.replace(tc, data=cell.needs[0], out=cell.name, seed=cell.seed, model=model)
 
