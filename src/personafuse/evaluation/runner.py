@@ -35,6 +35,7 @@ class EvalConfig:
     data: str | None = None
     limit: int | None = None
     seed: int = 0
+    item_seed: int = 0  # the --limit subsample: the same items whatever --seed (seeds compare alike)
     judge: str | None = None
     routing: str | None = None
     batch_size: int = 8
@@ -190,7 +191,7 @@ class Runner:
         bench = get_benchmark(name, opts)
         if self.cfg.max_new_tokens:  # --max-new-tokens: the limit used is the one results.json records
             bench.max_new_tokens = self.cfg.max_new_tokens
-        items = subsample(bench.load(self.cfg.data), self.cfg.limit, self.cfg.seed)
+        items = subsample(bench.load(self.cfg.data), self.cfg.limit, self.cfg.item_seed)
         path = self.out / f"{bench.name}.jsonl"
         done = read_records(path)
         rescored = self._rescore(bench, items, done, path) if self.rescore else None

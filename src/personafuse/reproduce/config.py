@@ -87,6 +87,7 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: ["emobench", "eqbench", "tombench"])
     data: str | None = None
     limit: int | None = 8
+    item_seed: int = 0  # which items eval.limit picks: the same for every seed and variant (paired comparisons)
     judge: str | None = None  # for arenahard / mentalchat: openai:MODEL, hf:PATH, default
     judge_base_url: str | None = None
     # A judge whose URL resolves to the teacher's (e.g. both from $OPENAI_BASE_URL) is refused by the

@@ -60,7 +60,9 @@ def plan(cfg: ReproduceConfig) -> list[Cell]:
         for v in sorted((v for v in variants if v in TRAINING_DATA), key=lambda v: v != "personafuse"):
             data = tat_source if v == TAT_VARIANT else source[TRAINING_DATA[v]]
             warm = (f"train/personafuse/seed{seed}",) if shares_warmup(v) and "personafuse" in variants else ()
-            cells.append(Cell("train", f"train/{v}/seed{seed}", (data, *warm)))  # type: ignore[arg-type]
+            # every data cell: a variant trains on the queries all modes accepted (reproduce/fairness.py)
+            others = tuple(f"data/{m}" for m in modes if f"data/{m}" != data)
+            cells.append(Cell("train", f"train/{v}/seed{seed}", (data, *warm, *others)))  # type: ignore[arg-type]
         for v in variants:
             needs = (f"train/{v}/seed{seed}",) if v in TRAINING_DATA else ()
             evals.append(Cell("eval", f"eval/{v}/seed{seed}", needs))

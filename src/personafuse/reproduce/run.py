@@ -1,14 +1,15 @@
 """Running the grid: every cell that loads a model is the project's own command (``personafuse data
 generate``, ``train``, ``train baseline``, ``eval``) in a child process, run in ``OUT`` with paths
 relative to it, its output appended to ``OUT/reproduce.log``. A cell is done when its
-``done.json`` (the command it ran, a train cell's whole training config, seconds) exists; a done
-cell whose command or config changed, or whose input was redone, is cleared and redone. The
-commands resume themselves (records, checkpoints, evaluated items), so a run killed anywhere loses
+``done.json`` exists and its fingerprint (reproduce/fingerprint.py: command, config, input cells'
+done.json digests, version, sources, benchmark data) matches today's; otherwise it is cleared and
+redone. The commands resume themselves (records, checkpoints, evaluated items), so a run killed anywhere loses
 at most part of one cell.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -17,8 +18,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from personafuse.reproduce.plan import QUERIES, Cell, estimate, plan, shares_war
 
 LOG = "reproduce.log"
 CONFIG = "reproduce.json"
+INPUTS = "inputs.json"  # a cell's fingerprint, written when it starts (done.json repeats it when it ends)
 # Cells whose command cannot pick up a partial folder: cleared before they run.
 FRESH = ("queries", "relabel", "replies", "report")
 
@@ -195,7 +199,7 @@ def _data_command(cfg: ReproduceConfig, mode: str) -> list[str]:
 def _eval_command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
     e = cfg.eval
     cmd = ["personafuse", "eval", "--model", model_spec(cfg, cell.variant, cell.seed), "--benchmarks", ",".join(e.benchmarks),
-           "--out", cell.name, "--seed", str(cell.seed), "--batch-size", str(e.batch_size), "--no-progress"]
+           "--out", cell.name, "--seed", str(cell.seed), "--item-seed", str(e.item_seed), "--batch-size", str(e.batch_size), "--no-progress"]
     for flag, value in (("--limit", e.limit), ("--data", e.data), ("--judge", e.judge), ("--judge-base-url", e.judge_base_url)):
         if value is not None:
             cmd += [flag, str(value)]
@@ -220,20 +224,38 @@ def _threads(cfg: ReproduceConfig) -> list[str]:
 
 
 def train_config(cfg: ReproduceConfig, cell: Cell) -> Any:
-    """A train cell's ``TrainConfig``: ``train`` (or the paper's defaults) with the cell's data,
-    folder, seed and base model."""
+    """A train cell's ``TrainConfig``: ``train`` (or the paper's defaults) with the cell's data (its
+    ``records.jsonl``: the queries every data mode accepted, see reproduce/fairness.py), folder, seed
+    and base model. ``model.seed`` (the experts' and router's initialisation) follows the cell's
+    seed like the SFT baselines' does, so seeds differ for PersonaFuse and Random Route too."""
+    from personafuse.reproduce.fairness import RECORDS_FILE
+
     tc = cfg.training()  # the file with --set train.FIELD=VALUE applied
     model = tc.model if cfg.model == "default" else dataclasses.replace(tc.model, base_model=cfg.model)
-    return dataclasses.replace(tc, data=cell.needs[0], out=cell.name, seed=cell.seed, model=model)
+    model = dataclasses.replace(model, seed=cell.seed)
+    return dataclasses.replace(tc, data=f"{cell.name}/{RECORDS_FILE}", out=cell.name, seed=cell.seed, model=model)
 
 
 def write_train_config(cfg: ReproduceConfig, cell: Cell, out: Path) -> None:
-    """Written before the command, so ``--resume`` after a crash finds the same config."""
+    """Written before the command, so ``--resume`` after a crash finds the same config: the
+    training records (the source's records of the queries every data mode accepted) and, for the
+    variants that share PersonaFuse's warm-up, its experts when the warm-up would be the same
+    (the TAT variant's labels differ from the teacher's: it then warms up its own experts)."""
+    from personafuse.reproduce.fairness import IDS_FILE, common_ids, same_labels, write_training_records
+
     folder = out / cell.name
     folder.mkdir(parents=True, exist_ok=True)
+    source = cell.needs[0]
+    ids = common_ids(out, [n for n in cell.needs if n.startswith("data/")])
+    write_training_records(out, source, ids, folder)
     train_config(cfg, cell).save(folder / "reproduce_train.json")
-    if shares_warmup(cell.variant) and len(cell.needs) > 1:  # PersonaFuse's warm-up experts
-        src, dst = out / cell.needs[1] / "warmup" / "model", folder / "warmup" / "model"
+    warm = next((n for n in cell.needs if n.startswith("train/")), None)
+    shared = warm is not None and shares_warmup(cell.variant)
+    if shared:
+        pf_source = json.loads((out / str(warm) / IDS_FILE).read_text(encoding="utf-8"))["source"]
+        shared = pf_source == source or same_labels(out, source, pf_source, ids)
+    if shared:  # PersonaFuse's warm-up experts
+        src, dst = out / str(warm) / "warmup" / "model", folder / "warmup" / "model"
         if not dst.is_dir():
             tmp = dst.with_name("model.copying")
             shutil.rmtree(tmp, ignore_errors=True)
@@ -242,12 +264,13 @@ def write_train_config(cfg: ReproduceConfig, cell: Cell, out: Path) -> None:
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: the child gets SIGKILL when the grid's process dies, so a killed run leaves no cell
-    running behind it (the next run would race it)."""
+    """Linux: the child gets SIGTERM when the grid's process dies, so a killed run leaves no cell
+    running behind it (the next run would race it). SIGTERM rather than SIGKILL: a launcher
+    (``torchrun``, ``accelerate launch``) handles it by ending its ranks, which SIGKILL would orphan."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
         pass
 
@@ -263,6 +286,31 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+def _as_spec(model: str | None) -> str | None:
+    """A training config's model name as a source spec (a Hub id gets ``hf:``; paths stay paths)."""
+    if model is None or Path(model).expanduser().exists() or "/" not in model:
+        return model
+    return f"hf:{model}"
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
 class Grid:
     """One experiment directory: the plan of ``cfg`` and the state of each cell under ``out``."""
 
@@ -273,8 +321,8 @@ class Grid:
         self.out = Path(out).resolve()
         self.cells = plan(self.cfg)
         self.console = console or Console(stderr=True)
-        self.redone: set[str] = set()
-        self._inputs: dict[str, dict[str, Any]] = {}  # per cell; the config does not change during a run
+        self._commands: dict[str, dict[str, Any]] = {}  # per cell; the config does not change during a run
+        self._running: dict[str, subprocess.Popen[bytes]] = {}  # cell name -> its process (group leader)
 
     # ---- state ------------------------------------------------------------------------------
     def stored(self, cell: Cell) -> dict[str, Any] | None:
@@ -282,26 +330,42 @@ class Grid:
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
     def state(self, cell: Cell) -> str:
-        """``done`` | ``stale`` (done under another command, or an input was redone) | ``todo``."""
+        """``done`` | ``stale`` (done, but what it read changed: its command or config, an input
+        cell's done.json, the personafuse version, a source, the benchmark data) | ``todo``.
+        Recomputed from disk on every call, so a change is seen after a crash too."""
         done = self.stored(cell)
         if done is None:
             return "todo"
-        redone_input = cell.name not in self.redone and any(n in self.redone for n in cell.needs)
-        if {k: done.get(k) for k in ("command", "train_config")} != self.inputs(cell) or redone_input:
-            return "stale"
-        return "done"
+        return "done" if done.get("inputs") == self.inputs(cell) else "stale"
 
     def inputs(self, cell: Cell) -> dict[str, Any]:
-        """What a done cell must have run with to count as done: its command, and for training the
-        config it wrote (an edited training config redoes the training)."""
-        if cell.name not in self._inputs:  # state() asks for every cell before each cell runs
+        """The cell's fingerprint (reproduce/fingerprint.py): its command and training config, the
+        digests of its input cells' done.json, the personafuse version, the identity of what it
+        loads from outside the grid."""
+        from personafuse.reproduce import fingerprint as fp
+
+        if cell.name not in self._commands:
             tc = train_config(self.cfg, cell).to_dict() if cell.kind == "train" else None
-            self._inputs[cell.name] = {"command": command(self.cfg, cell), "train_config": tc}
-        return self._inputs[cell.name]
+            self._commands[cell.name] = {"command": command(self.cfg, cell), "train_config": tc}
+        out: dict[str, Any] = {**self._commands[cell.name], "version": fp.package_version(),
+                               "needs": {n: fp.digest(self.out / n / "done.json") for n in cell.needs}}
+        if cell.kind == "queries":
+            out["sources"] = [fp.source_identity(s, "dataset") for s in self.cfg.data.sources]
+        elif cell.kind == "data":
+            out["sources"] = [fp.source_identity(self.cfg.teacher.spec)]
+        elif cell.kind == "train":
+            tc = self._commands[cell.name]["train_config"]["model"]
+            out["sources"] = [fp.source_identity(_as_spec(tc.get("base_model"))), fp.source_identity(_as_spec(tc.get("encoder_model")))]
+        elif cell.kind in ("eval", "replies") and cell.variant not in TRAINING_DATA:
+            out["sources"] = [fp.source_identity(model_spec(self.cfg, cell.variant, cell.seed))]
+        if cell.kind == "eval":
+            out["benchdata"] = fp.benchdata_identity(self.cfg.eval.data, self.cfg.eval.benchmarks)
+        return out
 
     def describe(self) -> str:
         """What ``--dry-run`` prints: every cell with its state and command, and the estimate."""
-        lines = [f"experiment in {self.out}: {len(self.cells)} cells"]
+        lines = [f"experiment in {self.out}: {len(self.cells)} cells",
+                 "  check: first, before any work (models, benchmarks, teacher, judge, launcher, devices, disk); --no-check skips it"]
         states: dict[str, str] = {}
         for c in self.cells:
             state = self.state(c)
@@ -322,7 +386,7 @@ class Grid:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / CONFIG).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=2) + "\n", encoding="utf-8")
         columns = (TextColumn("[bold]reproduce[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-        with Progress(*columns, console=self.console, transient=False) as bar:
+        with Progress(*columns, console=self.console, transient=False) as bar, self._ending_cells():
             task = bar.add_task("", total=len(self.cells))
             for cell in self.cells:
                 state = self.state(cell)
@@ -332,20 +396,25 @@ class Grid:
                 left = sum(self.state(c) != "done" for c in self.cells)
                 bar.update(task, description=f"{cell.name} ({left} left)")
                 if state == "stale":
-                    self.console.print(f"[yellow]{cell.name}: its command or an input changed; redoing it[/yellow]")
+                    self.console.print(f"[yellow]{cell.name}: what it read changed (command, config, an input cell, "
+                                       f"the personafuse version, a source or the benchmark data); redoing it[/yellow]")
                     shutil.rmtree(self.out / cell.name)
                 seconds = self._run_cell(cell)
-                self.redone.add(cell.name)
                 self.console.print(f"[green]done[/green] {cell.name} in {seconds:.1f} s")
                 bar.advance(task)
         return self.out / "report"
 
     def _run_cell(self, cell: Cell) -> float:
         folder = self.out / cell.name
-        if cell.kind in FRESH and folder.exists():
+        inputs = self.inputs(cell)
+        if folder.exists() and (cell.kind in FRESH or _read_json(folder / INPUTS) != inputs):
+            # a partial folder left by a run with other inputs (or none recorded): its records,
+            # checkpoints or evaluated items belong to other inputs
             shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        _write_json(folder / INPUTS, inputs)  # before any work: a resumed partial folder is checked against it
         t0 = time.perf_counter()
-        cmd = self.inputs(cell)["command"]
+        cmd = inputs["command"]
         if cell.kind == "queries":
             self._log(cell, cmd)
             counts = split_queries(self.cfg, folder)
@@ -364,11 +433,43 @@ class Grid:
             folder.mkdir(parents=True, exist_ok=True)
             self._spawn(cell, cmd)
         seconds = time.perf_counter() - t0
-        done = {**self.inputs(cell), "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        tmp = folder / "done.json.tmp"
-        tmp.write_text(json.dumps(done, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / "done.json")
+        from personafuse.reproduce.fingerprint import git_commit
+
+        done = {"inputs": inputs, "command": cmd, "seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                # provenance only (never compared): the checkout and the whole resolved config
+                "git_commit": git_commit(), "config": dataclasses.asdict(self.cfg)}
+        _write_json(folder / "done.json", done)
         return seconds
+
+    @contextlib.contextmanager
+    def _ending_cells(self) -> Iterator[None]:
+        """On SIGINT/SIGTERM the grid ends each running cell's whole process group (a launcher and
+        its ranks) before it stops; a SIGKILLed grid leaves that to PR_SET_PDEATHSIG."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def stop(signum: int, frame: Any) -> None:
+            self.end_running()
+            raise KeyboardInterrupt if signum == signal.SIGINT else SystemExit(128 + signum)
+
+        old = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+
+    def end_running(self, grace: float = 10.0) -> None:
+        """SIGTERM to every running cell's process group, SIGKILL to what is left after ``grace`` s."""
+        procs = list(self._running.values())
+        for p in procs:
+            _signal_group(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            _signal_group(p.pid, signal.SIGKILL)  # the ranks a launcher may have left behind
 
     def _log(self, cell: Cell, cmd: list[str]) -> None:
         shown = shlex.join(cmd) if cell.kind != "report" else "report"
@@ -388,8 +489,15 @@ class Grid:
         log = self.out / LOG
         start = log.stat().st_size
         with log.open("a", encoding="utf-8") as f:
-            rc = subprocess.run(argv, cwd=self.out, stdout=f, stderr=subprocess.STDOUT, env=_child_env(),
-                                preexec_fn=_die_with_parent if sys.platform == "linux" else None, check=False).returncode
+            # its own session (and process group): the grid ends the whole group, a Ctrl-C in the
+            # terminal reaches the grid only, and a kill of the grid's group leaves it to PDEATHSIG
+            proc = subprocess.Popen(argv, cwd=self.out, stdout=f, stderr=subprocess.STDOUT, env=_child_env(), start_new_session=True,
+                                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self._running[cell.name] = proc
+            try:
+                rc = proc.wait()
+            finally:
+                self._running.pop(cell.name, None)
         if rc != 0:
             with log.open("rb") as f:
                 f.seek(start)
