@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from eval_support import FIXTURE_BENCHDATA
 from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.gsm8k import LM_EVAL_VERSION, installed_lm_eval
 
@@ -70,6 +71,8 @@ def _gsm_items(tmp_path: Path) -> list:
     p = tmp_path / "test.jsonl"
     rows = [{"question": f"Q{i}?", "answer": f"Work {i}.\n#### {g}"} for i, (g, *_rest) in enumerate(GSM8K_CASES)]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # the shots come from train.jsonl beside it (tests/test_eval_parity_gsm8k_fewshot.py checks them)
+    (tmp_path / "train.jsonl").write_text((FIXTURE_BENCHDATA / "gsm8k" / "train.jsonl").read_text())
     b = get_benchmark("gsm8k")
     return [b, b.load(p)]
 
@@ -114,9 +117,10 @@ def test_gsm8k_parity_with_lm_eval_and_the_official_grader(tmp_path: Path) -> No
 
 def test_gsm8k_prompt_is_the_task_template(tmp_path: Path) -> None:
     b, items = _gsm_items(tmp_path)
-    assert items[0].prompt == "Question: Q0?\nAnswer:"  # doc_to_text "Question: {{question}}\nAnswer:"
+    assert items[0].prompt.endswith("\n\nQuestion: Q0?\nAnswer:")  # doc_to_text "Question: {{question}}\nAnswer:"
+    assert items[0].prompt.count("Question: ") == 6  # after the five shots
     proto = b.protocol()
-    assert proto["reference"]["task"] == "gsm8k@3.0" and proto["num_fewshot"] == 0 and proto["max_new_tokens"] == 256
+    assert proto["reference"]["task"] == "gsm8k@3.0" and proto["num_fewshot"] == 5 and proto["max_new_tokens"] == 256
     assert proto["lm_eval_task_file"].endswith("lm_eval/tasks/gsm8k/gsm8k.yaml")
 
 

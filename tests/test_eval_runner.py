@@ -132,7 +132,9 @@ def test_raw_completion_protocol_reaches_the_endpoint_as_a_completion(tmp_path: 
         assert "prompt" in srv.requests[-1] and "messages" not in srv.requests[-1]
         assert srv.requests[-1]["prompt"].startswith("Question: ") and srv.requests[-1]["prompt"].endswith("Answer:")
         chat = _runner(srv, tmp_path / "chat", ["gsm8k"], limit=1, options={"gsm8k": {"chat_template": "true"}}).run()
-        assert srv.requests[-1]["messages"][-1]["content"] == srv.requests[-2]["prompt"]
+        # the same five shots and question: raw text, or turns (--fewshot_as_multiturn), issue 31
+        assert srv.requests[-2]["prompt"].endswith("\n\n" + srv.requests[-1]["messages"][-1]["content"])
+        assert len(srv.requests[-1]["messages"]) == 11
     assert raw["benchmarks"]["gsm8k"]["protocol"]["chat_template"] is False
     assert chat["benchmarks"]["gsm8k"]["protocol"]["chat_template"] is True
 

@@ -22,6 +22,33 @@ from personafuse.evaluation.data import DataError, find_benchdata, hub_allowed
 Prompt = str | list[dict[str, str]]
 
 
+class _QueryText(str):
+    router_query: str
+
+
+class _QueryChat(list):  # type: ignore[type-arg]
+    router_query: str
+
+
+def with_router_query(prompt: Any, query: str) -> Any:
+    """``prompt`` (text, RawPrompt or chat) carrying the text a PersonaFuse subject's router reads
+    instead of the whole prompt (GSM8K: the question, not its five shots). It still is a plain
+    str/list for everything else (JSON records, prompt hashes, other subjects)."""
+    if isinstance(prompt, RawPrompt):
+        out: Any = RawPrompt(prompt)  # str subclasses take attributes
+    elif isinstance(prompt, str):
+        out = _QueryText(prompt)
+    else:
+        out = _QueryChat(prompt)
+    out.router_query = query
+    return out
+
+
+def router_query(prompt: Any) -> str | None:
+    """The router text a benchmark attached with :func:`with_router_query`, else None."""
+    return getattr(prompt, "router_query", None)
+
+
 @dataclass(frozen=True)
 class Reference:
     """The implementation a benchmark's default protocol reproduces: a repository at a pinned commit
@@ -134,7 +161,8 @@ class Benchmark:
         if not self.chat_template:
             if not isinstance(prompt, str):
                 raise ValueError(f"{self.name}: a raw-completion protocol needs text prompts, got a chat")
-            return RawPrompt(prompt)
+            q = router_query(prompt)
+            return RawPrompt(prompt) if q is None else with_router_query(RawPrompt(prompt), q)
         return prompt
 
     # ---- protocol ---------------------------------------------------------------------
