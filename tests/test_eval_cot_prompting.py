@@ -1,6 +1,6 @@
-"""Persona-CoT prompting (the paper's training-free baseline): the model names cues and poles, then
-answers; only the answer section is scored, a reply without one is the benchmark's unparsed answer,
-and the reasoning gets its own budget on top of the benchmark's answer cap."""
+"""Persona-CoT prompting (the paper's training-free baseline): the evaluated model runs the data
+pipeline's three steps as its own teacher (cues, traits, then the benchmark's own prompt with the
+analysis in front); a failed or cut step is the benchmark's unparsed answer, counted."""
 
 from __future__ import annotations
 
@@ -9,91 +9,92 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tokenizer
 from eval_support import FIXTURE_BENCHDATA, ChatServer
 from personafuse.chat import Generation, RawPrompt
-from personafuse.evaluation.cot_prompting import (
-    REASONING_TOKENS,
-    PersonaCoTPrompting,
-    answer_section,
-    instruction,
-    with_instruction,
-    with_persona_cot,
-)
+from personafuse.evaluation.cot_prompting import REASONING_TOKENS, PersonaCoTPrompting, item_text, with_analysis, with_persona_cot
 from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
 from personafuse.evaluation.subjects import OpenAISubject
 
-STEPS = "Social Cue: the person wants a number.\nTask Cue: arithmetic.\nTraits:\n- High Conscientiousness: careful steps\n"
+CUES = '{"social_cue": "The person wants a number.", "task_cue": "Arithmetic with two steps."}'
+TRAITS = '{"social": [{"pole": "High Agreeableness", "reason": "friendly"}], "task": [{"pole": "High Conscientiousness", "reason": "careful"}]}'
 
 
-def test_only_the_answer_section_is_the_answer():
-    reply = STEPS + "## Response: 12*5 = 60\nReasoning: 60-7 = 53\n#### 53"
-    assert answer_section(reply) == "12*5 = 60\nReasoning: 60-7 = 53\n#### 53"  # heading-like lines stay in it
-    assert answer_section(STEPS + "#### 53") == ""  # steps but no answer section: unparsed
-    assert answer_section("#### 53") == ""  # no procedure at all: unparsed too
-    assert answer_section(STEPS + "**Response:** B") == "B"
-
-
-def test_the_instruction_follows_the_benchmarks_own_system_prompt():
-    chat = with_instruction([{"role": "system", "content": "Answer with A-D."}, {"role": "user", "content": "Q?"}])
-    assert chat[0]["content"].startswith("Answer with A-D.\n\n") and chat[0]["content"].endswith(instruction())
-    assert [m["role"] for m in chat] == ["system", "user"]
-    raw = with_instruction(RawPrompt("Question: 2+2?\nAnswer:"))
-    assert raw == [{"role": "system", "content": instruction()}, {"role": "user", "content": "Question: 2+2?\nAnswer:"}]
-    assert "High Agreeableness" in instruction() and "Low Neuroticism" in instruction()
+def test_the_analysis_precedes_the_benchmarks_prompt_in_its_own_form():
+    chat = with_analysis([{"role": "system", "content": "Answer with A-D."}, {"role": "user", "content": "Q?"}], "ANALYSIS")
+    assert chat == [{"role": "system", "content": "ANALYSIS\n\nAnswer with A-D."}, {"role": "user", "content": "Q?"}]
+    assert with_analysis("Q?", "ANALYSIS") == [{"role": "system", "content": "ANALYSIS"}, {"role": "user", "content": "Q?"}]
+    raw = with_analysis(RawPrompt("Question: 2+2?\nAnswer:"), "ANALYSIS")
+    assert isinstance(raw, RawPrompt) and raw == "ANALYSIS\n\nQuestion: 2+2?\nAnswer:"  # still a raw completion
+    assert item_text([{"role": "system", "content": "s"}, {"role": "user", "content": "the item"}]) == "the item"
 
 
 class _Scripted:
-    """A subject that returns fixed replies, recording what it was asked (the cap needs a tokenizer)."""
+    """A subject answering by step (recognised from the pipeline's own step prompts)."""
 
     name = "scripted"
 
-    def __init__(self, replies):
-        self.replies, self.calls, self.tokenizer = replies, [], make_tokenizer()
+    def __init__(self, cues=CUES, traits=TRAITS, cut=None):
+        self.cues, self.traits, self.cut, self.calls = cues, traits, cut, []
 
     def generate(self, prompts, *, max_new_tokens, do_sample=False, temperature=None, seed=None):
-        self.calls.append((prompts, max_new_tokens))
-        return [Generation(r, {"high_C": 1.0}) for r in self.replies]
+        out = []
+        for p in prompts:
+            text = str(p) if isinstance(p, RawPrompt) else p[0]["content"]
+            step = "cues" if '"social_cue"' in text else "traits" if "Trait Activation Theory" in text else "answer"
+            self.calls.append((step, p, max_new_tokens))
+            reply = {"cues": self.cues, "traits": self.traits, "answer": "B"}[step]
+            out.append(Generation(reply, {"high_C": 1.0}, finish_reason="length" if step == self.cut else "stop"))
+        return out
 
     def describe(self):
         return {"kind": "scripted"}
 
 
-def test_the_reasoning_has_its_own_budget_and_the_answer_keeps_the_benchmarks_cap():
-    inner = _Scripted([STEPS + "## Response: i am feel i am feel", STEPS])
-    subject = PersonaCoTPrompting(inner, reasoning_tokens=100)
-    gens = subject.generate(["hi", "there"], max_new_tokens=3)
-    assert inner.calls[0][1] == 3 + 100
-    assert [g.text for g in gens] == ["i am feel", ""]  # cut to 3 tokens; no section: empty
-    assert gens[0].weights == {"high_C": 1.0} and gens[0].extra["persona_cot"].startswith("Social Cue:")
-    assert subject.describe()["persona_cot_prompting"]["reasoning_tokens"] == 100
-    assert with_persona_cot(inner, None) is inner
+def test_three_steps_per_item_with_the_model_as_its_own_teacher():
+    inner = _Scripted()
+    gens = PersonaCoTPrompting(inner, reasoning_tokens=100).generate([RawPrompt("Q1\nAnswer:"), [{"role": "user", "content": "Q2"}]], max_new_tokens=3)
+    assert [c[0] for c in inner.calls] == ["cues", "cues", "traits", "traits", "answer", "answer"]  # three requests per item
+    assert [c[2] for c in inner.calls] == [100, 100, 100, 100, 3, 3]  # steps 1-2: the reasoning budget; step 3: the benchmark's cap
+    raw, chat = inner.calls[4][1], inner.calls[5][1]
+    assert isinstance(raw, RawPrompt) and raw.endswith("\n\nQ1\nAnswer:") and "High Conscientiousness: careful" in raw
+    assert chat[0]["role"] == "system" and "Social cue: The person wants a number." in chat[0]["content"] and chat[1]["content"] == "Q2"
+    assert [g.text for g in gens] == ["B", "B"] and gens[0].extra["persona_cot"]["failed_step"] is None
+    assert gens[0].extra["persona_cot"]["cues"] == CUES
+
+
+@pytest.mark.parametrize(("kw", "step"), [({"cues": "no idea"}, "cues"), ({"traits": "none"}, "traits"), ({"cut": "cues"}, "cues"),
+                                          ({"cut": "traits"}, "traits")])
+def test_a_failed_or_cut_step_is_an_unparsed_answer(kw, step):
+    inner = _Scripted(**kw)
+    (g,) = PersonaCoTPrompting(inner, reasoning_tokens=50).generate(["Q"], max_new_tokens=3)
+    assert g.text == "" and g.extra["persona_cot"]["failed_step"] == step
+    assert "answer" not in [c[0] for c in inner.calls]  # the benchmark's prompt is never sent
     with pytest.raises(ValueError, match="reasoning_tokens"):
-        PersonaCoTPrompting(inner, -1)
+        PersonaCoTPrompting(inner, 0)
+    assert with_persona_cot(inner, None) is inner
 
 
-def _cot_reply(messages, body):
-    assert messages[0]["role"] == "system" and messages[0]["content"].endswith(instruction())
-    user = messages[-1]["content"]
-    if "rolls an hour" in user:
-        return STEPS + "## Response: 12*5 = 60 and 60-7 = 53\n#### 53"
-    if "helmet" in user:
-        return STEPS + "The total is $1,300.\n#### 1,300"  # right number, but no answer section
-    return STEPS + "## Response: I think 5."
+def _reply(messages, body):
+    text = messages[0]["content"]
+    if '"social_cue"' in text:
+        return CUES
+    if "Trait Activation Theory" in text:
+        return TRAITS if "helmet" not in messages[-1]["content"] else "I cannot say."
+    assert "prompt" in body and body["prompt"].startswith("Situation analysis")  # GSM8K stays a raw completion
+    return " 12*5 = 60 and 60-7 = 53\n#### 53" if "rolls an hour" in body["prompt"] else " 5"
 
 
-def test_a_run_scores_the_answer_sections_and_keeps_the_whole_reply(tmp_path: Path):
+def test_a_run_makes_three_requests_per_item_and_counts_failed_steps(tmp_path: Path):
     cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA), persona_cot=REASONING_TOKENS)
-    with ChatServer(_cot_reply) as srv:
+    with ChatServer(_reply) as srv:
         res = Runner(cfg, lambda: with_persona_cot(OpenAISubject("m", base_url=srv.base_url, api_key="k"), cfg.persona_cot), progress=False).run()
-        assert {b["max_tokens"] for b in srv.requests} == {256 + REASONING_TOKENS}
-        assert all("messages" in b for b in srv.requests)  # GSM8K's raw completion became a chat
-    assert res["benchmarks"]["gsm8k"]["score"] == pytest.approx(1 / 3)  # the "#### 1,300" outside a section does not count
+        n = res["benchmarks"]["gsm8k"]["n"]
+        assert len(srv.requests) == 3 * n - 1  # the helmet item's traits step failed: no third request
     lines = [json.loads(x) for x in (tmp_path / "gsm8k.jsonl").read_text().splitlines()]
-    assert [r["response"] for r in lines] == ["12*5 = 60 and 60-7 = 53\n#### 53", "", "I think 5."]
-    assert all(r["persona_cot"].startswith("Social Cue:") for r in lines)
-    assert res["subject"]["persona_cot_prompting"]["reasoning_tokens"] == REASONING_TOKENS
-    # the directory holds Persona-CoT replies: a plain run may not resume it
+    assert sum(r["persona_cot"]["failed_step"] == "traits" for r in lines) == 1
+    assert res["benchmarks"]["gsm8k"]["persona_cot_failed"] == {"traits": 1}
+    assert res["benchmarks"]["gsm8k"]["score"] == pytest.approx(1 / n)
+    assert res["subject"]["persona_cot_prompting"]["steps"] == ["cues", "traits", "answer"]
     plain = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path), data=str(FIXTURE_BENCHDATA))
-    with pytest.raises(RunMismatch):
+    with pytest.raises(RunMismatch):  # the directory holds Persona-CoT replies: a plain run may not resume it
         Runner(plain, lambda: None, progress=False).run()

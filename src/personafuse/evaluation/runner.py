@@ -215,6 +215,10 @@ class Runner:
         selected = [done[it.id] for it in items]
         agg = bench.aggregate(selected)
         agg["n_items"] = len(items)
+        if cot := [r["persona_cot"] for r in selected if isinstance(r.get("persona_cot"), dict)]:
+            # Persona-CoT prompting: items whose cues or traits step failed (scored as unparsed)
+            fails = [c["failed_step"] for c in cot if c.get("failed_step")]
+            agg["persona_cot_failed"] = {step: fails.count(step) for step in sorted(set(fails))}
         agg["protocol"] = {**bench.protocol(), "prompt_hash": prompt_hash([_stored_prompt(bench.prompts(it)) for it in items])}
         if rescored is not None:
             old = self.results["benchmarks"].get(bench.name, {}).get("score")

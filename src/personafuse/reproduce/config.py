@@ -158,7 +158,7 @@ class ReproduceConfig:
             if canonical_name(str(b)) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
         counts = [("data.limit", self.data.limit, 1), ("data.heldout", self.data.heldout, 0),
-                  ("eval.reasoning_tokens", self.eval.reasoning_tokens, 0), ("eval.batch_size", self.eval.batch_size, 1),
+                  ("eval.reasoning_tokens", self.eval.reasoning_tokens, 1), ("eval.batch_size", self.eval.batch_size, 1),
                   ("eval.reply_tokens", self.eval.reply_tokens, 1)]
         if self.eval.limit is not None:  # None: every item
             counts.append(("eval.limit", self.eval.limit, 1))
