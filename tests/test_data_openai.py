@@ -55,11 +55,11 @@ def test_well_formed_malformed_and_failing_replies(stub: StubServer, tmp_path: P
         "How do I fix a flat  TYRE?",
     ]]
     t = OpenAITeacher("stub", base_url=stub.base_url, max_retries=3, backoff=0.01, max_in_flight=4)
-    s = _run(qs, t, tmp_path, concurrency=4)
+    s = _run(qs, t, tmp_path, concurrency=4, max_endpoint_failures="1")
     assert s.records == 4 and s.rejected == 8
     assert dict(s.reasons) == {
         "unparseable": 1, "all_zero_p": 1, "unknown_pole": 1, "both_poles": 1, "empty_response": 1,
-        "truncated_response": 1, "teacher_error": 1, "duplicate_query": 1,
+        "truncated_response": 1, "endpoint_status": 1, "duplicate_query": 1,
     }
     recs = {r["query"]: r for r in lines(tmp_path, "records")}
     assert set(recs) == {"How do I fix a flat tyre?", "q in the paper's layout [paper]", "flaky [500x2]", "busy [429x1]"}
@@ -76,7 +76,8 @@ def test_well_formed_malformed_and_failing_replies(stub: StubServer, tmp_path: P
     assert t.retries == 3 * 2 + 3 + 3
     rejects = {r["query"]: r for r in lines(tmp_path, "rejects")}
     assert "Sure! I think" in rejects["tell me a joke [malformed]"]["raw"]["traits"]  # raw text kept
-    assert rejects["q [down]"]["reason"] == "teacher_error" and "500" in rejects["q [down]"]["detail"]
+    assert rejects["q [down]"]["reason"] == "endpoint_status" and "500" in rejects["q [down]"]["detail"]
+    assert rejects["q [down]"]["step"] == "cues"  # the endpoint reject names the step that failed
 
 
 def test_single_call_and_baseline_modes(stub: StubServer, tmp_path: Path) -> None:
@@ -106,7 +107,7 @@ def test_concurrency_cap_and_timeout(stub: StubServer) -> None:
         # a 0.05 s timeout against a 0.8 s reply ([slow]) fails after retries, not forever
         t2 = OpenAITeacher("stub", base_url=stub.base_url, timeout=0.05, max_retries=1, backoff=0.01)
         t0 = time.perf_counter()
-        with pytest.raises(TeacherRequestError, match="Timeout"):
+        with pytest.raises(TeacherRequestError, match="timeout"):
             await t2.complete([{"role": "user", "content": "q [slow]"}], GenParams(16))
         timed = time.perf_counter() - t0
         await t.aclose()
@@ -137,20 +138,20 @@ def test_fatal_status_and_missing_key(stub: StubServer, monkeypatch: pytest.Monk
 def test_server_down_aborts_instead_of_rejecting_everything(stub: StubServer, tmp_path: Path) -> None:
     qs = [Query(f"query {i} [down]") for i in range(10)]
     t = OpenAITeacher("stub", base_url=stub.base_url, max_retries=0)
-    with pytest.raises(TeacherError, match="in a row failed"):
+    with pytest.raises(TeacherError, match="in a row failed at the endpoint"):
         _run(qs, t, tmp_path, concurrency=1, max_consecutive_errors=3)
-    # and --retry-reasons teacher_error picks them up again later
+    # and a plain rerun (no --retry-reasons) picks them up again
     t = OpenAITeacher("stub", base_url=stub.base_url, max_retries=0)
 
     async def again():
         with ShardStore(tmp_path) as st:
             done_before = len(st.done_keys)
-            s = await generate(qs[:2], t, st, PipelineConfig(concurrency=1), retry_reasons=["teacher_error"])
+            s = await generate(qs[:2], t, st, PipelineConfig(concurrency=1, max_endpoint_failures="100%"))
             await t.aclose()
             return done_before, s
 
     done_before, s = asyncio.run(again())
-    assert done_before == 3 and s.skipped == 0 and s.reasons["teacher_error"] == 2
+    assert done_before == 3 and s.skipped == 0 and s.reasons["endpoint_status"] == 2
 
 
 def test_cli_generate_against_http_teacher(stub: StubServer, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from personafuse.data import prompts
@@ -35,7 +35,7 @@ from personafuse.data.store import ShardStore
 from personafuse.data.teachers import Completion, GenParams, Teacher, TeacherError, TeacherRequestError
 from personafuse.data.validation import (
     DUPLICATE,
-    TEACHER_ERROR,
+    ENDPOINT_REJECTS,
     TRUNCATED,
     UNPARSEABLE,
     Rejection,
@@ -43,6 +43,7 @@ from personafuse.data.validation import (
     check_response,
     trim_to_sentence,
 )
+from personafuse.endpoint import EndpointStats
 from personafuse.traits import TRAIT_POLES, TRAITS
 
 MODES = ("persona_cot", "direct", "human_like")
@@ -64,6 +65,8 @@ class PipelineConfig:
     allow_both_poles: bool = False
     trim_truncated: bool = False  # cut a length-truncated answer at its last full sentence
     max_consecutive_errors: int = 50  # abort when the teacher keeps failing (server down)
+    # endpoint rejects allowed before the run exits non-zero: "N" queries or "P%" of those attempted
+    max_endpoint_failures: str = "5%"
     repetition_penalty: float = 1.0  # passed to local teachers
 
     def __post_init__(self) -> None:
@@ -71,6 +74,10 @@ class PipelineConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.concurrency < 1:
             raise ValueError("concurrency must be at least 1")
+        endpoint_failure_limit(self.max_endpoint_failures, 0)  # fail early on a bad spec
+
+    def endpoint_failure_limit(self, attempted: int) -> float:
+        return endpoint_failure_limit(self.max_endpoint_failures, attempted)
 
     def settings(self, teacher: Teacher) -> dict[str, Any]:
         """What must stay the same when a run is resumed into the same folder."""
@@ -85,10 +92,29 @@ class PipelineConfig:
         }
 
 
+def endpoint_failure_limit(spec: str, attempted: int) -> float:
+    """How many endpoint rejects ``--max-endpoint-failures`` allows: ``"25"`` or ``"5%"`` of the
+    queries attempted."""
+    text = str(spec).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 <= pct <= 100:
+                raise ValueError
+            return attempted * pct / 100
+        n = int(text)
+        if n < 0:
+            raise ValueError
+        return float(n)
+    except ValueError:
+        raise ValueError(f"--max-endpoint-failures {spec!r}: give a count (25) or a share of the queries (5%)") from None
+
+
 @dataclass
 class _Ctx:
     raw: dict[str, Any] = field(default_factory=lambda: {k: None for k in ("cues", "traits", "response", "rationale", "scores")})
     timings: dict[str, float | None] = field(default_factory=lambda: {k: None for k in ("cues", "traits", "response", "total")})
+    step: str | None = None  # the step whose request is in flight (named in endpoint rejects)
 
 
 class PersonaCoT:
@@ -103,11 +129,43 @@ class PersonaCoT:
         self._baseline_lock = asyncio.Lock()
 
     async def _ask(self, ctx: _Ctx, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
+        """One request; a repeated ask of a step replaces its raw text (raw shows the reply used)."""
         t0 = time.perf_counter()
+        ctx.step = step
         c = await self._complete(messages, self._params(max_tokens))
         ctx.timings[step] = (ctx.timings[step] or 0.0) + time.perf_counter() - t0
-        ctx.raw[step] = c.text if ctx.raw[step] is None else ctx.raw[step] + "\n\n" + c.text
+        ctx.raw[step] = c.text
         return c
+
+    async def _ask_whole(self, ctx: _Ctx, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
+        """Steps 1 and 2: a reply cut at the token limit would lose cues or poles, so it is asked
+        once more with twice the budget and rejected as ``truncated_response`` if cut again."""
+        c = await self._ask(ctx, step, messages, max_tokens)
+        if c.finish_reason == "length":
+            c = await self._ask(ctx, step, messages, 2 * max_tokens)
+            if c.finish_reason == "length":
+                raise Rejection(TRUNCATED, f"{step} reply cut at the token limit twice "
+                                           f"({max_tokens}, then {2 * max_tokens} tokens)", step)
+        return c
+
+    async def _answer(self, ctx: _Ctx, messages: prompts.Messages, max_tokens: int,
+                      parse: Callable[[str], Any], parts_of: Callable[[Any], ResponseParts]) -> tuple[Completion, Any]:
+        """The response step (or the single call): a reply cut before its rationale heading has a
+        cut answer (or a cut earlier section), so it is asked once more with twice the budget and
+        then rejected as ``truncated_response``. With ``trim_truncated`` (constrained mode, local
+        baselines) a cut answer is trimmed by :meth:`_finish` instead."""
+        for budget in (max_tokens, 2 * max_tokens):
+            c = await self._ask(ctx, "response", messages, budget)
+            if c.finish_reason != "length" or self.cfg.trim_truncated:
+                return c, parse(c.text)
+            try:
+                parsed = parse(c.text)
+            except Rejection:  # a cut reply that lost a section: the cut, not the teacher, is to blame
+                continue
+            if parts_of(parsed).had_rationale_heading:
+                return c, parsed
+        raise Rejection(TRUNCATED, f"response cut at the token limit twice ({max_tokens}, then {2 * max_tokens} tokens)",
+                        "response")
 
     async def _complete(self, messages: prompts.Messages, params: GenParams) -> Completion:
         """Teacher call; a failure inside the teacher (not its text) counts as ``teacher_error``."""
@@ -147,7 +205,7 @@ class PersonaCoT:
             raise
         except TeacherRequestError as e:
             ctx.timings["total"] = time.perf_counter() - t0
-            raise Rejection(TEACHER_ERROR, str(e), ctx=ctx) from None
+            raise Rejection(e.reason, str(e), ctx.step, ctx=ctx) from None
         except TeacherError:
             raise
         except Exception as e:  # a parser bug must not stop the run: reject with the raw text kept
@@ -195,27 +253,27 @@ class PersonaCoT:
     # -- baselines
     async def _baseline_mode(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
         msgs = prompts.direct_messages(q.text) if self.cfg.mode == "direct" else prompts.human_like_messages(q.text)
-        c = await self._ask(ctx, "response", msgs, self.cfg.response_tokens)
-        response, _ = self._finish(c, ResponseParts(c.text.strip(), None), asked_rationale=False)
+        c, parts = await self._answer(ctx, msgs, self.cfg.response_tokens, _plain_parts, _same)
+        response, _ = self._finish(c, parts, asked_rationale=False)
         return {"response": response}
 
     # -- free mode, three requests
     async def _free(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
-        c1 = await self._ask(ctx, "cues", prompts.cue_messages(q.text), self.cfg.cue_tokens)
+        c1 = await self._ask_whole(ctx, "cues", prompts.cue_messages(q.text), self.cfg.cue_tokens)
         cues = parse_cues(c1.text)
-        c2 = await self._ask(ctx, "traits", prompts.traits_messages(q.text, cues.social, cues.task), self.cfg.traits_tokens)
+        c2 = await self._ask_whole(ctx, "traits", prompts.traits_messages(q.text, cues.social, cues.task),
+                                   self.cfg.traits_tokens)
         choice = parse_traits(c2.text)
         p = self._activation(choice.poles)
-        c3 = await self._ask(ctx, "response", prompts.response_messages(q.text, cues.social, cues.task, choice.triples()),
-                             self.cfg.response_tokens)
-        parts = parse_response(c3.text)
+        c3, parts = await self._answer(ctx, prompts.response_messages(q.text, cues.social, cues.task, choice.triples()),
+                                       self.cfg.response_tokens, parse_response, _same)
         response, rationale = self._finish(c3, parts, asked_rationale=True)
         return self._persona_part(cues.social, cues.task, choice, p, response, rationale)
 
     async def _single(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
-        c = await self._ask(ctx, "response", prompts.single_call_messages(q.text),
-                            self.cfg.cue_tokens + self.cfg.traits_tokens + self.cfg.response_tokens)
-        full = parse_full(c.text)
+        c, full = await self._answer(ctx, prompts.single_call_messages(q.text),
+                                     self.cfg.cue_tokens + self.cfg.traits_tokens + self.cfg.response_tokens,
+                                     parse_full, lambda f: f.parts)
         p = self._activation(full.traits.poles)
         response, rationale = self._finish(c, full.parts, asked_rationale=True)
         return self._persona_part(full.cues.social, full.cues.task, full.traits, p, response, rationale)
@@ -294,6 +352,14 @@ class PersonaCoT:
         return self._baseline[kind]
 
 
+def _plain_parts(text: str) -> ResponseParts:
+    return ResponseParts(text.strip(), None)
+
+
+def _same(parts: ResponseParts) -> ResponseParts:
+    return parts
+
+
 def _r4(x: float) -> float:
     return round(float(x), 4)
 
@@ -336,11 +402,25 @@ class RunSummary:
     rejected: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
+    endpoint: EndpointStats | None = None  # HTTP teachers: live request counters
+
+    def rejects_by_cause(self) -> dict[str, int]:
+        """Endpoint faults vs the teacher's writing (duplicates in the source are neither)."""
+        endpoint = sum(n for r, n in self.reasons.items() if r in ENDPOINT_REJECTS)
+        return {"endpoint": endpoint, "teacher": self.rejected - endpoint - self.reasons.get(DUPLICATE, 0)}
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["reasons"] = dict(self.reasons)
+        d: dict[str, Any] = {"total": self.total, "skipped": self.skipped, "records": self.records,
+                             "rejected": self.rejected, "reasons": dict(self.reasons), "seconds": self.seconds}
+        if self.endpoint is not None:
+            d["endpoint"] = {**self.endpoint.as_dict(), "rejects_by_cause": self.rejects_by_cause()}
+        else:
+            d["rejects_by_cause"] = self.rejects_by_cause()
         return d
+
+
+class EndpointFailuresExceeded(TeacherError):
+    """The run finished, but more queries failed at the endpoint than ``--max-endpoint-failures``."""
 
 
 def _reject_line(q: Query, key: str, rej: Rejection, cfg: PipelineConfig, teacher: Teacher,
@@ -365,21 +445,10 @@ def _reject_line(q: Query, key: str, rej: Rejection, cfg: PipelineConfig, teache
 ProgressFn = Callable[[RunSummary], None]
 
 
-async def generate(
-    queries: Iterable[Query],
-    teacher: Teacher,
-    store: ShardStore,
-    cfg: PipelineConfig,
-    *,
-    retry_reasons: Iterable[str] = (),
-    on_start: Callable[[int], None] | None = None,
-    progress: ProgressFn | None = None,
-) -> RunSummary:
-    """Process every query not yet in ``store``; duplicates become counted rejections."""
-    t_start = time.perf_counter()
-    store.check_settings(cfg.settings(teacher))
-    retry = set(retry_reasons)
-    summary = RunSummary()
+def _plan(queries: Iterable[Query], store: ShardStore, cfg: PipelineConfig, teacher: Teacher,
+          retry: set[str], summary: RunSummary) -> list[Query]:
+    """The queries to run: not done before, or rejected for a reason being retried. A key with a
+    record is never redone; repeats of a query become counted ``duplicate_query`` rejects."""
     seen: Counter[str] = Counter()
     work: list[Query] = []
     for q in queries:
@@ -396,19 +465,87 @@ async def generate(
             summary.rejected += 1
             summary.reasons[DUPLICATE] += 1
             continue
-        if qid in store.done_keys and store.reject_reasons.get(qid) not in retry:
+        if qid in store.record_keys or (qid in store.done_keys and store.reject_reasons.get(qid) not in retry):
             summary.skipped += 1
             continue
         work.append(q)
+    return work
+
+
+async def generate(
+    queries: Iterable[Query],
+    teacher: Teacher,
+    store: ShardStore,
+    cfg: PipelineConfig,
+    *,
+    retry_reasons: Iterable[str] = (),
+    on_start: Callable[[int], None] | None = None,
+    progress: ProgressFn | None = None,
+    summary: RunSummary | None = None,
+) -> RunSummary:
+    """Process every query not yet in ``store``; duplicates become counted rejections.
+
+    Endpoint rejects (and the older ``teacher_error``) are always retried; ``retry_reasons`` adds
+    teacher reasons. Raises :class:`TeacherError` when the endpoint cannot serve the run, after
+    ``max_consecutive_errors`` endpoint rejects in a row, or (:class:`EndpointFailuresExceeded`,
+    once every query was tried) when endpoint rejects exceed ``max_endpoint_failures``. Pass a
+    ``summary`` to keep the counters when it raises; the endpoint counters go into ``run.json``.
+    """
+    t_start = time.perf_counter()
+    store.check_settings(cfg.settings(teacher))
+    summary = summary if summary is not None else RunSummary()
+    summary.endpoint = teacher.endpoint_stats
+    base = teacher.endpoint_stats.as_dict() if teacher.endpoint_stats is not None else None
+    work = _plan(queries, store, cfg, teacher, set(retry_reasons) | ENDPOINT_REJECTS, summary)
     if on_start:
         on_start(len(work))
     if progress:
         progress(summary)
+    try:
+        await _run_work(work, PersonaCoT(teacher, cfg), store, cfg, teacher, summary, progress)
+    finally:
+        summary.seconds = time.perf_counter() - t_start
+        if teacher.endpoint_stats is not None:
+            store.add_endpoint_counters(_delta(teacher.endpoint_stats.as_dict(), base))
+    failed = summary.rejects_by_cause()["endpoint"]
+    if failed > cfg.endpoint_failure_limit(len(work)):
+        causes = ", ".join(f"{r} {n}" for r, n in sorted(summary.reasons.items()) if r in ENDPOINT_REJECTS)
+        raise EndpointFailuresExceeded(
+            f"{failed} of {len(work)} queries failed at the endpoint ({causes}), more than --max-endpoint-failures "
+            f"{cfg.max_endpoint_failures} allows; the {summary.records} records written are kept. Once the endpoint "
+            f"is healthy, rerun the same command: it redoes only the failed queries")
+    return summary
 
-    pipe = PersonaCoT(teacher, cfg)
+
+def _delta(now: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
+    """This run's share of an endpoint's counters (a teacher object may serve several runs)."""
+    if before is None:
+        return now
+    return {
+        "requests": now["requests"] - before["requests"],
+        "retries": now["retries"] - before["retries"],
+        "http_status": {k: v - before["http_status"].get(k, 0) for k, v in now["http_status"].items()
+                        if v - before["http_status"].get(k, 0)},
+        "rate_limit_wait_s": round(now["rate_limit_wait_s"] - before["rate_limit_wait_s"], 3),
+    }
+
+
+async def _run_work(work: list[Query], pipe: PersonaCoT, store: ShardStore, cfg: PipelineConfig, teacher: Teacher,
+                    summary: RunSummary, progress: ProgressFn | None) -> None:
     it = iter(work)
     consecutive = 0
     fatal: list[BaseException] = []
+
+    def reject(q: Query, rej: Rejection, ctx: _Ctx | None) -> None:
+        nonlocal consecutive
+        store.write_reject(_reject_line(q, q.id, rej, cfg, teacher, ctx))
+        summary.rejected += 1
+        summary.reasons[rej.reason] += 1
+        consecutive = consecutive + 1 if rej.reason in ENDPOINT_REJECTS else 0
+        if consecutive >= cfg.max_consecutive_errors and not fatal:
+            fatal.append(TeacherError(
+                f"{consecutive} queries in a row failed at the endpoint; last: {rej.reason}: {rej.detail}. Stopping; "
+                f"rerun the same command once the teacher is back (it redoes only the failed queries)"))
 
     async def worker() -> None:
         nonlocal consecutive
@@ -418,24 +555,12 @@ async def generate(
             try:
                 rec = await pipe.run(q)
             except Rejection as rej:
-                ctx = rej.ctx
-                store.write_reject(_reject_line(q, q.id, rej, cfg, teacher, ctx))
-                summary.rejected += 1
-                summary.reasons[rej.reason] += 1
-                consecutive = consecutive + 1 if rej.reason == TEACHER_ERROR else 0
-                if consecutive >= cfg.max_consecutive_errors:
-                    fatal.append(TeacherError(
-                        f"{consecutive} requests in a row failed; last: {rej.detail}. Stopping; rerun the same "
-                        f"command with --retry-reasons {TEACHER_ERROR} once the teacher is back"))
-                    return
+                reject(q, rej, rej.ctx)
             except TeacherError as e:
                 fatal.append(e)
                 return
             except Exception as e:  # noqa: BLE001 - teacher output must never crash a run
-                rej = Rejection(UNPARSEABLE, f"{type(e).__name__}: {e}"[:500])
-                store.write_reject(_reject_line(q, q.id, rej, cfg, teacher, None))
-                summary.rejected += 1
-                summary.reasons[UNPARSEABLE] += 1
+                reject(q, Rejection(UNPARSEABLE, f"{type(e).__name__}: {e}"[:500]), None)
             else:
                 store.write_record(rec)
                 summary.records += 1
@@ -444,8 +569,5 @@ async def generate(
                 progress(summary)
 
     await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, max(1, len(work))))))
-    summary.seconds = time.perf_counter() - t_start
     if fatal:
         raise fatal[0]
-    return summary
-

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from personafuse.data.store import RECORDS, REJECTS, read_all
+from personafuse.data.store import RECORDS, REJECTS, line_key, read_all
+from personafuse.data.validation import DUPLICATE, ENDPOINT_REJECTS
 from personafuse.traits import NUM_POLES, TRAIT_POLES
 
 
@@ -17,7 +19,7 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{out}: no such folder")
     records = read_all(out, RECORDS)
     rec_ids = {r["id"] for r in records}
-    rejects = [r for r in read_all(out, REJECTS) if r.get("key", r["id"]) not in rec_ids]
+    rejects = [r for r in read_all(out, REJECTS) if line_key(r) not in rec_ids]
     pole_freq = [0] * NUM_POLES
     co = [[0] * NUM_POLES for _ in range(NUM_POLES)]
     by_sit: dict[str, list[int]] = {}
@@ -39,12 +41,16 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
                     if p[j]:
                         co[i][j] += 1
     total = len(records) + len(rejects)
+    n_endpoint = sum(r["reason"] in ENDPOINT_REJECTS for r in rejects)
     return {
         "folder": str(out),
         "records": len(records),
         "rejected": len(rejects),
         "kept_fraction": (len(records) / total) if total else 0.0,
         "reject_reasons": dict(Counter(r["reason"] for r in rejects).most_common()),
+        "rejects_by_cause": {"endpoint": n_endpoint,
+                             "teacher": sum(r["reason"] != DUPLICATE for r in rejects) - n_endpoint},
+        "endpoint": _endpoint_block(out),
         "pole_frequency": dict(zip(TRAIT_POLES, pole_freq, strict=True)),
         "poles_per_record": {str(k): v for k, v in sorted(n_poles.items())},
         "coactivation": co,
@@ -53,6 +59,16 @@ def compute_stats(out: str | Path) -> dict[str, Any]:
         "modes": dict(Counter(r.get("mode") for r in records)),
         "teachers": dict(Counter(r.get("teacher") for r in records)),
     }
+
+
+def _endpoint_block(out: Path) -> dict[str, Any] | None:
+    """``run.json``'s endpoint counters (HTTP teachers; totals over every run into the folder)."""
+    try:
+        info = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        return None
+    block = info.get("endpoint") if isinstance(info, dict) else None
+    return block if isinstance(block, dict) else None
 
 
 def _short(pole: str) -> str:
@@ -76,6 +92,18 @@ def print_stats(st: dict[str, Any]) -> None:
     for k, v in st["reject_reasons"].items():
         t.add_row(k, str(v))
     con.print(t)
+    by = st["rejects_by_cause"]
+    con.print(f"rejects by cause: endpoint {by['endpoint']}, teacher {by['teacher']}")
+    if (e := st.get("endpoint")) is not None:
+        t = Table(title="Endpoint (all runs into this folder)")
+        t.add_column("requests", justify="right")
+        t.add_column("retries", justify="right")
+        t.add_column("HTTP statuses")
+        t.add_column("rate-limit wait", justify="right")
+        t.add_row(str(e.get("requests", 0)), str(e.get("retries", 0)),
+                  ", ".join(f"{k} x{v}" for k, v in (e.get("http_status") or {}).items()),
+                  f"{e.get('rate_limit_wait_s', 0.0):.1f}s")
+        con.print(t)
     t = Table(title="Pole frequency")
     t.add_column("pole")
     t.add_column("records", justify="right")

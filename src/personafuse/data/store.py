@@ -6,7 +6,10 @@ command:
 * no torn lines: every line is written with a single ``os.write`` on an ``O_APPEND`` descriptor, and
   on start-up each shard's tail after its last newline (a write cut short by the kill) is truncated;
 * nothing lost or duplicated: a query is "done" once its line is in a shard; start-up reads every
-  shard and the pipeline skips done keys, so only in-flight work is repeated;
+  shard and the pipeline skips done keys, so only in-flight work is repeated. A key that has a
+  record is never written again (a record supersedes earlier rejects of its key), and a folder
+  that holds two records of one key (written by older versions) is repaired at start-up, keeping
+  the later line, as every reader does;
 * one writer: an exclusive ``flock`` on ``DIR/.lock`` stops two runs from interleaving.
 
 Each run appends to fresh shards (numbered after the existing ones) and rotates every
@@ -89,13 +92,44 @@ def iter_lines(path: Path, errors: list[str] | None = None) -> Iterator[tuple[in
             yield n, rec
 
 
+def line_key(rec: dict[str, Any]) -> str:
+    """The key a line is done under: ``key`` (rejects), else ``id`` (records)."""
+    return rec.get("key") or rec["id"]
+
+
 def read_all(out: str | os.PathLike[str], kind: str) -> list[dict[str, Any]]:
     """Every line of one kind, later lines replacing earlier ones with the same ``key``."""
     by_key: dict[str, dict[str, Any]] = {}
     for path in shard_paths(out, kind):
         for _, rec in iter_lines(path):
-            by_key[rec.get("key") or rec["id"]] = rec
+            by_key[line_key(rec)] = rec
     return list(by_key.values())
+
+
+def drop_duplicate_records(paths: list[Path]) -> int:
+    """Rewrite record shards so each key keeps only its last line; returns the lines removed.
+    Each shard is replaced whole (write, fsync, rename), so a crash leaves old or new, never half."""
+    last: dict[str, tuple[Path, int]] = {}
+    for path in paths:
+        for n, rec in iter_lines(path):
+            last[line_key(rec)] = (path, n)
+    keep: dict[Path, set[int]] = {}
+    for path, n in last.values():
+        keep.setdefault(path, set()).add(n)
+    removed = 0
+    for path in paths:
+        lines = path.read_bytes().splitlines(keepends=True)
+        kept = [ln for i, ln in enumerate(lines, start=1) if i in keep.get(path, set())]
+        if len(kept) == len(lines):
+            continue
+        removed += len(lines) - len(kept)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(b"".join(kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return removed
 
 
 class ShardStore:
@@ -110,8 +144,10 @@ class ShardStore:
         self._counts: dict[str, int] = {RECORDS: 0, REJECTS: 0}
         self._next_index = 0
         self.done_keys: set[str] = set()
-        self.reject_reasons: dict[str, str] = {}  # key -> reason, for --retry-reasons
+        self.record_keys: set[str] = set()  # never redone
+        self.reject_reasons: dict[str, str] = {}  # key -> reason of its latest reject, keys without a record
         self.repaired_bytes = 0
+        self.repairs: list[str] = []  # what start-up fixed, for the run's report
 
     # -- lifecycle
     def __enter__(self) -> ShardStore:
@@ -130,18 +166,32 @@ class ShardStore:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise StoreError(f"{self.out} is in use by another generation run (lock {self.out / '.lock'})") from None
+        self._read_shards()
+
+    def _read_shards(self) -> None:
         indices = []
+        counts: dict[str, int] = {}
         for kind in (RECORDS, REJECTS):
             for path in shard_paths(self.out, kind):
-                self.repaired_bytes += repair_shard(path)
+                if cut := repair_shard(path):
+                    self.repaired_bytes += cut
+                    self.repairs.append(f"{path.name}: removed a torn last line ({cut} bytes) left by a killed run; "
+                                        "its query is redone")
                 indices.append(int(_SHARD.match(path.name).group(2)))  # type: ignore[union-attr]
                 for _, rec in iter_lines(path):
-                    key = rec.get("key") or rec["id"]
+                    key = line_key(rec)
                     self.done_keys.add(key)
                     if kind == REJECTS:
                         self.reject_reasons[key] = rec.get("reason", "")
                     else:
-                        self.reject_reasons.pop(key, None)
+                        self.record_keys.add(key)
+                        counts[key] = counts.get(key, 0) + 1
+        for key in self.record_keys:  # a record supersedes any reject of its key, earlier or later
+            self.reject_reasons.pop(key, None)
+        if any(n > 1 for n in counts.values()):
+            removed = drop_duplicate_records(shard_paths(self.out, RECORDS))
+            self.repairs.append(f"removed {removed} duplicate record line(s) ({sum(n > 1 for n in counts.values())} "
+                                "keys written twice by an older version); each key keeps its last record")
         self._next_index = max(indices, default=-1) + 1
 
     def close(self) -> None:
@@ -173,6 +223,32 @@ class ShardStore:
         tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, path)  # atomic: run.json is either absent or complete
 
+    def add_endpoint_counters(self, run: dict[str, Any]) -> dict[str, Any]:
+        """Add one run's endpoint counters to ``run.json``'s ``endpoint`` block (totals over every
+        run into this folder) with ``rejects_by_cause``: the folder's standing rejects (keys with no
+        record) by whose fault they are. Returns the block."""
+        from personafuse.data.validation import DUPLICATE, ENDPOINT_REJECTS
+
+        path = self.out / "run.json"
+        info = json.loads(path.read_text()) if path.exists() else {}
+        old = info.get("endpoint") or {}
+        status: dict[str, int] = dict(old.get("http_status") or {})
+        for code, n in run.get("http_status", {}).items():
+            status[str(code)] = status.get(str(code), 0) + n
+        standing = [r for r in self.reject_reasons.values() if r != DUPLICATE]
+        endpoint = sum(r in ENDPOINT_REJECTS for r in standing)
+        info["endpoint"] = block = {
+            "requests": old.get("requests", 0) + run.get("requests", 0),
+            "retries": old.get("retries", 0) + run.get("retries", 0),
+            "http_status": dict(sorted(status.items())),
+            "rate_limit_wait_s": round(old.get("rate_limit_wait_s", 0.0) + run.get("rate_limit_wait_s", 0.0), 3),
+            "rejects_by_cause": {"endpoint": endpoint, "teacher": len(standing) - endpoint},
+        }
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        return block
+
     # -- writing
     def _fd(self, kind: str) -> int:
         if kind not in self._fds or self._counts[kind] >= self.shard_size:
@@ -187,6 +263,9 @@ class ShardStore:
 
     def write(self, kind: str, rec: dict[str, Any]) -> None:
         """Append one line atomically (one write call) and mark its key done."""
+        key = line_key(rec)
+        if kind == RECORDS and key in self.record_keys:
+            raise StoreError(f"{self.out}: key {key!r} already has a record; a done key is never written twice")
         line = (json.dumps(rec, ensure_ascii=False) + "\n").encode()
         fd = self._fd(kind)
         view = memoryview(line)
@@ -196,7 +275,12 @@ class ShardStore:
         if self.fsync:
             os.fsync(fd)
         self._counts[kind] += 1
-        self.done_keys.add(rec.get("key") or rec["id"])
+        self.done_keys.add(key)
+        if kind == RECORDS:
+            self.record_keys.add(key)
+            self.reject_reasons.pop(key, None)
+        else:
+            self.reject_reasons[key] = rec.get("reason", "")
 
     def write_record(self, rec: dict[str, Any]) -> None:
         self.write(RECORDS, rec)

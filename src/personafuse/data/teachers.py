@@ -5,7 +5,7 @@
   worker thread, so the pipeline code is the same for every teacher. It can also *score* option
   strings by log-likelihood, which the constrained mode uses.
 * :class:`OpenAITeacher` - any OpenAI-compatible chat endpoint (vLLM server, llama.cpp, Ollama, TGI,
-  hosted APIs) with a cap on requests in flight, timeouts, and retries with exponential backoff.
+  hosted APIs) under the retry and deadline policy shared with evaluation (:mod:`personafuse.endpoint`).
 * :class:`VLLMTeacher` - vLLM's offline engine (``pip install 'personafuse[vllm]'``) for large runs
   on a GPU node.
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import os
-import random
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -27,6 +26,15 @@ from pathlib import Path
 from typing import Any
 
 from personafuse import chat
+from personafuse.endpoint import (
+    Clock,
+    EndpointClient,
+    EndpointFailure,
+    EndpointFatal,
+    EndpointStats,
+    RetryPolicy,
+    chat_reply,
+)
 
 Messages = list[dict[str, str]]
 
@@ -36,7 +44,12 @@ class TeacherError(RuntimeError):
 
 
 class TeacherRequestError(RuntimeError):
-    """One request failed for good (after retries, or a non-retryable reply); the query is rejected."""
+    """One request failed for good (after retries, or a non-retryable reply); the query is rejected
+    with ``reason``: an endpoint_* reason for HTTP teachers, ``teacher_error`` for a local crash."""
+
+    def __init__(self, detail: str, reason: str = "teacher_error"):
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,7 @@ class Teacher(ABC):
 
     name: str = "teacher"
     supports_scoring: bool = False
+    endpoint_stats: EndpointStats | None = None  # HTTP teachers: requests, retries, statuses, waits
 
     @abstractmethod
     async def complete(self, messages: Messages, params: GenParams) -> Completion: ...
@@ -167,12 +181,13 @@ class HFTeacher(Teacher):
     @classmethod
     def from_pretrained(cls, id_or_path: str, *, gguf_file: str | None = None, device: str | None = None,
                         dtype: str | None = None, name: str | None = None, **kw: Any) -> HFTeacher:
-        import torch
-
+        from personafuse import devices
         from personafuse.embedded import ModelSource, load_causal_lm, load_tokenizer
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+        # --device / --dtype as every command reads them: the first accelerator, the teacher's own
+        # dtype, else bfloat16 on a GPU and float32 on the CPU (a GGUF is converted to it)
+        device = devices.resolve_device(device)
+        dtype = devices.resolve_dtype(dtype, device, devices.source_dtype(id_or_path, gguf_file))
         name = name or f"hf:{id_or_path}"
         src = ModelSource(id_or_path, id_or_path, gguf_file)  # a local GGUF loads from its converted copy
         try:
@@ -276,23 +291,20 @@ class HFTeacher(Teacher):
 
 
 class OpenAITeacher(Teacher):
-    """Chat completions over HTTP with bounded concurrency and retries with exponential backoff.
+    """Chat completions over HTTP under the shared endpoint policy (:mod:`personafuse.endpoint`):
+    at most ``max_in_flight`` requests in flight, one deadline per request, 429s on their own
+    wait budget, 5xx / timeouts / non-completion bodies / empty content retried with jittered
+    backoff. A request that fails for good raises :class:`TeacherRequestError` whose ``reason`` is
+    the endpoint_* reject reason; an endpoint that cannot serve the run raises :class:`TeacherError`.
 
     ``base_url``/``api_key`` default to ``OPENAI_BASE_URL``/``OPENAI_API_KEY``. Local servers that
     need no key get a placeholder key when a base URL is given.
     """
 
-    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
-    FATAL_STATUS = frozenset({401, 403, 404})
-
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
-                 max_in_flight: int = 32, timeout: float = 120.0, max_retries: int = 5,
-                 backoff: float = 1.0, backoff_max: float = 30.0, extra_body: dict[str, Any] | None = None):
-        try:
-            import openai
-        except ImportError:  # pragma: no cover - part of the data extra
-            raise TeacherError("openai: teachers need the openai package: pip install 'personafuse[data]'") from None
-        self.openai = openai
+                 max_in_flight: int = 32, timeout: float = 300.0, max_retries: int = 5,
+                 backoff: float = 1.0, backoff_max: float = 30.0, max_rate_limit_wait: float = 600.0,
+                 extra_body: dict[str, Any] | None = None, clock: Clock | None = None):
         base_url = base_url or os.environ.get("OPENAI_BASE_URL")
         api_key = api_key or os.environ.get("OPENAI_API_KEY")
         if not api_key:
@@ -302,66 +314,38 @@ class OpenAITeacher(Teacher):
         self.model = model
         self.name = f"openai:{model}"
         self.base_url = base_url
-        # Our own retry loop (max_retries=0 in the client) so backoff is configurable and visible.
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, timeout=timeout, max_retries=0)
-        self.max_retries = max_retries
-        self.backoff = backoff
-        self.backoff_max = backoff_max
+        policy = RetryPolicy(max_retries=max_retries, backoff=backoff, backoff_max=backoff_max,
+                             max_rate_limit_wait=max_rate_limit_wait, timeout=timeout)
+        self.endpoint = EndpointClient(base_url, api_key, policy=policy, clock=clock, max_in_flight=max_in_flight,
+                                       name=self.name)
+        self.endpoint_stats = self.endpoint.stats
         self.extra_body = extra_body
-        self._sem = asyncio.Semaphore(max_in_flight)
-        self.retries = 0  # counted for reports and tests
+
+    @property
+    def retries(self) -> int:  # counted for reports and tests
+        return self.endpoint.stats.retries
 
     async def complete(self, messages: Messages, params: GenParams) -> Completion:
-        openai = self.openai
-        last: str = ""
-        for attempt in range(self.max_retries + 1):
-            wait = None
-            t0 = time.perf_counter()
-            async with self._sem:
-                try:
-                    r = await self.client.chat.completions.create(
-                        model=self.model, messages=messages, max_tokens=params.max_new_tokens,  # type: ignore[arg-type]
-                        temperature=params.temperature, top_p=params.top_p, extra_body=self.extra_body,
-                    )
-                except openai.APIStatusError as e:
-                    status = e.status_code
-                    last = f"HTTP {status}: {str(e)[:200]}"
-                    if status in self.FATAL_STATUS:
-                        raise TeacherError(f"{self.name} at {self.base_url or 'api.openai.com'}: {last}") from None
-                    if status not in self.RETRY_STATUS:
-                        raise TeacherRequestError(last) from None
-                    wait = _retry_after(e.response)
-                except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                    last = f"{type(e).__name__}: {e}"
-                else:
-                    if not r.choices:
-                        raise TeacherRequestError("reply has no choices")
-                    ch = r.choices[0]
-                    usage = r.usage
-                    return Completion(
-                        ch.message.content or "",
-                        "length" if ch.finish_reason == "length" else "stop",
-                        time.perf_counter() - t0,
-                        usage.prompt_tokens if usage else None,
-                        usage.completion_tokens if usage else None,
-                    )
-            if attempt == self.max_retries:
-                break
-            self.retries += 1
-            delay = min(self.backoff_max, self.backoff * 2**attempt) * random.uniform(0.5, 1.0)
-            await asyncio.sleep(min(self.backoff_max, wait) if wait is not None else delay)
-        raise TeacherRequestError(f"gave up after {self.max_retries + 1} attempts; last error {last}")
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": params.max_new_tokens,
+                                "temperature": params.temperature, "top_p": params.top_p, **(self.extra_body or {})}
+        t0 = time.perf_counter()
+        try:
+            text, finish, data = await self.endpoint.post("/chat/completions", body, _chat_with_body)
+        except EndpointFatal as e:
+            raise TeacherError(str(e)) from None
+        except EndpointFailure as e:
+            raise TeacherRequestError(e.detail, reason=e.cause) from None
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        return Completion(text, "length" if finish == "length" else "stop", time.perf_counter() - t0,
+                          usage.get("prompt_tokens"), usage.get("completion_tokens"))
 
     async def aclose(self) -> None:
-        await self.client.close()
+        await self.endpoint.aclose()
 
 
-def _retry_after(response: Any) -> float | None:
-    try:
-        v = response.headers.get("retry-after")
-        return max(0.0, float(v)) if v is not None else None
-    except (AttributeError, ValueError, TypeError):
-        return None
+def _chat_with_body(data: Any) -> tuple[str, str, dict[str, Any]]:
+    text, finish, _ = chat_reply(data)
+    return text, finish, data
 
 
 # ------------------------------------------------------------------------------------- vLLM offline
@@ -404,9 +388,11 @@ class TeacherOptions:
     base_url: str | None = None
     api_key: str | None = None
     max_in_flight: int = 32
-    timeout: float = 120.0
+    timeout: float = 300.0  # one request, send to last byte
     max_retries: int = 5
     backoff: float = 1.0
+    max_rate_limit_wait: float = 600.0  # cumulative 429 waiting per request
+    clock: Clock | None = None  # tests and benchmarks run on a fast clock
     batch_size: int = 8
     device: str | None = None
     dtype: str | None = None
@@ -427,7 +413,8 @@ def make_teacher(spec: str, opts: TeacherOptions | None = None) -> Teacher:
                                          max_batch=opts.batch_size)
     if kind == "openai" and arg:
         return OpenAITeacher(arg, base_url=opts.base_url, api_key=opts.api_key, max_in_flight=opts.max_in_flight,
-                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.backoff)
+                             timeout=opts.timeout, max_retries=opts.max_retries, backoff=opts.backoff,
+                             max_rate_limit_wait=opts.max_rate_limit_wait, clock=opts.clock)
     if kind == "vllm" and arg:
         return VLLMTeacher(arg)
     raise TeacherError(f"unknown teacher {spec!r}; use default, hf:ID_OR_PATH, openai:MODEL or vllm:ID")

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from personafuse.endpoint import ENDPOINT_REASONS
 from personafuse.traits import TRAIT_NAMES, both_poles, pole_name, vector_from_poles
 
 UNPARSEABLE = "unparseable"
@@ -31,7 +32,11 @@ REJECT_REASONS: tuple[str, ...] = (
     TRUNCATED,
     DUPLICATE,
     TEACHER_ERROR,
+    *ENDPOINT_REASONS,
 )
+# The endpoint's fault, not the teacher's writing: a plain rerun retries these. ``teacher_error``
+# is what such failures were called before the endpoint_* reasons (and local teachers' crashes).
+ENDPOINT_REJECTS: frozenset[str] = frozenset({*ENDPOINT_REASONS, TEACHER_ERROR})
 
 
 class Rejection(Exception):

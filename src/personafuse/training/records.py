@@ -4,6 +4,7 @@ into token ids with the prompt masked out of the labels."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from personafuse.data.schema import Record, RecordError, read_record
 from personafuse.data.store import RECORDS, iter_lines, shard_paths
 
 __all__ = ["Record", "RecordError", "encode_record", "load_records"]
+
+log = logging.getLogger(__name__)
 
 
 def _files(path: str | Path) -> list[Path]:
@@ -31,26 +34,36 @@ def load_records(path: str | Path, *, require_p: bool = True) -> list[Record]:
     """Read every record and check it; raise one :class:`RecordError` listing all problems.
 
     Lines are read with the generation store's own reader (:func:`personafuse.data.store.iter_lines`),
-    so a folder left by a killed ``data generate`` run (a torn last line) trains as it is, and a
-    record regenerated after a resume (same ``key``) replaces its earlier line as ``read_all`` does.
+    so a folder left by a killed ``data generate`` run (a torn last line) trains as it is. Records
+    are keyed by ``key``, else ``id`` (lines with neither are all kept): a query written twice (a
+    folder from an older ``data generate`` that redid done keys) trains once, its later line
+    replacing the earlier one as ``read_all`` does, and the number dropped is logged.
     Each line is checked by the schema's own reader (:func:`personafuse.data.schema.read_record`:
     non-empty ``query`` and ``response``; with ``require_p`` also ``p``, ten 0/1 entries, not all
     zero; ``id`` defaults to a hash of the query).
     """
     by_key: dict[str, Record] = {}
     problems: list[str] = []
+    duplicates = 0
     for f in _files(path):
         for lineno, row in iter_lines(f, errors=problems):
             try:
-                by_key[str(row.get("key") or f"{f}:{lineno}")] = read_record(row, f"{f}:{lineno}", require_p=require_p)
+                rec = read_record(row, f"{f}:{lineno}", require_p=require_p)
             except RecordError as e:
                 problems.append(str(e))
+                continue
+            key = str(row.get("key") or row.get("id") or f"{f}:{lineno}")
+            duplicates += key in by_key
+            by_key[key] = rec
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  … and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise RecordError(f"{len(problems)} bad training record(s):\n  {shown}{more}")
     if not by_key:
         raise RecordError(f"{path}: no training records")
+    if duplicates:
+        log.warning("%s: %d duplicate record line(s) dropped (same key as a later line); %d records kept",
+                    path, duplicates, len(by_key))
     return list(by_key.values())
 
 
