@@ -379,44 +379,66 @@ def test_documented_command_line(tmp_path: Path, entry: str) -> None:
     assert list((tmp_path / "out").rglob("results_*.json"))
 
 
-def test_gsm8k_local_task_runs_offline_through_the_cli(tmp_path: Path) -> None:
-    """The shipped ``gsm8k_local`` task (lm-eval's gsm8k config over a local official-format
-    test.jsonl, passed with ``--metadata``) end to end through ``personafuse lm-eval``, offline; the
-    task folder is added to ``--include_path`` by our entry point."""
+def test_lm_eval_gsm8k_and_personafuse_eval_agree_item_by_item(tmp_path: Path) -> None:
+    """``personafuse lm-eval`` running lm-eval's own ``gsm8k`` (its installed yaml included
+    unchanged, only the data read from the fixture's test/train files) and our shipped
+    ``gsm8k_local``, with ``--apply_chat_template --fewshot_as_multiturn``, against ``personafuse
+    eval --benchmarks gsm8k -o gsm8k.chat_template=true`` on the same tiny model and items: the same
+    rendered 5-shot context, the same greedy reply and the same strict/flexible score per document."""
     import os
+    import shutil
     import subprocess
     import sys
 
     from eval_support import FIXTURE_BENCHDATA
+    from personafuse.evaluation.lm_eval_tasks import TASKS_DIR
+    from personafuse.evaluation.runner import EvalConfig, Runner, read_records
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
     model_dir = make_tiny_llama(tmp_path / "tiny")
-    data = FIXTURE_BENCHDATA / "gsm8k" / "test.jsonl"
+    folder = FIXTURE_BENCHDATA / "gsm8k"
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "gsm8k_parity.yaml").write_text(json.dumps({
+        "include": str(Path(lm_eval.__file__).parent / "tasks" / "gsm8k" / "gsm8k.yaml"), "task": "gsm8k_parity",
+        "dataset_path": "json", "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}}}))  # fmt: skip
+    for f in ("gsm8k_local.yaml", "gsm8k_local.py"):  # one --include_path holds both tasks
+        shutil.copy(TASKS_DIR / f, tasks / f)
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     out = subprocess.run(
         [sys.executable, "-m", "personafuse.evaluation.lm_eval_model", "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
-         "--tasks", "gsm8k_local", "--metadata", json.dumps({"data_file": str(data)}), "--device", "cpu", "--batch_size", "3",
-         "--apply_chat_template", "--gen_kwargs", "max_gen_toks=8", "--log_samples", "--output_path", str(tmp_path / "out")],
+         "--tasks", "gsm8k_parity,gsm8k_local", "--include_path", str(tasks), "--metadata", json.dumps({"data_file": str(folder / "test.jsonl")}),
+         "--device", "cpu", "--batch_size", "1", "--apply_chat_template", "--fewshot_as_multiturn", "--gen_kwargs", "max_gen_toks=8",
+         "--log_samples", "--output_path", str(tmp_path / "out")],
         capture_output=True, text=True, env=env, timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    r = res["results"]["gsm8k_local"]
-    assert res["n-samples"]["gsm8k_local"]["effective"] == 3
-    samples = [json.loads(x) for x in next((tmp_path / "out").rglob("samples_gsm8k_local_*.jsonl")).read_text().splitlines()]
-    fixture = [json.loads(x)["question"] for x in data.read_text().splitlines()]
-    assert sorted({s["doc"]["question"] for s in samples}) == sorted(fixture)  # one sample per filter
-    # lm-eval's two numbers are what `personafuse eval`'s GSM8K scorer gives the same replies
-    from personafuse.evaluation.benchmarks.base import Item
-    from personafuse.evaluation.benchmarks.gsm8k import GSM8K
+    assert res["configs"]["gsm8k_parity"]["num_fewshot"] == res["configs"]["gsm8k_local"]["num_fewshot"] == 5
 
-    bench = GSM8K()
-    ours = [bench.score_item(Item(id="x", prompt="", reference="", meta={"answer": s["doc"]["answer"]}), [s["resps"][0][0]], None)
-            for s in samples if s["filter"] == "strict-match"]  # fmt: skip
-    assert len(ours) == 3
-    assert r["exact_match,strict-match"] == pytest.approx(sum(o["score"] for o in ours) / 3)
-    assert r["exact_match,flexible-extract"] == pytest.approx(sum(o["score_flexible"] for o in ours) / 3)
+    def samples(task: str, filt: str = "strict-match") -> dict[str, dict]:
+        rows = [json.loads(x) for x in next((tmp_path / "out").rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()]
+        return {s["doc"]["question"]: s for s in rows if s["filter"] == filt}
+
+    theirs, local, flex = samples("gsm8k_parity"), samples("gsm8k_local"), samples("gsm8k_parity", "flexible-extract")
+    subject = load_subject(f"hf:{model_dir}", SubjectOptions(batch_size=1))
+    cfg = EvalConfig(model=f"hf:{model_dir}", benchmarks=["gsm8k"], out=str(tmp_path / "ours"), data=str(FIXTURE_BENCHDATA),
+                     max_new_tokens=8, options={"gsm8k": {"chat_template": "true"}})  # fmt: skip
+    block = Runner(cfg, lambda: subject, progress=False).run()["benchmarks"]["gsm8k"]
+    assert block["protocol"]["num_fewshot"] == 5 and block["n"] == len(theirs) == len(local) == 3
+    for rec in read_records(tmp_path / "ours" / "gsm8k.jsonl").values():
+        q = rec["prompt"][-1]["content"].removeprefix("Question: ").removesuffix("\nAnswer:")
+        s = theirs[q]
+        ctx = s["arguments"]["gen_args_0"]["arg_0"]
+        assert subject.tokenizer.apply_chat_template(rec["prompt"], tokenize=False, add_generation_prompt=True) == ctx, q
+        assert local[q]["arguments"]["gen_args_0"]["arg_0"] == ctx  # the shipped task draws the same shots
+        assert rec["response"].strip() == s["resps"][0][0].strip(), q
+        assert (rec["score"], rec["score_flexible"]) == (s["exact_match"], flex[q]["exact_match"]), q
+    r = res["results"]["gsm8k_parity"]
+    assert block["score"] == pytest.approx(r["exact_match,strict-match"]) and block["score_flexible"] == pytest.approx(r["exact_match,flexible-extract"])
 
 
 def test_gsm8k_local_without_data_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -428,6 +450,9 @@ def test_gsm8k_local_without_data_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         gsm8k_local.load()
     bad = tmp_path / "test.jsonl"
     bad.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"train\.jsonl not found: the task's 5 shots come from the train split"):
+        gsm8k_local.load(data_file=str(bad), version=3.0)
+    (tmp_path / "train.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     with pytest.raises(DataError, match=r"test\.jsonl:1: missing field 'answer'"):
         gsm8k_local.load(data_file=str(bad), version=3.0)
 

@@ -217,6 +217,8 @@ class ReproduceConfig:
                 raise ConfigError(f"{p}: invalid YAML: {e}") from None
             if not isinstance(data, dict):
                 raise ConfigError(f"{p}: expected a mapping at the top level")
+            if isinstance(data.get("train"), str):
+                data["train"] = _beside(data["train"], p)
         for item in sets or []:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
@@ -248,6 +250,18 @@ _NESTED: dict[tuple[type, str], type] = {
     (ReproduceConfig, "eval"): EvalConfig,
     (ReproduceConfig, "probe"): ProbeConfig,
 }
+
+
+def _beside(path: str, config: Path) -> str:
+    """A relative path in a config file: from the working directory if it is there, else from the
+    config's folder or the nearest folder above it that has it (the presets name
+    ``configs/...`` from the repository root), so a preset runs from any directory."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    for folder in config.resolve().parents:
+        if (folder / path).exists():
+            return str(folder / path)
+    return path
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -109,6 +109,9 @@ class Benchmark:
     # Whether prompts go through the subject's chat template (True) or are sent as raw completion
     # text (False, personafuse.chat.RawPrompt), as the reference sends them; -o NAME.chat_template=.
     chat_template: bool = True
+    # A Hub dataset that asks for access (its terms accepted on its page, then HF_TOKEN) before its
+    # files download; None: public. Read by the reproduce grid's preflight check.
+    gated: str | None = None
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         self.options = dict(options or {})

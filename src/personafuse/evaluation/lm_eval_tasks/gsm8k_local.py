@@ -1,4 +1,5 @@
-"""The dataset of ``gsm8k_local.yaml``: the official GSM8K ``test.jsonl`` from a local file.
+"""The dataset of ``gsm8k_local.yaml``: the official GSM8K ``test.jsonl`` and, beside it,
+``train.jsonl`` (the split the 5 shots come from) from local files.
 
 lm-eval calls ``load`` (the task's ``custom_dataset``) with the task metadata, which includes what
 ``--metadata '{"data_file": "PATH"}'`` passes; without it the file is looked up like
@@ -25,8 +26,13 @@ def load(data_file: str | None = None, **_: Any) -> Any:
         if root is None:
             raise DataError("gsm8k_local: no data file; pass --metadata '{\"data_file\": \"PATH/test.jsonl\"}' or set PERSONAFUSE_BENCHDATA")
         path = root / "gsm8k" / "test.jsonl"
-    rows = read_jsonl(path)  # names file and line on a bad row
-    docs = [{"question": field(r, "question", path, kind=str), "answer": field(r, "answer", path, kind=str)} for r in rows]
-    if not docs:
-        raise DataError(f"gsm8k_local: {path} holds no questions")
-    return DatasetDict({"test": Dataset.from_list(docs)})
+    train = path.with_name("train.jsonl")
+    if not train.is_file():
+        raise DataError(f"gsm8k_local: {train} not found: the task's 5 shots come from the train split (beside {path.name})")
+    splits = {}
+    for split, p in (("test", path), ("train", train)):
+        rows = read_jsonl(p)  # names file and line on a bad row
+        splits[split] = [{"question": field(r, "question", p, kind=str), "answer": field(r, "answer", p, kind=str)} for r in rows]
+        if not splits[split]:
+            raise DataError(f"gsm8k_local: {p} holds no questions")
+    return DatasetDict({k: Dataset.from_list(v) for k, v in splits.items()})
