@@ -70,3 +70,74 @@ def test_set_train_fields_edit_the_presets_training_file():
         ReproduceConfig.load(preset, ["train.warmup.steps=2", "train.warmup.stepz=2"])
     with pytest.raises(ConfigError, match=r"eval\.devices\[1\]: 'gpu1' is not a device"):
         ReproduceConfig.load(preset, ["eval.devices=[cuda:0, gpu1]"])
+
+
+# ---------------------------------------------------------------------------------- preflight
+@pytest.fixture(scope="module")
+def server():
+    from data_fixtures import stub_server
+
+    yield from stub_server()
+
+
+def _grid(tmp_path: Path, base_url: str, *sets: str) -> ReproduceConfig:
+    from reproduce_support import tiny_experiment
+
+    return ReproduceConfig.load(tiny_experiment(tmp_path, base_url), list(sets))
+
+
+def test_the_check_passes_on_a_reachable_setup_and_sends_one_request_per_data_mode(server, tmp_path: Path):
+    from personafuse.reproduce.preflight import check_cell
+
+    cfg = _grid(tmp_path, server.base_url)
+    before = server.state.requests
+    notes = check_cell(cfg, tmp_path / "out", "grid.yaml")
+    assert server.state.requests - before == 3  # persona_cot, direct, human_like
+    assert any("safetybench loads" in n for n in notes) and any(n.startswith("model: ") for n in notes)
+    assert json.loads((tmp_path / "out/check/check.json").read_text())["ok"] is True
+
+
+def test_a_judge_on_the_teachers_url_is_refused_unless_it_is_meant_to(server, tmp_path: Path, monkeypatch):
+    from personafuse.reproduce.preflight import PreflightError, run_check
+
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)  # the judge falls back to it, like the teacher
+    sets = ("eval.benchmarks=[safetybench, arenahard]", "eval.judge=openai:judge")
+    cfg = _grid(tmp_path, server.base_url, *sets)
+    with pytest.raises(PreflightError, match=r"grid\.yaml: eval\.judge_base_url: the judge resolves to the teacher's URL .*\$OPENAI_BASE_URL"):
+        run_check(cfg, tmp_path / "out", "grid.yaml")
+    before = server.state.requests
+    notes = run_check(_grid(tmp_path, server.base_url, *sets, "eval.judge_shares_teacher=true"), tmp_path / "out", "grid.yaml")
+    assert server.state.requests - before == 3 + 1 and any("eval.judge: openai:judge" in n for n in notes)
+
+
+def test_the_check_names_each_broken_field(server, tmp_path: Path, monkeypatch):
+    from personafuse.evaluation.benchmarks.gpqa import GPQA
+    from personafuse.reproduce.preflight import PreflightError, run_check
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    empty = tmp_path / "nodata"
+    empty.mkdir()
+    cfg = _grid(tmp_path, server.base_url, "model=/nowhere/model", "train_launcher=no-such-launcher --num_processes 2",
+                "eval.benchmarks=[tombench, gpqa, mentalchat]", f"eval.data={empty}", "eval.judge=openai:gpt-4",
+                "eval.devices=[cpu, cuda:7]", "teacher.base_url=http://127.0.0.1:9/v1")
+    with pytest.raises(PreflightError) as err:
+        run_check(cfg, tmp_path / "out", "grid.yaml")
+    text = str(err.value)
+    for fld in ("model", "train_launcher", "eval.benchmarks[0]", "eval.benchmarks[1]", "eval.judge", "eval.devices[1]", "teacher.base_url"):
+        assert f"grid.yaml: {fld}: " in text, fld
+    assert "'no-such-launcher' is not installed" in text and "needs an API key: export OPENAI_API_KEY" in text
+    assert GPQA.gated == "Idavidrein/gpqa" and "Idavidrein/gpqa is gated" in text and "HF_TOKEN" in text  # from the class
+
+
+def test_the_large_preset_dry_run_stays_offline_and_its_check_names_the_missing_judge_key(tmp_path: Path):
+    from reproduce_support import reproduce
+
+    preset = "configs/reproduce/llama-3.1-8b.yaml"
+    r = reproduce("--config", preset, "--out", str(tmp_path / "x"), "--dry-run", "--no-check")
+    assert r.returncode == 0, r.stderr
+    assert "train/personafuse/seed2" in r.stdout and not (tmp_path / "x").exists()
+    r = reproduce("--config", preset, "--out", str(tmp_path / "x"), "--dry-run", timeout=120)
+    assert r.returncode == 2
+    assert "llama-3.1-8b.yaml: eval.judge: openai:gpt-4-1106-preview at api.openai.com" in r.stderr and "OPENAI_API_KEY" in r.stderr
+    assert not (tmp_path / "x").exists()

@@ -108,6 +108,7 @@ class GPQA(Benchmark):
     name = "gpqa"
     title = "GPQA"
     folder = "gpqa"
+    gated = HUB_ID  # the authors ask users to accept terms (no plain-text copies online)
     max_new_tokens = 256  # lm-eval's generate_until default max_gen_toks (the yaml sets none)
     reference = Reference(
         repo="EleutherAI/lm-evaluation-harness",
