@@ -141,3 +141,26 @@ def test_the_large_preset_dry_run_stays_offline_and_its_check_names_the_missing_
     assert r.returncode == 2
     assert "llama-3.1-8b.yaml: eval.judge: openai:gpt-4-1106-preview at api.openai.com" in r.stderr and "OPENAI_API_KEY" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------- side by side
+def test_eval_cells_run_side_by_side_one_per_device(server, tmp_path: Path):
+    from reproduce_support import reproduce, tiny_experiment
+
+    cfg = tiny_experiment(tmp_path, server.base_url, variants=["base", "pcot_prompting"])
+    out = tmp_path / "out"
+    r = reproduce("--config", str(cfg), "--out", str(out), "--set", "eval.devices=[cpu, cpu]", "--set", "eval.limit=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    cells = ["eval/base/seed0", "eval/pcot_prompting/seed0", "replies/base/seed0", "replies/pcot_prompting/seed0"]
+    spans = {c: json.loads((out / c / "device.json").read_text()) for c in cells}
+    assert all(s["device"] == "cpu" and s["CUDA_VISIBLE_DEVICES"] == "" for s in spans.values())
+    # two cells at once, never three (two devices)
+    edges = sorted([(s["started"], 1) for s in spans.values()] + [(s["ended"], -1) for s in spans.values()])
+    running, most = 0, 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    assert most == 2
+    log = (out / "reproduce.log").read_text()
+    assert all(log.count(f"=== {c} ") == 1 for c in cells)  # each cell's output in one block
+    assert set(json.loads((out / "report/summary.json").read_text())["variants"]) == {"base", "pcot_prompting"}

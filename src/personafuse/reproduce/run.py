@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.reproduce.config import BASELINE_KIND, TRAINING_DATA, ReproduceConfig
+from personafuse.reproduce.parallel import SIDE_BY_SIDE, run_side_by_side, slot_env, slots
 from personafuse.reproduce.plan import QUERIES, Cell, estimate, plan, shares_warmup
 
 LOG = "reproduce.log"
@@ -323,6 +324,9 @@ class Grid:
         self.console = console or Console(stderr=True)
         self._commands: dict[str, dict[str, Any]] = {}  # per cell; the config does not change during a run
         self._running: dict[str, subprocess.Popen[bytes]] = {}  # cell name -> its process (group leader)
+        self._slots: list[str] | None = None  # eval.devices resolved, when the first eval cell runs
+        self._device = threading.local()  # the device of the cell this thread runs (None: as configured)
+        self._log_lock = threading.Lock()
 
     # ---- state ------------------------------------------------------------------------------
     def stored(self, cell: Cell) -> dict[str, Any] | None:
@@ -388,21 +392,50 @@ class Grid:
         columns = (TextColumn("[bold]reproduce[/bold]"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=False) as bar, self._ending_cells():
             task = bar.add_task("", total=len(self.cells))
+            ran: set[str] = set()  # cells already run side by side with an earlier one
             for cell in self.cells:
-                state = self.state(cell)
-                if state == "done":
-                    bar.advance(task)
+                if cell.name in ran:
                     continue
-                left = sum(self.state(c) != "done" for c in self.cells)
-                bar.update(task, description=f"{cell.name} ({left} left)")
-                if state == "stale":
-                    self.console.print(f"[yellow]{cell.name}: what it read changed (command, config, an input cell, "
-                                       f"the personafuse version, a source or the benchmark data); redoing it[/yellow]")
-                    shutil.rmtree(self.out / cell.name)
-                seconds = self._run_cell(cell)
-                self.console.print(f"[green]done[/green] {cell.name} in {seconds:.1f} s")
-                bar.advance(task)
+                wave = self._wave(cell)
+                if len(wave) > 1:  # independent eval / replies cells, one per device (eval.devices)
+                    run_side_by_side(wave, self._slots, lambda c, d: self._run_step(c, bar, task, device=d))
+                    ran.update(c.name for c in wave)
+                else:
+                    self._run_step(cell, bar, task)
         return self.out / "report"
+
+    def _run_step(self, cell: Cell, bar: Any, task: Any, device: str | None = None) -> None:
+        """``cell`` unless it is done (on ``device``: a child seeing that device alone)."""
+        state = self.state(cell)
+        if state == "done":
+            bar.advance(task)
+            return
+        left = sum(self.state(c) != "done" for c in self.cells)
+        bar.update(task, description=f"{cell.name} ({left} left)")
+        if state == "stale":
+            self.console.print(f"[yellow]{cell.name}: what it read changed (command, config, an input cell, "
+                               f"the personafuse version, a source or the benchmark data); redoing it[/yellow]")
+            shutil.rmtree(self.out / cell.name)
+        self._device.name = device  # read by _spawn in this thread
+        seconds = self._run_cell(cell)
+        self.console.print(f"[green]done[/green] {cell.name} in {seconds:.1f} s" + (f" on {device}" if device else ""))
+        bar.advance(task)
+
+    def _wave(self, cell: Cell) -> list[Cell]:
+        """``cell`` and the cells after it that may run beside it: eval / replies cells whose inputs
+        are done, when ``eval.devices`` gives more than one device; else ``[cell]``."""
+        if cell.kind not in SIDE_BY_SIDE or self.state(cell) == "done":
+            return [cell]
+        if self._slots is None:
+            self._slots = slots(self.cfg.eval.devices)
+        if len(self._slots) < 2:
+            return [cell]
+        start = self.cells.index(cell)
+        return [c for c in self.cells[start:] if c.kind in SIDE_BY_SIDE and self.state(c) != "done"
+                and all(self.state(self._cell(n)) == "done" for n in c.needs)]
+
+    def _cell(self, name: str) -> Cell:
+        return next(c for c in self.cells if c.name == name)
 
     def _run_cell(self, cell: Cell) -> float:
         folder = self.out / cell.name
@@ -480,6 +513,8 @@ class Grid:
             f.write(text)
 
     def _spawn(self, cell: Cell, cmd: list[str]) -> None:
+        if (device := getattr(self._device, "name", None)) is not None:
+            return self._spawn_on(cell, cmd, device)
         self._log(cell, cmd)
         if cmd[0] in ("personafuse", "python"):  # this interpreter, whatever is on PATH
             argv = [sys.executable, *(["-m", "personafuse.cli"] if cmd[0] == "personafuse" else []), *cmd[1:]]
@@ -504,3 +539,28 @@ class Grid:
                 tail = f.read().decode("utf-8", "replace").strip().splitlines()[-15:]
             raise ReproduceError(f"cell {cell.name} failed (exit {rc}): {shlex.join(cmd)}\n" + "\n".join(tail)
                                  + f"\n(full output: {log}; rerun the same command to resume)")
+
+    def _spawn_on(self, cell: Cell, cmd: list[str], device: str) -> None:
+        """A cell beside others: its output in ``OUT/<cell>/cell.log`` (copied into reproduce.log
+        whole when it ends, so parallel cells do not interleave), its device and wall clock in
+        ``OUT/<cell>/device.json``."""
+        folder = self.out / cell.name
+        argv = [sys.executable, *(["-m", "personafuse.cli"] if cmd[0] == "personafuse" else []), *cmd[1:]]
+        started = time.time()
+        with (folder / "cell.log").open("w", encoding="utf-8") as f:
+            proc = subprocess.Popen(argv, cwd=self.out, stdout=f, stderr=subprocess.STDOUT, env={**_child_env(), **slot_env(device)},
+                                    start_new_session=True, preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            self._running[cell.name] = proc
+            try:
+                rc = proc.wait()
+            finally:
+                self._running.pop(cell.name, None)
+        text = (folder / "cell.log").read_text(encoding="utf-8", errors="replace")
+        with self._log_lock:
+            self._log(cell, cmd)
+            self._log_text(f"(on {device}, {time.time() - started:.1f} s)\n{text}")
+        _write_json(folder / "device.json", {"device": device, **slot_env(device), "started": started, "ended": time.time()})
+        if rc != 0:
+            tail = "\n".join(text.strip().splitlines()[-15:])
+            raise ReproduceError(f"cell {cell.name} failed (exit {rc}) on {device}: {shlex.join(cmd)}\n{tail}"
+                                 f"\n(full output: {folder / 'cell.log'}; rerun the same command to resume)")
