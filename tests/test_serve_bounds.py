@@ -237,7 +237,7 @@ import sys
 sys.path.insert(0, {tests!r})
 from serve_support import SlowModel
 import personafuse.chat_cli as chat_cli
-chat_cli.load_model = lambda spec: SlowModel(step_s=0.05).model  # the CLI, with the slow tiny model
+chat_cli.load_model = lambda spec, *placement: SlowModel(step_s=0.05).model  # the CLI, with the slow tiny model
 from personafuse.cli import main
 sys.argv = ["personafuse", "serve", "--port", "{port}", "--max-tokens-limit", "100", "--max-prompt-tokens", "20",
             "--batch-wait-ms", "300", "--drain-timeout", "1"]

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from personafuse.devices import DeviceOpt, DtypeOpt, cli_placement, placement_line
 from personafuse.display import show_reply
 
 console = Console()
@@ -40,16 +41,28 @@ def quiet_loading() -> None:
     hf_logging.disable_progress_bar()
 
 
-def load_model(spec: str) -> Any:
-    """A PersonaFuseModel for a ``--model`` spec (personafuse.specs: one grammar for every command);
-    a bad spec or missing path is a usage error naming ``--model``."""
+def load_model(spec: str, device: str | None = None, dtype: str = "auto") -> Any:
+    """A PersonaFuseModel for a ``--model`` spec (personafuse.specs: one grammar for every command)
+    on ``device`` in ``dtype`` (personafuse.devices); a bad spec or missing path is a usage error
+    naming ``--model``."""
     from personafuse.specs import load_personafuse
 
     quiet_loading()
     try:
-        return load_personafuse(spec)
+        return load_personafuse(spec, device=device, dtype=dtype)
     except (FileNotFoundError, ValueError) as e:  # a missing path or embedded package: the message says which
         raise typer.BadParameter(str(e), param_hint="--model") from None
+
+
+def load_placed(spec: str, device: str, dtype: str) -> Any:
+    """:func:`load_model` after checking ``--device`` / ``--dtype`` (a device this machine lacks
+    exits 2 before anything loads), then the first line: where the model computes, read from its
+    parameters."""
+    device, dtype = cli_placement(device, dtype)
+    with err_console.status("loading model…"):
+        m = load_model(spec, device, dtype)
+    err_console.print(placement_line(m, spec), markup=False, highlight=False, soft_wrap=True)
+    return m
 
 
 def _routing(text: str, seed: int):
@@ -71,11 +84,12 @@ def chat_command(
     temperature: Annotated[float, typer.Option(help="Sampling temperature (with --sample).")] = 0.7,
     seed: Annotated[int, typer.Option(help="Seed for sampling and random routing.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the reply and weights as JSON.")] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Chat with a PersonaFuse model; every reply shows its ten routing weights."""
     route_spec = _routing(routing, seed)
-    with err_console.status("loading model…"):
-        m = load_model(model)
+    m = load_placed(model, device, dtype)
     kw = {"routing": route_spec, "max_new_tokens": max_new_tokens, "do_sample": sample, "temperature": temperature, "seed": seed}
 
     def show(text: str, gen: Any) -> None:
@@ -116,6 +130,8 @@ def route_command(
     model: ModelOpt = "default",
     as_json: Annotated[bool, typer.Option("--json", help='Print JSON: {"weights": {pole: w}} per query.')] = False,
     tau: Annotated[float | None, typer.Option(help="Override the softmax temperature.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Show how the router would mix the ten experts for each query (no generation)."""
     from personafuse.display import summary_line, weight_bars
@@ -123,8 +139,7 @@ def route_command(
 
     if tau is not None and not tau > 0:
         raise typer.BadParameter(f"the temperature must be positive, got {tau}", param_hint="--tau")
-    with err_console.status("loading model…"):
-        m = load_model(model)
+    m = load_placed(model, device, dtype)
     w = m.route(queries, tau=tau)
     for q, row in zip(queries, w.tolist(), strict=True):
         weights = weights_dict(row)
@@ -163,6 +178,8 @@ def export_command(
     routing: Annotated[str, typer.Option(help="The fixed persona: pole:high_A | fixed:high_A=0.6,low_N=0.4 | ten numbers after fixed:.")],
     model: ModelOpt = "default",
     name: Annotated[str | None, typer.Option(help="The adapter's name in the printed vllm command (default: the folder's name).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Export one fixed persona as a standard peft LoRA (rank 10r, the same outputs as the mixture),
     e.g. for vLLM's multi-LoRA serving: one adapter per persona, chosen per request by model name.
@@ -178,9 +195,7 @@ def export_command(
         raise typer.BadParameter(str(e), param_hint="--routing") from None
     if r.mode not in ("fixed", "pole"):
         raise typer.BadParameter(f"an exported persona is one fixed mixture; {r.mode!r} depends on the query", param_hint="--routing")
-    quiet_loading()
-    with err_console.status("loading model…"):
-        m = load_model(model)
+    m = load_placed(model, device, dtype)
     w = r.resolve(1)
     path = m.export_lora(w[0].tolist(), out).resolve()
     info = json.loads((path / "personafuse_mixture.json").read_text())

@@ -161,8 +161,9 @@ def load_tokenizer(source: ModelSource):
 
 
 def load_causal_lm(source: ModelSource, dtype: str = "float32"):
-    """A causal LM from a Hub id, a local folder or a local GGUF (loaded from its converted copy).
-    ``dtype``: a torch dtype name, or "auto" for the checkpoint's own."""
+    """A causal LM from a Hub id, a local folder or a local GGUF (loaded from its converted copy,
+    kept in float32 on disk and cast to ``dtype`` as it loads). ``dtype``: a torch dtype name, or
+    "auto" for the checkpoint's own (personafuse.devices resolves the command's --dtype first)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -177,12 +178,13 @@ def load_causal_lm(source: ModelSource, dtype: str = "float32"):
 
 
 def load_backbone(source: ModelSource, dtype: str = "float32"):
-    """The encoder's bare transformer (no LM head): AutoModel for both encoders and decoder LMs."""
+    """The encoder's bare transformer (no LM head): AutoModel for both encoders and decoder LMs.
+    ``dtype`` as in :func:`load_causal_lm` (a GGUF is converted to it from its float32 copy)."""
     import torch
     from transformers import AutoModel
 
     source = converted(source)
     try:
-        return AutoModel.from_pretrained(source.path, dtype=getattr(torch, dtype), **source.kwargs())
+        return AutoModel.from_pretrained(source.path, dtype="auto" if dtype == "auto" else getattr(torch, dtype), **source.kwargs())
     except (OSError, ValueError) as e:
         raise _wrap_load_error(source, e) from e

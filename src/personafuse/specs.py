@@ -66,22 +66,34 @@ def is_personafuse_dir(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_NAME).is_file()
 
 
-def load_personafuse(spec: str | ModelSpec, **overrides: Any) -> Any:
+def load_personafuse(spec: str | ModelSpec, *, device: str | None = None, dtype: str = "auto", **overrides: Any) -> Any:
     """A :class:`~personafuse.PersonaFuseModel` for a spec: a checkpoint, the embedded default, or
-    a plain model (``base``, ``hf:``, a bare id) as the base of fresh, untrained experts.
-    ``overrides`` (e.g. ``dtype``) go to :class:`~personafuse.PersonaFuseConfig` or to
-    ``from_pretrained``."""
+    a plain model (``base``, ``hf:``, a bare id) as the base of fresh, untrained experts, on
+    ``device`` (None: where it loads, the CPU) in ``dtype`` (:mod:`personafuse.devices`: the
+    request, else a checkpoint's own, else bfloat16 on a GPU and float32 on the CPU; with
+    ``device`` None and ``dtype`` auto, the config's as before). Other ``overrides`` go to
+    :class:`~personafuse.PersonaFuseConfig` or to ``from_pretrained``."""
+    from personafuse import devices
     from personafuse.moe.config import PersonaFuseConfig
     from personafuse.moe.model import PersonaFuseModel
 
     s = spec if isinstance(spec, ModelSpec) else ModelSpec.parse(spec)
-    if s.kind == "personafuse":
-        if s.embedded:
-            return PersonaFuseModel.from_config(PersonaFuseConfig(**overrides))
-        return PersonaFuseModel.from_pretrained(s.target, **overrides)
+    dtype = devices.check_dtype(dtype)
+    if dtype != "auto":
+        overrides["dtype"] = dtype
+    if s.kind == "personafuse" and not s.embedded:
+        return PersonaFuseModel.from_pretrained(s.target, device=device, **overrides)
+    if s.kind not in ("personafuse", "hf"):
+        raise ValueError(f"model spec {s.text!r} ({s.kind}) cannot carry PersonaFuse experts; use default, pf:DIR or a base model")
+    base = overrides.get("base_model", s.target)
     if s.kind == "hf":
         p = Path(s.target)
         if p.is_dir() and not (p / "config.json").is_file() and not list(p.glob("*.gguf")):
             raise FileNotFoundError(f"{s.target!r} is neither a PersonaFuse checkpoint ({CONFIG_NAME}) nor a model directory")
-        return PersonaFuseModel.from_config(PersonaFuseConfig(base_model=s.target, **overrides))
-    raise ValueError(f"model spec {s.text!r} ({s.kind}) cannot carry PersonaFuse experts; use default, pf:DIR or a base model")
+        overrides["base_model"] = s.target
+    if device is not None and "dtype" not in overrides:  # no checkpoint of ours: the base's own, else auto
+        from personafuse.embedded import resolve
+
+        src = resolve(base, overrides.get("base_gguf_file"))
+        overrides["dtype"] = devices.resolve_dtype("auto", devices.resolve_device(device), devices.source_dtype(src.path, src.gguf_file))
+    return PersonaFuseModel.from_config(PersonaFuseConfig(**overrides), device=device)

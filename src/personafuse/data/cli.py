@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from personafuse.devices import DeviceOpt, DtypeOpt
+
 if TYPE_CHECKING:
     from personafuse.data.persona_cot import PipelineConfig, RunSummary
     from personafuse.data.sources import Query
@@ -68,7 +70,8 @@ def generate(
     shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = 10_000,
     fsync: Annotated[bool, typer.Option(help="fsync after every line (survives power loss, slower).")] = False,
     retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Redo queries rejected for this reason (e.g. teacher_error).")] = None,
-    device: Annotated[str | None, typer.Option(help="Local teachers: cpu, cuda, cuda:1 ...")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate records for a query source; rerun the same command to resume after a crash."""
@@ -77,7 +80,11 @@ def generate(
     from personafuse.data.store import ShardStore, StoreError
     from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
     from personafuse.data.validation import REJECT_REASONS
+    from personafuse.devices import cli_placement, placement_line
 
+    local = teacher == "default" or teacher.startswith("hf:")
+    # only a local teacher loads a model here: an endpoint's --device is not this machine's business
+    device, dtype = cli_placement(device if local else "cpu", dtype)
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
     for r in retry_reasons or []:
@@ -92,7 +99,6 @@ def generate(
     if not queries:
         _fail(f"source {source!r} gave no queries")
 
-    local = teacher == "default" or teacher.startswith("hf:")
     # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
     # letting queries finish (and the progress bar move) in waves.
     concurrency = concurrency or (2 * batch_size if local else 32)
@@ -110,7 +116,7 @@ def generate(
         repetition_penalty=1.2 if local else 1.0,
     )
     opts = TeacherOptions(base_url=base_url, api_key=api_key, max_in_flight=concurrency, timeout=timeout,
-                          max_retries=max_retries, backoff=backoff, batch_size=batch_size, device=device)
+                          max_retries=max_retries, backoff=backoff, batch_size=batch_size, device=device, dtype=dtype)
     try:
         store = ShardStore(out, shard_size=shard_size, fsync=fsync)
         store.open()
@@ -119,6 +125,8 @@ def generate(
     try:
         t0 = time.perf_counter()
         t = make_teacher(teacher, opts)
+        if local:
+            typer.echo(placement_line(t.model, teacher), err=True)  # type: ignore[attr-defined]
         typer.echo(f"teacher {t.name} ready in {time.perf_counter() - t0:.1f}s; mode {mode}"
                    f"{' (constrained: poles by log-likelihood)' if is_constrained else (' (full chain of thought)' if mode == 'persona_cot' else '')}; {len(queries)} queries from {source}", err=True)
         summary = asyncio.run(_run(queries, t, store, cfg, retry_reasons or [], progress))

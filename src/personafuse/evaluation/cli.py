@@ -9,6 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from personafuse.devices import DeviceOpt, DtypeOpt, cli_placement, placement_line
+
 
 def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
     """``-o eqbench.version=v1 -o emobench.language=zh`` → ``{"eqbench": {"version": "v1"}, ...}``."""
@@ -55,8 +57,11 @@ def eval_command(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is much faster on a busy shared CPU)")] = None,
     persona_cot_prompting: Annotated[bool, typer.Option(help="Persona-CoT prompting baseline: the model names the cues and poles, then answers; only the answer is scored")] = False,
     reasoning_tokens: Annotated[int, typer.Option(help="with --persona-cot-prompting: tokens allowed for the reasoning on top of each benchmark's answer cap")] = 512,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Evaluate a model on the paper's benchmarks; writes OUT/results.json and OUT/NAME.jsonl."""
+    device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
     if threads:
         import torch
 
@@ -87,12 +92,20 @@ def eval_command(
         options=_parse_options(option),
         persona_cot=reasoning_tokens if persona_cot_prompting else None,
     )
-    sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed, system_prompt=system_prompt)
-    jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size)
+    sopts = SubjectOptions(base_url=base_url, api_key=api_key, routing=routing, batch_size=batch_size, seed=seed,
+                           system_prompt=system_prompt, device=device, dtype=dtype)
+    jopts = SubjectOptions(base_url=judge_base_url, api_key=judge_api_key, batch_size=batch_size, device=device, dtype=dtype)
+
+    def subject() -> Any:
+        s = load_subject(model, sopts)
+        if hasattr(s, "model") and hasattr(s.model, "parameters"):  # a local model: where it computes
+            typer.echo(placement_line(s.model, model), err=True)
+        return with_persona_cot(s, cfg.persona_cot)
+
     try:
         runner = Runner(
             cfg,
-            lambda: with_persona_cot(load_subject(model, sopts), cfg.persona_cot),
+            subject,
             judge_factory=(lambda: load_subject(judge, jopts)) if judge else None,
             progress=progress,
             overwrite=overwrite,
@@ -148,11 +161,15 @@ def probe_command(
     seed: Annotated[int, typer.Option()] = 0,
     out: Annotated[Path | None, typer.Option(help="write probe.json and probe.md here")] = None,
     data: Annotated[str | None, typer.Option(help="a local copy for a preset: Hub parquet file, CSV/JSONL, or CLINC's data_oos_plus.json")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Persona-encoder probing (paper Table 6): softmax regression on frozen embeddings."""
+    device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
     from personafuse.evaluation.probing import run_probe
 
-    rep = run_probe(dataset, encoder, text_field=text_field, label_field=label_field, limit=limit, seed=seed, out=str(out) if out else None, data_file=data)
+    rep = run_probe(dataset, encoder, text_field=text_field, label_field=label_field, limit=limit, seed=seed, out=str(out) if out else None, data_file=data,
+                    device=device, dtype=dtype, on_load=lambda line: typer.echo(line, err=True))
     typer.echo(rep["markdown"])
 
 

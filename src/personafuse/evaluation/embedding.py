@@ -35,6 +35,8 @@ class SentenceEmbedder:
     def encode(self, texts: Sequence[str]) -> torch.Tensor:
         outs = []
         tok = self.tokenizer
+        params = getattr(self.model, "parameters", None)
+        device = next(params()).device if params is not None else None  # where the model is (--device)
         if self.pooling == "last":
             tok.padding_side = "left"  # type: ignore[attr-defined]
             if tok.pad_token is None:  # type: ignore[attr-defined]
@@ -42,6 +44,8 @@ class SentenceEmbedder:
         for i in range(0, len(texts), self.batch_size):
             batch = [t if t else " " for t in texts[i : i + self.batch_size]]
             enc = tok(batch, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")  # type: ignore[operator]
+            if device is not None:
+                enc = {k: v.to(device) for k, v in enc.items()}
             out = self.model(**enc)  # type: ignore[operator]
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
             mask = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
@@ -55,5 +59,5 @@ class SentenceEmbedder:
                 raise ValueError(f"unknown pooling {self.pooling!r}; use mean, last or cls")
             if self.normalize:
                 v = torch.nn.functional.normalize(v, p=2, dim=-1)
-            outs.append(v.float())
+            outs.append(v.float().cpu())
         return torch.cat(outs) if outs else torch.zeros(0)

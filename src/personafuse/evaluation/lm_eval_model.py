@@ -8,7 +8,8 @@ command line::
         --tasks gsm8k --limit 20 --batch_size 4 --device cpu --apply_chat_template
 
 ``model`` takes the same specs as ``personafuse eval --model`` (``default``, ``hf:ID``, ``lora:DIR``,
-``pf:DIR``). Everything (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``, chat
+``pf:DIR``); ``dtype`` (``--model_args ...,dtype=bfloat16``) and lm-eval's ``--device`` read as
+``personafuse eval``'s ``--dtype`` / ``--device`` do (:mod:`personafuse.devices`). Everything (``loglikelihood``, ``loglikelihood_rolling``, ``generate_until``, chat
 templates, batching) is lm-eval's own Hugging Face implementation, ``HFLM``.
 
 Reference: EleutherAI/lm-evaluation-harness@3e093bc90a87cb42c148820b57452ffbb570ac8c
@@ -58,11 +59,15 @@ LM_EVAL_VERSION = "0.4.13"
 
 
 def _device(requested: str | None) -> str:
-    """Where a model this class loads goes: the ``device`` model argument, else CUDA when there is
-    one. HFLM leaves a model it is handed where it is, so it is placed here, before HFLM sees it."""
-    if requested:
-        return str(requested)
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where a model this class loads goes: the ``device`` model argument (the grammar of
+    ``--device``, :func:`personafuse.devices.resolve_device`; other torch devices such as ``meta``
+    pass as they are), else the first accelerator. HFLM leaves a model it is handed where it is, so
+    it is placed here, before HFLM sees it."""
+    from personafuse.devices import resolve_device
+
+    text = str(requested or "auto")
+    known = text in ("auto", "cpu", "mps") or text.split(":")[0] == "cuda"
+    return resolve_device(text) if known else text
 
 
 def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
@@ -74,8 +79,7 @@ def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
 
     s = ModelSpec.parse(spec)
     if s.kind == "personafuse":
-        pf = load_personafuse(s, **({"dtype": dtype} if dtype != "auto" else {}))
-        pf.to(device)
+        pf = load_personafuse(s, device=device, dtype=dtype)
         return pf.base_model, pf.tokenizer, pf
     if s.kind == "openai":
         raise ValueError("model=openai:... is not a local model; use lm-eval's own local-chat-completions model for endpoints")
@@ -143,7 +147,10 @@ class PersonaFuseLM(HFLM):
             warnings.warn(f"PersonaFuseLM was written against lm-eval {LM_EVAL_VERSION}, this is "
                           f"{lm_eval.__version__}: check its HFLM batching hooks", stacklevel=2)  # fmt: skip
         if isinstance(model, str):
-            hf_model, tok, pf = _load(model, str(dtype), _device(kwargs.get("device")))
+            device = _device(kwargs.get("device"))
+            if kwargs.get("device"):  # HFLM checks the device itself: hand it the resolved one (not "auto")
+                kwargs["device"] = device
+            hf_model, tok, pf = _load(model, str(dtype), device)
         elif hasattr(model, "mixture_weights") and hasattr(model, "route"):
             hf_model, tok, pf = model.base_model, model.tokenizer, model  # a PersonaFuseModel built in-process
             if kwargs.get("device"):

@@ -153,15 +153,18 @@ def load_probe_data(
     return ProbeData([texts[i] for i in idx], [labels[i] for i in idx], name)
 
 
-def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
-    """An ``encode(texts) -> [N, d]`` function from an encoder spec (see the module docstring)."""
+def make_encoder(spec: str, device: str | None = None, dtype: str = "auto") -> Callable[[Sequence[str]], np.ndarray]:
+    """An ``encode(texts) -> [N, d]`` function from an encoder spec (see the module docstring), its
+    model on ``device`` in ``dtype`` (:mod:`personafuse.devices`; None: the CPU). The function's
+    ``placement`` attribute says where the encoder computes, read from its parameters."""
+    from personafuse import devices
     from personafuse.evaluation.embedding import SentenceEmbedder
 
     s = spec.strip()
     if s.startswith("pf:"):
         from personafuse.specs import load_personafuse
 
-        pf = load_personafuse(s)  # the --model grammar: a checkpoint folder or Hub id
+        pf = load_personafuse(s, device=device, dtype=dtype)  # the --model grammar: a checkpoint folder or Hub id
         fn = pf.persona_embeddings  # the router's encoder on the router's own input text
 
         def encode_pf(texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
@@ -173,6 +176,7 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
                     out.append(fn(list(texts[i : i + batch_size])).detach().float().cpu().numpy())
             return np.concatenate(out)
 
+        encode_pf.placement = devices.placement_line(pf.router.encoder, spec)  # type: ignore[attr-defined]
         return encode_pf
     from personafuse.embedded import load_backbone, load_tokenizer
     from personafuse.moe.router import is_decoder_backbone
@@ -180,18 +184,25 @@ def make_encoder(spec: str) -> Callable[[Sequence[str]], np.ndarray]:
     random_init = s.startswith("random:")
     source, pooling = encoder_source(s[len("random:") :] if random_init else s)
     tok = load_tokenizer(source)
+    dev = devices.resolve_device(device) if device else "cpu"
+    dt = devices.resolve_dtype(dtype, dev, None if random_init else devices.source_dtype(source.path, source.gguf_file))
     if random_init:
         import torch
         from transformers import AutoConfig, AutoModel
 
         torch.manual_seed(0)
-        model = AutoModel.from_config(AutoConfig.from_pretrained(source.path, **source.kwargs()))
+        model = AutoModel.from_config(AutoConfig.from_pretrained(source.path, **source.kwargs())).to(getattr(torch, dt))
     else:
-        model = load_backbone(source)
+        model = load_backbone(source, dt)
     if pooling == "auto":
         pooling = "last" if is_decoder_backbone(model) else "mean"
-    emb = SentenceEmbedder(model.eval(), tok, pooling=pooling)
-    return lambda texts: emb.encode(list(texts)).numpy()
+    emb = SentenceEmbedder(model.to(dev).eval(), tok, pooling=pooling)
+
+    def encode(texts: Sequence[str]) -> np.ndarray:
+        return emb.encode(list(texts)).numpy()
+
+    encode.placement = devices.placement_line(model, spec)  # type: ignore[attr-defined]
+    return encode
 
 
 def encoder_source(spec: str) -> tuple[Any, str]:
@@ -224,13 +235,19 @@ def probe_accuracy(x: np.ndarray, y: Sequence[str], *, seed: int = 0, test_size:
     return {"accuracy": float((clf.predict(xte) == yte).mean()), "n_train": len(ytr), "n_test": len(yte), "n_classes": len(counts)}
 
 
-def run_probe(dataset: str, encoders: Sequence[str], *, text_field: str | None = None, label_field: str | None = None, limit: int | None = None, seed: int = 0, out: str | None = None, data_file: str | None = None) -> dict[str, Any]:
+def run_probe(dataset: str, encoders: Sequence[str], *, text_field: str | None = None, label_field: str | None = None, limit: int | None = None, seed: int = 0, out: str | None = None, data_file: str | None = None,
+              device: str | None = None, dtype: str = "auto", on_load: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Probe each encoder (on ``device`` in ``dtype``); ``on_load`` gets each loaded encoder's
+    placement line (device and dtype read from its parameters)."""
     data = load_probe_data(dataset, text_field=text_field, label_field=label_field, limit=limit, seed=seed, data=data_file)
     if len(set(data.labels)) < 2:
         raise DataError(f"probe: {dataset} has fewer than two labels")
     results = {}
     for spec in encoders:
-        x = make_encoder(spec)(data.texts)
+        encode = make_encoder(spec, device, dtype)
+        if on_load is not None:
+            on_load(encode.placement)  # type: ignore[attr-defined]
+        x = encode(data.texts)
         results[spec] = probe_accuracy(x, data.labels, seed=seed)
     lines = [f"| encoder | {data.name} accuracy (%) | train | test | classes |", "|---|---|---|---|---|"]
     for spec, r in results.items():

@@ -95,18 +95,21 @@ class HFSubject:
         return [g for g in out if g is not None]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "hf", "name": self.name, **self.source}
+        return {"kind": "hf", "name": self.name, **self.source, **_placement(self.model)}
 
 
 def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    from personafuse import embedded
+    """(model, tokenizer) on ``device`` (None: the CPU, where it loads) in ``dtype`` as
+    :mod:`personafuse.devices` resolves it; a GGUF (no dtype of its own) loads from its converted
+    float32 copy, cast to that dtype."""
+    from personafuse import devices, embedded
 
+    dev = devices.resolve_device(device) if device else "cpu"
     src = embedded.ModelSource(path, path, gguf_file)
-    # A GGUF's weights are de-quantised to float32 (and load from its converted copy, made once).
-    model = embedded.load_causal_lm(src, "float32" if gguf_file else dtype)
+    model = embedded.load_causal_lm(src, devices.resolve_dtype(dtype, dev, devices.source_dtype(path, gguf_file)))
     tok = embedded.load_tokenizer(src)
     if device:
-        model.to(device)
+        model.to(dev)
     return model, tok
 
 
@@ -174,6 +177,16 @@ def parse_routing(spec: str | None, seed: int = 0) -> dict[str, Any]:
         raise ValueError(f"bad routing spec {spec!r}: {e}") from None
 
 
+def _placement(model: Any) -> dict[str, str]:
+    """Where a local model computed (results.json's subject): device and dtype from its parameters."""
+    from personafuse.devices import placement
+
+    if not hasattr(model, "parameters"):  # a stand-in without weights
+        return {}
+    device, dtype = placement(getattr(model, "base_model", model))
+    return {"device": device, "dtype": dtype}
+
+
 def _weights_to_dict(w: Any) -> dict[str, float] | None:
     if w is None:
         return None
@@ -228,7 +241,7 @@ class PersonaFuseSubject:
         return [weights_dict([float(x) for x in row]) for row in (w.tolist() if hasattr(w, "tolist") else w)]
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": "personafuse", "name": self.name, "routing": self.routing_kwargs, **self.source}
+        return {"kind": "personafuse", "name": self.name, "routing": self.routing_kwargs, **self.source, **_placement(self.model)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,11 +258,11 @@ class SubjectOptions:
     seed: int = 0
 
 
-def _embedded_base(device: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def _embedded_base(device: str | None, dtype: str = "auto") -> tuple[Any, Any, dict[str, Any]]:
     from personafuse.embedded import resolve
 
     src = resolve("default")
-    model, tok = load_hf(src.path, gguf_file=src.gguf_file, device=device)
+    model, tok = load_hf(src.path, gguf_file=src.gguf_file, dtype=dtype, device=device)
     return model, tok, {"path": src.path, "gguf_file": src.gguf_file}
 
 
@@ -263,10 +276,12 @@ def _lora_subject(path: str, o: SubjectOptions) -> Subject:
         raise FileNotFoundError(f"{cfg_path}: not found (lora:DIR needs a peft adapter folder)")
     base = json.loads(cfg_path.read_text())["base_model_name_or_path"]
     if base in ("default", "embedded:smollm2") or not base:
-        model, tok, _ = _embedded_base(o.device)
+        model, tok, _ = _embedded_base(o.device, o.dtype)
     else:
         model, tok = load_hf(base, dtype=o.dtype, device=o.device)
-    model = PeftModel.from_pretrained(model, path)
+    # The adapter in the base's dtype (peft would upcast half-precision adapters to float32, so a
+    # bfloat16 run would compute its LoRA in float32).
+    model = PeftModel.from_pretrained(model, path, autocast_adapter_dtype=False)
     return HFSubject(model, tok, name=Path(path).name, batch_size=o.batch_size, system_prompt=o.system_prompt, source={"adapter": path, "base": base})
 
 
@@ -281,11 +296,11 @@ def load_subject(spec: str, opts: SubjectOptions | None = None) -> Subject:
     if s.kind == "lora":
         return _lora_subject(s.target, o)
     if s.kind == "personafuse":
-        model = load_personafuse(s)
+        model = load_personafuse(s, device=o.device, dtype=o.dtype)
         name = "personafuse-default" if s.embedded else Path(s.target).name
         return PersonaFuseSubject(model, parse_routing(o.routing, seed=o.seed), name=name, batch_size=o.batch_size, source={"path": s.target}, system_prompt=o.system_prompt)
     if s.embedded:  # ``base``
-        model, tok, source = _embedded_base(o.device)
+        model, tok, source = _embedded_base(o.device, o.dtype)
         return HFSubject(model, tok, name="smollm2-135m-instruct", batch_size=o.batch_size, system_prompt=o.system_prompt, source=source)
     if not Path(s.target).is_dir() and s.text == s.target and not _looks_like_hub_id(s.target):
         raise ValueError(f"unknown --model {spec!r}; use default, base, hf:ID_OR_PATH, lora:DIR, openai:MODEL or pf:DIR")

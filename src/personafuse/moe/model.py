@@ -123,8 +123,11 @@ class PersonaFuseModel(nn.Module):
         encoder_backbone: nn.Module | None = None,
         encoder_tokenizer: Any = None,
         init_experts: bool = True,
+        device: str | torch.device | None = None,
     ) -> PersonaFuseModel:
-        """Build a fresh Persona-MoE. Models not passed in are loaded from the config's specs."""
+        """Build a fresh Persona-MoE. Models not passed in are loaded from the config's specs (in
+        ``config.dtype``). ``device``: where the whole model goes, the router's encoder included
+        (``auto``, ``cpu``, ``cuda``, ``cuda:N``, ``mps``: :func:`personafuse.devices.resolve_device`)."""
         config = config or PersonaFuseConfig()
         torch.manual_seed(config.seed)
         src = None
@@ -161,6 +164,10 @@ class PersonaFuseModel(nn.Module):
         encoder = PersonaEncoder(encoder_backbone, config.embed_dim, config.encoder_pooling)
         router = Router(encoder, config.num_experts, config.embed_dim, config.tau)
         model = cls(config, base_model, tokenizer, router, encoder_tokenizer, state)
+        if device is not None:
+            from personafuse.devices import resolve_device
+
+            model.to(resolve_device(str(device)))
         if init_experts and config.expert_init == "descriptions":
             model.init_expert_embeddings_from_descriptions()
         return model
@@ -402,12 +409,15 @@ class PersonaFuseModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, directory: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None,
-        **overrides: Any,
+        device: str | torch.device | None = None, **overrides: Any,
     ) -> PersonaFuseModel:  # fmt: skip
         """Load a :meth:`save_pretrained` folder, or a Hub repo id holding one (its config and
         safetensors files are fetched, or read from the Hub cache offline; ``revision`` and
         ``cache_dir`` as in ``huggingface_hub.snapshot_download``). ``overrides`` replace config
-        fields (e.g. ``dtype="bfloat16"``); the base model and encoder load from the config's specs."""
+        fields (e.g. ``dtype="bfloat16"``; without one the checkpoint's own ``dtype`` holds, and a
+        checkpoint saying ``auto`` gets :func:`personafuse.devices.resolve_dtype`'s choice for
+        ``device``); the base model and encoder load from the config's specs, then the whole model
+        goes to ``device`` (as in :meth:`from_config`)."""
         d = Path(directory)
         if not d.is_dir():
             d = _hub_checkpoint(str(directory), revision, cache_dir)
@@ -419,7 +429,13 @@ class PersonaFuseModel(nn.Module):
         for k, v in overrides.items():
             setattr(config, k, v)
         config.validate()
-        model = cls.from_config(config, init_experts=False)
+        if device is not None and config.dtype == "auto":
+            from personafuse import devices
+
+            src = embedded.resolve(config.base_model, config.base_gguf_file)
+            config.dtype = devices.resolve_dtype("auto", devices.resolve_device(str(device)),
+                                                 devices.source_dtype(src.path, src.gguf_file))  # fmt: skip
+        model = cls.from_config(config, init_experts=False, device=device)
         model.load_weights(d)
         return model
 

@@ -99,6 +99,10 @@ class EvalConfig:
     batch_size: int = 8
     reply_tokens: int = 256  # replies to the held-out queries (the pairwise study's file)
     threads: int | None = None  # torch CPU threads per cell (None: torch's default)
+    # where every model-loading cell (eval, replies, a local teacher's data) runs and in which dtype:
+    # the commands' --device auto|cpu|cuda|cuda:N|mps and --dtype auto|bfloat16|float16|float32
+    device: str = "auto"
+    dtype: str = "auto"
     # Devices the independent eval / replies cells run on side by side, one cell per entry (each
     # child sees its GPU as CUDA_VISIBLE_DEVICES): auto (every visible CUDA device; one cell at a
     # time without one) | [cuda:0, cuda:1, ...] | [cpu, cpu] (several CPU cells at once).
@@ -169,6 +173,7 @@ class ReproduceConfig:
             raise bad("data.source", f"a query source or a list of them, got {self.data.source!r}")
         if not isinstance(self.eval.options, dict) or not all(isinstance(v, dict) for v in self.eval.options.values()):
             raise bad("eval.options", "a mapping of benchmark -> {option: value}, e.g. {tombench: {max_new_tokens: 32}}")
+        _check_placement(self.eval.device, self.eval.dtype, bad)
         if self.data.labeller not in LABELLERS:
             raise bad("data.labeller", f"{self.data.labeller!r}; use {', '.join(LABELLERS)}")
         if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
@@ -229,6 +234,19 @@ class ReproduceConfig:
             else:
                 _set_dotted(data, key.strip(), value, f"--set {item!r}")
         return cls.from_dict(data, where if not sets else f"{where} with --set")
+
+
+def _check_placement(device: Any, dtype: Any, bad: Any) -> None:
+    """eval.device / eval.dtype spelled as the commands read them (whether this machine has the
+    device is the cells' and the preflight's to say: a config is often checked elsewhere)."""
+    import re
+
+    from personafuse.devices import DTYPES
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise bad("eval.device", f"{device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dtype not in DTYPES:
+        raise bad("eval.dtype", f"{dtype!r}; use {', '.join(DTYPES)}")
 
 
 def _build(cls: type, data: Any, where: str, prefix: str) -> Any:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 
 def write_replies(model: str, queries: Path, out: Path, *, system: str, routing: str | None = None, seed: int = 0,
-                  batch_size: int = 8, max_new_tokens: int = 256, persona_cot: int | None = None) -> int:
+                  batch_size: int = 8, max_new_tokens: int = 256, persona_cot: int | None = None,
+                  device: str | None = None, dtype: str = "auto") -> int:
     """Greedy replies of ``model`` to every ``query`` in ``queries`` (JSONL with ``id``, ``query``,
     ``situation``), written whole to ``out`` as annotation rows (``id``, ``prompt``, ``response``,
     ``system``, ``task``, ``weights``). Returns the number of rows."""
@@ -22,7 +23,11 @@ def write_replies(model: str, queries: Path, out: Path, *, system: str, routing:
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
     rows = [json.loads(line) for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
-    subject = with_persona_cot(load_subject(model, SubjectOptions(routing=routing, seed=seed, batch_size=batch_size)), persona_cot)
+    from personafuse.devices import placement_line
+
+    loaded = load_subject(model, SubjectOptions(routing=routing, seed=seed, batch_size=batch_size, device=device, dtype=dtype))
+    print(placement_line(loaded.model, model), flush=True)  # type: ignore[attr-defined]
+    subject = with_persona_cot(loaded, persona_cot)
     gens = subject.generate([[{"role": "user", "content": r["query"]}] for r in rows], max_new_tokens=max_new_tokens, do_sample=False)
     lines = [
         json.dumps({"id": r["id"], "prompt": r["query"], "response": g.text, "system": system, "task": r.get("situation") or "all",
@@ -49,13 +54,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--persona-cot-prompting", action="store_true", help="the Persona-CoT prompting baseline")
     ap.add_argument("--reasoning-tokens", type=int, default=512)
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
     a = ap.parse_args(argv)
+    from personafuse.devices import DeviceError, check_dtype, resolve_device
+
+    try:  # a device this machine lacks: exit 2 naming the flag, before anything loads
+        device, dtype = resolve_device(a.device), check_dtype(a.dtype)
+    except DeviceError as e:
+        ap.error(f"{e.option}: {e}")
     if a.threads:
         import torch
 
         torch.set_num_threads(a.threads)
     n = write_replies(a.model, a.queries, a.out, system=a.system, routing=a.routing, seed=a.seed, batch_size=a.batch_size,
-                      max_new_tokens=a.max_new_tokens, persona_cot=a.reasoning_tokens if a.persona_cot_prompting else None)
+                      max_new_tokens=a.max_new_tokens, persona_cot=a.reasoning_tokens if a.persona_cot_prompting else None,
+                      device=device, dtype=dtype)
     print(f"wrote {n} replies to {a.out}")
 
 

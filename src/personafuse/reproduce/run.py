@@ -180,7 +180,7 @@ def command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
         cmd = ["python", "-m", "personafuse.reproduce.replies", "--model", model_spec(cfg, cell.variant, cell.seed),
                "--queries", f"{QUERIES}/heldout.jsonl", "--out", f"{cell.name}/replies.jsonl", "--system", cell.variant,
                "--seed", str(cell.seed), "--batch-size", str(cfg.eval.batch_size), "--max-new-tokens", str(cfg.eval.reply_tokens)]
-        return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg)
+        return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg) + _placement(cfg)
     return ["report", json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
 
 
@@ -194,6 +194,8 @@ def _data_command(cfg: ReproduceConfig, mode: str) -> list[str]:
         cmd += ["--max-new-tokens", str(t.max_new_tokens)]
     if mode == "persona_cot" and t.constrained is not None:
         cmd.append("--constrained" if t.constrained else "--free")
+    if t.spec == "default" or t.spec.startswith("hf:"):  # a local teacher loads its model in the cell
+        cmd += _placement(cfg)
     return cmd
 
 
@@ -207,7 +209,7 @@ def _eval_command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
     for bench, opts in sorted(e.options.items()):
         for key, value in sorted(opts.items()):
             cmd += ["-o", f"{bench}.{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg)
+    return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg) + _placement(cfg)
 
 
 def _variant_flags(cfg: ReproduceConfig, variant: str) -> list[str]:
@@ -218,6 +220,17 @@ def _variant_flags(cfg: ReproduceConfig, variant: str) -> list[str]:
     if variant == "pcot_prompting":
         return ["--persona-cot-prompting", "--reasoning-tokens", str(cfg.eval.reasoning_tokens)]
     return []
+
+
+def _placement(cfg: ReproduceConfig) -> list[str]:
+    """``--device`` / ``--dtype`` of every cell that loads a model (eval, replies, data with a local
+    teacher), from ``eval.device`` / ``eval.dtype``; left out at ``auto``, the commands' default, so
+    a run made before these fields existed keeps its done cells."""
+    out: list[str] = []
+    for flag, value in (("--device", cfg.eval.device), ("--dtype", cfg.eval.dtype)):
+        if value != "auto":
+            out += [flag, value]
+    return out
 
 
 def _threads(cfg: ReproduceConfig) -> list[str]:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from personafuse.devices import DeviceOpt, DtypeOpt
+
 
 def serve_command(
     model: Annotated[
@@ -47,6 +49,8 @@ def serve_command(
     base_only: Annotated[
         bool, typer.Option("--base-only", help="Decode with the experts off (the base model alone; responses still report the routing): the anchor of a load test.")
     ] = False,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
@@ -54,6 +58,9 @@ def serve_command(
         raise typer.BadParameter(f"{scheduler!r} is not a scheduler; use step or batch", param_hint="--scheduler")
     if prefill_chunk < 1:
         raise typer.BadParameter(f"must be at least 1, got {prefill_chunk}", param_hint="--prefill-chunk")
+    from personafuse.devices import cli_placement, placement_line
+
+    device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
     import torch
 
     from personafuse.chat_cli import load_model
@@ -61,8 +68,8 @@ def serve_command(
 
     if threads:
         torch.set_num_threads(threads)
-    typer.echo(f"loading {model} ...", err=True)
-    m = load_model(model).eval()
+    m = load_model(model, device, dtype).eval()
+    typer.echo(placement_line(m, model), err=True)
     cfg = ServeConfig(
         model_name=served_name,
         api_key=api_key,
