@@ -19,8 +19,9 @@ What runs, per request (one logical call, e.g. one chat completion):
 
 A request that fails for good raises :class:`EndpointFailure` whose ``cause`` is one of
 ``endpoint_status``, ``endpoint_timeout``, ``endpoint_malformed``, ``endpoint_empty`` (the data
-pipeline's reject reasons). Counters go to :class:`EndpointStats`. Time comes from a
-:class:`Clock`, so tests run hours of backoff on a fast clock.
+pipeline's reject reasons). Counters go to :class:`EndpointStats`. Time (waits, deadlines, the
+wall clock for Retry-After dates) comes from a :class:`Clock`, so tests run a 60 s Retry-After or
+a 40 s outage on a virtual clock (``tests/virtual_clock.py``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,32 +77,8 @@ class Clock:
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
-    def deadline(self, seconds: float) -> asyncio.Timeout:
+    def deadline(self, seconds: float) -> AbstractAsyncContextManager[Any]:
         return asyncio.timeout(seconds)
-
-
-class ScaledClock(Clock):
-    """A clock that runs ``speed`` times faster than real time (tests, benchmarks): a 60 s
-    Retry-After takes 60/speed real seconds, and a server sharing the clock sees 60 s pass."""
-
-    def __init__(self, speed: float, start: float = 1_800_000_000.0):
-        self.speed = speed
-        self._t0 = time.monotonic()
-        self._epoch = start
-        self.sleeps: list[float] = []  # every wait asked for, in clock seconds
-
-    def monotonic(self) -> float:
-        return (time.monotonic() - self._t0) * self.speed
-
-    def time(self) -> float:
-        return self._epoch + self.monotonic()
-
-    async def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        await asyncio.sleep(seconds / self.speed)
-
-    def deadline(self, seconds: float) -> asyncio.Timeout:
-        return asyncio.timeout(seconds / self.speed)
 
 
 SYSTEM_CLOCK = Clock()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import hashlib
 import json
 import re
@@ -45,7 +46,7 @@ class Faults:
     """Endpoint-wide misbehaviour. Shares are of attempts, drawn per (request, attempt)."""
 
     rate_limit: float | None = None  # requests per clock second (token bucket, burst of one second)
-    retry_after: str | None = None  # Retry-After header sent with each 429 (seconds, fraction or HTTP date)
+    retry_after: str | None = None  # Retry-After with each 429: seconds, a fraction, or "date+N" (an HTTP date N s ahead)
     retry_after_ms: str | None = None  # retry-after-ms header sent with each 429
     insufficient_quota: bool = False  # every request: 429 with error code insufficient_quota
     outage: tuple[float, float] | None = None  # clock seconds after start answering 503
@@ -80,7 +81,7 @@ def _rate_limited(state: StubState) -> bool:
     if rate is None:
         return False
     now = state.clock.monotonic()
-    state.tokens = min(rate, state.tokens + (now - state.last_refill) * rate)
+    state.tokens = min(max(rate, 1.0), state.tokens + (now - state.last_refill) * rate)
     state.last_refill = now
     if state.tokens >= 1:
         state.tokens -= 1
@@ -205,7 +206,7 @@ def make_app(state: StubState) -> Callable[..., Any]:
         state.requests += 1
         if state.t0 is None:
             state.t0 = state.last_refill = state.clock.monotonic()
-            state.tokens = state.faults.rate_limit or 0.0
+            state.tokens = max(state.faults.rate_limit or 0.0, 1.0)  # a full bucket (one second of requests)
         req = json.loads(body)
         messages = req["messages"]
         state.max_tokens_seen.append(int(req.get("max_tokens") or 0))
@@ -254,7 +255,10 @@ def _endpoint_fault(state: StubState) -> tuple[int, dict[str, Any], list[tuple[b
     if _rate_limited(state):
         headers = []
         if f.retry_after is not None:
-            headers.append((b"retry-after", f.retry_after.encode()))
+            value = f.retry_after
+            if value.startswith("date+"):  # an HTTP date that many seconds ahead on the shared clock
+                value = email.utils.formatdate(state.clock.time() + float(value[5:]), usegmt=True)
+            headers.append((b"retry-after", value.encode()))
         if f.retry_after_ms is not None:
             headers.append((b"retry-after-ms", f.retry_after_ms.encode()))
         return 429, {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}, headers
