@@ -50,8 +50,10 @@ def generate(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (default: $OPENAI_API_KEY).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Queries in flight, also the cap on HTTP requests in flight (default 32; 2 x --batch-size for local teachers).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 120.0,
-    max_retries: Annotated[int, typer.Option(help="Retries per request on 429/5xx/timeouts.")] = 5,
+    timeout: Annotated[float, typer.Option(help="Deadline of one HTTP request, send to last byte (a server that trickles its reply cannot stall the run).")] = 300.0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request on 5xx, timeouts, dropped connections and 200s that are not a completion or are empty (429s do not count).")] = 5,
+    max_rate_limit_wait: Annotated[float, typer.Option(help="Seconds one request may spend waiting on 429s (Retry-After honoured, jittered), in total.")] = 600.0,
+    max_endpoint_failures: Annotated[str, typer.Option(help="Exit non-zero when more queries than this fail at the endpoint: a count (25) or a share of the queries attempted (5%).")] = "5%",
     backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
     constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (the default for the embedded teacher only) or the full chain of thought parsed from free text (the default for every other teacher).")] = None,
@@ -69,17 +71,16 @@ def generate(
     hub_split: Annotated[str | None, typer.Option(help="Hub sources: split.")] = None,
     shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = 10_000,
     fsync: Annotated[bool, typer.Option(help="fsync after every line (survives power loss, slower).")] = False,
-    retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Redo queries rejected for this reason (e.g. teacher_error).")] = None,
+    retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Also redo queries rejected for this reason (e.g. unparseable); endpoint rejects (endpoint_*, teacher_error) are always redone.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate records for a query source; rerun the same command to resume after a crash."""
-    from personafuse.data.persona_cot import MODES, PipelineConfig
+    from personafuse.data.persona_cot import MODES, PipelineConfig, RunSummary
     from personafuse.data.sources import SourceError, load_source, parse_fields
     from personafuse.data.store import ShardStore, StoreError
     from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
-    from personafuse.data.validation import REJECT_REASONS
     from personafuse.devices import cli_placement, placement_line
 
     local = teacher == "default" or teacher.startswith("hf:")
@@ -87,9 +88,7 @@ def generate(
     device, dtype = cli_placement(device if local else "cpu", dtype)
     if mode not in MODES:
         _fail(f"--mode must be one of {', '.join(MODES)}")
-    for r in retry_reasons or []:
-        if r not in REJECT_REASONS:
-            _fail(f"--retry-reasons {r!r}: known reasons are {', '.join(REJECT_REASONS)}")
+    _check_retry_options(retry_reasons or [], max_endpoint_failures)
     try:
         queries = load_source(source, fields=parse_fields(field or []), limit=limit, shuffle=shuffle, seed=seed,
                               lang=lang or None, min_chars=min_chars, max_chars=max_chars, config=hub_config,
@@ -114,14 +113,19 @@ def generate(
         temperature=temperature,
         trim_truncated=is_constrained or (local and mode != "persona_cot"),
         repetition_penalty=1.2 if local else 1.0,
+        max_endpoint_failures=max_endpoint_failures,
     )
     opts = TeacherOptions(base_url=base_url, api_key=api_key, max_in_flight=concurrency, timeout=timeout,
                           max_retries=max_retries, backoff=backoff, batch_size=batch_size, device=device, dtype=dtype)
+    opts.max_rate_limit_wait = max_rate_limit_wait
     try:
         store = ShardStore(out, shard_size=shard_size, fsync=fsync)
         store.open()
     except (StoreError, OSError) as e:
         _fail(str(e))
+    for note in store.repairs:  # a killed run's torn line, duplicates from older versions
+        typer.echo(f"repaired {out}: {note}", err=True)
+    summary = RunSummary()
     try:
         t0 = time.perf_counter()
         t = make_teacher(teacher, opts)
@@ -129,9 +133,9 @@ def generate(
             typer.echo(placement_line(t.model, teacher), err=True)  # type: ignore[attr-defined]
         typer.echo(f"teacher {t.name} ready in {time.perf_counter() - t0:.1f}s; mode {mode}"
                    f"{' (constrained: poles by log-likelihood)' if is_constrained else (' (full chain of thought)' if mode == 'persona_cot' else '')}; {len(queries)} queries from {source}", err=True)
-        summary = asyncio.run(_run(queries, t, store, cfg, retry_reasons or [], progress))
+        asyncio.run(_run(queries, t, store, cfg, retry_reasons or [], progress, summary))
     except (TeacherError, StoreError) as e:
-        _fail(str(e))
+        _stop(e, summary)
     except KeyboardInterrupt:
         typer.echo("interrupted; rerun the same command to resume", err=True)
         raise typer.Exit(130) from None
@@ -140,8 +144,34 @@ def generate(
     typer.echo(json.dumps(summary.as_dict()), err=False)
 
 
+def _check_retry_options(retry_reasons: list[str], max_endpoint_failures: str) -> None:
+    from personafuse.data.persona_cot import endpoint_failure_limit
+    from personafuse.data.validation import REJECT_REASONS
+
+    for r in retry_reasons:
+        if r not in REJECT_REASONS:
+            _fail(f"--retry-reasons {r!r}: known reasons are {', '.join(REJECT_REASONS)}")
+    try:
+        endpoint_failure_limit(max_endpoint_failures, 0)
+    except ValueError as e:
+        _fail(str(e))
+
+
+def _stop(e: Exception, summary: RunSummary) -> None:
+    """A run that stopped or finished with too many endpoint failures: its counters, then why
+    (exit 1 when every query was tried but too many failed at the endpoint, else 2)."""
+    from personafuse.data.persona_cot import EndpointFailuresExceeded
+
+    if summary.total:
+        typer.echo(json.dumps(summary.as_dict()), err=False)
+    if isinstance(e, EndpointFailuresExceeded):
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    _fail(str(e))
+
+
 async def _run(queries: list[Query], teacher: Teacher, store: ShardStore, cfg: PipelineConfig,
-               retry_reasons: list[str], show: bool) -> RunSummary:
+               retry_reasons: list[str], show: bool, summary: RunSummary) -> RunSummary:
     from tqdm import tqdm
 
     from personafuse.data.persona_cot import generate as run_generate
@@ -155,16 +185,51 @@ async def _run(queries: list[Query], teacher: Teacher, store: ShardStore, cfg: P
     def on_progress(s: RunSummary) -> None:
         if bar is not None:
             bar.n = s.records + s.rejected - s.reasons.get("duplicate_query", 0)
-            bar.set_postfix(done=s.records, rejected=s.rejected, skipped=s.skipped, refresh=False)
+            bar.set_postfix(_progress_fields(s), refresh=False)
             bar.refresh()
 
+    async def tick() -> None:  # a rate-limit storm finishes no query for a while; keep the counters moving
+        while True:
+            await asyncio.sleep(1.0)
+            on_progress(summary)
+
+    ticker = asyncio.ensure_future(tick()) if show and teacher.endpoint_stats is not None else None
     try:
         return await run_generate(queries, teacher, store, cfg, retry_reasons=retry_reasons, on_start=on_start,
-                                  progress=on_progress)
+                                  progress=on_progress, summary=summary)
     finally:
+        if ticker is not None:
+            ticker.cancel()
         if bar is not None:
             bar.close()
         await teacher.aclose()
+        typer.echo(_closing_line(summary), err=True)
+
+
+def _progress_fields(s: RunSummary) -> dict[str, object]:
+    by = s.rejects_by_cause()
+    fields: dict[str, object] = {"done": s.records, "rejected": s.rejected, "skipped": s.skipped}
+    if s.endpoint is not None:
+        fields.update(endpoint_rej=by["endpoint"], req=s.endpoint.requests, retries=s.endpoint.retries,
+                      http=" ".join(f"{k}:{v}" for k, v in sorted(s.endpoint.http_status.items())),
+                      waited=f"{s.endpoint.rate_limit_wait_s:.0f}s")
+    return fields
+
+
+def _closing_line(s: RunSummary) -> str:
+    """The run in one line: what was kept, whose fault the rejects were, what the endpoint did."""
+    by = s.rejects_by_cause()
+    line = (f"{s.records} records, {s.rejected} rejected (endpoint {by['endpoint']}, teacher {by['teacher']}"
+            f"{', duplicates ' + str(s.reasons['duplicate_query']) if s.reasons.get('duplicate_query') else ''}), "
+            f"{s.skipped} skipped as done, in {s.seconds:.1f}s")
+    if s.endpoint is not None:
+        e = s.endpoint
+        statuses = ", ".join(f"{k} x{v}" for k, v in sorted(e.http_status.items())) or "none"
+        line += (f"; endpoint: {e.requests} requests, {e.retries} retries, HTTP {statuses}, "
+                 f"{e.rate_limit_wait_s:.1f}s waiting on rate limits")
+    if s.reasons:
+        line += "; reject reasons: " + ", ".join(f"{k} {v}" for k, v in s.reasons.most_common())
+    return line
 
 
 @app.command()

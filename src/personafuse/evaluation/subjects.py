@@ -18,9 +18,7 @@ carrying the text and, for PersonaFuse, the ten routing weights used. Specs acce
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,46 +115,70 @@ def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", dev
 # OpenAI-compatible endpoint
 # ---------------------------------------------------------------------------------------------
 class OpenAISubject:
-    """Chat completions against any OpenAI-compatible server, a few requests in flight at once."""
+    """Chat completions against any OpenAI-compatible server, a few requests in flight at once,
+    under the retry and deadline policy the data teachers use (:mod:`personafuse.endpoint`): one
+    deadline per request (``timeout``, send to last byte), 429s on their own wait budget with
+    ``Retry-After`` honoured and jittered, 5xx / timeouts / dropped connections / bodies that are
+    not a completion retried ``max_retries`` times, so one endpoint fault no longer ends an eval
+    cell. An empty reply is a valid (if poor) answer from a model under test and is not retried.
+    A request that fails for good raises :class:`personafuse.endpoint.EndpointFailure`."""
 
-    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None, concurrency: int = 4, system_prompt: str | None = None, max_retries: int = 3, timeout: float = 120.0) -> None:
-        from openai import OpenAI
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None, concurrency: int = 4,
+                 system_prompt: str | None = None, max_retries: int = 5, timeout: float = 300.0, backoff: float = 1.0,
+                 max_rate_limit_wait: float = 600.0, clock: Any = None) -> None:
+        from personafuse.endpoint import EndpointClient, RetryPolicy
 
         self.name = model
         self.model = model
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        self.client = OpenAI(base_url=self.base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY", max_retries=max_retries, timeout=timeout)
+        policy = RetryPolicy(max_retries=max_retries, backoff=backoff, max_rate_limit_wait=max_rate_limit_wait,
+                             timeout=timeout)
+        self.endpoint = EndpointClient(self.base_url, api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                                       policy=policy, clock=clock, max_in_flight=max(1, concurrency), name=model)
         self.concurrency = concurrency
         self.system_prompt = system_prompt
-        self._lock = threading.Lock()
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
 
-    def _one(self, p: Prompt, max_new_tokens: int, temperature: float, seed: int | None) -> Generation:
+    async def _one(self, p: Prompt, max_new_tokens: int, temperature: float, seed: int | None) -> Generation:
+        from personafuse.endpoint import chat_reply, completion_reply
+
         kw: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature}
         if seed is not None:
             kw["seed"] = seed
         if isinstance(p, RawPrompt):  # a completion prompt: the completions endpoint, no template
-            resp = self.client.completions.create(prompt=str(p), **kw)
-            text = (resp.choices[0].text or "") if resp.choices else ""
+            path, body, reply = "/completions", {"prompt": str(p), **kw}, completion_reply
         else:
-            resp = self.client.chat.completions.create(messages=as_messages(p, self.system_prompt), **kw)
-            text = (resp.choices[0].message.content or "") if resp.choices else ""
-        with self._lock:
-            self.usage["requests"] += 1
-            if resp.usage is not None:
-                self.usage["prompt_tokens"] += resp.usage.prompt_tokens or 0
-                self.usage["completion_tokens"] += resp.usage.completion_tokens or 0
+            path, body, reply = "/chat/completions", {"messages": as_messages(p, self.system_prompt), **kw}, chat_reply
+
+        def check(data: Any) -> tuple[str, dict[str, Any]]:
+            text, _, _ = reply(data, require_content=False)
+            return text, data
+
+        text, data = await self.endpoint.post(path, body, check)
+        self.usage["requests"] += 1
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
+            self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
         # Some servers (vLLM, ours) report the routing weights beside the message.
-        extra = getattr(resp, "model_extra", None) or {}
         # `persona` is our server's field; `personafuse` is kept for older servers.
-        info = next((extra[k] for k in ("persona", "personafuse") if isinstance(extra.get(k), dict)), {})
-        w = info.get("weights")
-        return Generation(text=text.strip(), weights=w)
+        info = next((data[k] for k in ("persona", "personafuse") if isinstance(data.get(k), dict)), {})
+        return Generation(text=text.strip(), weights=info.get("weights"))
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
+        import asyncio
+
+        from personafuse.endpoint import run_sync
+
         temp = float(temperature) if (do_sample and temperature is not None) else (1.0 if do_sample else 0.0)
-        with ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as ex:
-            return list(ex.map(lambda p: self._one(p, max_new_tokens, temp, seed), prompts))
+
+        async def run() -> list[Generation]:
+            try:  # the endpoint client caps requests in flight at ``concurrency``
+                return list(await asyncio.gather(*(self._one(p, max_new_tokens, temp, seed) for p in prompts)))
+            finally:
+                await self.endpoint.aclose()  # its connections belong to this call's event loop
+
+        return run_sync(run)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "openai", "name": self.model, "base_url": self.base_url}
