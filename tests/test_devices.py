@@ -234,6 +234,17 @@ def test_probe_encoders_compute_in_bfloat16(models, tmp_path):
     assert [ln for ln in r.output.splitlines() if ": device " in ln] == [f"{models['encoder']}: device cpu, {BF16}", f"{models['pf']}: device cpu, {BF16}"]
 
 
+def test_routing_command_routes_situations_in_bfloat16(models, tmp_path):
+    sit = tmp_path / "situations.jsonl"
+    sit.write_text("".join(json.dumps({"query": q, "situation": s}) + "\n" for q, s in (("i am so anxious", "support"), ("solve x", "math"))))
+    r = _invoke("routing", "--situations", str(sit), "--model", models["pf"], "--out", str(tmp_path / "r"), "--device", "cpu", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[0] == f"{models['pf']}: device cpu, {BF16}", r.output
+    assert (tmp_path / "r" / "situations_routed.jsonl").is_file()
+    r = _invoke("routing", "--situations", str(sit), "--model", models["hf"], "--device", "cpu")
+    assert r.exit_code == 2 and "has no router" in _plain(r.output)
+
+
 def test_data_generate_teacher_computes_in_bfloat16(models, tmp_path):
     from personafuse.data.teachers import TeacherOptions, make_teacher
 

@@ -143,13 +143,31 @@ def routing_command(
     situations: Annotated[Path | None, typer.Option(help="JSONL with fields query and situation, routed by --model")] = None,
     model: Annotated[str | None, typer.Option(help="PersonaFuse checkpoint (pf:DIR) to route --situations")] = None,
     out: Annotated[Path, typer.Option(help="folder for routing.md, routing.csv and radar PNGs")] = Path("runs/routing"),
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Mean routing weight per pole for each benchmark and each held-out situation, plus radar charts."""
+    device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
     from personafuse.evaluation.routing_analysis import analyse
 
-    rep = analyse([str(r) for r in runs or []], situations=str(situations) if situations else None, model=model, out=str(out))
+    router = _router(model, device, dtype) if model and situations is not None else None
+    rep = analyse([str(r) for r in runs or []], situations=str(situations) if situations else None, model=model, router=router, out=str(out))
     typer.echo(rep.markdown)
     typer.echo(f"\nwrote {', '.join(str(p) for p in rep.files)}")
+
+
+def _router(model: str, device: str, dtype: str) -> Any:
+    """--model's router on --device in --dtype (routing --situations / --expect), its placement
+    said first."""
+    from personafuse.chat_cli import quiet_loading
+    from personafuse.evaluation.subjects import SubjectOptions, load_subject
+
+    quiet_loading()  # no transformers bar per load: the placement line comes first
+    subj = load_subject(model, SubjectOptions(device=device, dtype=dtype))
+    if not hasattr(subj, "route"):
+        raise typer.BadParameter(f"{model} has no router (routing analysis needs a PersonaFuse checkpoint)", param_hint="--model")
+    typer.echo(placement_line(subj.model, model), err=True)  # type: ignore[attr-defined]
+    return subj.route
 
 
 def probe_command(
