@@ -457,33 +457,57 @@ def test_gsm8k_local_without_data_is_a_clear_error(monkeypatch: pytest.MonkeyPat
         gsm8k_local.load(data_file=str(bad), version=3.0)
 
 
-def test_eq_bench_local_task_runs_offline_through_lm_eval(tmp_path: Path) -> None:
-    """The shipped ``eq_bench_local`` task (lm-eval's eq_bench config and scorer over an official
-    EQ-Bench questions JSON) through lm-eval's own ``lm_eval`` script, offline."""
-    import os
-    import subprocess
-    import sys
+def test_eq_bench_local_sends_lm_evals_prompt_with_80_tokens(tmp_path: Path) -> None:
+    """Through lm-eval's own evaluator, each ``eq_bench_local`` request is what lm-eval's
+    ``eq_bench`` sends (lm_eval/tasks/eq_bench/default.yaml: ``doc_to_text: prompt`` over the Hub
+    copy, whose prompts carry no revision part, and its ``generation_kwargs``, read here from the
+    installed yaml): the official file's prompt cut by remove_revision_instructions, 80 tokens."""
+    import yaml
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
 
     from eval_support import FIXTURE_BENCHDATA
+    from personafuse.evaluation.benchmarks.eqbench import remove_revision_instructions
     from personafuse.evaluation.lm_eval_tasks import TASKS_DIR
 
     model_dir = make_tiny_llama(tmp_path / "tiny")
-    data = sorted((FIXTURE_BENCHDATA / "eq-bench").glob("*.json"))[0]
-    n_items = len(json.loads(data.read_text()))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf")}
-    out = subprocess.run(
-        [str(Path(sys.executable).parent / "lm_eval"), "--model", "personafuse", "--model_args", f"model=hf:{model_dir}",
-         "--tasks", "eq_bench_local", "--include_path", str(TASKS_DIR), "--metadata", json.dumps({"eq_bench_file": str(data)}),
-         "--device", "cpu", "--batch_size", "2", "--gen_kwargs", "max_gen_toks=6", "--output_path", str(tmp_path / "out")],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    res = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
-    r = res["results"]["eq_bench_local"]
-    # a random tiny model never writes four parseable emotions: lm-eval's scorer gives 0 and 0 %
-    assert r["eqbench,none"] == 0 and r["percent_parseable,none"] == 0
-    assert res["n-samples"]["eq_bench_local"]["effective"] == n_items
+    data = FIXTURE_BENCHDATA / "eq-bench" / "eq_bench_fixture_questions.json"
+    questions = list(json.loads(data.read_text()).values())
+    theirs = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "eq_bench" / "default.yaml").read_text().replace("!function", ""))
+    out = simple_evaluate(model="personafuse", model_args=f"model=hf:{model_dir},device=cpu,batch_size=2", tasks=["eq_bench_local"],
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"eq_bench_file": str(data)}), log_samples=True, limit=1)  # fmt: skip
+    samples = out["samples"]["eq_bench_local"]
+    assert len(samples) == 1 and len(questions) == 2
+    for s, q in zip(samples, questions, strict=False):
+        (ctx, gen), = s["arguments"]
+        assert "Critique: <your critique here>" in q["prompt"] and ctx == remove_revision_instructions(q["prompt"])
+        assert {k: gen[k] for k in theirs["generation_kwargs"]} == theirs["generation_kwargs"] and gen["max_gen_toks"] == 80
+    assert out["configs"]["eq_bench_local"]["metadata"]["version"] == theirs["metadata"]["version"]
+
+
+def test_eq_bench_local_prompts_are_the_cut_rule_for_all_171_v2_items() -> None:
+    from eval_support import real_benchdata
+    from personafuse.evaluation.benchmarks.eqbench import remove_revision_instructions
+    from personafuse.evaluation.lm_eval_tasks import eq_bench_local
+
+    real = real_benchdata()
+    if real is None or not (real / "eq-bench" / "eq_bench_v2_questions_171.json").is_file():
+        pytest.skip("../shared/benchdata not present")
+    path = real / "eq-bench" / "eq_bench_v2_questions_171.json"
+    docs = eq_bench_local.load(eq_bench_file=str(path))["validation"]
+    raw = list(json.loads(path.read_text()).values())
+    assert len(docs) == len(raw) == 171
+    cut = [remove_revision_instructions(q["prompt"]) for q in raw]
+    assert list(docs["prompt"]) == cut and not any("Revised scores" in p for p in cut)
+    # the same text personafuse eval sends a remote subject (no system turn)
+    ours = get_benchmark_prompts(path)
+    assert ours == cut
+
+
+def get_benchmark_prompts(path: Path) -> list:
+    from personafuse.evaluation.benchmarks import get_benchmark
+
+    return [it.prompt for it in get_benchmark("eqbench", {"system": "none"}).load(path)]
 
 
 def test_eq_bench_local_docs_score_100_with_the_reference_answer() -> None:

@@ -86,11 +86,15 @@ def ref_rank_choices(choices: Sequence[str]) -> str:
     return "\n".join(output)
 
 
-def ref_messages(configs: Path, task: str, lang: str, sample: Mapping[str, Any]) -> list[dict[str, str]]:
-    """src/model.py:init_prompt (not Qwen, no CoT) + src/data.py:generate_responses' msg."""
+def ref_messages(configs: Path, task: str, lang: str, sample: Mapping[str, Any], model_path: str = "gpt-4o") -> list[dict[str, str]]:
+    """src/model.py:36-42 init_prompt (no CoT; model_name = src/utils.py:11-12 get_model_name) +
+    src/data.py:generate_responses' msg."""
     prompts = yaml.safe_load((configs / "prompts.yaml").read_text(encoding="utf-8"))
     res_config = yaml.safe_load((configs / "response.yaml").read_text(encoding="utf-8"))
     sys_prompt = prompts["sys"][lang] + ref_get_response_format(res_config, task, lang, False)
+    model_name = model_path.split("/")[-1].replace(".", "_")
+    if "qwen" in model_name.lower():
+        sys_prompt = "/no_think\n\n" + sys_prompt
     if task == "EU":
         msg = prompts[task][lang].format(
             scenario=sample["scenario"], subject=sample["subject"],
@@ -267,3 +271,29 @@ def test_replies_naming_the_right_option_score_100_percent(language: str) -> Non
     assert agg["score"] == 1.0 and agg["EU"] == 1.0 and agg["EA"] == 1.0 and agg["score_freetext"] == 1.0
     assert b.aggregate(free)["score_freetext"] == 1.0
     assert agg["n"] == 400
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "gpt-4o"])
+def test_request_for_one_real_item_is_the_references(model: str, tmp_path: Path) -> None:
+    """What the runner sends an endpoint for EA item 1: src/model.py:68-69 gen_response's
+    ``self.messages + [user msg]`` (init_prompt's system, with ``/no_think`` for a Qwen name,
+    :40-41), at most 50 new tokens (:72-75, the HF path's limit without CoT). Listed deviation:
+    greedy here, where their clients sample (ChatOpenAI temperature 0.6, :46-57)."""
+    from eval_support import ChatServer
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    folder = REAL / "emobench" if REAL is not None and (REAL / "emobench" / "configs").is_dir() else FIXTURE_BENCHDATA / "emobench"
+    row = json.loads((folder / "EA.jsonl").read_text(encoding="utf-8").splitlines()[0])
+    (tmp_path / "data" / "configs").mkdir(parents=True)
+    (tmp_path / "data" / "EA.jsonl").write_text(json.dumps(row) + "\n")
+    for f in ("prompts.yaml", "response.yaml"):
+        (tmp_path / "data" / "configs" / f).write_text((folder / "configs" / f).read_text(encoding="utf-8"))
+    with ChatServer(lambda m, b: '{"answer": "A"}') as srv:
+        cfg = EvalConfig(model=f"openai:{model}", benchmarks=["emobench"], out=str(tmp_path / "run"), data=str(tmp_path / "data"),
+                         options={"emobench": {"tasks": ["EA"], "language": row["language"]}})  # fmt: skip
+        res = Runner(cfg, lambda: OpenAISubject(model, base_url=srv.base_url, api_key="k"), progress=False).run()
+    (body,) = srv.requests
+    assert body["messages"] == ref_messages(folder / "configs", "EA", row["language"], row, model_path=model)
+    assert body["max_tokens"] == 50 and body["temperature"] == 0.0
+    assert res["benchmarks"]["emobench"]["protocol"]["no_think"] is model.startswith("Qwen")

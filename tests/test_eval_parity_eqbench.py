@@ -157,10 +157,84 @@ def test_eqbench_item_by_item_parity(tmp_path: Path) -> None:
     assert agg["stderr"] == pytest.approx(math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs)))
 
 
-def test_eqbench_protocol_defaults_are_the_reference_run(tmp_path: Path) -> None:
-    b = get_benchmark("eqbench")
-    assert (b.max_new_tokens, b.max_attempts, b.revise, b.version) == (60, 3, False, "v2")
-    assert b.protocol()["reference"]["commit"].startswith("d28c60c")
+# ---- the request, from EQ-bench/EQ-Bench@d28c60c ----------------------------------------------
+def ref_remove_revision_instructions(prompt: str) -> str:
+    """lib/run_bench_helper_functions.py:129-135 (language 'en'), transcribed."""
+    prompt = prompt.replace(" Then critique your answer by thinking it through step by step. Finally, give your revised scores.", "")
+    prompt = prompt.replace("First pass scores:\n", "")
+    prompt = prompt[: prompt.find("Critique: <your critique here>")] + "\n" + prompt[prompt.find("[End of answer]") :]
+    return prompt + "\nYour answer:\n"
+
+
+# instruction-templates/ChatML.yaml as lib/run_query.py:270-284 parse_yaml reads it (SmolLM2's and
+# Qwen's format), and lib/run_query.py:286-301 generate_prompt_from_template with its
+# default_system_message (line 289), which run_query's transformers path (:317-323) and
+# run_llamacpp_query (:54-56) send.
+CHATML = {"user": "user", "bot": "assistant",
+          "turn_template": "<|im_start|><|user|>\n<|user-message|><|im_end|>\n<|im_start|><|bot|>\n<|bot-message|><|im_end|>\n",
+          "context": "<|im_start|>system\n<|system-message|><|im_end|>\n"}  # fmt: skip
+
+
+def ref_generate_prompt_from_template(prompt: str, template: dict) -> str:
+    default_system_message = "You are an expert in emotional analysis."
+    context = template["context"]
+    if "<|system-message|>" in template["context"]:
+        if "system_message" in template and template["system_message"].strip():
+            context = context.replace("<|system-message|>", template["system_message"])
+        else:
+            context = context.replace("<|system-message|>", default_system_message)
+    turn_template = template["turn_template"].replace("<|user|>", template["user"]).replace("<|bot|>", template["bot"])
+    formatted_prompt = (context + turn_template).split("<|bot-message|>")[0]
+    return formatted_prompt.replace("<|user-message|>", prompt)
+
+
+def _v2_file() -> Path:
+    from eval_support import FIXTURE_BENCHDATA
+
+    real = REAL / "eq-bench" / "eq_bench_v2_questions_171.json" if REAL else None
+    return real if real and real.is_file() else FIXTURE_BENCHDATA / "eq-bench" / "eq_bench_fixture_questions.json"
+
+
+def test_request_for_one_real_item_is_the_references(tmp_path: Path) -> None:
+    """What the runner sends for the file's first question. OpenAI-compatible endpoint:
+    lib/eq_bench_utils.py:38 cuts the prompt, :48 run_query(..., history=[], COMPLETION_TOKENS=60
+    (:6), temp) with temp 0.01 (:42), +0.15 a retry (:127); lib/run_query.py:216 messages =
+    history + [user turn], :227-232 chat.completions.create(model, temperature, max_tokens,
+    messages). Ours differs in one listed way: the first attempt is greedy (temperature 0)."""
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    qid, q = next(iter(json.loads(_v2_file().read_text()).items()))
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps({qid: q}))  # the real file's first question, alone
+    want = [{"role": "user", "content": ref_remove_revision_instructions(q["prompt"])}]
+    with ChatServer(lambda m, b: "no scores") as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["eqbench"], out=str(tmp_path / "run"), data=str(data))
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False).run()
+    mine = [r for r in srv.requests if r["messages"] == want]
+    assert len(mine) == 3, [r["messages"] for r in srv.requests]  # the item, then 2 retries (n_question_attempts=3)
+    assert [(r["max_tokens"], round(r["temperature"], 2)) for r in mine] == [(60, 0.0), (60, 0.16), (60, 0.31)]
+    assert set(mine[0]) == {"model", "messages", "max_tokens", "temperature"}
+
+
+def test_local_subject_gets_the_official_local_prompt(tmp_path: Path) -> None:
+    """A local subject (here the embedded SmolLM2, a ChatML model) receives, through its chat
+    template, exactly the text the official transformers/llama.cpp path builds: the ChatML template
+    with the default system message "You are an expert in emotional analysis."."""
+    from personafuse.embedded import load_tokenizer, resolve
+
+    data = _v2_file()
+    q = next(iter(json.loads(data.read_text()).values()))
+    want = ref_generate_prompt_from_template(ref_remove_revision_instructions(q["prompt"]), CHATML)
+    tok = load_tokenizer(resolve("default"))
+    b = get_benchmark("eqbench", {"subject": {"model": "default"}})
+    item = b.load(data)[0]
+    assert tok.apply_chat_template(b.send(item.prompt), tokenize=False, add_generation_prompt=True) == want
+    assert b.protocol()["system_prompt"] == "You are an expert in emotional analysis."
+    remote = get_benchmark("eqbench", {"subject": {"model": "openai:gpt-4o"}})
+    assert remote.load(data)[0].prompt == ref_remove_revision_instructions(q["prompt"])  # no system turn
+    own = get_benchmark("eqbench", {"subject": {"model": "default", "system_prompt": "Be brief."}})
+    assert own.system is None and own.protocol()["system_prompt_source"].startswith("--system-prompt")
 
 
 def test_eqbench_prompt_cut_as_remove_revision_instructions(tmp_path: Path) -> None:

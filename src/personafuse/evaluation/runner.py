@@ -187,7 +187,10 @@ class Runner:
         return self.results
 
     def run_benchmark(self, name: str) -> dict[str, Any]:
-        opts = {"seed": self.cfg.seed, **self.cfg.options.get(name, {})}
+        # "subject": what a reference's default may depend on (EQ-Bench's system message for local
+        # models, EmoBench's /no_think for Qwen names); the protocol records what it chose.
+        subject = {"model": self.cfg.model, "system_prompt": self.cfg.system_prompt}
+        opts = {"seed": self.cfg.seed, "subject": subject, **self.cfg.options.get(name, {})}
         bench = get_benchmark(name, opts)
         if self.cfg.max_new_tokens:  # --max-new-tokens: the limit used is the one results.json records
             bench.max_new_tokens = self.cfg.max_new_tokens

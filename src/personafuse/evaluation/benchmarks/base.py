@@ -44,6 +44,18 @@ def with_router_query(prompt: Any, query: str) -> Any:
     return out
 
 
+def subject_model(options: Mapping[str, Any]) -> tuple[str | None, bool]:
+    """(the ``--model`` spec, whether it runs locally) from the ``subject`` the runner passes in a
+    benchmark's options; (None, False) when the benchmark is built outside a run."""
+    subj = options.get("subject") or {}
+    model = subj.get("model") if isinstance(subj, Mapping) else None
+    if not model:
+        return None, False
+    from personafuse.specs import ModelSpec
+
+    return str(model), ModelSpec.parse(str(model)).kind != "openai"
+
+
 def router_query(prompt: Any) -> str | None:
     """The router text a benchmark attached with :func:`with_router_query`, else None."""
     return getattr(prompt, "router_query", None)

@@ -12,7 +12,8 @@ is gone from that commit): ``src/model.py`` (``LLM.init_prompt``, ``LLM.gen_resp
   user = ``prompts.yaml`` ``EU``/``EA`` template with the choices as ``A) text`` lines. Both files are
   read at run time (``configs/`` beside the data, else the repository's ``src/configs/``). Zero-shot,
   chat template, 50 new tokens (2048 with ``-o emobench.cot=true``, which uses their ``cot``
-  statement and ``reasoning`` key).
+  statement and ``reasoning`` key). ``/no_think`` heads the system prompt when the ``--model``
+  name's last part contains "qwen" and CoT is off, as ``src/model.py:40-41`` does.
 * Extraction (``parse_json_response``): the reply, or the body of its first ```` ```json ```` block,
   must be JSON; the answer is the value under ``answer`` (EA) or ``answer_q1`` / ``answer_q2`` (EU)
   and is right only when it equals the gold letter exactly (``"A"``, not ``"a"`` or ``"A) text"``).
@@ -35,7 +36,14 @@ from typing import Any
 
 import yaml
 
-from personafuse.evaluation.benchmarks.base import Benchmark, Item, Reference, ScoreContext, mean
+from personafuse.evaluation.benchmarks.base import (
+    Benchmark,
+    Item,
+    Reference,
+    ScoreContext,
+    mean,
+    subject_model,
+)
 from personafuse.evaluation.benchmarks.choice import LETTERS, json_letter, parse_choice, weighted_stderr
 from personafuse.evaluation.data import DataError, Remote, fetch, field, read_jsonl
 
@@ -109,6 +117,7 @@ class EmoBench(Benchmark):
         if self.cot and "max_new_tokens" not in self.options:
             self.max_new_tokens = 2048
         self.configs_source = ""
+        self.no_think = self._no_think()
 
     # ---- data -------------------------------------------------------------------------
     def load_items(self, source: Path | None) -> list[Item]:
@@ -183,9 +192,20 @@ class EmoBench(Benchmark):
         if self.cot:
             conditions = response["reasoning"][lang] + ",\n" + conditions
         system = prompts["sys"][lang] + RESPONSE_FORMAT.format(statement=statement, conditions=conditions)
-        if str(self.options.get("no_think", "false")).lower() in ("1", "true", "yes"):
-            system = "/no_think\n\n" + system  # theirs adds it for Qwen models without CoT
+        if self.no_think:
+            system = "/no_think\n\n" + system
         return system
+
+    def _no_think(self) -> bool:
+        """src/model.py:40-41 (3b4f843) ``init_prompt``: ``/no_think`` before the system prompt when
+        ``"qwen" in get_model_name(model_path).lower()`` (utils.py:11, the path's last part) and CoT
+        is off. ``-o emobench.no_think=true|false`` overrides the name rule."""
+        opt = str(self.options.get("no_think", "auto")).lower()
+        if opt != "auto":
+            return opt in ("1", "true", "yes")
+        model, _ = subject_model(self.options)
+        name = (model or "").split(":", 1)[-1].rstrip("/").split("/")[-1]
+        return "qwen" in name.lower() and not self.cot
 
     def _item(self, task: str, path: Path | None, row: Mapping[str, Any], prompts: Mapping[str, Any], system: str) -> Item:
         qid = str(field(row, "qid", path))
@@ -223,6 +243,7 @@ class EmoBench(Benchmark):
             "chat_template": True,
             "shots": 0,
             "cot": self.cot,
+            "no_think": self.no_think,
             "language": self.language,
             "answer_format": "JSON: answer (EA), answer_q1 + answer_q2 (EU)",
             "answer_extraction": "utils.py:parse_json_response; exact match of the letter",

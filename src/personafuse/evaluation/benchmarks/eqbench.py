@@ -11,7 +11,13 @@ Official file: ``{id: {"prompt", "reference_answer", "reference_answer_fullscale
 (171). As the reference does:
 
 * prompt: the file's; for v2 without revision the critique-and-revise part is cut out
-  (``remove_revision_instructions``); v1 keeps the full prompt. One user turn, no system prompt.
+  (``remove_revision_instructions``); v1 keeps the full prompt. One user turn. System message: for
+  a local subject (``default``, ``base``, ``hf:``, ``lora:``, ``pf:``) "You are an expert in
+  emotional analysis.", as the official local paths send it (``lib/run_query.py:286-301``
+  ``generate_prompt_from_template``, used by the transformers path ``run_query`` and by
+  ``run_llamacpp_query``: the default fills a template's ``<|system-message|>`` slot, e.g. ChatML's,
+  SmolLM2's and Qwen's format); for an OpenAI-compatible endpoint none (``run_openai_query`` sends
+  the user turn alone). ``-o eqbench.system=none`` or ``=TEXT`` overrides; ``--system-prompt`` wins.
 * parse: every ``(\\w+):\\s+(\\d+)`` pair of the reply (with revision: of the first-pass and the
   revised block separately), later duplicates overwrite earlier ones; nothing is stripped first;
 * an answer counts only with exactly four pairs naming the reference's four emotions exactly (case
@@ -36,7 +42,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from personafuse.evaluation.benchmarks.base import Benchmark, Item, Reference, ScoreContext, mean, stderr
+from personafuse.evaluation.benchmarks.base import (
+    Benchmark,
+    Item,
+    Reference,
+    ScoreContext,
+    mean,
+    stderr,
+    subject_model,
+)
 from personafuse.evaluation.data import DataError, hub_path, read_json
 
 HUB_ID = "pbevan11/EQ-Bench"
@@ -45,6 +59,9 @@ FILES = {"v2": "eq_bench_v2_questions_171.json", "v1": "eq_bench_v1_questions_60
 V1_SIZE = 60  # lib/run_bench.py setup_benchmark: "v1" if len(questions) == 60 else "v2"
 MIN_PARSEABLE = 0.8333  # lib/run_bench.py: a run below this share of parseable answers fails
 PAIR = r"(\w+):\s+(\d+)"
+REVISION_MARK = "Critique: <your critique here>"  # in the official files' full (revision) prompts
+# lib/run_query.py:289 (d28c60c) generate_prompt_from_template's default_system_message.
+LOCAL_SYSTEM = "You are an expert in emotional analysis."
 
 
 def parse_answers(text: str, revise: bool) -> tuple[dict[str, str], dict[str, str]]:
@@ -153,13 +170,27 @@ class EQBench(Benchmark):
         self.version = str(self.options.get("version", "v2"))
         if self.version not in ("v1", "v2"):
             raise DataError(f"eqbench: version must be v1 or v2, got {self.version!r}")
+        self.system, self.system_source = self._system_message()
+
+    def _system_message(self) -> tuple[str | None, str]:
+        choice = str(self.options.get("system", "auto"))
+        if choice != "auto":
+            return (None, "-o eqbench.system=none") if choice == "none" else (choice, "-o eqbench.system")
+        model, local = subject_model(self.options)
+        subj = self.options.get("subject") or {}
+        if subj.get("system_prompt"):
+            return None, "--system-prompt (the subject's)"
+        if local:
+            return LOCAL_SYSTEM, f"official local paths (lib/run_query.py:289 default_system_message) for local subject {model}"
+        return None, "official run_openai_query sends no system message" if model else "no subject given"
 
     def protocol_extra(self) -> dict[str, Any]:
         return {
             "version": self.version,
             "revise": self.revise,
             "prompt": "the question file's prompt" + (", revision part removed" if self.version == "v2" and not self.revise else ""),
-            "system_prompt": None,
+            "system_prompt": self.system,
+            "system_prompt_source": self.system_source,
             "chat_template": True,
             "temperature": "0.01 (greedy here), retries +0.15",
             "unparsed": "retried, then left out of the score",
@@ -210,8 +241,10 @@ class EQBench(Benchmark):
             raise DataError(f"{where}: v1 scoring needs 'reference_answer'")
         prompt = q["prompt"]
         # Hub copies may hold prompts already cut; the reference always cuts the file's full prompt.
-        if self.version == "v2" and not self.revise and "Critique: <your critique here>" in prompt:
+        if self.version == "v2" and not self.revise and REVISION_MARK in prompt:
             prompt = remove_revision_instructions(prompt)
+        if self.system:
+            prompt = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
         return Item(id=qid, prompt=prompt, reference={"v1": ref1, "v2": ref2})
 
     def score_item(self, item: Item, responses: Sequence[str], ctx: ScoreContext) -> dict[str, Any]:

@@ -2,8 +2,14 @@
 
 The official files map question ids to items whose ``reference_answer_fullscale`` is a dict; the
 Hub copy that lm-eval's ``eq_bench`` reads stores it as a Python-literal string, which is what its
-scorer (reused unchanged) parses. Only v2 files: the v1 file's fullscale references differ. lm-eval loads this module from its file path, hence the absolute
-imports.
+scorer (reused unchanged) parses. Only v2 files: the v1 file's fullscale references differ.
+
+The Hub copy's prompts carry no critique-and-revise part; the official file's do. As
+``personafuse eval --benchmarks eqbench`` does for v2 without revision, each prompt is cut with the
+official rule (EQ-bench/EQ-Bench@d28c60c lib/run_bench_helper_functions.py:remove_revision_instructions,
+transcribed in :func:`personafuse.evaluation.benchmarks.eqbench.remove_revision_instructions`), so
+the task sends lm-eval's prompt with its 80-token limit. lm-eval loads this module from its file
+path, hence the absolute imports.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ V1_SIZE = 60
 def load(eq_bench_file: str | None = None, **_: Any) -> Any:
     from datasets import Dataset, DatasetDict
 
+    from personafuse.evaluation.benchmarks.eqbench import REVISION_MARK, remove_revision_instructions
     from personafuse.evaluation.data import DataError, find_benchdata
 
     if eq_bench_file:
@@ -43,7 +50,10 @@ def load(eq_bench_file: str | None = None, **_: Any) -> Any:
         if missing:
             raise DataError(f"eq_bench_local: {path}: item {n} lacks {', '.join(missing)}")
         ref = item["reference_answer_fullscale"]
-        docs.append({"prompt": item["prompt"], "reference_answer_fullscale": ref if isinstance(ref, str) else repr(ref)})
+        prompt = item["prompt"]
+        if REVISION_MARK in prompt:  # already-cut prompts (a Hub copy) are sent as they are
+            prompt = remove_revision_instructions(prompt)
+        docs.append({"prompt": prompt, "reference_answer_fullscale": ref if isinstance(ref, str) else repr(ref)})
     if not docs:
         raise DataError(f"eq_bench_local: {path} holds no questions")
     return DatasetDict({"validation": Dataset.from_list(docs)})
