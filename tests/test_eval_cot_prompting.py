@@ -11,7 +11,13 @@ import pytest
 
 from eval_support import FIXTURE_BENCHDATA, ChatServer
 from personafuse.chat import Generation, RawPrompt
-from personafuse.evaluation.cot_prompting import REASONING_TOKENS, PersonaCoTPrompting, item_text, with_analysis, with_persona_cot
+from personafuse.evaluation.cot_prompting import (
+    REASONING_TOKENS,
+    PersonaCoTPrompting,
+    item_text,
+    with_analysis,
+    with_persona_cot,
+)
 from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
 from personafuse.evaluation.subjects import OpenAISubject
 
