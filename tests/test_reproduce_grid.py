@@ -79,13 +79,17 @@ def test_the_variants_are_built_as_the_paper_defines_them(grid):
     # Persona-CoT prompting keeps the whole reasoning and scores the answer section
     cot = [json.loads(x) for x in (out / "eval/pcot_prompting/seed0/safetybench.jsonl").read_text().splitlines()]
     assert all("persona_cot" in r for r in cot)
-    # the TAT variant reused PersonaFuse's warm-up experts and retrained router and joint on TAT labels
+    # the TAT variant learns from the TAT labels; it reuses PersonaFuse's warm-up experts only
+    # when those labels equal the teacher's (the warm-up reads them), else it warms up its own
+    ids = json.loads((out / f"train/{TAT_VARIANT}/seed0/training_ids.json").read_text())
+    assert ids["source"] == "relabel/persona_cot"
+    tat_p = {r["id"]: r["p"] for r in map(json.loads, (out / f"train/{TAT_VARIANT}/seed0/records.jsonl").read_text().splitlines())}
+    pf_p = {r["id"]: r["p"] for r in map(json.loads, (out / "train/personafuse/seed0/records.jsonl").read_text().splitlines())}
     a = out / "train/personafuse/seed0/warmup/model/model.safetensors"
     b = out / f"train/{TAT_VARIANT}/seed0/warmup/model/model.safetensors"
-    if a.is_file():
-        assert a.read_bytes() == b.read_bytes()
+    assert (a.read_bytes() == b.read_bytes()) == (tat_p == pf_p)
     tat_cfg = json.loads((out / f"train/{TAT_VARIANT}/seed0/reproduce_train.json").read_text())
-    assert tat_cfg["data"] == "relabel/persona_cot"
+    assert tat_cfg["data"] == f"train/{TAT_VARIANT}/seed0/records.jsonl"
     # one teacher, the same queries in every data mode
     queries = {}
     for mode in ("persona_cot", "direct", "human_like"):
