@@ -106,3 +106,27 @@ def test_train_cells_depend_on_every_data_cell(tmp_path: Path, labeller: str):
     for c in plan(cfg):
         if c.kind == "train":
             assert {"data/persona_cot", "data/direct", "data/human_like"} <= set(c.needs), c
+
+
+def test_every_seed_evaluates_the_same_items(tmp_path: Path):
+    # eval.item_seed / --item-seed picks the items; --seed keeps its role for sampling and routing
+    from eval_support import FIXTURE_BENCHDATA, ChatServer
+    from personafuse.evaluation.data import subsample
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    def ids(seed: int, item_seed: int) -> list[str]:
+        cfg = EvalConfig(model="openai:m", benchmarks=["gsm8k"], out=str(tmp_path / f"{seed}-{item_seed}"), data=str(FIXTURE_BENCHDATA),
+                         limit=2, seed=seed, item_seed=item_seed, options={"gsm8k": {"num_fewshot": 0}})
+        with ChatServer(lambda m, b: "#### 1") as srv:
+            Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False).run()
+        return [json.loads(x)["id"] for x in (tmp_path / f"{seed}-{item_seed}" / "gsm8k.jsonl").read_text().splitlines()]
+
+    other = next(s for s in range(1, 50) if subsample(list(range(3)), 2, s) != subsample(list(range(3)), 2, 0))
+    assert ids(0, 0) == ids(1, 0) == ids(7, 0)
+    assert ids(0, other) != ids(0, 0)
+    from personafuse.reproduce.run import command
+
+    cfg = ReproduceConfig.load(None, ["variants=[base]", "seeds=[0, 1]", "eval.item_seed=3"])
+    evals = [command(cfg, c) for c in plan(cfg) if c.kind == "eval"]
+    assert all(cmd[cmd.index("--item-seed") + 1] == "3" for cmd in evals) and len(evals) == 2
