@@ -219,6 +219,40 @@ def test_chat_route_export_commands_say_bfloat16_first(models, tmp_path):
     assert {t.dtype for k, t in tensors.items() if "lora_A" in k} == {torch.bfloat16}
 
 
+def test_serve_command_serves_in_bfloat16(models, tmp_path):
+    """The real `personafuse serve` process: its first line is where the model computes, and it answers."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "personafuse.cli", "serve", "--model", models["pf"], "--port", str(port),
+                             "--device", "cpu", "--dtype", "bfloat16", "--threads", "1"],
+                            stderr=subprocess.PIPE, text=True, env=env)  # fmt: skip
+    try:
+        first = proc.stderr.readline().strip()
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        body = {"messages": [{"role": "user", "content": "i am so anxious"}], "max_tokens": 2}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=60)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    assert first == f"{models['pf']}: device cpu, {BF16}"
+    assert r.status_code == 200 and len(r.json()["persona"]["weights"]) == 10
+
+
 def test_probe_encoders_compute_in_bfloat16(models, tmp_path):
     from personafuse.evaluation.probing import make_encoder
 
