@@ -88,7 +88,8 @@ def auto_dtype(device: str) -> str:
     kind = device.split(":")[0]
     if kind == "cuda":
         with torch.cuda.device(torch.device(device)):
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+            # native bfloat16 only (Ampere and later): emulated it is slower than float16
+            return "bfloat16" if torch.cuda.is_bf16_supported(including_emulation=False) else "float16"
     return "float16" if kind == "mps" else "float32"
 
 
