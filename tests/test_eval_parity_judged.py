@@ -406,27 +406,69 @@ def test_mentalchat_parity_over_http(tmp_path: Path, judgments: Path) -> None:
     assert mental["empathy"] == pytest.approx(MENTAL_EMPATHY) and mental["empathy_n"] == 4
     # The judge prompt: the records' instruction, FastChat's layout, its system prompt and limits.
     jp = MentalJudgePrompt.from_judgment_file(judgments)
-    judged = [r for r in requests if r["messages"][0]["role"] == "system"]
+    judged = [r for r in requests if "messages" in r and r["messages"][0]["role"] == "system"]
     assert len(judged) == 24 and all(r["max_tokens"] == 2048 and r["temperature"] == 0 for r in judged)
     sent = judged[0]["messages"]
     assert sent[0] == {"role": "system", "content": "You are a helpful assistant."}
     assert sent[1]["content"].startswith(jp.instruction) and sent[1]["content"].endswith("\n[The End of Assistant's Answer]")
 
 
-@pytest.mark.skipif(REAL is None, reason="needs ../shared/benchdata")
-def test_mentalchat_prompt_rebuilds_the_official_records() -> None:
-    """Filling our template with a record's own question and answer gives its user_prompt back."""
-    assert REAL is not None
-    path = REAL / "mentalchat16k" / "model_judgment" / "gpt-4_single.jsonl"
-    jp = MentalJudgePrompt.from_judgment_file(path)
-    assert jp.metrics == ("Active Listening", "Empathy & Validation", "Safety & Trustworthiness", "Open-mindedness & Non-judgment", "Clarity & Encouragement", "Boundaries & Ethical", "Holistic Approach")
-    for line in path.read_text().splitlines():
-        up = json.loads(line)["user_prompt"]
-        body = up[len(jp.instruction) :]
-        question, rest = body.split("\n\n[The Start of Assistant's Answer]\n", 1)
-        answer = rest[: -len("\n[The End of Assistant's Answer]")]
-        assert jp.messages(question, answer)[1]["content"] == up
-    assert 'Rating: [[5]]' in jp.instruction and "Active Listening: [[8]]" in jp.instruction
+# lm-sys/FastChat@v0.2.32 fastchat/llm_judge/data/judge_prompts.jsonl line 5 ("single-v1"): the system
+# prompt and the layout single-mental-v1 fills (its own instruction in place of single-v1's).
+FASTCHAT_SINGLE_V1_SYSTEM = "You are a helpful assistant."
+FASTCHAT_SINGLE_V1_LAYOUT = "[Instruction]\n{instruction}\n\n[Question]\n{question}\n\n[The Start of Assistant's Answer]\n{answer}\n[The End of Assistant's Answer]"
+# ChiaPatricia/MentalChat16K_Main@9eb19df examples/qlora_models_generate.py lines 84-93, 25, 56.
+AUTHORS_PROMPT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                  "Write a response that appropriately completes the request.\n\n"
+                  "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: ")  # fmt: skip
+AUTHORS_INSTRUCTION = ("You are a helpful mental health counselling assistant, please answer the mental health questions based on the patient's description. "
+                       "The assistant gives helpful, comprehensive, and appropriate answers to the user's questions.")  # fmt: skip
+
+
+@pytest.mark.parametrize("judgments", _mental_files(), ids=lambda p: p.parents[2].name)
+def test_mentalchat_judge_request_is_fastchats_layout(judgments: Path) -> None:
+    """Each official record's user_prompt is FastChat's single-v1 layout around single-mental-v1's
+    instruction; our judge request for a new question and answer is that layout, filled."""
+    jp = MentalJudgePrompt.from_judgment_file(judgments)
+    assert jp.metrics[0] == "Active Listening"  # the first [[n]] a judge writes, in practice
+    rx = re.compile(re.escape(FASTCHAT_SINGLE_V1_LAYOUT).replace(re.escape("{instruction}"), "(?P<i>.*?)")
+                    .replace(re.escape("{question}"), "(?P<q>.*?)").replace(re.escape("{answer}"), "(?P<a>.*)"), re.S)  # fmt: skip
+    instructions = set()
+    for line in judgments.read_text().splitlines():
+        rec = json.loads(line)
+        m = rx.fullmatch(rec["user_prompt"])
+        assert m is not None, "a record outside FastChat's single-v1 layout"
+        instructions.add(m.group("i"))
+    (instruction,) = instructions
+    q, a = "i cannot sleep and i keep worrying", "That sounds exhausting. [[not a rating]]"
+    want = [{"role": "system", "content": FASTCHAT_SINGLE_V1_SYSTEM},
+            {"role": "user", "content": FASTCHAT_SINGLE_V1_LAYOUT.format(instruction=instruction, question=q, answer=a)}]  # fmt: skip
+    assert jp.messages(q, a) == want
+
+
+def test_mentalchat_answer_request_is_the_authors(tmp_path: Path) -> None:
+    """The request our runner sends the subject for one real question: the authors' Alpaca prompt
+    with their counselling instruction as a raw completion, 512 tokens; the judge then sees the bare
+    question and the answer cut where the authors cut it (a further "### Response: ")."""
+    folder = REAL / "mentalchat16k" if REAL is not None else FIXTURE_BENCHDATA / "mentalchat16k"
+    row = json.loads((folder / "question.jsonl").read_text().splitlines()[0])
+    data = tmp_path / "data" / "mentalchat16k"
+    (data / "model_judgment").mkdir(parents=True)
+    (data / "question.jsonl").write_text(json.dumps(row) + "\n")
+    shutil.copyfile(folder / "model_judgment" / "gpt-4_single.jsonl", data / "model_judgment" / "gpt-4_single.jsonl")
+
+    def reply(messages: list[dict[str, str]], body: dict[str, Any]) -> str:
+        return "Rating: [[6]]" if messages[0]["role"] == "system" else "I hear you.\n\n### Response: a second turn"
+
+    with ChatServer(reply) as srv:
+        cfg = EvalConfig(model="openai:subject", benchmarks=["mentalchat"], out=str(tmp_path / "run"), data=str(tmp_path / "data"), judge="openai:judge")
+        res = Runner(cfg, lambda: OpenAISubject("subject", base_url=srv.base_url), judge_factory=lambda: OpenAISubject("judge", base_url=srv.base_url), progress=False).run()
+    subject, judge = srv.requests
+    assert subject["prompt"] == AUTHORS_PROMPT.format(instruction=AUTHORS_INSTRUCTION, input=row["turns"][0])
+    assert subject["max_tokens"] == 512 and "messages" not in subject
+    assert judge["messages"][1]["content"].endswith(f"[Question]\n{row['turns'][0]}\n\n[The Start of Assistant's Answer]\nI hear you.\n\n\n[The End of Assistant's Answer]")
+    proto = res["benchmarks"]["mentalchat"]["protocol"]
+    assert "Active Listening" in proto["score_is"] and proto["chat_template"] is False
 
 
 def test_mentalchat_bad_judgment_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -26,13 +26,22 @@ code as last released before the v2.0 rewrite (``3071ef9``; the repository's new
 the records are FastChat llm_judge output, so the harness is lm-sys/FastChat@v0.2.32
 (``fastchat/llm_judge/common.py:run_judge_single``, ``show_result.py:display_result_single``):
 
-* answers: the question's first turn as one user turn, greedy, 512 new tokens (the authors'
-  ``examples/qlora_models_generate.py`` generate 512);
+* answers: as the authors generate them (``examples/qlora_models_generate.py`` at that commit,
+  lines 84-93 ``prompt`` and ``instruction``, 146-156 the loop, 29-58 ``generate``): their
+  counselling instruction and the question's first turn as the input of an Alpaca prompt, sent as a
+  raw completion (``tokenizer(prompt.format(...))``, no chat template; ``-o
+  mentalchat.chat_template=true`` sends the same text as one user turn), 512 new tokens (line 25),
+  the reply cut at a further "### Response: " (their ``text.split('### Response: ')[1]``); greedy
+  where they sample (top_p 0.5, temperature 0.7: a listed deviation). A PersonaFuse router reads
+  the question alone; the judge sees the question, not the Alpaca wrapper (FastChat's ``turns[0]``);
 * judge: system "You are a helpful assistant." (FastChat's single-answer judge; the records do not
   store one), the instruction + ``[Question]`` + answer layout of FastChat's single-v1, temperature 0,
   2048 tokens;
-* ``score`` (= ``overall``): the reference's rating, the first ``[[n]]`` of the judgment, else the
-  first ``[n]``; none is -1 in the reference and left out of the mean (``score != -1``), as here.
+* ``score`` (= ``overall``, the key kept for old runs): the reference's rating, the first ``[[n]]``
+  of the judgment, else the first ``[n]``; none is -1 in the reference and left out of the mean
+  (``score != -1``), as here. It is the paper's number but not an overall rating: the judge writes
+  its metrics in the prompt's order, so the first ``[[n]]`` is in practice Active Listening (the
+  paper's Overall column equals its Active Listening column in all six rows); the protocol says so.
   The seven metrics (``Metric: [[n]]``, which the reference's code does not read) are each the mean
   of the judgments that rate them; ``overall_labelled`` is the mean of the ``Rating: [[n]]`` values.
 
@@ -57,7 +66,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from personafuse.evaluation.benchmarks.base import Benchmark, Item, Reference, ScoreContext, mean, stderr
+from personafuse.evaluation.benchmarks.base import (
+    Benchmark,
+    Item,
+    Reference,
+    ScoreContext,
+    mean,
+    stderr,
+    with_router_query,
+)
 from personafuse.evaluation.data import DataError, Remote, fetch, field, read_jsonl
 from personafuse.evaluation.judges import (
     FASTCHAT_JUDGE_MAX_TOKENS,
@@ -79,6 +96,18 @@ MENTAL_REMOTE = Remote("github", "ChiaPatricia/MentalChat16K_Main", MENTAL_COMMI
 MENTAL_PATH = "data/eval_jsonl/evalq_bench/question.jsonl"
 MENTAL_JUDGMENT_PATH = "data/eval_jsonl/newCombined_bench/model_judgment/gpt-4_single.jsonl"
 FASTCHAT = "lm-sys/FastChat@v0.2.32 (dd84d166d7694f0cc0c766e5a811d995f5801c77)"
+MENTAL_GENERATE_PATH = "examples/qlora_models_generate.py"
+# examples/qlora_models_generate.py@9eb19df lines 84-88 (prompt) and 90-93 (instruction), verbatim.
+MENTAL_ALPACA = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+MENTAL_INSTRUCTION = (
+    "You are a helpful mental health counselling assistant, please answer the mental health questions based on the patient's description. "
+    "The assistant gives helpful, comprehensive, and appropriate answers to the user's questions."
+)
+MENTAL_RESPONSE_MARK = "### Response: "  # line 56: the reply is text.split('### Response: ')[1]
 ARENA_REMOTE = Remote("hf", "lmarena-ai/arena-hard-auto")
 ARENA_DIR = "data/arena-hard-v0.1"
 ARENA_RELEASE = "7f1b7f5dd6ce53e1f8530220ceb452b7019a8056"  # release: config/*.yaml
@@ -95,6 +124,11 @@ def _first_turn(row: Mapping[str, Any], path: Any) -> str:
         raise DataError(f"{path}:{row.get('__line__')}: field 'turns' is empty")
     t = turns[0]
     return t["content"] if isinstance(t, dict) else str(t)
+
+
+def mental_answer(reply: str) -> str:
+    """The answer the authors keep: generation up to a further "### Response: " (line 56)."""
+    return reply.split(MENTAL_RESPONSE_MARK)[0]
 
 
 def _need_judge(ctx: ScoreContext, name: str) -> Any:
@@ -116,6 +150,8 @@ def _mean_or_none(xs: Sequence[float]) -> float | None:
 
 
 class MentalChat(Benchmark):
+    # The authors prompt a raw completion (an Alpaca prompt, no chat template).
+    chat_template = False
     name = "mentalchat"
     title = "MentalChat16K"
     folder = "mentalchat16k"
@@ -124,7 +160,7 @@ class MentalChat(Benchmark):
     reference = Reference(
         repo="ChiaPatricia/MentalChat16K_Main",
         commit=MENTAL_COMMIT,
-        files=(MENTAL_PATH, MENTAL_JUDGMENT_PATH, "examples/qlora_models_generate.py"),
+        files=(MENTAL_PATH, MENTAL_JUDGMENT_PATH, MENTAL_GENERATE_PATH),
         note=f"judge harness {FASTCHAT}: fastchat/llm_judge/common.py:run_judge_single, show_result.py:display_result_single",
     )
 
@@ -142,7 +178,9 @@ class MentalChat(Benchmark):
         items = []
         for row in read_jsonl(path):
             qid = str(row.get("question_id", row["__line__"]))
-            items.append(Item(id=qid, prompt=_first_turn(row, path), categories={"category": str(row.get("category", ""))}))
+            question = _first_turn(row, path)
+            prompt = with_router_query(MENTAL_ALPACA.format(instruction=MENTAL_INSTRUCTION, input=question), question)
+            items.append(Item(id=qid, prompt=prompt, categories={"category": str(row.get("category", ""))}, meta={"question": question}))
         return items
 
     def judge_prompt(self) -> MentalJudgePrompt:
@@ -168,7 +206,7 @@ class MentalChat(Benchmark):
     def score_batch(self, items: Sequence[Item], responses: Sequence[Sequence[str]], ctx: ScoreContext) -> list[dict[str, Any]]:
         judge = _need_judge(ctx, self.name)
         jp = self.judge_prompt()
-        prompts = [jp.messages(str(it.prompt), rs[0]) for it, rs in zip(items, responses, strict=True)]
+        prompts = [jp.messages(str(it.meta.get("question", it.prompt)), mental_answer(rs[0])) for it, rs in zip(items, responses, strict=True)]
         outs = judge.generate(prompts, max_new_tokens=self.judge_max_tokens, do_sample=False)
         recs = []
         for g in outs:
@@ -200,9 +238,12 @@ class MentalChat(Benchmark):
     def protocol_extra(self) -> dict[str, Any]:
         jp = self._prompt
         return {
-            "prompt": "the question's first turn, one user turn, chat template",
+            "prompt": f"{MENTAL_REMOTE.repo}@{MENTAL_COMMIT[:7]} {MENTAL_GENERATE_PATH}:84-93: counselling instruction + "
+            "the question's first turn in an Alpaca prompt" + (", as one user turn" if self.chat_template else ", raw completion"),
             "system_prompt": None,
             "temperature": 0.0,
+            "reference_sampling": "do_sample, top_p 0.5, temperature 0.7 (greedy here)",
+            "router_query": "the question's first turn alone",
             "judge_prompt": MENTAL_PROMPT_NAME,
             "judge_prompt_source": jp.source if jp else f"{MENTAL_REMOTE.describe()}:{MENTAL_JUDGMENT_PATH}",
             "judge_prompt_sha": _digest(jp.instruction) if jp else None,
@@ -210,6 +251,8 @@ class MentalChat(Benchmark):
             "judge_temperature": 0.0,
             "judge_max_tokens": self.judge_max_tokens,
             "score_rule": "first [[n]] else first [n] of the judgment (FastChat run_judge_single); none: left out of the mean",
+            "score_is": "the first rating the judge writes (Active Listening in practice, the first metric of the prompt), "
+            "which the paper reports as Overall; overall_labelled is the judge's own 'Rating: [[n]]'",
         }
 
 
