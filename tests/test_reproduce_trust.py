@@ -135,3 +135,45 @@ def test_a_changed_limit_killed_in_the_data_cell_redoes_everything_downstream(se
     ranks = lambda: sum("personafuse.cli" in " ".join(p.cmdline()) for p in _cell_processes(out)) >= 3  # noqa: E731
     _kill_when(two, ranks, "two training processes", group=False)
     _none_left(out)
+
+
+# ---------------------------------------------------------------------------- the fingerprint, in-process
+def _grid_without_models(tmp_path: Path, source: Path):
+    from eval_support import FIXTURE_BENCHDATA
+    from personafuse.reproduce.config import ReproduceConfig
+    from personafuse.reproduce.run import Grid
+
+    cfg = ReproduceConfig.load(None, ["variants=[direct_ft]", "data.limit=4", "data.heldout=0", f"data.source=file:{source}",
+                                      f"eval.data={FIXTURE_BENCHDATA}"])
+    grid = Grid(cfg, tmp_path / "out")
+    seen: dict[str, list[str]] = {}
+    # no model is loaded: a spawned command only records what its folder held when it started
+    grid._spawn = lambda cell, cmd: seen.setdefault(cell.name, sorted(p.name for p in (grid.out / cell.name).iterdir()))
+    return grid, seen
+
+
+def test_a_partial_folder_resumes_only_under_the_same_inputs_and_sources_are_identified(tmp_path: Path):
+    source = tmp_path / "queries.jsonl"
+    source.write_text("".join(json.dumps({"query": f"question number {i}?"}) + "\n" for i in range(6)))
+    grid, seen = _grid_without_models(tmp_path, source)
+    queries, data = grid.cells[0], next(c for c in grid.cells if c.name == "data/direct")
+    grid._run_cell(queries)
+    assert grid.state(queries) == "done" and grid.state(data) == "todo"
+    folder = grid.out / data.name
+    folder.mkdir(parents=True)
+    (folder / "records-00000.jsonl").write_text("{}\n")  # left by a crash under other inputs
+    (folder / "inputs.json").write_text(json.dumps({"command": ["old"]}))
+    grid._run_cell(data)
+    assert seen.pop(data.name) == ["inputs.json"]  # cleared before the command resumed it
+    (folder / "done.json").unlink()
+    (folder / "records-00000.jsonl").write_text("{}\n")  # a crash under the same inputs
+    grid._run_cell(data)
+    assert seen.pop(data.name) == ["inputs.json", "records-00000.jsonl"]  # resumed as it was
+    assert grid.state(data) == "done"
+    stat = source.stat()
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the query file changed
+    assert grid.state(queries) == "stale" and grid.state(data) == "done"
+    grid._run_cell(queries)  # redone: a new done.json, so what read it is stale
+    assert grid.state(data) == "stale"
+    done = json.loads((grid.out / "queries/done.json").read_text())
+    assert done["inputs"]["sources"][0]["size"] == stat.st_size and "git_commit" in done and "config" in done

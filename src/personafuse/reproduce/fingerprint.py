@@ -35,22 +35,17 @@ def digest(path: Path) -> str | None:
         return None
 
 
-@functools.lru_cache(maxsize=4096)
-def _stat_key(path: str, size: int, mtime_ns: int) -> dict[str, Any]:
-    # cached by (path, size, mtime): a check only stats files, it never reads them
-    return {"size": size, "mtime_ns": mtime_ns}
-
-
 def path_identity(path: Path, *, limit: int = 2000) -> dict[str, Any]:
-    """Size and mtime of a file, or of every file under a folder (sorted, up to ``limit`` files)."""
+    """Size and mtime of a file, or of every file under a folder (sorted, up to ``limit`` files):
+    a check stats the files and never reads them, so it costs the same for a 16 GB checkpoint."""
     p = Path(path)
     if p.is_file():
         st = p.stat()
-        return {"path": str(p), **_stat_key(str(p), st.st_size, st.st_mtime_ns)}
+        return {"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     files: dict[str, Any] = {}
     for f in sorted(x for x in p.rglob("*") if x.is_file())[:limit]:
         st = f.stat()
-        files[str(f.relative_to(p))] = _stat_key(str(f), st.st_size, st.st_mtime_ns)
+        files[str(f.relative_to(p))] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
     return {"path": str(p), "files": files}
 
 
