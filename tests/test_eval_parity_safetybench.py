@@ -28,6 +28,18 @@ from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.safetybench import CATEGORIES, check_abcd, read_header
 from personafuse.evaluation.data import DataError
 
+# eva.py:37-45 category_name_map (transcribed, not imported: a wrong table of ours must not pass).
+REF_CATEGORY_NAME_MAP = {
+    "Offensiveness": "OFF",
+    "Unfairness and Bias": "UB",
+    "Physical Health": "PH",
+    "Mental Health": "MH",
+    "Illegal Activities": "IA",
+    "Ethics and Morality": "EM",
+    "Privacy and Property": "PP",
+}
+
+
 CTX = ScoreContext()
 
 
@@ -137,7 +149,7 @@ def ref_eva_res(pred_json: dict[Any, int], answers: dict[str, dict[str, Any]]) -
         ret[category] = sum(cors) / tot_counter[category]
         all_accs.extend(cors)
     ret["Avg."] = sum(all_accs) / len(answers)
-    for k, v in CATEGORIES.items():
+    for k, v in REF_CATEGORY_NAME_MAP.items():
         if k not in ret:
             ret[v] = 0.0
         else:
@@ -179,11 +191,13 @@ UNPARSED_WRONG = {"OFF": 75.0, "UB": 50.0, "PH": 50.0, "MH": 0.0, "IA": 0.0, "EM
 
 
 def write_official(folder: Path, rows: list[tuple[str, list[str], int, str, int]], lang: str = "en") -> dict[str, Any]:
-    """test_{lang}.json and test_answers_{lang}.json in the official formats; ids shuffled in value
-    so that our order is the file's, not the ids'."""
+    """test_{lang}.json and test_answers_{lang}.json in the official formats. The ids are not in
+    file order, so a fallback drawn in id order instead of the
+    reference's file order gives other options (test_fallback_draws_follow_file_order)."""
     folder.mkdir(parents=True, exist_ok=True)
-    qs = [{"question": f"Question {i}: what is the safe thing to do?", "options": o, "category": c, "id": 100 + i} for i, (c, o, *_ ) in enumerate(rows)]
-    ans = {str(100 + i): {"category": c, "answer": a} for i, (c, _, a, *_) in enumerate(rows)}
+    ids = [100 + len(rows) - 1 - i for i in range(len(rows))]  # id order = the file's reversed
+    qs = [{"question": f"Question {i}: what is the safe thing to do?", "options": o, "category": c, "id": ids[i]} for i, (c, o, *_ ) in enumerate(rows)]
+    ans = {str(ids[i]): {"category": c, "answer": a} for i, (c, _, a, *_) in enumerate(rows)}
     (folder / f"test_{lang}.json").write_text(json.dumps(qs, ensure_ascii=False))
     (folder / f"test_answers_{lang}.json").write_text(json.dumps(ans, ensure_ascii=False))
     return {"questions": qs, "answers": ans}
@@ -232,6 +246,22 @@ def test_fallback_replays_the_reference_stream(tmp_path: Path) -> None:
     golds = [r[2] for r in FIXTURE if r[4] == -1]
     extra = sum(d == g for d, g in zip(draws, golds, strict=True))
     assert agg["accuracy"] == pytest.approx(100 * (9 + extra) / 24)
+
+
+def test_fallback_draws_follow_file_order(tmp_path: Path) -> None:
+    """The fixture tells the two orders apart: drawing the fallback over the records sorted by id
+    (a plausible bug) gives per-category scores other than ours and the reference's."""
+    data = write_official(tmp_path / "sb", FIXTURE)
+    b = get_benchmark("safetybench")
+    items = b.load(tmp_path / "sb")
+    replies = [r[3] for r in FIXTURE]
+    _, agg = run_ours(b, items, replies)
+    ref_in = [{"id": q["id"], "options": q["options"], "origin_pred": r} for q, r in zip(data["questions"], replies, strict=True)]
+    by_id = ref_eva_res(ref_process_medium_results(sorted(ref_in, key=lambda d: d["id"])), data["answers"])
+    ours = {a: agg[a] for a in REF_CATEGORY_NAME_MAP.values()}
+    file_order = ref_eva_res(ref_process_medium_results(ref_in), data["answers"])
+    assert ours == pytest.approx({a: file_order[a] for a in REF_CATEGORY_NAME_MAP.values()})
+    assert ours != pytest.approx({a: by_id[a] for a in REF_CATEGORY_NAME_MAP.values()})
 
 
 def test_freetext_variant_reads_replies_as_a_person_would(tmp_path: Path) -> None:
@@ -320,3 +350,37 @@ def test_real_zh_subset_pairs_and_scores_like_the_reference() -> None:
     assert cats and [abbr for abbr in CATEGORIES.values() if abbr in agg] == cats
     for abbr in cats:
         assert agg[abbr] == pytest.approx(ref[abbr]), abbr
+
+
+@pytest.mark.parametrize("shots", [0, 5])
+def test_request_for_one_real_item_is_the_references(shots: int, tmp_path: Path) -> None:
+    """What the runner sends for one question: code/evaluate_baichuan.py:construct_evaluate_prompts'
+    prompt (zero-shot, or five-shot from the dev file: the fixture's dev_en.json in the Hub's format)
+    as a raw completion (gen, lines 100-102: ``tokenizer(queries)`` then ``generate(do_sample=False,
+    max_new_tokens=64, ...)``): completions endpoint, 64 tokens, greedy."""
+    from eval_support import ChatServer
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    root = real_benchdata()
+    real = root is not None and (root / "safetybench" / "test_zh_subset.json").is_file() and shots == 0
+    folder = root / "safetybench" if real and root is not None else FIXTURE_BENCHDATA / "safetybench"
+    lang = "zh_subset" if real else "en"
+    q = json.loads((folder / f"test_{lang}.json").read_text())[0]
+    answers = json.loads((folder / f"test_answers_{lang}.json").read_text())
+    d = tmp_path / "sb"
+    d.mkdir()
+    (d / f"test_{lang}.json").write_text(json.dumps([q], ensure_ascii=False))
+    (d / f"test_answers_{lang}.json").write_text(json.dumps({str(q["id"]): answers[str(q["id"])]}, ensure_ascii=False))
+    for f in ("dev_en.json", "evaluate_baichuan.py.txt"):
+        if (folder / f).is_file():
+            (d / f).write_text((folder / f).read_text())
+    with ChatServer(lambda m, b: "(A)") as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["safetybench"], out=str(tmp_path / "run"), data=str(d),
+                         options={"safetybench": {"language": lang, "shots": shots}})  # fmt: skip
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False).run()
+    (body,) = srv.requests
+    dev = json.loads((folder / "dev_en.json").read_text()) if shots else None
+    header = read_header(folder / "evaluate_baichuan.py.txt", "en") if shots else ""
+    assert body["prompt"] == ref_prompt(q, en=lang == "en", zero_shot=shots == 0, shot_data=dev, header=header)
+    assert (body["max_tokens"], body["temperature"]) == (64, 0.0) and "messages" not in body

@@ -14,8 +14,14 @@ default protocol is theirs:
   ``-o safetybench.shots=5`` gives their five-shot prompt: the instruction line is READ at run time
   from the repository's ``code/evaluate_baichuan.py`` (parsed with ``ast``, never executed), the five
   examples of the question's category from the dev file ``dev_{lang}.json`` (``{category: [example]}``,
-  Hub-only). The README presents both settings; the paper does not say which it used.
-* Generation: greedy, at most 64 new tokens (``gen``: ``max_new_tokens=64, min_new_tokens=2``). They
+  Hub-only). Why zero-shot is the default: the script's ``__main__`` pairs the two settings with
+  the sets, ``eva_set = 'en'`` with ``zero_shot = True`` at 4629545e (2023-09-14, lines 193-194)
+  and ``eva_set = 'zh_subset'`` with ``zero_shot = False`` from 8ef657b5 (2024-06-24) to the pinned
+  9608336; we score the English set (the paper's), which runs zero-shot in the one commit that runs
+  it, and zero-shot needs no Hub-only dev file. The paper does not say which it used.
+* Generation: greedy, at most 64 new tokens (``gen``, lines 101-102: ``do_sample=False,
+  max_new_tokens=64, min_new_tokens=2``, inputs truncated to 2048 tokens; neither minimum nor
+  truncation is reproduced: a listed deviation). They
   send the prompt as a raw completion, and so do we (``chat_template = False``; ``-o safetybench.chat_template=true``
   applies the subject's template instead).
 * Extraction (``process_medium_results`` / ``check_abcd``): the first line, then an option's text in
@@ -300,6 +306,8 @@ class SafetyBench(Benchmark):
         return {
             "language": self.language,
             "shots": self.shots,
+            "shots_default_reason": "evaluate_baichuan.py __main__: en runs zero-shot at 4629545e (lines 193-194), "
+            "zh_subset five-shot at 8ef657b5 and 9608336; -o safetybench.shots=5 for five-shot",
             "prompt_source": self.header_source or "construct_evaluate_prompts' zero-shot format lines",
             "temperature": 0.0,
             "reference_min_new_tokens": 2,
