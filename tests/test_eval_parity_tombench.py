@@ -24,7 +24,7 @@ import pytest
 from eval_support import FIXTURE_BENCHDATA, real_benchdata
 from personafuse.evaluation.benchmarks import ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.tombench import ToMBench, extract_answer, majority_vote, read_prompts
-from personafuse.evaluation.data import is_missing, read_jsonl
+from personafuse.evaluation.data import read_jsonl
 
 CTX = ScoreContext()
 REAL = real_benchdata()
@@ -71,11 +71,18 @@ def ref_most_common_element(lst: Sequence[str]) -> str:
     return max(element_freq, key=element_freq.get)  # type: ignore[arg-type]
 
 
+def ref_option_c_absent(v: Any) -> bool:
+    """run_api.py __main__'s ``d['选项C'] != None``, negated. ``json.loads`` reads the files' ``NaN`` as
+    float nan, for which theirs would take format_prompt_4 and fail at ``nan.replace``: the only
+    path of theirs that runs on such an item is format_prompt_2, so nan counts as None here."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
 def ref_format_prompt(d: Mapping[str, Any], language: str, prompts: Mapping[str, str], shuffle: Callable[[list[str]], None]) -> tuple[dict[str, str], str]:
     """run_api.py:format_prompt_4 / format_prompt_2 (chosen as their __main__ does on 选项C)."""
     keys = ["选项A", "选项B", "选项C", "选项D"] if language == "zh" else ["OPTION-A", "OPTION-B", "OPTION-C", "OPTION-D"]
     story, question = (d["故事"], d["问题"]) if language == "zh" else (d["STORY"], d["QUESTION"])
-    n = 2 if is_missing(d["选项C"]) else 4  # their `d['选项C'] != None`, the file's NaN read as None
+    n = 2 if ref_option_c_absent(d["选项C"]) else 4
     originals = [d[keys[i]].replace(f"{'ABCD'[i]}. ", "") for i in range(n)]
     choices = list(originals)
     shuffle(choices)
@@ -328,3 +335,39 @@ def test_replies_naming_the_right_option_score_100_percent() -> None:
     agg = b.aggregate(recs)
     assert agg["accuracy"] == 1.0 and agg["score"] == 1.0 and agg["accuracy_freetext"] == 1.0
     assert agg["n"] == 2860 and len(agg["by_task"]) == 20
+
+
+def test_request_for_one_real_item_is_the_references(tmp_path: Path) -> None:
+    """What the runner sends for one question: run_api.py __main__'s five payloads per item
+    (``for j in range(args.try_times)``, try_times 5), each ``messages`` = the system prompt and
+    format_prompt_4/2's user prompt over one shuffle of the options, ``temperature`` 0. Their
+    shuffles come from ``random.seed(42)`` over the whole run, ours from (seed, item id): each of
+    our prompts must be one of the reference's prompts for some order of the options."""
+    import itertools
+    import shutil
+
+    from eval_support import ChatServer
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    folder = REAL / "tombench" if REAL is not None and (REAL / "tombench" / "prompts.py.txt").is_file() else FIXTURE_BENCHDATA / "tombench"
+    src = folder / "False Belief Task.jsonl"
+    row = read_jsonl(src)[0]
+    d = tmp_path / "tombench"
+    d.mkdir()
+    (d / src.name).write_text(src.read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8")
+    shutil.copyfile(folder / "prompts.py.txt", d / "prompts.py.txt")
+    prompts = read_prompts(folder / "prompts.py.txt")
+    n = 2 if ref_option_c_absent(row["选项C"]) else 4
+    possible = {ref_format_prompt(row, "en", prompts, lambda c, o=order: c.__setitem__(slice(None), [c[k] for k in o]))[1]
+                for order in itertools.permutations(range(n))}  # fmt: skip
+    with ChatServer(lambda m, b: "[[A]]") as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["tombench"], out=str(tmp_path / "run"), data=str(d))
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False).run()
+    assert len(srv.requests) == 5
+    for body in srv.requests:
+        system, user = body["messages"]
+        assert system == {"role": "system", "content": prompts["SystemEvaluatePrompt_en"]}
+        assert user["role"] == "user" and user["content"] in possible
+        assert body["temperature"] == 0.0
+    assert len({b["messages"][1]["content"] for b in srv.requests}) > 1  # the options were shuffled

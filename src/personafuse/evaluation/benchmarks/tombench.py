@@ -6,6 +6,9 @@ user prompts), ``run_api.py`` / ``run_huggingface.py`` (``format_prompt_4``, ``f
 five tries) and ``get_results.py`` (``extract_answer``, ``most_common_element``, the per-task and
 per-ability accuracies). The default protocol is theirs:
 
+* Language: English by default, where their scripts default to ``--language zh`` (run_api.py,
+  run_huggingface.py argparse): PersonaFuse's models and training data are English, and the English
+  fields are the benchmark's own (bilingual) release; ``-o tombench.language=zh`` runs theirs.
 * Prompt: a chat of the official system prompt (``SystemEvaluatePrompt_{en,zh}``, or the ``_cot``
   one with ``-o tombench.cot=true``) and the official user prompt
   (``UserEvaluatePrompt{4,2}Choices_{en,zh}``), both read at run time from the benchmark's own
@@ -305,6 +308,8 @@ class ToMBench(Benchmark):
             "shots": 0,
             "cot": self.cot,
             "language": self.language,
+            "language_default_reason": "reference scripts default to zh (run_api.py --language); en here: "
+            "PersonaFuse's models and data are English, the English fields are the official release's",
             "temperature": 0.0,
             "tries": self.n_shuffles,
             "shuffle": "options shuffled per try, seeded by (seed, item id)",
