@@ -175,17 +175,41 @@ def demo_command(
 
 def export_command(
     out: Annotated[Path, typer.Argument(help="Folder for the adapter (created).")],
-    routing: Annotated[str, typer.Option(help="The fixed persona: pole:high_A | fixed:high_A=0.6,low_N=0.4 | ten numbers after fixed:.")],
+    routing: Annotated[
+        str | None, typer.Option(help="The fixed persona: pole:high_A | fixed:high_A=0.6,low_N=0.4 | ten numbers after fixed:.")
+    ] = None,
     model: ModelOpt = "default",
-    name: Annotated[str | None, typer.Option(help="The adapter's name in the printed vllm command (default: the folder's name).")] = None,
+    name: Annotated[str | None, typer.Option(help="The adapter's name in the printed vllm command (default: the folder's name; with --stack: personafuse, what serve --engine vllm asks for).")] = None,
+    stack: Annotated[
+        bool, typer.Option("--stack", help="The ten experts unweighted, for vLLM with the personafuse plugin: every request sends its own weights.")
+    ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Export one fixed persona as a standard peft LoRA (rank 10r, the same outputs as the mixture),
     e.g. for vLLM's multi-LoRA serving: one adapter per persona, chosen per request by model name.
+    With --stack: the ten experts as one rank-10r adapter whose blocks the personafuse vLLM plugin
+    scales per request (`personafuse serve --engine vllm` sends the weights).
 
     Prints the `vllm serve` command that loads it (docs/serving.md, "Past one machine")."""
     from personafuse.moe.model import vllm_max_lora_rank
+
+    if stack == (routing is not None):
+        raise typer.BadParameter("give either --routing (one fixed persona) or --stack (every persona, weights per request)", param_hint="--routing")
+    w = None if stack else _fixed_weights(routing or "")
+    m = load_placed(model, device, dtype)
+    with err_console.status("writing the adapter…"):
+        path = (m.export_stack(out) if w is None else m.export_lora(w, out)).resolve()
+    info = json.loads((path / "personafuse_mixture.json").read_text())
+    rank = m.config.r * m.config.num_experts
+    what = "the ten experts, weighted per request" if stack else ", ".join(f"{k} {v:g}" for k, v in info["weights"].items() if v)
+    err_console.print(f"wrote {path} (rank {rank}: {what})")
+    # vLLM loads Hugging Face folders: serve_model is the converted one for a GGUF base
+    print(f"vllm serve {info['serve_model']} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
+          f"--lora-modules {name or ('personafuse' if stack else path.name)}={path}")  # fmt: skip
+
+
+def _fixed_weights(routing: str) -> list[float]:
     from personafuse.moe.routing import Routing
     from personafuse.traits import TraitError
 
@@ -195,14 +219,7 @@ def export_command(
         raise typer.BadParameter(str(e), param_hint="--routing") from None
     if r.mode not in ("fixed", "pole"):
         raise typer.BadParameter(f"an exported persona is one fixed mixture; {r.mode!r} depends on the query", param_hint="--routing")
-    m = load_placed(model, device, dtype)
-    w = r.resolve(1)
-    path = m.export_lora(w[0].tolist(), out).resolve()
-    info = json.loads((path / "personafuse_mixture.json").read_text())
-    rank = m.config.r * m.config.num_experts
-    err_console.print(f"wrote {path} (rank {rank}: {', '.join(f'{k} {v:g}' for k, v in info['weights'].items() if v)})")
-    print(f"vllm serve {info['base_model']} --enable-lora --max-lora-rank {vllm_max_lora_rank(rank)} "
-          f"--lora-modules {name or path.name}={path}")  # fmt: skip
+    return r.resolve(1)[0].tolist()
 
 
 def register(app: typer.Typer) -> None:

@@ -482,17 +482,31 @@ class PersonaFuseModel(nn.Module):
         ``personafuse_mixture.json`` beside it records the weights and the base (with its GGUF
         file, which ``AutoPeftModelForCausalLM.from_pretrained(dir, gguf_file=...)`` needs).
         """
-        from peft import LoraConfig
-
         w_rows = weights_matrix(weights)
         if w_rows.shape[0] != 1:
             raise TraitError(f"export_lora takes one mixture (ten weights), got {w_rows.shape[0]} rows")
         w = w_rows[0]
+        return self._write_lora(directory, w, {"weights": weights_dict(w.tolist())})
+
+    def export_stack(self, directory: str | Path) -> Path:
+        """Write the ten experts unweighted as one rank-10r LoRA for the vLLM plugin
+        (``personafuse.serving.vllm_plugin``), which scales rank block i by each request's w_i between
+        vLLM's shrink and expand: ``y = W x + (alpha/r) B_cat diag(w ⊗ 1_r) A_cat x``. Loaded
+        without the plugin (or sent without weights) it would apply every expert at full strength,
+        so ``personafuse_mixture.json`` marks it ``"stack": true`` and the plugin refuses such
+        requests."""
+        cfg = self.config
+        info = {"stack": True, "poles": list(TRAIT_POLES), "expert_rank": cfg.r, "num_experts": cfg.num_experts}
+        return self._write_lora(directory, torch.ones(cfg.num_experts), info)
+
+    def _write_lora(self, directory: str | Path, w: torch.Tensor, info: dict[str, Any]) -> Path:
+        from peft import LoraConfig
+
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         cfg = self.config
         rank = cfg.r * cfg.num_experts
-        w_rows = w.repeat_interleave(cfg.r)
+        w_rows = w.float().repeat_interleave(cfg.r)
         tensors: dict[str, torch.Tensor] = {}
         for name, layer in self.mixture_layers.items():
             a = layer.lora_A.detach().float().cpu() * w_rows[:, None]
@@ -513,8 +527,9 @@ class PersonaFuseModel(nn.Module):
             base_model_name_or_path=base.path,
         ).save_pretrained(str(d))
         # A GGUF base (the embedded default) loads only with its file named:
-        # AutoPeftModelForCausalLM.from_pretrained(dir, gguf_file=...) (docs/model.md)
-        info = {"weights": weights_dict(w.tolist()), "base_model": base.path, "base_gguf_file": base.gguf_file}
+        # AutoPeftModelForCausalLM.from_pretrained(dir, gguf_file=...) (docs/model.md). vLLM reads no
+        # GGUF here: serve_model is the converted Hugging Face folder it loads.
+        info |= {"base_model": base.path, "base_gguf_file": base.gguf_file, "serve_model": embedded.converted(base).path}
         (d / "personafuse_mixture.json").write_text(json.dumps(info, indent=2) + "\n")
         return d
 
