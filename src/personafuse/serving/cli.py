@@ -51,13 +51,24 @@ def serve_command(
     ] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    engine: Annotated[
+        str, typer.Option(help="local: decode in this process | vllm: a stateless front that routes here and generates on vLLM at --vllm-url (docs/serving.md, \"Past one machine\").")
+    ] = "local",
+    vllm_url: Annotated[
+        str | None, typer.Option(help="With --engine vllm: the vLLM server holding the stack adapter (personafuse export --stack), e.g. http://10.0.0.5:8000.")
+    ] = None,
+    vllm_adapter: Annotated[str, typer.Option(help="With --engine vllm: the stack adapter's name in vLLM's --lora-modules.")] = "personafuse",
 ) -> None:
-    """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/."""
+    """Serve the model with an OpenAI-compatible API and a chat page at http://HOST:PORT/.
+
+    With --engine vllm the same API runs the router here and generates on vLLM (the personafuse
+    plugin applies each request's mixture): many fronts can share many vLLM replicas."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
     if scheduler not in ("step", "batch"):
         raise typer.BadParameter(f"{scheduler!r} is not a scheduler; use step or batch", param_hint="--scheduler")
     if prefill_chunk < 1:
         raise typer.BadParameter(f"must be at least 1, got {prefill_chunk}", param_hint="--prefill-chunk")
+    _check_engine(engine, vllm_url, base_only)
     from personafuse.devices import cli_placement, placement_line
 
     device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
@@ -89,7 +100,26 @@ def serve_command(
         base_only=base_only,
     )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
-    serve(create_app(m, cfg), host, port)
+    if engine == "vllm":
+        from personafuse.serving.vllm_front import create_front_app
+
+        typer.echo(f"generating on vLLM at {vllm_url} (adapter {vllm_adapter!r})", err=True)
+        serve(create_front_app(m, str(vllm_url), cfg, vllm_adapter), host, port)
+    else:
+        serve(create_app(m, cfg), host, port)
+
+
+def _check_engine(engine: str, vllm_url: str | None, base_only: bool) -> None:
+    if engine not in ("local", "vllm"):
+        raise typer.BadParameter(f"{engine!r} is not an engine; use local or vllm", param_hint="--engine")
+    if engine == "vllm" and not vllm_url:
+        raise typer.BadParameter("--engine vllm needs the vLLM server's address, e.g. --vllm-url http://127.0.0.1:8001", param_hint="--vllm-url")
+    if engine == "vllm" and not vllm_url.startswith(("http://", "https://")):  # type: ignore[union-attr]
+        raise typer.BadParameter(f"{vllm_url!r} is not an http(s) URL", param_hint="--vllm-url")
+    if engine == "local" and vllm_url:
+        raise typer.BadParameter("--vllm-url is read with --engine vllm only", param_hint="--vllm-url")
+    if engine == "vllm" and base_only:
+        raise typer.BadParameter("--base-only is a local-engine anchor; vLLM serves the base under its own model name", param_hint="--base-only")
 
 
 def _nonempty_key(value: str | None, envvar: str, option: str) -> str | None:
