@@ -7,7 +7,8 @@ import torch
 
 from personafuse import embedded
 
-pytestmark = pytest.mark.e2e
+# slow too: 175 s and 62 s measured (2026-12-06, two shared cores under load ~13)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def test_converted_gguf_equals_the_gguf(tmp_path, monkeypatch):
