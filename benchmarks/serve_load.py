@@ -256,6 +256,8 @@ def start_server(args: argparse.Namespace, port: int, extra: list[str] | None = 
            "--max-tokens-limit", str(max(args.max_tokens, 16)), *(extra or [])]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.device:  # the server's --device (benchmarks/gpu_e2e.sh: cuda)
+        cmd += ["--device", args.device]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, env=env)
     deadline = time.monotonic() + 180
@@ -291,7 +293,7 @@ def generate_reference(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_personafuse(args.model).eval()
+    model = load_personafuse(args.model, device=args.device).eval()
     rates = []
     for i in range(args.sequential):
         t = time.perf_counter()
@@ -345,6 +347,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-queue", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default=None, help="the servers' --device and the generate reference's (default: the server's own)")
     ap.add_argument("--time-limit", type=float, default=900.0)
     ap.add_argument("--compare", action="store_true", help="step vs batch vs base_only servers, and generate")
     ap.add_argument("--scheduler", default="step", help="without --compare: the server's --scheduler")
