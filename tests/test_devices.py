@@ -299,7 +299,7 @@ def test_lm_eval_adapter_takes_dtype_and_device(models, kind):
     assert lm.device.type == "cpu"
 
 
-def test_the_grid_passes_device_and_dtype_to_every_model_loading_cell(models, tmp_path):
+def test_the_grid_passes_device_and_dtype_to_every_model_loading_cell(models, tmp_path, capsys):
     from personafuse.reproduce.config import ConfigError, ReproduceConfig
     from personafuse.reproduce.plan import plan
     from personafuse.reproduce.run import command
@@ -317,18 +317,18 @@ def test_the_grid_passes_device_and_dtype_to_every_model_loading_cell(models, tm
     with pytest.raises(ConfigError, match="eval.dtype: 'fp8'"):
         ReproduceConfig.from_dict({"eval": {"dtype": "fp8"}})
     # the replies cell's own command: a pf: checkpoint in bfloat16, the first line from its parameters
+    from personafuse.reproduce.replies import main as replies
+
     q = tmp_path / "q.jsonl"
     q.write_text(json.dumps({"id": "a", "query": "i am so anxious", "situation": "support"}) + "\n")
-    p = subprocess.run([sys.executable, "-m", "personafuse.reproduce.replies", "--model", models["pf"], "--queries", str(q),
-                        "--out", str(tmp_path / "r.jsonl"), "--system", "pf", "--max-new-tokens", "2", "--device", "cpu",
-                        "--dtype", "bfloat16"], capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.splitlines()[0] == f"{models['pf']}: device cpu, {BF16}"
+    args = ["--model", models["pf"], "--queries", str(q), "--system", "pf", "--max-new-tokens", "2"]
+    replies([*args, "--out", str(tmp_path / "r.jsonl"), "--device", "cpu", "--dtype", "bfloat16"])
+    assert capsys.readouterr().out.splitlines()[0] == f"{models['pf']}: device cpu, {BF16}"
+    assert (tmp_path / "r.jsonl").is_file()
     if NO_CUDA:
-        p = subprocess.run([sys.executable, "-m", "personafuse.reproduce.replies", "--model", models["pf"], "--queries", str(q),
-                            "--out", str(tmp_path / "r2.jsonl"), "--system", "pf", "--device", "cuda"],
-                           capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert p.returncode == 2 and "--device" in p.stderr and not (tmp_path / "r2.jsonl").exists()
+        with pytest.raises(SystemExit) as e:
+            replies([*args, "--out", str(tmp_path / "r2.jsonl"), "--device", "cuda"])
+        assert e.value.code == 2 and "--device" in capsys.readouterr().err and not (tmp_path / "r2.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------------ embedded (e2e)
