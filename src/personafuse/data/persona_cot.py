@@ -253,8 +253,8 @@ class PersonaCoT:
     # -- baselines
     async def _baseline_mode(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
         msgs = prompts.direct_messages(q.text) if self.cfg.mode == "direct" else prompts.human_like_messages(q.text)
-        c, parts = await self._answer(ctx, msgs, self.cfg.response_tokens, _plain_parts, _same)
-        response, _ = self._finish(c, parts, asked_rationale=False)
+        c = await self._ask(ctx, "response", msgs, self.cfg.response_tokens)
+        response, _ = self._finish(c, ResponseParts(c.text.strip(), None), asked_rationale=False)
         return {"response": response}
 
     # -- free mode, three requests
@@ -350,10 +350,6 @@ class PersonaCoT:
             if kind not in self._baseline:
                 self._baseline[kind] = await self._score(prompts.pole_choice_messages("N/A", kind, "N/A"), options)
         return self._baseline[kind]
-
-
-def _plain_parts(text: str) -> ResponseParts:
-    return ResponseParts(text.strip(), None)
 
 
 def _same(parts: ResponseParts) -> ResponseParts:
