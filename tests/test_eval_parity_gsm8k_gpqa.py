@@ -237,3 +237,31 @@ def test_gpqa_prompt_and_choices_follow_the_task(tmp_path: Path) -> None:
     # The seeded shuffle is stable and seed-dependent; the subset filter still works.
     assert [i.meta["options"] for i in b.load(_gpqa_dir(tmp_path / "again"))] == [i.meta["options"] for i in items.values()]
     assert len(get_benchmark("gpqa", {"subsets": "main"}).load(tmp_path / "gpqa")) == 2
+
+
+def test_gpqa_request_for_one_item_is_lm_evals(tmp_path: Path) -> None:
+    """What the runner sends for one item: lm-eval's gpqa_diamond_cot_zeroshot request, i.e. the
+    yaml's doc_to_text over utils.process_docs' fields with our (seeded) option order, as a raw
+    completion (HFLM without --apply_chat_template), greedy, max_gen_toks 256 (HFLM's default; the
+    yaml's generation_kwargs read here from the installed file)."""
+    import yaml
+
+    from eval_support import ChatServer
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    d = _gpqa_dir(tmp_path)
+    raw = (Path(lm_eval.__file__).parent / "tasks" / "gpqa" / "cot_zeroshot" / "_gpqa_cot_zeroshot_yaml").read_text()
+    task = yaml.safe_load(raw.replace("!function", ""))
+    item = next(i for i in get_benchmark("gpqa", {"seed": 0}).load(d) if i.id == "diamond-recD1")
+    opts = item.meta["options"]
+    doc = {"Question": "Which boson mediates electromagnetism?", **{f"choice{k + 1}": o for k, o in enumerate(opts)}}
+    want = task["doc_to_text"]
+    for k, v in doc.items():
+        want = want.replace("{{" + k + "}}", v)
+    with ChatServer(lambda m, b: "The answer is (A).") as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["gpqa"], out=str(tmp_path / "run"), data=str(d), options={"gpqa": {"subsets": "diamond"}})
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False).run()
+    body = next(r for r in srv.requests if r["prompt"] == want)
+    assert (body["max_tokens"], body["temperature"]) == (256, 0.0) and "messages" not in body
+    assert task["generation_kwargs"]["do_sample"] is False and "max_gen_toks" not in task["generation_kwargs"]

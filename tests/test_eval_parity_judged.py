@@ -282,6 +282,11 @@ def test_arena_parity_over_http(tmp_path: Path, config: Path) -> None:
             assert any(r["messages"] == first and r["max_tokens"] == configs["max_tokens"] and r["temperature"] == configs["temperature"] for r in requests), f"item {i}"
             games.append({"score": score})
         ref_rows.append({"question_id": f"q{i:02d}", "model": "m", "games": games})
+    # The answers' requests: gen_answer.py:get_answer sends the question as one user turn (a system
+    # turn only for OpenAI's own models), gen_answer_config.yaml's temperature 0 and 4096 tokens.
+    answers = [r for r in requests if r["model"] == "subject"]
+    assert [r["messages"] for r in answers] == [[{"role": "user", "content": f"Q{i:02d}: a user request"}] for i in range(1, len(ARENA) + 1)]
+    assert {(r["max_tokens"], r["temperature"]) for r in answers} == {(4096, 0.0)}
     cont = [r for r in requests if r["messages"][-1] == {"role": "user", "content": CONTINUE_PROMPT}]
     assert len(cont) == ARENA_CONTINUES and all(len(r["messages"]) == 4 for r in cont)
 

@@ -304,3 +304,26 @@ def test_missing_data_is_named_before_the_prompt_file(tmp_path: Path, monkeypatc
     (tmp_path / "gsm8k").mkdir()
     with pytest.raises(DataError, match=r"no generation \*_dataset\.json files in .*not on the Hub"):
         get_benchmark("shopmmlu").load(tmp_path)
+
+
+def test_request_for_one_real_item_is_the_references(tmp_path: Path) -> None:
+    """What the runner sends for one item: skill_wise_eval/hf_skill_inference.py's prompt, the file's
+    ``system_prompt`` constant followed by the item's ``input_field`` (the fixture stands in for the
+    file, whose text we do not copy), tokenised as a raw completion, 100 new tokens for a
+    non-multiple-choice item, greedy: the completions endpoint, no chat messages."""
+    import ast
+
+    from eval_support import ChatServer
+    from personafuse.evaluation.runner import EvalConfig, Runner
+    from personafuse.evaluation.subjects import OpenAISubject
+
+    root = write_tasks(tmp_path / "shop", FIXTURE[:1])
+    script = (FIXTURE_BENCHDATA / "shopmmlu" / "hf_skill_inference.py.txt").read_text()
+    system_prompt = next(n.value.value for n in ast.parse(script).body if isinstance(n, ast.Assign) and n.targets[0].id == "system_prompt")  # type: ignore[attr-defined]
+    with ChatServer(lambda m, b: "same") as srv:
+        cfg = EvalConfig(model="openai:m", benchmarks=["shopmmlu"], out=str(tmp_path / "run"), data=str(root),
+                         options={"shopmmlu": {"tasks": FIXTURE[0][0]}})  # fmt: skip
+        Runner(cfg, lambda: OpenAISubject("m", base_url=srv.base_url, api_key="k"), progress=False, embedder_factory=StandIn).run()
+    (body,) = srv.requests
+    assert body["prompt"] == system_prompt + f"Question 0 for {FIXTURE[0][0]}."
+    assert (body["max_tokens"], body["temperature"]) == (100, 0.0) and "messages" not in body
