@@ -407,11 +407,10 @@ class RunSummary:
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"total": self.total, "skipped": self.skipped, "records": self.records,
-                             "rejected": self.rejected, "reasons": dict(self.reasons), "seconds": self.seconds}
-        if self.endpoint is not None:
+                             "rejected": self.rejected, "reasons": dict(self.reasons), "seconds": self.seconds,
+                             "rejects_by_cause": self.rejects_by_cause()}
+        if self.endpoint is not None:  # the layout of run.json's "endpoint"
             d["endpoint"] = {**self.endpoint.as_dict(), "rejects_by_cause": self.rejects_by_cause()}
-        else:
-            d["rejects_by_cause"] = self.rejects_by_cause()
         return d
 
 
