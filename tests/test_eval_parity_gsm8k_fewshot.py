@@ -127,3 +127,28 @@ def test_zero_shot_option_and_missing_train_split(tmp_path: Path) -> None:
     agg = b.aggregate(recs)
     assert agg["score_zero_shot"] == agg["score"] == 1.0 and "0-shot" in agg["score_variant"]
     assert "score_zero_shot" not in get_benchmark("gsm8k").aggregate(recs)
+
+
+def test_personafuse_router_reads_the_question_alone(tmp_path: Path) -> None:
+    """A PersonaFuse subject's router is asked about each test question only (not the five shots
+    nor the template), and each reply's weights are the router's for that question."""
+    import torch
+
+    from conftest import build_tiny
+    from personafuse.evaluation.runner import EvalConfig, Runner, read_records
+    from personafuse.evaluation.subjects import PersonaFuseSubject, parse_routing
+
+    pf = build_tiny(tmp_path / "pf")
+    asked: list = []
+    real_route = pf.route
+    pf.route = lambda qs, tau=None: (asked.extend(qs), real_route(qs, tau))[1]  # type: ignore[method-assign]
+    subject = PersonaFuseSubject(pf, parse_routing("router"), batch_size=3)
+    cfg = EvalConfig(model="pf:tiny", benchmarks=["gsm8k"], out=str(tmp_path / "run"), data=str(FIXTURE_BENCHDATA), max_new_tokens=2)
+    Runner(cfg, lambda: subject, progress=False).run()
+    questions = [json.loads(x)["question"] for x in (FIXTURE_BENCHDATA / "gsm8k" / "test.jsonl").read_text().splitlines()]
+    assert sorted(asked) == sorted(questions)
+    for rec in read_records(tmp_path / "run" / "gsm8k.jsonl").values():
+        q = rec["prompt"].rsplit("Question: ", 1)[-1].removesuffix("\nAnswer:")
+        want = real_route([q])[0]
+        got = torch.tensor([rec["weights"][k] for k in rec["weights"]])
+        assert torch.allclose(got, want, atol=1e-5), q
