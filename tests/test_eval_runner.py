@@ -322,7 +322,7 @@ def test_load_subject_hands_the_system_prompt_to_personafuse(monkeypatch: pytest
     import personafuse.evaluation.subjects as subjects
     from personafuse.evaluation.subjects import SubjectOptions
 
-    monkeypatch.setattr(subjects, "load_personafuse", lambda spec: _DuckPersonaFuse())
+    monkeypatch.setattr(subjects, "load_personafuse", lambda spec, **placement: _DuckPersonaFuse())
     subj = load_subject("default", SubjectOptions(system_prompt="Be kind."))
     assert isinstance(subj, PersonaFuseSubject) and subj.system_prompt == "Be kind."
 
