@@ -141,16 +141,32 @@ def report_command(
 def routing_command(
     runs: Annotated[list[Path], typer.Argument(help="run directories whose items carry routing weights")] = None,  # type: ignore[assignment]
     situations: Annotated[Path | None, typer.Option(help="JSONL with fields query and situation, routed by --model")] = None,
-    model: Annotated[str | None, typer.Option(help="PersonaFuse checkpoint (pf:DIR) to route --situations")] = None,
+    model: Annotated[str | None, typer.Option(help="PersonaFuse checkpoint (pf:DIR) to route --situations / --expect")] = None,
     out: Annotated[Path, typer.Option(help="folder for routing.md, routing.csv and radar PNGs")] = Path("runs/routing"),
+    expect: Annotated[Path | None, typer.Option(help="JSONL of query, situation, positive and negative poles: hit rate and contrast of --model's routing ('heldout': the shipped Table 1 file)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print --expect's agreement as JSON")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Mean routing weight per pole for each benchmark and each held-out situation, plus radar charts."""
+    """Mean routing weight per pole for each benchmark and each held-out situation, plus radar charts;
+    with --expect, how often --model's router favours the poles Table 1 expects."""
     device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
-    from personafuse.evaluation.routing_analysis import analyse
+    from personafuse.evaluation.routing_analysis import (
+        agreement_markdown,
+        analyse,
+        heldout_path,
+        routing_agreement,
+    )
 
-    router = _router(model, device, dtype) if model and situations is not None else None
+    router = _router(model, device, dtype) if model and (expect is not None or situations is not None) else None
+    if expect is not None:
+        if not model:
+            raise typer.BadParameter("--expect needs --model pf:DIR (a PersonaFuse checkpoint)")
+        path = heldout_path() if str(expect) == "heldout" else expect
+        res = routing_agreement(router, path)
+        typer.echo(json.dumps(res, indent=2) if as_json else f"{path}\n\n{agreement_markdown(res)}")
+        if not runs and situations is None:
+            return
     rep = analyse([str(r) for r in runs or []], situations=str(situations) if situations else None, model=model, router=router, out=str(out))
     typer.echo(rep.markdown)
     typer.echo(f"\nwrote {', '.join(str(p) for p in rep.files)}")
