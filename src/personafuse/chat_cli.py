@@ -154,7 +154,7 @@ def route_command(
 def demo_command(
     out: Annotated[Path, typer.Option(help="Working folder (data and checkpoints are cached here).")] = Path("runs/demo"),
     queries: Annotated[int, typer.Option(help="Seed queries the embedded teacher turns into records.")] = 24,
-    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens.")] = 64,
+    max_new_tokens: Annotated[int, typer.Option(help="Reply length limit in tokens (the demo's replies end on EOS well before it).")] = 384,
     untrained: Annotated[bool, typer.Option("--untrained", help="Skip data and training: show the untrained model.")] = False,
 ) -> None:
     """The whole pipeline on the embedded models, ending in contrasting replies.

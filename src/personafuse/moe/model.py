@@ -168,9 +168,19 @@ class PersonaFuseModel(nn.Module):
             from personafuse.devices import resolve_device
 
             model.to(resolve_device(str(device)))
-        if init_experts and config.expert_init == "descriptions":
-            model.init_expert_embeddings_from_descriptions()
+        if init_experts:
+            model.center_encoder_on_descriptions()
+            if config.expert_init == "descriptions":
+                model.init_expert_embeddings_from_descriptions()
         return model
+
+    @torch.no_grad()
+    def center_encoder_on_descriptions(self) -> None:
+        """Set the encoder's centre to the mean pooled encoding of the ten pole descriptions: it
+        removes the direction every query shares, which otherwise keeps the weights flat
+        (PersonaEncoder, docs/training.md)."""
+        enc = self.encode_queries([f"{p.replace('_', ' ')}: {POLE_DESCRIPTIONS[p]}" for p in TRAIT_POLES])
+        self.router.encoder.center.copy_(self.router.encoder.pooled(enc["input_ids"], enc["attention_mask"]).float().mean(0))
 
     @torch.no_grad()
     def init_expert_embeddings_from_descriptions(self) -> None:
@@ -378,6 +388,7 @@ class PersonaFuseModel(nn.Module):
         return {
             "expert_embeddings": self.router.expert_embeddings.detach().contiguous(),
             "proj.weight": self.router.encoder.proj.weight.detach().contiguous(),
+            "center": self.router.encoder.center.detach().contiguous(),
         }
 
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -466,6 +477,8 @@ class PersonaFuseModel(nn.Module):
             router = load_file(str(d / ROUTER_FILE))
             self.router.expert_embeddings.copy_(router["expert_embeddings"])
             self.router.encoder.proj.weight.copy_(router["proj.weight"])
+            if "center" in router:  # absent from checkpoints saved before centring: zero, as they routed
+                self.router.encoder.center.copy_(router["center"])
             if (d / ENCODER_DELTA_FILE).is_file():
                 delta = load_file(str(d / ENCODER_DELTA_FILE))
                 missing, unexpected = self.router.encoder.backbone.load_state_dict(delta, strict=False)

@@ -1,9 +1,13 @@
 """The situation-aware router: persona encoder f_theta, projection to h_e, ten expert embeddings.
 
-    h = proj(pool(f_theta(query)))            pooling: last token (decoder LMs) or mean (encoders)
+    h = proj(pool(f_theta(query)) - c)        pooling: last token (decoder LMs) or mean (encoders)
     w_i = softmax_i(cos(h, e_i) / tau)         paper eq. (1)
 
-Everything here is trainable end to end (paper §4.1: the encoder is not frozen).
+Everything here is trainable end to end (paper §4.1: the encoder is not frozen). ``c`` is a fixed
+centre (the mean pooled encoding of the ten pole descriptions, set when a model is built): a decoder's
+last-token states share one large direction (SmolLM2's pooled queries have a mean pairwise cosine of
+0.81), and without removing it every query sits at nearly the same cosine to every expert, so the
+weights stay flat and Openness-vs-Conscientiousness situations never separate (docs/training.md).
 """
 
 from __future__ import annotations
@@ -78,6 +82,8 @@ class PersonaEncoder(nn.Module):
         self.pooling = pooling
         hidden = backbone.config.hidden_size
         self.proj = nn.Linear(hidden, embed_dim, bias=False, dtype=next(backbone.parameters()).dtype)
+        # Zero (no centring) until set: checkpoints saved before it existed route as they did.
+        self.register_buffer("center", torch.zeros(hidden, dtype=torch.float32))
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":
@@ -90,7 +96,14 @@ class PersonaEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
-        return self.proj(self.pool(out.last_hidden_state, attention_mask))
+        pooled = self.pool(out.last_hidden_state, attention_mask)
+        return self.proj(pooled - self.center.to(pooled.dtype))
+
+    @torch.no_grad()
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled encoding before centring and projection."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask)
+        return self.pool(out.last_hidden_state, attention_mask)
 
 
 class Router(nn.Module):

@@ -54,6 +54,10 @@ def _joint() -> StageConfig:  # Appendix A: batch 32, lr 1e-5, 300 steps
 @dataclass
 class TrainConfig:
     data: str = "runs/data"  # a directory of records*.jsonl (or one JSONL file)
+    # Records for the router stage alone (it reads only query and p), e.g. many labelled queries
+    # where few have responses; None: ``data``. The demo trains its router on the 312 seed queries
+    # labelled by the TAT labeller while its 24 generated records train the experts.
+    router_data: str | None = None
     out: str = "runs/train"
     model: PersonaFuseConfig = field(default_factory=PersonaFuseConfig)
     warmup: StageConfig = field(default_factory=_warmup)  # per-expert batch size in stage 1

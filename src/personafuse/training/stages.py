@@ -860,7 +860,8 @@ def train(
                     f"stage {name} starts from the {prev} stage's model, but {prev_dir} does not exist; run --stage {prev} first"
                 )
             pf = PersonaFuseModel.from_pretrained(prev_dir)
-        runners[name](_prepare(pf, tc), records, tc, resume=resume)
+        stage_records = load_records(tc.router_data, require_p=True) if name == "router" and tc.router_data else records
+        runners[name](_prepare(pf, tc), stage_records, tc, resume=resume)
         if tc.gradient_checkpointing:
             set_activation_checkpointing(pf.base_model, False)
         _on_main(functools.partial(pf.save_pretrained, done_dir))
