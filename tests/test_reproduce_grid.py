@@ -85,8 +85,8 @@ def test_the_variants_are_built_as_the_paper_defines_them(grid):
     assert ids["source"] == "relabel/persona_cot"
     tat_p = {r["id"]: r["p"] for r in map(json.loads, (out / f"train/{TAT_VARIANT}/seed0/records.jsonl").read_text().splitlines())}
     pf_p = {r["id"]: r["p"] for r in map(json.loads, (out / "train/personafuse/seed0/records.jsonl").read_text().splitlines())}
-    a = out / "train/personafuse/seed0/warmup/model/model.safetensors"
-    b = out / f"train/{TAT_VARIANT}/seed0/warmup/model/model.safetensors"
+    a = out / "train/personafuse/seed0/warmup/model/experts.safetensors"
+    b = out / f"train/{TAT_VARIANT}/seed0/warmup/model/experts.safetensors"
     assert (a.read_bytes() == b.read_bytes()) == (tat_p == pf_p)
     tat_cfg = json.loads((out / f"train/{TAT_VARIANT}/seed0/reproduce_train.json").read_text())
     assert tat_cfg["data"] == f"train/{TAT_VARIANT}/seed0/records.jsonl"

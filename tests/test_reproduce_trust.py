@@ -90,14 +90,13 @@ def test_a_changed_limit_killed_in_the_data_cell_redoes_everything_downstream(se
     grid = yaml.safe_load(cfg.read_text())  # one benchmark, two items: the cells, not the items, are under test
     grid["eval"].update(benchmarks=["safetybench"], limit=2)
     cfg.write_text(yaml.safe_dump(grid))
-    ref = tmp_path / "ref"  # a clean run with the new value
-    r = reproduce("--config", str(cfg), "--out", str(ref), "--set", "data.limit=6")
-    assert r.returncode == 0, r.stderr[-3000:]
-
+    ref = tmp_path / "ref"  # a clean run with the new value, beside the first run with the old one
+    clean = popen("--config", str(cfg), "--out", str(ref), "--set", "data.limit=6")
     out = tmp_path / "out"
     args = ("--config", str(cfg), "--out", str(out))
     r = reproduce(*args)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert clean.wait(timeout=900) == 0, (ref / "reproduce.log").read_text()[-3000:]
     old = {c: json.loads((out / c / "done.json").read_text())["finished"] for c in CELLS}
     changed = (*args, "--set", "data.limit=6")
     _kill_when(popen(*changed), _in_data_cell(out), "the data cell", group=False)
