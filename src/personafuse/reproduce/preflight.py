@@ -261,6 +261,9 @@ def _launcher_and_devices(cfg: ReproduceConfig, rep: _Report) -> None:
             have = torch.cuda.device_count()
             if have < procs:
                 rep.bad("train_launcher", f"starts {procs} processes, one per GPU; this machine has {have} CUDA device(s)")
+        # accelerate's --cpu is its simple launcher: one process whatever --num_processes says
+        # (several CPU processes need mpirun); the launcher still runs every training cell
+        procs = 1 if argv[0] == "accelerate" and "--cpu" in argv else procs
         rep.ok(f"train_launcher: {cfg.train_launcher} ({procs} process(es))")
     entries = [] if cfg.eval.devices == "auto" else list(cfg.eval.devices)
     single = getattr(cfg.eval, "device", None)  # the one device of every model-loading cell (issue 29, item 1)

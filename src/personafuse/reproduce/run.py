@@ -436,16 +436,18 @@ class Grid:
 
     def _wave(self, cell: Cell) -> list[Cell]:
         """``cell`` and the cells after it that may run beside it: eval / replies cells whose inputs
-        are done, when ``eval.devices`` gives more than one device; else ``[cell]``."""
-        if cell.kind not in SIDE_BY_SIDE or self.state(cell) == "done":
+        are done (and the data cells, when an endpoint does the teacher's work), when
+        ``eval.devices`` gives more than one device; else ``[cell]``."""
+        kinds = (*SIDE_BY_SIDE, "data") if self.cfg.teacher.spec.startswith("openai:") else SIDE_BY_SIDE
+        if cell.kind not in kinds or self.state(cell) == "done":
             return [cell]
         if self._slots is None:
             self._slots = slots(self.cfg.eval.devices)
         if len(self._slots) < 2:
             return [cell]
         start = self.cells.index(cell)
-        return [c for c in self.cells[start:] if c.kind in SIDE_BY_SIDE and self.state(c) != "done"
-                and all(self.state(self._cell(n)) == "done" for n in c.needs)]
+        return [c for c in self.cells[start:] if c.kind == cell.kind or (c.kind in SIDE_BY_SIDE and cell.kind in SIDE_BY_SIDE)
+                if self.state(c) != "done" and all(self.state(self._cell(n)) == "done" for n in c.needs)]
 
     def _cell(self, name: str) -> Cell:
         return next(c for c in self.cells if c.name == name)
