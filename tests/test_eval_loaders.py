@@ -102,7 +102,9 @@ def test_arena_and_mentalchat_fixtures() -> None:
     _, a = load("arenahard")
     assert [i.id for i in a] == ["q1", "q2"] and a[1].reference == "s[::-1]"
     _, m = load("mentalchat")
-    assert len(m) == 2 and m[0].prompt.startswith("i have not slept")
+    assert len(m) == 2 and m[0].meta["question"].startswith("i have not slept")
+    # the authors' Alpaca prompt around it, the router and the judge reading the question alone
+    assert m[0].prompt.endswith(m[0].meta["question"] + "\n\n### Response: ") and m[0].prompt.router_query == m[0].meta["question"]
 
 
 # ---- errors -----------------------------------------------------------------------------------

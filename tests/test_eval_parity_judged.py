@@ -285,7 +285,8 @@ def test_arena_parity_over_http(tmp_path: Path, config: Path) -> None:
     # The answers' requests: gen_answer.py:get_answer sends the question as one user turn (a system
     # turn only for OpenAI's own models), gen_answer_config.yaml's temperature 0 and 4096 tokens.
     answers = [r for r in requests if r["model"] == "subject"]
-    assert [r["messages"] for r in answers] == [[{"role": "user", "content": f"Q{i:02d}: a user request"}] for i in range(1, len(ARENA) + 1)]
+    sent = sorted((r["messages"] for r in answers), key=lambda m: m[0]["content"])  # requests run concurrently
+    assert sent == [[{"role": "user", "content": f"Q{i:02d}: a user request"}] for i in range(1, len(ARENA) + 1)]
     assert {(r["max_tokens"], r["temperature"]) for r in answers} == {(4096, 0.0)}
     cont = [r for r in requests if r["messages"][-1] == {"role": "user", "content": CONTINUE_PROMPT}]
     assert len(cont) == ARENA_CONTINUES and all(len(r["messages"]) == 4 for r in cont)
