@@ -475,7 +475,7 @@ def test_eq_bench_local_sends_lm_evals_prompt_with_80_tokens(tmp_path: Path) -> 
     questions = list(json.loads(data.read_text()).values())
     theirs = yaml.safe_load((Path(lm_eval.__file__).parent / "tasks" / "eq_bench" / "default.yaml").read_text().replace("!function", ""))
     out = simple_evaluate(model="personafuse", model_args=f"model=hf:{model_dir},device=cpu,batch_size=2", tasks=["eq_bench_local"],
-                          task_manager=TaskManager(include_path=str(TASKS_DIR), metadata={"eq_bench_file": str(data)}), log_samples=True, limit=1)  # fmt: skip
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"eq_bench_file": str(data)}), log_samples=True, limit=1)  # fmt: skip
     samples = out["samples"]["eq_bench_local"]
     assert len(samples) == 1 and len(questions) == 2
     for s, q in zip(samples, questions, strict=False):
