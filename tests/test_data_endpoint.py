@@ -278,3 +278,21 @@ def test_eval_subject_rides_out_the_same_faults() -> None:
     assert [g.text for g in gens] == [f"Plain answer to: {p}" for p in prompts]
     st = subj.endpoint.stats
     assert st.http_status[200] > 24 and st.retries > 0 and subj.usage["requests"] == 24
+
+
+def test_cli_exit_1_when_endpoint_failures_pass_the_limit_then_a_plain_rerun_finishes(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from personafuse.data.cli import app
+
+    out = tmp_path / "out"
+    args = ["generate", "--teacher", "openai:stub", "--source", "seeds", "--limit", "4", "--out", str(out),
+            "--backoff", "0.001", "--max-retries", "0", "--no-progress"]
+    with StubServer(faults=Faults(empty=1.0)) as server:
+        res = CliRunner().invoke(app, [*args, "--base-url", server.base_url])
+    assert res.exit_code == 1 and "4 of 4 queries failed at the endpoint (endpoint_empty 4)" in res.output
+    assert "more than --max-endpoint-failures 5%" in res.output and "rerun the same command" in res.output
+    with StubServer() as server:  # the endpoint is healthy again: the same command, nothing added
+        res = CliRunner().invoke(app, [*args, "--base-url", server.base_url])
+    assert res.exit_code == 0, res.output
+    assert len(lines(out, "records")) == 4
