@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data_fixtures import cli, lines, write_jsonl
+from data_fixtures import lines, write_jsonl
 from personafuse.data.persona_cot import EndpointFailuresExceeded, PipelineConfig, RunSummary, generate
 from personafuse.data.prompts import pole_label
 from personafuse.data.sources import Query, seed_queries
@@ -246,21 +246,23 @@ def test_cli_every_reply_empty_exits_non_zero_and_reports(tmp_path: Path) -> Non
     out = tmp_path / "out"
     out.mkdir()
     (out / "records-00000.jsonl").write_text('{"id": "torn", "query": "a kill cut this li')
-    with StubServer(faults=Faults(empty=1.0)) as server:
-        r = cli("generate", "--teacher", "openai:stub", "--base-url", server.base_url, "--source", f"file:{src}",
-                "--out", str(out), "--backoff", "0.001", "--max-retries", "1", "--no-progress", check=False)
-    assert r.returncode != 0 and "in a row failed at the endpoint" in r.stderr and "rerun the same command" in r.stderr
-    assert "records-00000.jsonl: removed a torn last line" in r.stderr
-    summary = json.loads(r.stdout)
-    assert summary["records"] == 0 and summary["reasons"]["endpoint_empty"] >= 50
-    assert summary["endpoint"]["rejects_by_cause"]["endpoint"] >= 50 and summary["endpoint"]["retries"] >= 50
-    assert "HTTP 200 x" in r.stderr and "retries" in r.stderr  # the closing line
     from typer.testing import CliRunner
 
     from personafuse.data.cli import app
 
-    res = CliRunner().invoke(app, ["stats", str(out), "--json", "--png", str(tmp_path / "s.png")])
-    st = json.loads(res.stdout[res.stdout.index("{"):])
+    with StubServer(faults=Faults(empty=1.0)) as server:
+        r = CliRunner().invoke(app, ["generate", "--teacher", "openai:stub", "--base-url", server.base_url, "--source",
+                                     f"file:{src}", "--out", str(out), "--backoff", "0.001", "--max-retries", "1",
+                                     "--no-progress"])
+    assert r.exit_code == 2 and "in a row failed at the endpoint" in r.output and "rerun the same command" in r.output
+    assert "records-00000.jsonl: removed a torn last line" in r.output
+    summary = json.loads(next(ln for ln in r.output.splitlines() if ln.startswith('{"total"')))
+    assert summary["records"] == 0 and summary["reasons"]["endpoint_empty"] >= 50
+    assert summary["endpoint"]["rejects_by_cause"]["endpoint"] >= 50 and summary["endpoint"]["retries"] >= 50
+    assert "HTTP 200 x" in r.output and "retries" in r.output  # the closing line
+    from personafuse.data.stats import compute_stats
+
+    st = compute_stats(out)  # what `data stats --json` prints
     assert st["endpoint"]["http_status"]["200"] >= 100 and st["rejects_by_cause"]["endpoint"] >= 50
     assert set(st["endpoint"]) == {"requests", "retries", "http_status", "rate_limit_wait_s", "rejects_by_cause"}
     table = CliRunner().invoke(app, ["stats", str(out), "--png", str(tmp_path / "s.png")]).stdout
