@@ -16,6 +16,7 @@ from data_fixtures import REPO, cli_env
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(1500)
 def test_gpu_e2e_runs_on_the_cpu_and_reports_each_cells_device(tmp_path: Path):
     env = cli_env()
     env.update(OUT=str(tmp_path), PY=sys.executable, OMP_NUM_THREADS="1")
