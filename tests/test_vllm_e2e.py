@@ -3,7 +3,7 @@ with random experts, ``personafuse export --stack``, the ``vllm serve`` command 
 printed, plus port and CPU settings), the personafuse plugin loaded by vLLM's own entry-point
 discovery, and ``personafuse serve --engine vllm``'s front in front of it.
 
-Slow (about three minutes, one vLLM start): marked ``slow``; ``make test`` runs it after building
+Slow (one vLLM start; 461 s on the loaded 2-core development machine, see docs/serving.md): marked ``slow``; ``make test`` runs it after building
 ``.venv-vllm`` (``make vllm-env``), and the fixture builds that venv itself when it is missing.
 """
 
