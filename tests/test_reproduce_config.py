@@ -71,10 +71,12 @@ def test_the_plan_runs_each_cell_after_what_it_needs(tmp_path: Path):
         assert all(n in names[:i] for n in c.needs), c
     trained = [c for c in cells if c.kind == "train"]
     assert len(trained) == 7 * 2  # base and pcot_prompting train nothing
-    assert next(c for c in cells if c.name == "train/personafuse/seed1").needs == ("relabel/persona_cot",)
+    # a train cell reads its own records and every data cell (the ids all modes accepted, issue 30)
+    every = ("data/persona_cot", "data/direct", "data/human_like")
+    assert next(c for c in cells if c.name == "train/personafuse/seed1").needs == ("relabel/persona_cot", *every)
     # Random Route k reuses PersonaFuse's warm-up experts (tests/test_random_route.py: they are the same)
-    assert next(c for c in cells if c.name == "train/random_route_2/seed1").needs == ("relabel/persona_cot", "train/personafuse/seed1")
-    assert next(c for c in cells if c.name == "train/direct_ft/seed1").needs == ("data/direct",)
+    assert next(c for c in cells if c.name == "train/random_route_2/seed1").needs == ("relabel/persona_cot", "train/personafuse/seed1", *every)
+    assert next(c for c in cells if c.name == "train/direct_ft/seed1").needs == ("data/direct", "data/persona_cot", "data/human_like")
     assert next(c for c in cells if c.name == "eval/base/seed0").needs == ()
     assert [c.name for c in cells if c.kind == "replies"] == [f"replies/{v}/seed0" for v in VARIANTS]  # first seed only
     assert cells[-1].name == "report" and len(cells[-1].needs) == len(VARIANTS) * 3
@@ -86,8 +88,8 @@ def test_the_plan_runs_each_cell_after_what_it_needs(tmp_path: Path):
 def test_both_labellers_add_a_tat_personafuse_on_personafuses_warmup():
     cfg = ReproduceConfig.load(None, ["data.labeller=both", "variants=[direct_ft, random_route_1, personafuse]"])
     cells = {c.name: c for c in plan(cfg)}
-    assert cells["train/personafuse/seed0"].needs == ("data/persona_cot",)  # the teacher's labels
-    assert cells["train/personafuse_tat/seed0"].needs == ("relabel/persona_cot", "train/personafuse/seed0")
+    assert cells["train/personafuse/seed0"].needs == ("data/persona_cot", "data/direct")  # the teacher's labels (+ every data cell)
+    assert cells["train/personafuse_tat/seed0"].needs == ("relabel/persona_cot", "train/personafuse/seed0", "data/persona_cot", "data/direct")
     assert cfg.all_variants() == ["direct_ft", "random_route_1", "personafuse", "personafuse_tat"]
     with pytest.raises(ConfigError, match="variants\\[0\\]"):  # it is not a variant one lists
         ReproduceConfig.load(None, ["variants=[personafuse_tat]"])
