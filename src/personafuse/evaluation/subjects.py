@@ -249,13 +249,13 @@ class PersonaFuseSubject:
                 kw["temperature"] = temperature
             if seed is not None:
                 kw["seed"] = seed
-        if self.system_prompt:
-            prompts = [p if isinstance(p, RawPrompt) else as_messages(p, self.system_prompt) for p in prompts]
-        gens = self.model.generate(list(prompts), **kw)
         # A benchmark may name the router's text (GSM8K: the question, not its few-shot examples).
         queries = [getattr(p, "router_query", None) for p in prompts]
         if any(q is not None for q in queries):
             kw["weights"] = self.model.resolve_weights([p if q is None else q for p, q in zip(prompts, queries, strict=True)], self.routing)
+        if self.system_prompt:
+            prompts = [p if isinstance(p, RawPrompt) else as_messages(p, self.system_prompt) for p in prompts]
+        gens = self.model.generate(list(prompts), **kw)
         return [Generation(text=str(g.text).strip(), weights=_weights_to_dict(getattr(g, "weights", None))) for g in gens]
 
     def route(self, queries: Sequence[str]) -> list[dict[str, float]]:
