@@ -383,10 +383,22 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
         await asyncio.to_thread(service.batcher.close)
         service.tokenize_pool.shutdown(wait=False)
 
-    app = FastAPI(title="PersonaFuse", lifespan=lifespan)
-    app.state.metrics = metrics
-    app.state.config = cfg
-    app.state.drain = service.drain
+    async def health() -> tuple[bool, dict[str, Any]]:
+        b = service.batcher
+        ok = b is not None and b.healthy
+        return ok, {"status": "ok" if ok else "unavailable", "model": cfg.model_name,
+                    "queue_depth": b.queue_depth if b else 0, "running": b.running if b else 0}  # fmt: skip
+
+    return api_app("PersonaFuse", lifespan, service, health)
+
+
+def api_app(title: str, lifespan: Any, service: Any, health: Any) -> FastAPI:
+    """The OpenAI-compatible app around a chat service: the chat page, /health (``health()`` gives
+    ok and the body), /metrics, /v1/models, chat completions, and errors in the API's shape. One
+    definition for the in-process server and the vLLM front."""
+    cfg, metrics = service.cfg, service.metrics
+    app = FastAPI(title=title, lifespan=lifespan)
+    app.state.metrics, app.state.config, app.state.drain = metrics, cfg, service.drain
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(APIError)
@@ -410,11 +422,8 @@ def create_app(model: Any, config: ServeConfig | None = None) -> FastAPI:
         return FileResponse(STATIC / "chat.html")
 
     @app.get("/health")
-    async def health() -> JSONResponse:
-        b = service.batcher
-        ok = b is not None and b.healthy
-        body = {"status": "ok" if ok else "unavailable", "model": cfg.model_name,
-                "queue_depth": b.queue_depth if b else 0, "running": b.running if b else 0}  # fmt: skip
+    async def health_check() -> JSONResponse:
+        ok, body = await health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -26,15 +26,12 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
-from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from personafuse.chat import eos_token_ids, prompt_ids
 from personafuse.serving.batcher import Job
 from personafuse.serving.metrics import Metrics
-from personafuse.serving.server import CHAT, STATIC, APIError, ChatService, ServeConfig, endpoint_of
+from personafuse.serving.server import APIError, ChatService, ServeConfig, api_app
 from personafuse.serving.vllm_plugin import WEIGHTS_KEY
 from personafuse.traits import TRAIT_POLES
 
@@ -155,42 +152,10 @@ def create_front_app(model: Any, vllm_url: str, config: ServeConfig | None = Non
         service.route_pool.shutdown(wait=False)
         service.tokenize_pool.shutdown(wait=False)
 
-    app = FastAPI(title="PersonaFuse (vLLM)", lifespan=lifespan)
-    app.state.metrics, app.state.config, app.state.drain = metrics, cfg, service.drain
-    app.mount("/static", StaticFiles(directory=STATIC), name="static")
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        metrics.request(endpoint_of(request.url.path), exc.status)
-        return exc.response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return await _api_error(request, APIError(exc.status_code, str(exc.detail)))
-
-    @app.get("/", include_in_schema=False)
-    async def index() -> FileResponse:
-        return FileResponse(STATIC / "chat.html")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
+    async def health() -> tuple[bool, dict[str, Any]]:
         ok = not service.flight.draining and await service.vllm_healthy()
-        body = {"status": "ok" if ok else "unavailable", "model": cfg.model_name, "engine": "vllm",
-                "vllm_url": service.vllm_url, "running": len(service.tasks)}  # fmt: skip
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return ok, {"status": "ok" if ok else "unavailable", "model": cfg.model_name, "engine": "vllm",
+                    "vllm_url": service.vllm_url, "running": len(service.tasks)}  # fmt: skip
 
-    @app.get("/metrics")
-    async def metrics_text() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        service.check_key(request)
-        return {"object": "list", "data": [{"id": cfg.model_name, "object": "model", "created": 0, "owned_by": "personafuse"}]}
-
-    @app.post(CHAT)
-    async def chat_completions(request: Request) -> Response:
-        return await service.handle(request)
-
-    return app
+    return api_app("PersonaFuse (vLLM)", lifespan, service, health)
 
