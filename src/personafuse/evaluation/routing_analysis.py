@@ -179,11 +179,12 @@ def agreement_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_router(model: str) -> Router:
-    """``model.route`` of a PersonaFuse checkpoint (``pf:DIR``) as a :data:`Router`."""
+def load_router(model: str, *, device: str | None = None, dtype: str = "auto") -> Router:
+    """``model.route`` of a PersonaFuse checkpoint (``pf:DIR``) on ``device`` in ``dtype`` as a :data:`Router`."""
+    from personafuse.devices import resolve_device
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
-    subj = load_subject(model, SubjectOptions())
+    subj = load_subject(model, SubjectOptions(device=resolve_device(device or "auto"), dtype=dtype))
     if not hasattr(subj, "route"):
         raise ValueError(f"{model} has no router (routing analysis needs a PersonaFuse checkpoint)")
     return subj.route
@@ -196,6 +197,8 @@ def analyse(
     model: str | None = None,
     router: Callable[[list[str]], list[dict[str, float]]] | None = None,
     out: str | None = None,
+    device: str | None = None,
+    dtype: str = "auto",
 ) -> RoutingReport:
     rows: list[dict[str, Any]] = []
     groups: dict[str, dict[str, dict[str, float]]] = {}
@@ -211,7 +214,7 @@ def analyse(
         if router is None:
             if not model:
                 raise ValueError("routing --situations needs --model pf:DIR (a PersonaFuse checkpoint)")
-            router = load_router(model)
+            router = load_router(model, device=device, dtype=dtype)
         routed, per_sit = route_situations(situations, router)
         for sit, (w, n) in per_sit.items():
             rows.append({"source": "situations", "group": sit, "n": n, **w})

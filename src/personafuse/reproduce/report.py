@@ -285,7 +285,7 @@ def router_analysis(cfg: ReproduceConfig, out: Path, report: Path) -> str:
         seed = cfg.seeds[0]
         model = out / "train" / v / f"seed{seed}" / "joint" / "model"
         rep = analyse([str(out / "eval" / v / f"seed{seed}")], situations=str(out / QUERIES / "heldout.jsonl"),
-                      model=f"pf:{model}", out=str(report / "routing" / v))
+                      model=f"pf:{model}", out=str(report / "routing" / v), device=cfg.eval.device, dtype=cfg.eval.dtype)
         radars = ", ".join(f"[{p.name}](routing/{v}/{p.name})" for p in rep.files if p.suffix == ".png")
         parts.append(f"### {TITLES[v]} (seed {seed})\n\n{rep.markdown}\nRadar charts: {radars}\n")
     return "\n".join(parts)
@@ -303,7 +303,7 @@ def routing_agreement_section(cfg: ReproduceConfig, out: Path) -> tuple[str, dic
         model = out / "train" / v / f"seed{cfg.seeds[0]}" / "joint" / "model"
         if v not in cfg.all_variants() or not model.is_dir():
             continue
-        r = routing_agreement(load_router(f"pf:{model}"))
+        r = routing_agreement(load_router(f"pf:{model}", device=cfg.eval.device, dtype=cfg.eval.dtype))
         found[v] = r
         lo, hi = r["hit_rate_ci"]
         rows.append(f"| {TITLES[v]} | {r['hit_rate']:.2f} | [{lo:.2f}, {hi:.2f}] | {r['contrast']:.2f} | {r['n']} |")
@@ -314,6 +314,7 @@ def probing(cfg: ReproduceConfig, out: Path, report: Path) -> str:
     """The paper's Table 6 on the configured dataset: the router's encoder before and after training."""
     if not cfg.probe.dataset or "personafuse" not in cfg.all_variants():
         return "Not run: set `probe.dataset` (and `probe.data` for a local copy) to probe the encoders.\n"
+    from personafuse.devices import resolve_device
     from personafuse.evaluation.probing import run_probe
 
     model = out / "train" / "personafuse" / f"seed{cfg.seeds[0]}" / "joint" / "model"
@@ -326,7 +327,7 @@ def probing(cfg: ReproduceConfig, out: Path, report: Path) -> str:
 
         dataset, text, label = str(importlib.resources.files("personafuse.data") / "seeds" / "seed_queries.jsonl"), "query", "situation"
     rep = run_probe(dataset, [before, f"pf:{model}"], text_field=text, label_field=label, limit=pr.limit, seed=cfg.seeds[0],
-                    out=str(report / "probe"), data_file=pr.data)
+                    out=str(report / "probe"), data_file=pr.data, device=resolve_device(cfg.eval.device), dtype=cfg.eval.dtype)
     return (f"Softmax regression on frozen embeddings of `{pr.dataset}` ({rep['n']} texts): the router's encoder "
             f"before training (`{before}`) and after (`pf:`, PersonaFuse seed {cfg.seeds[0]}).\n\n" + rep["markdown"])
 
