@@ -133,6 +133,10 @@ def test_judge_path_over_loopback_http(tmp_path: Path) -> None:
     assert mental["score"] == 7 and mental["empathy"] == 8
     # 2 + 2 subject answers, 4 arena games + 2 "continue" attempts for q2's label-less games, 2 mental.
     assert len(requests) == 12
+    # MentalChat16K's answers are raw completions in the authors' Alpaca prompt (issue 31); the rest is chat.
+    raw = [r for r in requests if "messages" not in r]
+    assert len(raw) == 2 and all(r["prompt"].startswith("Below is an instruction") and r["prompt"].endswith("### Response: ") for r in raw)
+    requests = [r for r in requests if "messages" in r]
     cont = [r for r in requests if r["messages"][-1]["content"] == CONTINUE_PROMPT]
     assert len(cont) == 2 and all(r["messages"][-2] == {"role": "assistant", "content": "Both answers look fine to me, hard to say."} for r in cont)
     judged = [r for r in requests if r["messages"][0]["role"] == "system"]
