@@ -274,7 +274,19 @@ def cell_times(out: Path, cells: Sequence[Cell]) -> str:
     return "\n".join(rows) + "\n"
 
 
-def router_analysis(cfg: ReproduceConfig, out: Path, report: Path) -> str:
+def routed_models(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
+    """Each routed variant's first-seed router, loaded once on eval.device for both router sections."""
+    from personafuse.evaluation.routing_analysis import load_router
+
+    found = {}
+    for v in ("personafuse", TAT_VARIANT):
+        model = out / "train" / v / f"seed{cfg.seeds[0]}" / "joint" / "model"
+        if v in cfg.all_variants() and model.is_dir():
+            found[v] = load_router(f"pf:{model}", device=cfg.eval.device, dtype=cfg.eval.dtype)
+    return found
+
+
+def router_analysis(cfg: ReproduceConfig, out: Path, report: Path, routers: dict[str, Any]) -> str:
     """Mean routing weight per held-out situation (and per benchmark) for each routed variant."""
     from personafuse.evaluation.routing_analysis import analyse
 
@@ -285,25 +297,21 @@ def router_analysis(cfg: ReproduceConfig, out: Path, report: Path) -> str:
         seed = cfg.seeds[0]
         model = out / "train" / v / f"seed{seed}" / "joint" / "model"
         rep = analyse([str(out / "eval" / v / f"seed{seed}")], situations=str(out / QUERIES / "heldout.jsonl"),
-                      model=f"pf:{model}", out=str(report / "routing" / v), device=cfg.eval.device, dtype=cfg.eval.dtype)
+                      model=f"pf:{model}", router=routers.get(v), out=str(report / "routing" / v),
+                      device=cfg.eval.device, dtype=cfg.eval.dtype)  # fmt: skip
         radars = ", ".join(f"[{p.name}](routing/{v}/{p.name})" for p in rep.files if p.suffix == ".png")
         parts.append(f"### {TITLES[v]} (seed {seed})\n\n{rep.markdown}\nRadar charts: {radars}\n")
     return "\n".join(parts)
 
 
-def routing_agreement_section(cfg: ReproduceConfig, out: Path) -> tuple[str, dict[str, Any]]:
+def routing_agreement_section(routers: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """``routing_agreement()`` (evaluation/routing_analysis.py, issue 34) for every routed
     PersonaFuse variant's first-seed model: hit rate with its Wilson interval, contrast, n."""
-    try:
-        from personafuse.evaluation.routing_analysis import load_router, routing_agreement
-    except ImportError:  # HOOK (issue 34): routing_agreement() not built yet
-        return "Not measured: `routing_agreement()` is not available in this version.\n", {}
+    from personafuse.evaluation.routing_analysis import routing_agreement
+
     rows, found = ["| variant | hit rate | 95 % interval | contrast | n |", "|---|---|---|---|---|"], {}
-    for v in ("personafuse", TAT_VARIANT):
-        model = out / "train" / v / f"seed{cfg.seeds[0]}" / "joint" / "model"
-        if v not in cfg.all_variants() or not model.is_dir():
-            continue
-        r = routing_agreement(load_router(f"pf:{model}", device=cfg.eval.device, dtype=cfg.eval.dtype))
+    for v, router in routers.items():
+        r = routing_agreement(router)
         found[v] = r
         lo, hi = r["hit_rate_ci"]
         rows.append(f"| {TITLES[v]} | {r['hit_rate']:.2f} | [{lo:.2f}, {hi:.2f}] | {r['contrast']:.2f} | {r['n']} |")
@@ -356,7 +364,8 @@ def write_report(cfg: ReproduceConfig, out: Path, cells: Sequence[Cell]) -> Path
         figures = plot_scores(names, metrics, TITLES, None, report)
     failed = "; ".join(f"{v['title']}: {', '.join(v['failed'])}" for v in summary["variants"].values() if v["failed"])
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    agreement = routing_agreement_section(cfg, out)
+    routers = routed_models(cfg, out)
+    agreement = routing_agreement_section(routers)
     # its own file: a router's weights carry float noise across processes (a resumed run's contrast
     # differs in the 5th digit), while summary.json holds what must repeat exactly
     (report / "routing_agreement.json").write_text(json.dumps(agreement[1], indent=2) + "\n", encoding="utf-8")
@@ -366,7 +375,7 @@ def write_report(cfg: ReproduceConfig, out: Path, cells: Sequence[Cell]) -> Path
         "## Figures\n\n" + "\n".join(f"![{p.stem}]({p.name})" for p in figures) + (f"\n\nFailed cells (no bar): {failed}" if failed else "") + "\n",
         "## Persona-CoT-FT's training target\n\n" + PCOT_FT_TARGET + "\n",
         "## Routing agreement (Table 1 poles, shipped held-out file)\n\n" + agreement[0],
-        "## Router analysis (held-out situation queries)\n\n" + (router_analysis(cfg, out, report) or "No routed variant in this grid.\n"),
+        "## Router analysis (held-out situation queries)\n\n" + (router_analysis(cfg, out, report, routers) or "No routed variant in this grid.\n"),
         "## Encoder probing (Table 6)\n\n" + probing(cfg, out, report),
         "## Pairwise human study\n\n" + pairs(cfg, out, report),
         "## Time per cell\n\n" + cell_times(out, cells),
