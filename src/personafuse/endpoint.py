@@ -1,6 +1,6 @@
-"""One retry and deadline policy for every OpenAI-compatible HTTP call: data teachers
-(:class:`personafuse.data.teachers.OpenAITeacher`), benchmark subjects and LLM judges
-(:class:`personafuse.evaluation.subjects.OpenAISubject`).
+"""One retry and deadline policy for every OpenAI-compatible HTTP call, made through the openai
+backend (:class:`personafuse.backends.openai_compat.OpenAIBackend`) by data teachers, benchmark
+subjects and LLM judges alike.
 
 What runs, per request (one logical call, e.g. one chat completion):
 

@@ -121,7 +121,7 @@ class PersonaCoT:
     """Turns one query into a record (dict) or raises :class:`Rejection` carrying the raw text."""
 
     def __init__(self, teacher: Teacher, cfg: PipelineConfig):
-        if cfg.constrained and not teacher.supports_scoring:
+        if cfg.constrained and not teacher.capabilities.scoring:
             raise TeacherError(f"constrained mode needs a teacher that can score options; {teacher.name} cannot")
         self.teacher = teacher
         self.cfg = cfg

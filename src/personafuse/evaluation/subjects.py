@@ -17,12 +17,14 @@ carrying the text and, for PersonaFuse, the ten routing weights used. Specs acce
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from personafuse.backends.base import HF, OPENAI, Capabilities
+from personafuse.backends.local_hf import load_hf as load_hf  # re-exported: its old home
+from personafuse.backends.openai_compat import OpenAIBackend, resolve_api_key
 from personafuse.chat import Generation, RawPrompt, as_messages, encode_prompts
 from personafuse.specs import ModelSpec, load_personafuse
 from personafuse.specs import is_personafuse_dir as is_personafuse_dir  # re-exported: its old home
@@ -33,6 +35,7 @@ Prompt = str | list[dict[str, str]]
 
 class Subject(Protocol):
     name: str
+    capabilities: Capabilities  # what its backend can do (personafuse.backends)
 
     def generate(
         self,
@@ -51,7 +54,10 @@ class Subject(Protocol):
 # Hugging Face causal LM (plain, LoRA, or the embedded default)
 # ---------------------------------------------------------------------------------------------
 class HFSubject:
-    """Batched greedy (or seeded sampled) generation with left padding and the chat template."""
+    """Batched greedy (or seeded sampled) generation with left padding and the chat template, on
+    a model loaded by the hf backend (:func:`personafuse.backends.local_hf.load_hf`)."""
+
+    capabilities = HF
 
     def __init__(self, model: Any, tokenizer: Any, *, name: str = "hf", batch_size: int = 8, system_prompt: str | None = None, source: dict[str, Any] | None = None) -> None:
         self.model = model
@@ -96,26 +102,12 @@ class HFSubject:
         return {"kind": "hf", "name": self.name, **self.source, **_placement(self.model)}
 
 
-def load_hf(path: str, *, gguf_file: str | None = None, dtype: str = "auto", device: str | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) on ``device`` (None: the CPU, where it loads) in ``dtype`` as
-    :mod:`personafuse.devices` resolves it; a GGUF (no dtype of its own) loads from its converted
-    float32 copy, cast to that dtype."""
-    from personafuse import devices, embedded
-
-    dev = devices.resolve_device(device) if device else "cpu"
-    src = embedded.ModelSource(path, path, gguf_file)
-    model = embedded.load_causal_lm(src, devices.resolve_dtype(dtype, dev, devices.source_dtype(path, gguf_file)))
-    tok = embedded.load_tokenizer(src)
-    if device:
-        model.to(dev)
-    return model, tok
-
-
 # ---------------------------------------------------------------------------------------------
 # OpenAI-compatible endpoint
 # ---------------------------------------------------------------------------------------------
 class OpenAISubject:
-    """Chat completions against any OpenAI-compatible server, a few requests in flight at once,
+    """Chat completions against any OpenAI-compatible server
+    (:class:`personafuse.backends.openai_compat.OpenAIBackend`), a few requests in flight at once,
     under the retry and deadline policy the data teachers use (:mod:`personafuse.endpoint`): one
     deadline per request (``timeout``, send to last byte), 429s on their own wait budget with
     ``Retry-After`` honoured and jittered, 5xx / timeouts / dropped connections / bodies that are
@@ -123,47 +115,36 @@ class OpenAISubject:
     cell. An empty reply is a valid (if poor) answer from a model under test and is not retried.
     A request that fails for good raises :class:`personafuse.endpoint.EndpointFailure`."""
 
+    capabilities = OPENAI
+
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None, concurrency: int = 4,
                  system_prompt: str | None = None, max_retries: int = 5, timeout: float = 300.0, backoff: float = 1.0,
                  max_rate_limit_wait: float = 600.0, clock: Any = None) -> None:
-        from personafuse.endpoint import EndpointClient, RetryPolicy
-
         self.name = model
         self.model = model
-        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL")
-        policy = RetryPolicy(max_retries=max_retries, backoff=backoff, max_rate_limit_wait=max_rate_limit_wait,
-                             timeout=timeout)
-        self.endpoint = EndpointClient(self.base_url, api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                                       policy=policy, clock=clock, max_in_flight=max(1, concurrency), name=model)
+        self.backend = OpenAIBackend(model, base_url=base_url, api_key=resolve_api_key(api_key, None) or "EMPTY",
+                                     max_in_flight=max(1, concurrency), timeout=timeout, max_retries=max_retries,
+                                     backoff=backoff, max_rate_limit_wait=max_rate_limit_wait, clock=clock, name=model)
+        self.base_url = self.backend.base_url
+        self.endpoint = self.backend.endpoint
         self.concurrency = concurrency
         self.system_prompt = system_prompt
         self.usage = {"prompt_tokens": 0, "completion_tokens": 0, "requests": 0}
 
     async def _one(self, p: Prompt, max_new_tokens: int, temperature: float, seed: int | None) -> Generation:
-        from personafuse.endpoint import chat_reply, completion_reply
-
-        kw: dict[str, Any] = {"model": self.model, "max_tokens": max_new_tokens, "temperature": temperature}
-        if seed is not None:
-            kw["seed"] = seed
+        kw: dict[str, Any] = {"max_tokens": max_new_tokens, "temperature": temperature, "seed": seed,
+                              "require_content": False}
         if isinstance(p, RawPrompt):  # a completion prompt: the completions endpoint, no template
-            path, body, reply = "/completions", {"prompt": str(p), **kw}, completion_reply
+            r = await self.backend.complete(str(p), **kw)
         else:
-            path, body, reply = "/chat/completions", {"messages": as_messages(p, self.system_prompt), **kw}, chat_reply
-
-        def check(data: Any) -> tuple[str, dict[str, Any]]:
-            text, _, _ = reply(data, require_content=False)
-            return text, data
-
-        text, data = await self.endpoint.post(path, body, check)
+            r = await self.backend.chat(as_messages(p, self.system_prompt), **kw)
         self.usage["requests"] += 1
-        usage = data.get("usage")
-        if isinstance(usage, dict):
-            self.usage["prompt_tokens"] += usage.get("prompt_tokens") or 0
-            self.usage["completion_tokens"] += usage.get("completion_tokens") or 0
+        self.usage["prompt_tokens"] += r.usage.get("prompt_tokens") or 0
+        self.usage["completion_tokens"] += r.usage.get("completion_tokens") or 0
         # Some servers (vLLM, ours) report the routing weights beside the message.
         # `persona` is our server's field; `personafuse` is kept for older servers.
-        info = next((data[k] for k in ("persona", "personafuse") if isinstance(data.get(k), dict)), {})
-        return Generation(text=text.strip(), weights=info.get("weights"))
+        info = next((r.data[k] for k in ("persona", "personafuse") if isinstance(r.data.get(k), dict)), {})
+        return Generation(text=r.text.strip(), weights=info.get("weights"))
 
     def generate(self, prompts: Sequence[Prompt], *, max_new_tokens: int, do_sample: bool = False, temperature: float | None = None, seed: int | None = None) -> list[Generation]:
         import asyncio
@@ -176,7 +157,7 @@ class OpenAISubject:
             try:  # the endpoint client caps requests in flight at ``concurrency``
                 return list(await asyncio.gather(*(self._one(p, max_new_tokens, temp, seed) for p in prompts)))
             finally:
-                await self.endpoint.aclose()  # its connections belong to this call's event loop
+                await self.backend.aclose()  # its connections belong to this call's event loop
 
         return run_sync(run)
 
@@ -226,6 +207,8 @@ class PersonaFuseSubject:
     objects with ``.text`` and ``.weights``; ``model.route(queries)`` giving [B, 10]. A
     ``system_prompt`` is put first in every chat prompt (not in raw completion prompts), as
     :class:`HFSubject` does; the router does not read system messages."""
+
+    capabilities = replace(HF, scoring=False)  # generates through PersonaFuseModel.generate
 
     def __init__(self, model: Any, routing: dict[str, Any], *, name: str = "personafuse", batch_size: int = 8, source: dict[str, Any] | None = None, routing_factory: Any = None, system_prompt: str | None = None) -> None:
         self.model = model
