@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from personafuse.reproduce.config import VARIANTS, ConfigError, ReproduceConfig
+from personafuse.reproduce.config import ConfigError, ReproduceConfig
 from personafuse.reproduce.plan import estimate, plan
+from personafuse.reproduce.variants import listed_variants
+
+VARIANTS = listed_variants()
 
 
 def test_defaults_are_the_papers_grid():

@@ -11,7 +11,7 @@ import pytest
 
 from data_fixtures import stub_server
 from personafuse.data.stub_server import StubServer
-from personafuse.reproduce.config import TAT_VARIANT, TITLES, VARIANTS
+from personafuse.reproduce.variants import TAT_VARIANT, listed_variants, variant_title
 from reproduce_support import reproduce, tiny_experiment
 
 
@@ -31,7 +31,7 @@ def grid(server: StubServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     return cfg, out
 
 
-ALL = [*VARIANTS, TAT_VARIANT]
+ALL = [*listed_variants(), TAT_VARIANT]
 
 
 # The tests on the whole grid: slow (its setup ran past 600 s here on two shared cores under load
@@ -52,7 +52,7 @@ def test_every_cell_ran_and_the_report_quotes_each_variants_results(grid):
             block = res["benchmarks"][bench]
             assert summary["variants"][v]["benchmarks"][bench] == block["score"]
             assert summary["variants"][v]["stderr"][bench] == block["stderr"]
-        assert TITLES[v] in report_md
+        assert variant_title(v) in report_md
     base = summary["variants"]["direct_ft"]["benchmarks"]
     for v, rel in summary["relative_improvement"].items():
         for bench, pct in rel.items():

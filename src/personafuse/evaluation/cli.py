@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from personafuse.devices import DeviceOpt, DtypeOpt, cli_placement, placement_line
+from personafuse.evaluation.benchmarks import BENCHMARKS  # the --benchmarks help lists the registry
 
 
 def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -35,7 +36,7 @@ def _short(v: Any) -> str:
 
 def eval_command(
     model: Annotated[str, typer.Option(help="default | base | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
-    benchmarks: Annotated[str, typer.Option(help="comma-separated: emobench,eqbench,tombench,gpqa,gsm8k,arenahard,safetybench,shopmmlu,mentalchat")] = "emobench,eqbench,gsm8k",
+    benchmarks: Annotated[str, typer.Option(help="comma-separated: " + ",".join(BENCHMARKS))] = "emobench,eqbench,gsm8k",
     out: Annotated[Path, typer.Option(help="run directory (results.json + NAME.jsonl); resumed if it exists")] = Path("runs/eval"),
     data: Annotated[str | None, typer.Option(help="folder laid out like ../shared/benchdata, or one benchmark's file")] = None,
     limit: Annotated[int | None, typer.Option(help="seeded subsample of N items per benchmark")] = None,
@@ -44,7 +45,7 @@ def eval_command(
     routing: Annotated[str | None, typer.Option(help="PersonaFuse routing: router | fixed:POLE=W,... | random:K | pole:NAME | top_k:K")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for openai:MODEL")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for openai:MODEL (else OPENAI_API_KEY)")] = None,
-    judge: Annotated[str | None, typer.Option(help="judge for arenahard/mentalchat: openai:MODEL, hf:PATH, default or base (the embedded model)")] = None,
+    judge: Annotated[str | None, typer.Option(help="judge for " + "/".join(n for n, c in BENCHMARKS.items() if c.needs_judge) + ": openai:MODEL, hf:PATH, default or base (the embedded model)")] = None,
     judge_base_url: Annotated[str | None, typer.Option(help="base URL of the judge endpoint")] = None,
     judge_api_key: Annotated[str | None, typer.Option(help="API key of the judge endpoint")] = None,
     batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,

@@ -14,47 +14,31 @@ from typing import Any
 
 from personafuse.evaluation.runner import load_results
 
-# Which numeric fields of a benchmark's result block are reported, in order (headline first).
-SUBSCORES: dict[str, tuple[str, ...]] = {
-    "emobench": ("score", "EA", "EU"),
-    "eqbench": ("score", "percent_parseable"),
-    "tombench": ("score", "task_oriented", "ability_oriented"),
-    "gpqa": ("score",),
-    "gsm8k": ("score",),
-    "arenahard": ("score",),
-    "safetybench": ("score", "OFF", "UB", "PH", "MH", "IA", "EM", "PP"),
-    "shopmmlu": ("score",),
-    "mentalchat": ("score", "active_listening", "empathy", "safety", "open_mindedness", "clarity", "boundaries", "holistic"),
-}
-# The other variants each benchmark reports beside ``score`` on the same replies (shown by
-# ``personafuse eval``'s summary; the report's columns stay SUBSCORES).
-VARIANTS: dict[str, tuple[str, ...]] = {
-    "emobench": ("score_freetext",),
-    "eqbench": ("score_lm_eval",),
-    "tombench": ("accuracy", "score_freetext"),
-    "gpqa": ("score_strict",),
-    "gsm8k": ("score_flexible", "score_official"),
-    "arenahard": ("ci_low", "ci_high", "n_unparseable_verdicts"),
-    "safetybench": ("accuracy", "score_freetext"),
-    "shopmmlu": ("task_mean",),
-    "mentalchat": ("overall_labelled", "n_unparseable_verdicts"),
-}
-GROUPS: dict[str, tuple[str, ...]] = {
-    "Social-emotional intelligence": ("emobench", "eqbench", "tombench"),
-    "General intelligence and safety": ("gpqa", "arenahard", "gsm8k", "safetybench"),
-    "Applications": ("shopmmlu", "mentalchat"),
-}
-TITLES = {
-    "emobench": "EmoBench",
-    "eqbench": "EQ-Bench",
-    "tombench": "ToMBench",
-    "gpqa": "GPQA",
-    "gsm8k": "GSM8K",
-    "arenahard": "Arena-Hard",
-    "safetybench": "SafetyBench",
-    "shopmmlu": "Shop-MMLU",
-    "mentalchat": "MentalChat16K",
-}
+
+def _facts(bench: str) -> Any:
+    """The registered class of ``bench`` (None for a benchmark this install does not know)."""
+    from personafuse.evaluation.benchmarks import BENCHMARKS
+
+    return BENCHMARKS.get(bench)
+
+
+def subscores_of(bench: str) -> tuple[str, ...]:
+    """Which numeric fields of a benchmark's result block are reported, in order (headline first)."""
+    cls = _facts(bench)
+    return cls.subscores if cls else ("score",)
+
+
+def score_variants_of(bench: str) -> tuple[str, ...]:
+    """The other variants a benchmark reports beside ``score`` on the same replies (shown by
+    ``personafuse eval``'s summary; the report's columns stay :func:`subscores_of`)."""
+    cls = _facts(bench)
+    return cls.score_variants if cls else ()
+
+
+def benchmark_title(bench: str) -> str:
+    """How tables and figures name a benchmark (its registry key when it has no title)."""
+    cls = _facts(bench)
+    return (cls.title or bench) if cls else bench
 
 
 @dataclass
@@ -69,8 +53,7 @@ def metrics_of(results: Mapping[str, Any]) -> dict[tuple[str, str], float]:
     """``{(benchmark, metric): value}`` for the reported metrics present in a results.json."""
     out: dict[tuple[str, str], float] = {}
     for bench, block in (results.get("benchmarks") or {}).items():
-        keys = SUBSCORES.get(bench, ("score",))
-        for k in keys:
+        for k in subscores_of(bench):
             v = block.get(k)
             if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v):
                 out[(bench, k)] = float(v)
@@ -94,12 +77,14 @@ def build_report(runs: Sequence[str], *, baseline: str | None = None, names: Seq
     label_of = {r: (labels[runs.index(r)] if labels and r in runs else Path(r).name or r) for r in all_runs}
     metrics = {r: metrics_of(load_results(r)) for r in all_runs}
     keys: list[tuple[str, str]] = []
-    order = [b for g in GROUPS.values() for b in g]
+    from personafuse.evaluation.benchmarks import report_order
+
+    order = report_order()
     for r in all_runs:
         for k in metrics[r]:
             if k not in keys:
                 keys.append(k)
-    keys.sort(key=lambda k: (order.index(k[0]) if k[0] in order else 99, SUBSCORES.get(k[0], ("score",)).index(k[1]) if k[1] in SUBSCORES.get(k[0], ()) else 99))
+    keys.sort(key=lambda k: (order.index(k[0]) if k[0] in order else len(order), subscores_of(k[0]).index(k[1]) if k[1] in subscores_of(k[0]) else 99))
     base_m = metrics[baseline] if baseline else {}
     rows = []
     for r in all_runs:
@@ -140,7 +125,7 @@ def _fmt(v: float | None) -> str:
 
 
 def _markdown(runs: Sequence[str], keys: Sequence[tuple[str, str]], metrics: Mapping[str, Mapping[tuple[str, str], float]], label_of: Mapping[str, str], baseline: str | None) -> str:
-    head = ["Model"] + [f"{TITLES.get(b, b)} {m}" if m != "score" else TITLES.get(b, b) for b, m in keys]
+    head = ["Model"] + [f"{benchmark_title(b)} {m}" if m != "score" else benchmark_title(b) for b, m in keys]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in runs:
         cells = [label_of[r] + (" (baseline)" if r == baseline else "")]
@@ -166,7 +151,9 @@ def plot_scores(runs: Sequence[str], metrics: Mapping[str, Mapping[tuple[str, st
 
     files = []
     others = [r for r in runs if r != baseline] if baseline else list(runs)
-    for title, benches in GROUPS.items():
+    from personafuse.evaluation.benchmarks import groups
+
+    for title, benches in groups().items():
         present = [b for b in benches if any((b, "score") in metrics[r] for r in others)]
         if baseline:  # a relative change needs a non-zero baseline score
             present = [b for b in present if metrics[baseline].get((b, "score")) not in (None, 0.0)]
@@ -195,7 +182,7 @@ def plot_scores(runs: Sequence[str], metrics: Mapping[str, Mapping[tuple[str, st
             ax.set_xticks(range(len(vals)))
             ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
             ax.axhline(0, color="black", linewidth=0.6)
-            ax.set_title(TITLES.get(b, b))
+            ax.set_title(benchmark_title(b))
             if ax is axes[0][0]:
                 ax.set_ylabel("Relative improvement (%)" if baseline else "Score")
         vs = f" vs {label_of[baseline]}" if baseline else ""
@@ -220,7 +207,7 @@ def summary_table(results: Mapping[str, Any]) -> Any:
     t.add_column("items", justify="right")
     for b, block in (results.get("benchmarks") or {}).items():
         extras = []
-        for k in (*VARIANTS.get(b, ()), *SUBSCORES.get(b, ())[1:]):
+        for k in (*score_variants_of(b), *subscores_of(b)[1:]):
             v = block.get(k)
             if isinstance(v, bool):
                 continue
@@ -230,5 +217,5 @@ def summary_table(results: Mapping[str, Any]) -> Any:
                 extras.append(f"{k}={_fmt(v)}")
         score, err = block.get("score"), block.get("stderr")
         shown = _fmt(score) + (f" ± {_fmt(float(err))}" if isinstance(err, int | float) and score is not None else "")
-        t.add_row(TITLES.get(b, b), shown, " ".join(extras), str(block.get("n_items", block.get("n", ""))))
+        t.add_row(benchmark_title(b), shown, " ".join(extras), str(block.get("n_items", block.get("n", ""))))
     return t

@@ -302,7 +302,7 @@ class Runner:
             for i in pend:
                 if i not in first_partial and bench.partial(recs[i]):
                     first_partial[i] = dict(recs[i])
-            temp = 0.01 + 0.15 * (attempt - 1)
+            temp = bench.retry_temperature_of(attempt)
             t = time.perf_counter()
             regen = self.subject.generate([bench.send(prompts[i][0]) for i in pend], max_new_tokens=max_new, do_sample=True, temperature=temp, seed=self.cfg.seed + attempt)
             dt = time.perf_counter() - t

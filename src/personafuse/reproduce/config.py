@@ -10,46 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# The paper's Table 3 rows, in its order.
-VARIANTS: tuple[str, ...] = (
-    "base",  # the base model, no training
-    "direct_ft",  # SFT on Direct data
-    "human_like_ft",  # SFT on Human-like data
-    "pcot_ft",  # SFT on Persona-CoT data, no experts
-    "pcot_prompting",  # no training: the three steps at inference
-    "random_route_1",
-    "random_route_2",
-    "random_route_5",  # the PersonaFuse pipeline with k random experts instead of the router
-    "personafuse",
-)
-# The records each trained variant learns from (data modes of ``personafuse data generate``).
-# With ``data.labeller: both``: PersonaFuse again, its router and joint stages retrained on the TAT
-# labeller's vectors (the warm-up experts reused), for the router analysis under both labellings.
-TAT_VARIANT = "personafuse_tat"
-TRAINING_DATA: dict[str, str] = {
-    "direct_ft": "direct",
-    "human_like_ft": "human_like",
-    "pcot_ft": "persona_cot",
-    "random_route_1": "persona_cot",
-    "random_route_2": "persona_cot",
-    "random_route_5": "persona_cot",
-    "personafuse": "persona_cot",
-    TAT_VARIANT: "persona_cot",
-}
-BASELINE_KIND = {"direct_ft": "direct", "human_like_ft": "human_like", "pcot_ft": "cot_sft"}
-# How the report names each variant (the paper's Table 3 wording).
-TITLES = {
-    "base": "Base",
-    "direct_ft": "Direct-FT",
-    "human_like_ft": "Human-like-FT",
-    "pcot_ft": "Persona-CoT-FT",
-    "pcot_prompting": "Persona-CoT prompting",
-    "random_route_1": "Random Route 1",
-    "random_route_2": "Random Route 2",
-    "random_route_5": "Random Route 5",
-    "personafuse": "PersonaFuse",
-    TAT_VARIANT: "PersonaFuse (TAT labels)",
-}
+from personafuse.reproduce.variants import VARIANT_TABLE, listed_variants
+
 LABELLERS = ("teacher", "tat", "both")
 
 
@@ -82,13 +44,23 @@ class DataConfig:
         return [self.source] if isinstance(self.source, str) else list(self.source)
 
 
+def _grid_benchmarks() -> list[str]:
+    """The benchmarks the grid evaluates when ``eval.benchmarks`` is not set (``grid_default``)."""
+    from personafuse.evaluation.benchmarks import BENCHMARKS
+
+    return [name for name, cls in BENCHMARKS.items() if cls.grid_default]
+
+
 @dataclass
-class EvalConfig:
-    benchmarks: list[str] = field(default_factory=lambda: ["emobench", "eqbench", "tombench"])
+class GridEvalConfig:
+    """The grid's ``eval`` section (the eval cells' ``personafuse eval`` options; not the runner's
+    ``evaluation.runner.EvalConfig``)."""
+
+    benchmarks: list[str] = field(default_factory=_grid_benchmarks)
     data: str | None = None
     limit: int | None = 8
     item_seed: int = 0  # which items eval.limit picks: the same for every seed and variant (paired comparisons)
-    judge: str | None = None  # for arenahard / mentalchat: openai:MODEL, hf:PATH, default
+    judge: str | None = None  # for the judged benchmarks (needs_judge): openai:MODEL, hf:PATH, default
     judge_base_url: str | None = None
     # A judge whose URL resolves to the teacher's (e.g. both from $OPENAI_BASE_URL) is refused by the
     # preflight check unless this says the teacher is meant to judge too.
@@ -133,14 +105,14 @@ class ReproduceConfig:
     # how training cells start on several GPUs, e.g. "accelerate launch --multi_gpu --num_processes 8"
     # (the cell runs `LAUNCHER -m personafuse.cli train ...`); None: one process
     train_launcher: str | None = None
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    variants: list[str] = field(default_factory=lambda: list(listed_variants()))
+    eval: GridEvalConfig = field(default_factory=GridEvalConfig)
     seeds: list[int] = field(default_factory=lambda: [0])
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
     def all_variants(self) -> list[str]:
         """The configured variants plus the ones the labeller adds, in report order."""
-        extra = [TAT_VARIANT] if self.data.labeller == "both" else []
+        extra = [v.name for v in VARIANT_TABLE.values() if v.relabelled and not v.listed] if self.data.labeller == "both" else []
         return [*self.variants, *extra]
 
     def validate(self, where: str = "config") -> ReproduceConfig:
@@ -155,9 +127,10 @@ class ReproduceConfig:
             raise bad("teacher.spec", f"unknown teacher {self.teacher.spec!r}; use default, hf:ID, openai:MODEL or vllm:ID")
         if not self.variants:
             raise bad("variants", "at least one variant")
+        known = listed_variants()
         for i, v in enumerate(self.variants):
-            if v not in VARIANTS:  # personafuse_tat comes with data.labeller: both
-                raise bad(f"variants[{i}]", f"unknown variant {v!r}; known: {', '.join(VARIANTS)}")
+            if v not in known:  # personafuse_tat comes with data.labeller: both
+                raise bad(f"variants[{i}]", f"unknown variant {v!r}; known: {', '.join(known)}")
         for i, b in enumerate(self.eval.benchmarks):
             if canonical_name(str(b)) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
@@ -172,7 +145,7 @@ class ReproduceConfig:
         if not isinstance(self.data.source, str | list) or not self.data.sources or not all(isinstance(x, str) and x.strip() for x in self.data.sources):
             raise bad("data.source", f"a query source or a list of them, got {self.data.source!r}")
         if not isinstance(self.eval.options, dict) or not all(isinstance(v, dict) for v in self.eval.options.values()):
-            raise bad("eval.options", "a mapping of benchmark -> {option: value}, e.g. {tombench: {max_new_tokens: 32}}")
+            raise bad("eval.options", "a mapping of benchmark -> {option: value}, e.g. {NAME: {max_new_tokens: 32}}")
         _check_placement(self.eval.device, self.eval.dtype, bad)
         if self.data.labeller not in LABELLERS:
             raise bad("data.labeller", f"{self.data.labeller!r}; use {', '.join(LABELLERS)}")
@@ -265,7 +238,7 @@ def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
 _NESTED: dict[tuple[type, str], type] = {
     (ReproduceConfig, "teacher"): TeacherConfig,
     (ReproduceConfig, "data"): DataConfig,
-    (ReproduceConfig, "eval"): EvalConfig,
+    (ReproduceConfig, "eval"): GridEvalConfig,
     (ReproduceConfig, "probe"): ProbeConfig,
 }
 

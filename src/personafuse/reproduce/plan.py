@@ -3,7 +3,8 @@
 queries -> data[mode] -> (relabel) -> train[variant, seed] -> eval[variant, seed] and
 replies[variant] -> report. A cell's folder is ``OUT/<cell name>``; a cell is done when its
 ``done.json`` exists (written last), so a run killed at any point redoes at most the cell in
-progress. Untrained variants (``base``, ``pcot_prompting``) have no train cell.
+progress. Untrained variants (``base``, ``pcot_prompting``) have no train cell. What each variant
+needs is its row in reproduce/variants.py; what each benchmark costs is its class's facts.
 """
 
 from __future__ import annotations
@@ -12,13 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personafuse.reproduce.config import TAT_VARIANT, TRAINING_DATA, ReproduceConfig
+from personafuse.reproduce.config import ReproduceConfig
+from personafuse.reproduce.variants import PERSONAFUSE, variant
 
 DATA_MODES = ("persona_cot", "direct", "human_like")
-# Generations per evaluated item (ToMBench asks each item five times, options shuffled).
-ASKS_PER_ITEM = {"tombench": 5}
-# Judge requests per item (Arena-Hard judges both orders; MentalChat16K once).
-JUDGE_CALLS_PER_ITEM = {"arenahard": 2, "mentalchat": 1}
 # Teacher requests per query: the three Persona-CoT steps (free mode), one for the baselines.
 TEACHER_CALLS_PER_QUERY = {"persona_cot": 3, "direct": 1, "human_like": 1}
 QUERIES = "queries"
@@ -45,7 +43,8 @@ class Cell:
 def plan(cfg: ReproduceConfig) -> list[Cell]:
     """Every cell of ``cfg``'s grid, each after the cells it needs."""
     variants = cfg.all_variants()
-    modes = [m for m in DATA_MODES if any(TRAINING_DATA.get(v) == m for v in variants)]
+    rows = {v: variant(v) for v in variants}
+    modes = [m for m in DATA_MODES if any(r.data == m for r in rows.values())]
     cells = [Cell("queries", QUERIES)] + [Cell("data", f"data/{m}", (QUERIES,)) for m in modes]
     source = {m: f"data/{m}" for m in modes}
     tat_source = source.get("persona_cot")
@@ -57,27 +56,20 @@ def plan(cfg: ReproduceConfig) -> list[Cell]:
     evals, replies = [], []
     for seed in cfg.seeds:
         # PersonaFuse trains first: the variants that share its warm-up experts copy them
-        for v in sorted((v for v in variants if v in TRAINING_DATA), key=lambda v: v != "personafuse"):
-            data = tat_source if v == TAT_VARIANT else source[TRAINING_DATA[v]]
-            warm = (f"train/personafuse/seed{seed}",) if shares_warmup(v) and "personafuse" in variants else ()
+        for v in sorted((v for v in variants if rows[v].trained), key=lambda v: v != PERSONAFUSE):
+            data = tat_source if rows[v].relabelled else source[rows[v].data]  # type: ignore[index]
+            warm = (f"train/{PERSONAFUSE}/seed{seed}",) if rows[v].shares_warmup and PERSONAFUSE in variants else ()
             # every data cell: a variant trains on the queries all modes accepted (reproduce/fairness.py)
             others = tuple(f"data/{m}" for m in modes if f"data/{m}" != data)
             cells.append(Cell("train", f"train/{v}/seed{seed}", (data, *warm, *others)))  # type: ignore[arg-type]
         for v in variants:
-            needs = (f"train/{v}/seed{seed}",) if v in TRAINING_DATA else ()
+            needs = (f"train/{v}/seed{seed}",) if rows[v].trained else ()
             evals.append(Cell("eval", f"eval/{v}/seed{seed}", needs))
             if seed == cfg.seeds[0]:  # one set of replies per variant for the pairwise study
                 replies.append(Cell("replies", f"replies/{v}/seed{seed}", (QUERIES, *needs)))
     cells += evals + replies
     cells.append(Cell("report", "report", tuple(c.name for c in evals + replies)))
     return cells
-
-
-def shares_warmup(variant: str) -> bool:
-    """Random Route k and the TAT-labelled PersonaFuse start from PersonaFuse's warm-up experts: the
-    warm-up reads neither the router nor the routing (the same records, seed and steps give the
-    same experts), so it is trained once per seed instead of five times."""
-    return variant == TAT_VARIANT or variant.startswith("random_route_")
 
 
 def estimate(cfg: ReproduceConfig) -> dict[str, Any]:
@@ -90,8 +82,11 @@ def estimate(cfg: ReproduceConfig) -> dict[str, Any]:
     if cfg.eval.limit is None:
         return {"teacher_requests": teacher, "generations": "all items", "judge_requests": "all items", "eval_runs": runs,
                 "reply_generations": replies}
-    gen = sum(ASKS_PER_ITEM.get(b, 1) * cfg.eval.limit for b in cfg.eval.benchmarks) * runs
-    judge = sum(JUDGE_CALLS_PER_ITEM.get(b, 0) * cfg.eval.limit for b in cfg.eval.benchmarks) * runs
+    from personafuse.evaluation.benchmarks import BENCHMARKS, canonical_name
+
+    benches = [BENCHMARKS[canonical_name(b)] for b in cfg.eval.benchmarks]
+    gen = sum(b.generations_per_item * cfg.eval.limit for b in benches) * runs
+    judge = sum(b.judge_calls_per_item * cfg.eval.limit for b in benches) * runs
     return {"teacher_requests": teacher, "generations": gen, "judge_requests": judge, "eval_runs": runs,
             "reply_generations": replies}
 

@@ -16,15 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from personafuse.evaluation.report import TITLES as BENCH_TITLES
+from personafuse.evaluation.report import benchmark_title
 from personafuse.evaluation.runner import load_results
-from personafuse.reproduce.config import TAT_VARIANT, TITLES, TRAINING_DATA, ReproduceConfig
+from personafuse.reproduce.config import ReproduceConfig
 from personafuse.reproduce.plan import QUERIES, Cell
 from personafuse.reproduce.stats import RESAMPLES, paired_intervals, relative
 from personafuse.reproduce.stats import SEED as BOOT_SEED
-
-BASELINE = "direct_ft"  # the paper reports improvements relative to Direct-finetuned
-
+from personafuse.reproduce.variants import BASELINE, PERSONAFUSE, VARIANT_TABLE, variant, variant_title
 
 PCOT_FT_TARGET = ("Persona-CoT-FT is plain SFT on (query, response) pairs of the Persona-CoT records: the target is the "
                   "teacher's step-3 answer only (the text under its response heading, as `personafuse data generate` keeps it "
@@ -77,7 +75,7 @@ def _variant_block(v: str, cfg: ReproduceConfig, out: Path, benches: list[str]) 
     scores = {b: statistics.fmean(xs.values()) for b, xs in per_seed.items() if b not in failed}  # type: ignore[arg-type]
     several = len(cfg.seeds) > 1
     return {
-        "title": TITLES[v],
+        "title": variant_title(v),
         "benchmarks": scores,
         "n": n,
         "parse_rate": {b: statistics.fmean(xs) for b, xs in parse.items() if xs},
@@ -96,9 +94,12 @@ def _variant_block(v: str, cfg: ReproduceConfig, out: Path, benches: list[str]) 
 def _eval_options(run: Path, bench: str) -> dict[str, Any]:
     """The options a run used for ``bench`` (as the runner builds them), for the bootstrap's
     re-aggregation; Arena-Hard's own inner bootstrap is skipped (it sets the interval, not the score)."""
+    from personafuse.evaluation.benchmarks import BENCHMARKS
+
     cfg = load_results(run).get("config", {})
     opts = {"seed": cfg.get("seed", 0), **(cfg.get("options") or {}).get(bench, {})}
-    return {**opts, "bootstrap": 0} if bench == "arenahard" else opts
+    cls = BENCHMARKS.get(bench)
+    return {**opts, **cls.resample_options} if cls and cls.resample_options else opts
 
 
 def summarise(cfg: ReproduceConfig, out: Path, *, resamples: int = RESAMPLES) -> dict[str, Any]:
@@ -138,7 +139,7 @@ def training_summary(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """How many query ids the trained variants learned from, and whether every one had the same."""
     from personafuse.reproduce.fairness import training_ids
 
-    found = training_ids(out, [f"train/{v}/seed{s}" for v in cfg.all_variants() if v in TRAINING_DATA for s in cfg.seeds])
+    found = training_ids(out, [f"train/{v}/seed{s}" for v in cfg.all_variants() if variant(v).trained for s in cfg.seeds])
     sets = {tuple(ids) for ids in found.values()}
     return {"query_ids": len(next(iter(sets))) if len(sets) == 1 else None, "same_ids": len(sets) <= 1, "cells": len(found)}
 
@@ -185,7 +186,7 @@ def tables(summary: dict[str, Any]) -> str:
     interval and average, as the paper's Tables 5 and 7. A failed cell reads "failed" in both."""
     benches = summary["benchmarks"]
     several = len(summary["seeds"]) > 1
-    head = "| Model | " + " | ".join(BENCH_TITLES.get(b, b) for b in benches) + " |"
+    head = "| Model | " + " | ".join(benchmark_title(b) for b in benches) + " |"
     what = f"mean over seeds {summary['seeds']} ± standard error of that mean" if several else "± the benchmark's standard error"
     lines = [f"**Absolute scores** ({what})", "", head, "|---" * (len(benches) + 1) + "|"]
     for v in summary["variants"].values():
@@ -198,11 +199,11 @@ def tables(summary: dict[str, Any]) -> str:
             cells.append(_fmt(x) + (f" ± {_fmt(err)}" if x is not None and err is not None else ""))
         lines.append(f"| {v['title']} | " + " | ".join(cells) + " |")
     if any(v["failed"] for v in summary["variants"].values()):
-        lines += ["", "failed: the benchmark's own rule marks the run failed in some seed (EQ-Bench: under 83.33 % of "
-                  "replies parsed) or it has no score; such a cell is left out of the relative improvements and averages."]
+        lines += ["", f"failed: the benchmark's own rule marks the run failed in some seed ({_fail_rules()}) or it has no score; "
+                  "such a cell is left out of the relative improvements and averages."]
     if summary["baseline"]:
-        covers = ", ".join(BENCH_TITLES.get(b, b) for b in summary["average_covers"]) or "none"
-        lines += ["", f"**Relative improvement over {TITLES[summary['baseline']]}** (%, 95 % paired-bootstrap interval over items "
+        covers = ", ".join(benchmark_title(b) for b in summary["average_covers"]) or "none"
+        lines += ["", f"**Relative improvement over {variant_title(summary['baseline'])}** (%, 95 % paired-bootstrap interval over items "
                   f"in brackets; Avg. over {covers})", "", head + " Avg. |", "|---" * (len(benches) + 2) + "|"]
         base_failed = set(summary["variants"][summary["baseline"]]["failed"])
         for name, rel in summary["relative_improvement"].items():
@@ -213,13 +214,20 @@ def tables(summary: dict[str, Any]) -> str:
                     continue
                 ci = summary["relative_improvement_ci"].get(name, {}).get(b)
                 cells.append(_fmt(rel.get(b), pct=True) + (f" [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci else ""))
-            lines.append(f"| {TITLES[name]} | " + " | ".join(cells) + f" | {_fmt(summary['average_relative_improvement'][name], pct=True)} |")
+            lines.append(f"| {variant_title(name)} | " + " | ".join(cells) + f" | {_fmt(summary['average_relative_improvement'][name], pct=True)} |")
     t = summary.get("training") or {}
     if t.get("cells"):
         same = "the same" if t["same_ids"] else "NOT the same"
         lines += ["", f"Every trained variant learned from {same} {t['query_ids'] if t['same_ids'] else ''} query ids "
                   f"(the queries every data mode accepted; {t['cells']} training cells)."]
     return "\n".join(lines) + "\n"
+
+
+def _fail_rules() -> str:
+    """Each registered benchmark's own failure rule, as the note under the tables quotes them."""
+    from personafuse.evaluation.benchmarks import BENCHMARKS
+
+    return "; ".join(f"{benchmark_title(b)}: {cls.fail_rule}" for b, cls in BENCHMARKS.items() if cls.fail_rule)
 
 
 def plot_relative(summary: dict[str, Any], report: Path) -> list[Path]:
@@ -247,11 +255,11 @@ def plot_relative(summary: dict[str, Any], report: Path) -> list[Path]:
             err = [[x - ci[0]], [ci[1] - x]] if ci else None
             ax.bar(i, x, color=f"C{i}", yerr=err, capsize=3)
         ax.set_xticks(range(len(names)))
-        ax.set_xticklabels([TITLES[v] for v in names], rotation=30, ha="right", fontsize=8)
+        ax.set_xticklabels([variant_title(v) for v in names], rotation=30, ha="right", fontsize=8)
         ax.axhline(0, color="black", linewidth=0.6)
-        ax.set_title(BENCH_TITLES.get(b, b))
+        ax.set_title(benchmark_title(b))
     axes[0][0].set_ylabel("Relative improvement (%)")
-    fig.suptitle(f"vs {TITLES[summary['baseline']]} (95 % paired-bootstrap intervals)")
+    fig.suptitle(f"vs {variant_title(summary['baseline'])} (95 % paired-bootstrap intervals)")
     fig.tight_layout()
     path = report / "relative_improvement.png"
     fig.savefig(path, dpi=110)
@@ -274,12 +282,17 @@ def cell_times(out: Path, cells: Sequence[Cell]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def _routed() -> list[str]:
+    """The variants with a learned router, in the table's order."""
+    return [v.name for v in VARIANT_TABLE.values() if v.routed]
+
+
 def routed_models(cfg: ReproduceConfig, out: Path) -> dict[str, Any]:
     """Each routed variant's first-seed router, loaded once on eval.device for both router sections."""
     from personafuse.evaluation.routing_analysis import load_router
 
     found = {}
-    for v in ("personafuse", TAT_VARIANT):
+    for v in _routed():
         model = out / "train" / v / f"seed{cfg.seeds[0]}" / "joint" / "model"
         if v in cfg.all_variants() and model.is_dir():
             found[v] = load_router(f"pf:{model}", device=cfg.eval.device, dtype=cfg.eval.dtype)
@@ -291,7 +304,7 @@ def router_analysis(cfg: ReproduceConfig, out: Path, report: Path, routers: dict
     from personafuse.evaluation.routing_analysis import analyse
 
     parts = []
-    for v in ("personafuse", TAT_VARIANT):
+    for v in _routed():
         if v not in cfg.all_variants():
             continue
         seed = cfg.seeds[0]
@@ -300,7 +313,7 @@ def router_analysis(cfg: ReproduceConfig, out: Path, report: Path, routers: dict
                       model=f"pf:{model}", router=routers.get(v), out=str(report / "routing" / v),
                       device=cfg.eval.device, dtype=cfg.eval.dtype)  # fmt: skip
         radars = ", ".join(f"[{p.name}](routing/{v}/{p.name})" for p in rep.files if p.suffix == ".png")
-        parts.append(f"### {TITLES[v]} (seed {seed})\n\n{rep.markdown}\nRadar charts: {radars}\n")
+        parts.append(f"### {variant_title(v)} (seed {seed})\n\n{rep.markdown}\nRadar charts: {radars}\n")
     return "\n".join(parts)
 
 
@@ -314,18 +327,18 @@ def routing_agreement_section(routers: dict[str, Any]) -> tuple[str, dict[str, A
         r = routing_agreement(router)
         found[v] = r
         lo, hi = r["hit_rate_ci"]
-        rows.append(f"| {TITLES[v]} | {r['hit_rate']:.2f} | [{lo:.2f}, {hi:.2f}] | {r['contrast']:.2f} | {r['n']} |")
+        rows.append(f"| {variant_title(v)} | {r['hit_rate']:.2f} | [{lo:.2f}, {hi:.2f}] | {r['contrast']:.2f} | {r['n']} |")
     return ("\n".join(rows) + "\n" if found else "No routed variant in this grid.\n"), found
 
 
 def probing(cfg: ReproduceConfig, out: Path, report: Path) -> str:
     """The paper's Table 6 on the configured dataset: the router's encoder before and after training."""
-    if not cfg.probe.dataset or "personafuse" not in cfg.all_variants():
+    if not cfg.probe.dataset or PERSONAFUSE not in cfg.all_variants():
         return "Not run: set `probe.dataset` (and `probe.data` for a local copy) to probe the encoders.\n"
     from personafuse.devices import resolve_device
     from personafuse.evaluation.probing import run_probe
 
-    model = out / "train" / "personafuse" / f"seed{cfg.seeds[0]}" / "joint" / "model"
+    model = out / "train" / PERSONAFUSE / f"seed{cfg.seeds[0]}" / "joint" / "model"
     enc = json.loads((model / "personafuse_config.json").read_text())["encoder_model"]
     before = enc if enc in ("smollm2", "minilm", "default") else f"hf:{enc}"
     pr = cfg.probe
@@ -345,7 +358,7 @@ def pairs(cfg: ReproduceConfig, out: Path, report: Path) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     for v in cfg.all_variants():
         shutil.copyfile(out / "replies" / v / f"seed{cfg.seeds[0]}" / "replies.jsonl", folder / f"{v}.jsonl")
-    ref = " --reference personafuse" if "personafuse" in cfg.all_variants() else ""
+    ref = f" --reference {PERSONAFUSE}" if PERSONAFUSE in cfg.all_variants() else ""
     return (f"One file per variant in `report/pairs/` (its replies to the held-out situation queries). Serve the study with\n"
             f"`personafuse annotate serve report/pairs/*.jsonl{ref}`.\n")
 
@@ -361,7 +374,7 @@ def write_report(cfg: ReproduceConfig, out: Path, cells: Sequence[Cell]) -> Path
 
         names = list(summary["variants"])
         metrics = {v: {(b, "score"): x for b, x in summary["variants"][v]["benchmarks"].items()} for v in names}
-        figures = plot_scores(names, metrics, TITLES, None, report)
+        figures = plot_scores(names, metrics, {v: variant_title(v) for v in names}, None, report)
     failed = "; ".join(f"{v['title']}: {', '.join(v['failed'])}" for v in summary["variants"].values() if v["failed"])
     (report / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     routers = routed_models(cfg, out)

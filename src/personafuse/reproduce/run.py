@@ -25,9 +25,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from personafuse.reproduce.config import BASELINE_KIND, TRAINING_DATA, ReproduceConfig
+from personafuse.reproduce.commands import command, model_spec, train_config, write_train_config
+from personafuse.reproduce.config import ReproduceConfig
 from personafuse.reproduce.parallel import SIDE_BY_SIDE, run_side_by_side, slot_env, slots
-from personafuse.reproduce.plan import QUERIES, Cell, estimate, plan, shares_warmup
+from personafuse.reproduce.plan import Cell, estimate, plan
+from personafuse.reproduce.variants import variant
 
 LOG = "reproduce.log"
 CONFIG = "reproduce.json"
@@ -143,140 +145,6 @@ def mixed_sources(cfg: ReproduceConfig) -> list[Any]:
             lists[i] = load_source(specs[i], shuffle=True, seed=cfg.data.seed, limit=asked[i])
 
 
-# ---------------------------------------------------------------------------------- commands
-def model_spec(cfg: ReproduceConfig, variant: str, seed: int) -> str:
-    """The ``--model`` spec that evaluates ``variant`` (paths relative to OUT)."""
-    if variant not in TRAINING_DATA:  # base, pcot_prompting
-        return "base" if cfg.model == "default" else f"hf:{cfg.model}"
-    folder = f"train/{variant}/seed{seed}"
-    if variant in BASELINE_KIND:
-        return f"lora:{folder}/baseline-{BASELINE_KIND[variant]}/adapter"
-    return f"pf:{folder}/joint/model"
-
-
-def routing_of(variant: str) -> str | None:
-    return f"random:{variant.rsplit('_', 1)[1]}" if variant.startswith("random_route_") else None
-
-
-def command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
-    """The command line a cell runs (``personafuse ...`` or ``python -m ...``), paths relative to OUT."""
-    if cell.kind == "queries":
-        return ["split", *cfg.data.sources, f"limit={cfg.data.limit}", f"heldout={cfg.data.heldout}", f"seed={cfg.data.seed}"]
-    if cell.kind == "data":
-        return _data_command(cfg, cell.name.split("/")[1])
-    if cell.kind == "relabel":
-        return ["personafuse", "data", "relabel", cell.needs[0], "--out", cell.name, "--labeller", "tat"]
-    if cell.kind == "train":
-        cmd = ["personafuse", "train"]
-        if cell.variant in BASELINE_KIND:
-            cmd += ["baseline", "--kind", BASELINE_KIND[cell.variant]]
-        cmd += ["--config", f"{cell.name}/reproduce_train.json", "--resume"]
-        if (k := routing_of(cell.variant)) is not None:
-            cmd += ["--random-route", k.split(":")[1]]
-        return [*shlex.split(cfg.train_launcher), "-m", "personafuse.cli", *cmd[1:]] if cfg.train_launcher else cmd
-    if cell.kind == "eval":
-        return _eval_command(cfg, cell)
-    if cell.kind == "replies":
-        cmd = ["python", "-m", "personafuse.reproduce.replies", "--model", model_spec(cfg, cell.variant, cell.seed),
-               "--queries", f"{QUERIES}/heldout.jsonl", "--out", f"{cell.name}/replies.jsonl", "--system", cell.variant,
-               "--seed", str(cell.seed), "--batch-size", str(cfg.eval.batch_size), "--max-new-tokens", str(cfg.eval.reply_tokens)]
-        return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg) + _placement(cfg)
-    return ["report", json.dumps(dataclasses.asdict(cfg), sort_keys=True)]
-
-
-def _data_command(cfg: ReproduceConfig, mode: str) -> list[str]:
-    t = cfg.teacher
-    cmd = ["personafuse", "data", "generate", "--out", f"data/{mode}", "--teacher", t.spec, "--source",
-           f"file:{QUERIES}/train.jsonl", "--mode", mode, "--seed", str(cfg.data.seed), "--no-progress"]
-    if t.base_url:
-        cmd += ["--base-url", t.base_url]
-    if t.max_new_tokens:
-        cmd += ["--max-new-tokens", str(t.max_new_tokens)]
-    if mode == "persona_cot" and t.constrained is not None:
-        cmd.append("--constrained" if t.constrained else "--free")
-    if t.spec == "default" or t.spec.startswith("hf:"):  # a local teacher loads its model in the cell
-        cmd += _placement(cfg)
-    return cmd
-
-
-def _eval_command(cfg: ReproduceConfig, cell: Cell) -> list[str]:
-    e = cfg.eval
-    cmd = ["personafuse", "eval", "--model", model_spec(cfg, cell.variant, cell.seed), "--benchmarks", ",".join(e.benchmarks),
-           "--out", cell.name, "--seed", str(cell.seed), "--item-seed", str(e.item_seed), "--batch-size", str(e.batch_size), "--no-progress"]
-    for flag, value in (("--limit", e.limit), ("--data", e.data), ("--judge", e.judge), ("--judge-base-url", e.judge_base_url)):
-        if value is not None:
-            cmd += [flag, str(value)]
-    for bench, opts in sorted(e.options.items()):
-        for key, value in sorted(opts.items()):
-            cmd += ["-o", f"{bench}.{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-    return cmd + _variant_flags(cfg, cell.variant) + _threads(cfg) + _placement(cfg)
-
-
-def _variant_flags(cfg: ReproduceConfig, variant: str) -> list[str]:
-    """How a variant is run at inference: Random Route k routes k random experts (seeded by the
-    command's --seed), Persona-CoT prompting reasons before it answers."""
-    if (r := routing_of(variant)) is not None:
-        return ["--routing", r]
-    if variant == "pcot_prompting":
-        return ["--persona-cot-prompting", "--reasoning-tokens", str(cfg.eval.reasoning_tokens)]
-    return []
-
-
-def _placement(cfg: ReproduceConfig) -> list[str]:
-    """``--device`` / ``--dtype`` of every cell that loads a model (eval, replies, data with a local
-    teacher), from ``eval.device`` / ``eval.dtype``; left out at ``auto``, the commands' default, so
-    a run made before these fields existed keeps its done cells."""
-    out: list[str] = []
-    for flag, value in (("--device", cfg.eval.device), ("--dtype", cfg.eval.dtype)):
-        if value != "auto":
-            out += [flag, value]
-    return out
-
-
-def _threads(cfg: ReproduceConfig) -> list[str]:
-    return ["--threads", str(cfg.eval.threads)] if cfg.eval.threads else []
-
-
-def train_config(cfg: ReproduceConfig, cell: Cell) -> Any:
-    """A train cell's ``TrainConfig``: ``train`` (or the paper's defaults) with the cell's data (its
-    ``records.jsonl``: the queries every data mode accepted, see reproduce/fairness.py), folder, seed
-    and base model. ``model.seed`` (the experts' and router's initialisation) follows the cell's
-    seed like the SFT baselines' does, so seeds differ for PersonaFuse and Random Route too."""
-    from personafuse.reproduce.fairness import RECORDS_FILE
-
-    tc = cfg.training()  # the file with --set train.FIELD=VALUE applied
-    model = tc.model if cfg.model == "default" else dataclasses.replace(tc.model, base_model=cfg.model)
-    model = dataclasses.replace(model, seed=cell.seed)
-    return dataclasses.replace(tc, data=f"{cell.name}/{RECORDS_FILE}", out=cell.name, seed=cell.seed, model=model)
-
-
-def write_train_config(cfg: ReproduceConfig, cell: Cell, out: Path) -> None:
-    """Written before the command, so ``--resume`` after a crash finds the same config: the
-    training records (the source's records of the queries every data mode accepted) and, for the
-    variants that share PersonaFuse's warm-up, its experts when the warm-up would be the same
-    (the TAT variant's labels differ from the teacher's: it then warms up its own experts)."""
-    from personafuse.reproduce.fairness import IDS_FILE, common_ids, same_labels, write_training_records
-
-    folder = out / cell.name
-    folder.mkdir(parents=True, exist_ok=True)
-    source = cell.needs[0]
-    ids = common_ids(out, [n for n in cell.needs if n.startswith("data/")])
-    write_training_records(out, source, ids, folder)
-    train_config(cfg, cell).save(folder / "reproduce_train.json")
-    warm = next((n for n in cell.needs if n.startswith("train/")), None)
-    shared = warm is not None and shares_warmup(cell.variant)
-    if shared:
-        pf_source = json.loads((out / str(warm) / IDS_FILE).read_text(encoding="utf-8"))["source"]
-        shared = pf_source == source or same_labels(out, source, pf_source, ids)
-    if shared:  # PersonaFuse's warm-up experts
-        src, dst = out / str(warm) / "warmup" / "model", folder / "warmup" / "model"
-        if not dst.is_dir():
-            tmp = dst.with_name("model.copying")
-            shutil.rmtree(tmp, ignore_errors=True)
-            shutil.copytree(src, tmp)
-            os.replace(tmp, dst)
-
-
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """Linux: the child gets SIGTERM when the grid's process dies, so a killed run leaves no cell
     running behind it (the next run would race it). SIGTERM rather than SIGKILL: a launcher
@@ -373,7 +241,7 @@ class Grid:
         elif cell.kind == "train":
             tc = self._commands[cell.name]["train_config"]["model"]
             out["sources"] = [fp.source_identity(_as_spec(tc.get("base_model"))), fp.source_identity(_as_spec(tc.get("encoder_model")))]
-        elif cell.kind in ("eval", "replies") and cell.variant not in TRAINING_DATA:
+        elif cell.kind in ("eval", "replies") and not variant(cell.variant).trained:
             out["sources"] = [fp.source_identity(model_spec(self.cfg, cell.variant, cell.seed))]
         if cell.kind == "eval":
             out["benchdata"] = fp.benchdata_identity(self.cfg.eval.data, self.cfg.eval.benchmarks)

@@ -13,6 +13,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from personafuse.chat import RawPrompt
@@ -105,13 +106,33 @@ class Benchmark:
     ``aggregate`` for a non-mean score."""
 
     name: str = ""
-    title: str = ""
+    title: str = ""  # how tables, figures and summaries name it
+    aliases: tuple[str, ...] = ()  # other spellings --benchmarks accepts (lower case)
     max_new_tokens: int = 256
-    # How many generations one item needs (ToMBench: five shuffles).
     needs_judge: bool = False
     needs_embedder: bool = False
-    # EQ-Bench's retry rule: regenerate an unparseable answer with a rising temperature.
+    # EQ-Bench's retry rule: regenerate an unparseable answer with a rising temperature, attempt k
+    # (k >= 2) sampling at retry_temperature[0] + retry_temperature[1] * (k - 1).
     max_attempts: int = 1
+    retry_temperature: tuple[float, float] = (0.01, 0.15)
+    # What the report, the grid's plan and the CLI read (evaluation/report.py, reproduce/plan.py):
+    # the reported fields of the result block, headline first (the report's columns) ...
+    subscores: tuple[str, ...] = ("score",)
+    # ... the other variants of the score on the same replies (``personafuse eval``'s summary) ...
+    score_variants: tuple[str, ...] = ()
+    # ... the figure it is drawn in (paper Figures 5-7) and its place in tables and figures ...
+    group: str = "Other benchmarks"
+    order: int = 1000
+    # ... the requests one item costs: generations (ToMBench: five shuffles) and judge calls ...
+    generations_per_item: int = 1
+    judge_calls_per_item: int = 0
+    # ... the options the grid's paired bootstrap adds when it re-aggregates item records ...
+    resample_options: Mapping[str, Any] = MappingProxyType({})
+    # ... whether the grid evaluates it when eval.benchmarks is not set ...
+    grid_default: bool = False
+    # ... and its own rule that marks a whole run failed (``failed: true`` in its block), as the
+    # report explains it; "" when it has none.
+    fail_rule: str = ""
     # Multiply mean item scores by this for the headline (e.g. SafetyBench reports percent).
     score_scale: float = 1.0
     # Folder name inside a benchdata-like directory.
@@ -207,6 +228,11 @@ class Benchmark:
 
     def needs_retry(self, record: Mapping[str, Any]) -> bool:
         return False
+
+    def retry_temperature_of(self, attempt: int) -> float:
+        """The sampling temperature of retry ``attempt`` (2, 3, ...)."""
+        start, step = self.retry_temperature
+        return start + step * (attempt - 1)
 
     def partial(self, record: Mapping[str, Any]) -> bool:
         """A failed attempt that still holds a partial result, kept if no later attempt succeeds

@@ -99,6 +99,11 @@ def _label_letter(row: Mapping[str, Any], choices_key: str, label_key: str, path
 class EmoBench(Benchmark):
     name = "emobench"
     title = "EmoBench"
+    subscores = ("score", "EA", "EU")
+    score_variants = ("score_freetext",)
+    group = "Social-emotional intelligence"
+    order = 10
+    grid_default = True
     folder = "emobench"
     max_new_tokens = 50  # model.py:gen_response, max_new_tokens=2048 if use_cot else 50
     reference = Reference(

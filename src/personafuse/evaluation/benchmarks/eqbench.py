@@ -154,6 +154,13 @@ def _pass_score(records: Sequence[Mapping[str, Any]], key: str) -> tuple[float, 
 class EQBench(Benchmark):
     name = "eqbench"
     title = "EQ-Bench"
+    aliases = ("eq-bench", "eq_bench")
+    subscores = ("score", "percent_parseable")
+    score_variants = ("score_lm_eval",)
+    group = "Social-emotional intelligence"
+    order = 20
+    grid_default = True
+    fail_rule = "under 83.33 % of replies parsed"  # MIN_PARSEABLE
     folder = "eq-bench"
     max_attempts = 3  # eq-bench.py: run_benchmarks(..., n_question_attempts=3)
     max_new_tokens = 60  # lib/eq_bench_utils.py COMPLETION_TOKENS (with or without revision)

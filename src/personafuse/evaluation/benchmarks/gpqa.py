@@ -107,6 +107,9 @@ class GPQA(Benchmark):
     chat_template = False
     name = "gpqa"
     title = "GPQA"
+    score_variants = ("score_strict",)
+    group = "General intelligence and safety"
+    order = 40
     folder = "gpqa"
     gated = HUB_ID  # the authors ask users to accept terms (no plain-text copies online)
     max_new_tokens = 256  # lm-eval's generate_until default max_gen_toks (the yaml sets none)

@@ -227,6 +227,9 @@ class GSM8K(Benchmark):
     chat_template = False
     name = "gsm8k"
     title = "GSM8K"
+    score_variants = ("score_flexible", "score_official")
+    group = "General intelligence and safety"
+    order = 60
     folder = "gsm8k"
     max_new_tokens = 256  # lm-eval's generate_until default max_gen_toks (the yaml sets none)
     reference = Reference(

@@ -64,6 +64,7 @@ import hashlib
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from personafuse.evaluation.benchmarks.base import (
@@ -154,6 +155,12 @@ class MentalChat(Benchmark):
     chat_template = False
     name = "mentalchat"
     title = "MentalChat16K"
+    aliases = ("mentalchat16k",)
+    subscores = ("score", "active_listening", "empathy", "safety", "open_mindedness", "clarity", "boundaries", "holistic")
+    score_variants = ("overall_labelled", "n_unparseable_verdicts")
+    group = "Applications"
+    order = 90
+    judge_calls_per_item = 1
     folder = "mentalchat16k"
     max_new_tokens = 512  # examples/qlora_models_generate.py: max_new_tokens = 512
     needs_judge = True
@@ -258,7 +265,13 @@ class MentalChat(Benchmark):
 
 class ArenaHard(Benchmark):
     name = "arenahard"
-    title = "Arena-Hard-Auto v0.1"
+    title = "Arena-Hard"  # release v0.1 (reference below)
+    aliases = ("arena-hard",)
+    score_variants = ("ci_low", "ci_high", "n_unparseable_verdicts")
+    group = "General intelligence and safety"
+    order = 50
+    judge_calls_per_item = 2  # both orders of the pair
+    resample_options = MappingProxyType({"bootstrap": 0})  # its inner bootstrap sets the interval, not the score
     folder = "arena-hard-v0.1"
     max_new_tokens = 4096  # config/gen_answer_config.yaml: max_tokens 4096, temperature 0.0
     needs_judge = True

@@ -161,6 +161,10 @@ class SafetyBench(Benchmark):
     chat_template = False
     name = "safetybench"
     title = "SafetyBench"
+    subscores = ("score", "OFF", "UB", "PH", "MH", "IA", "EM", "PP")
+    score_variants = ("accuracy", "score_freetext")
+    group = "General intelligence and safety"
+    order = 70
     folder = "safetybench"
     max_new_tokens = 64  # evaluate_baichuan.py:gen
     score_scale = 100.0

@@ -104,6 +104,10 @@ class ShopMMLU(Benchmark):
     chat_template = False
     name = "shopmmlu"
     title = "Shop-MMLU"
+    aliases = ("shop-mmlu", "shop")
+    score_variants = ("task_mean",)
+    group = "Applications"
+    order = 80
     folder = "shopmmlu"
     max_new_tokens = 100  # hf_skill_inference.py, non-multiple-choice items
     needs_embedder = True

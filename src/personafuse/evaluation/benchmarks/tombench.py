@@ -169,6 +169,12 @@ def letter_map(shown: Sequence[tuple[str, str]], original: Sequence[tuple[str, s
 class ToMBench(Benchmark):
     name = "tombench"
     title = "ToMBench"
+    subscores = ("score", "task_oriented", "ability_oriented")
+    score_variants = ("accuracy", "score_freetext")
+    group = "Social-emotional intelligence"
+    order = 30
+    grid_default = True
+    generations_per_item = 5  # five shuffles of the options (-o tombench.shuffles=N)
     folder = "tombench"
     # run_huggingface.py generates with max_length=4096 (prompt + reply); we cap the reply alone.
     max_new_tokens = 4096
@@ -181,7 +187,7 @@ class ToMBench(Benchmark):
 
     def __init__(self, options: Mapping[str, Any] | None = None) -> None:
         super().__init__(options)
-        self.n_shuffles = int(self.options.get("shuffles", 5))
+        self.n_shuffles = int(self.options.get("shuffles", self.generations_per_item))
         self.language = str(self.options.get("language", "en"))
         self.cot = str(self.options.get("cot", "false")).lower() in ("1", "true", "yes")
         if self.language not in FIELDS:
