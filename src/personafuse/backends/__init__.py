@@ -23,6 +23,7 @@ from personafuse.backends.base import (
     CAPABILITIES,
     CHAT_ONLY,
     HF,
+    NOTHING,
     OPENAI,
     TEACHER_KINDS,
     VLLM,
@@ -33,6 +34,7 @@ from personafuse.backends.base import (
     GenParams,
     model_backend,
     teacher_backend,
+    teacher_capabilities,
     teacher_kind,
 )
 
@@ -40,6 +42,7 @@ __all__ = [
     "CAPABILITIES",
     "CHAT_ONLY",
     "HF",
+    "NOTHING",
     "OPENAI",
     "TEACHER_KINDS",
     "VLLM",
@@ -50,5 +53,6 @@ __all__ = [
     "GenParams",
     "model_backend",
     "teacher_backend",
+    "teacher_capabilities",
     "teacher_kind",
 ]

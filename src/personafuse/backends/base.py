@@ -37,6 +37,8 @@ VLLM = Capabilities(placement=False, endpoint=False, chat=True, completion=False
 # A chat model known only by its interface (a stand-in teacher or subject).
 CHAT_ONLY = Capabilities(placement=False, endpoint=False, chat=True, completion=False, scoring=False, batching=False,
                          seed=False, repetition_penalty=False)
+NOTHING = Capabilities(placement=False, endpoint=False, chat=False, completion=False, scoring=False, batching=False,
+                       seed=False, repetition_penalty=False)
 CAPABILITIES: dict[str, Capabilities] = {"hf": HF, "openai": OPENAI, "vllm": VLLM}
 
 TEACHER_KINDS = ("default", "hf", "openai", "vllm")  # the --teacher grammar's heads
@@ -74,6 +76,15 @@ def teacher_backend(spec: str) -> BackendSpec:
     if kind in CAPABILITIES and arg:
         return BackendSpec(kind, arg, spec)
     raise BackendError(f"unknown teacher {spec!r}; use default, hf:ID_OR_PATH, openai:MODEL or vllm:ID")
+
+
+def teacher_capabilities(spec: str) -> Capabilities:
+    """What a ``--teacher`` spec's backend can do; an unknown spec can do nothing (the run that
+    builds it names the problem)."""
+    try:
+        return teacher_backend(spec).capabilities
+    except BackendError:
+        return NOTHING
 
 
 def model_backend(spec: Any) -> BackendSpec:

@@ -34,6 +34,15 @@ def default_constrained(teacher: str) -> bool:
     return teacher == "default"
 
 
+def runs_here(teacher: str) -> bool:
+    """Whether ``teacher`` is a transformers model in this process (its backend places weights on
+    --device and batches by --batch-size, and a small model's defaults apply); an endpoint or vLLM
+    is not. An unknown spec is not: make_teacher names the problem."""
+    from personafuse.backends import teacher_capabilities
+
+    return teacher_capabilities(teacher).placement
+
+
 def _fail(msg: str) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
@@ -83,7 +92,7 @@ def generate(
     from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
     from personafuse.devices import cli_placement, placement_line
 
-    local = teacher == "default" or teacher.startswith("hf:")
+    local = runs_here(teacher)
     # only a local teacher loads a model here: an endpoint's --device is not this machine's business
     device, dtype = cli_placement(device if local else "cpu", dtype)
     if mode not in MODES:

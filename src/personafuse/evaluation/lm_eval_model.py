@@ -74,6 +74,7 @@ def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
     """(HF causal LM, tokenizer, PersonaFuse model or None) for a ``--model``-style spec, on
     ``device``, in the grammar every command reads (:mod:`personafuse.specs`: ``default`` is the
     embedded PersonaFuse, ``base`` the plain embedded SmolLM2)."""
+    from personafuse.backends import model_backend
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
     from personafuse.specs import ModelSpec, load_personafuse
 
@@ -81,7 +82,7 @@ def _load(spec: str, dtype: str, device: str) -> tuple[Any, Any, Any]:
     if s.kind == "personafuse":
         pf = load_personafuse(s, device=device, dtype=dtype)
         return pf.base_model, pf.tokenizer, pf
-    if s.kind == "openai":
+    if not model_backend(s).capabilities.placement:  # an endpoint: no weights here to score with
         raise ValueError("model=openai:... is not a local model; use lm-eval's own local-chat-completions model for endpoints")
     subj = load_subject(spec, SubjectOptions(dtype=dtype, device=device))
     return subj.model, subj.tokenizer, None  # type: ignore[attr-defined]

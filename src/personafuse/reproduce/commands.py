@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from personafuse.backends import teacher_capabilities
 from personafuse.reproduce.config import ReproduceConfig
 from personafuse.reproduce.plan import QUERIES, Cell
 from personafuse.reproduce.variants import variant
@@ -53,7 +54,7 @@ def _data_command(cfg: ReproduceConfig, mode: str) -> list[str]:
         cmd += ["--max-new-tokens", str(t.max_new_tokens)]
     if mode == "persona_cot" and t.constrained is not None:
         cmd.append("--constrained" if t.constrained else "--free")
-    if t.spec == "default" or t.spec.startswith("hf:"):  # a local teacher loads its model in the cell
+    if teacher_capabilities(t.spec).placement:  # a local teacher loads its model in the cell
         cmd += _placement(cfg)
     return cmd
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personafuse.backends import TEACHER_KINDS, teacher_kind
 from personafuse.reproduce.variants import VARIANT_TABLE, listed_variants
 
 LABELLERS = ("teacher", "tat", "both")
@@ -123,7 +124,7 @@ class ReproduceConfig:
 
         if not isinstance(self.teacher.spec, str) or not self.teacher.spec.strip():
             raise bad("teacher.spec", "a teacher is required (default, hf:ID, openai:MODEL or vllm:ID)")
-        if self.teacher.spec.split(":", 1)[0] not in ("default", "hf", "openai", "vllm"):
+        if teacher_kind(self.teacher.spec) not in TEACHER_KINDS:
             raise bad("teacher.spec", f"unknown teacher {self.teacher.spec!r}; use default, hf:ID, openai:MODEL or vllm:ID")
         if not self.variants:
             raise bad("variants", "at least one variant")

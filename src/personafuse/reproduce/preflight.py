@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse.backends import BackendError, model_backend, teacher_backend, teacher_capabilities
 from personafuse.reproduce.config import ReproduceConfig
 
 DEADLINE_S = 110.0  # the whole check, so it answers within two minutes
@@ -190,9 +191,13 @@ def _teacher(cfg: ReproduceConfig, rep: _Report) -> None:
     from personafuse.reproduce.plan import plan
 
     t = cfg.teacher
-    kind, _, arg = t.spec.partition(":")
-    if kind != "openai":
-        why = model_problem(arg or "default")
+    try:
+        backend = teacher_backend(t.spec)
+    except BackendError as e:
+        return rep.bad("teacher.spec", str(e))
+    arg = backend.target
+    if not backend.capabilities.endpoint:
+        why = model_problem(arg)
         return rep.bad("teacher.spec", why) if why else rep.ok(f"teacher.spec: {t.spec} reachable")
     url = t.base_url or os.environ.get("OPENAI_BASE_URL")
     if not url and not os.environ.get("OPENAI_API_KEY"):
@@ -219,13 +224,17 @@ def _judge(cfg: ReproduceConfig, rep: _Report) -> None:
         return
     if not e.judge:
         return rep.bad("eval.judge", f"{', '.join(judged)} need a judge: openai:MODEL (key from OPENAI_API_KEY), hf:PATH or default")
-    kind, _, arg = e.judge.partition(":")
-    if kind != "openai":
-        why = model_problem(arg or "default")
+    try:
+        backend = model_backend(e.judge)
+    except ValueError as err:
+        return rep.bad("eval.judge", str(err))
+    arg = backend.target
+    if not backend.capabilities.endpoint:
+        why = model_problem(arg)
         return rep.bad("eval.judge", why) if why else rep.ok(f"eval.judge: {e.judge} reachable")
     url = e.judge_base_url or os.environ.get("OPENAI_BASE_URL")
     source = "eval.judge_base_url" if e.judge_base_url else ("$OPENAI_BASE_URL" if url else "neither eval.judge_base_url nor $OPENAI_BASE_URL set")
-    if cfg.teacher.spec.startswith("openai:"):
+    if teacher_capabilities(cfg.teacher.spec).endpoint:
         teacher_url = cfg.teacher.base_url or os.environ.get("OPENAI_BASE_URL")
         if _same_url(url, teacher_url) and not e.judge_shares_teacher:
             return rep.bad("eval.judge_base_url", f"the judge resolves to the teacher's URL {url or OPENAI_URL} (from {source}); point "

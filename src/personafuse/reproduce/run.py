@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from personafuse.backends import teacher_capabilities
 from personafuse.reproduce.commands import command, model_spec, train_config, write_train_config
 from personafuse.reproduce.config import ReproduceConfig
 from personafuse.reproduce.parallel import SIDE_BY_SIDE, run_side_by_side, slot_env, slots
@@ -306,7 +307,7 @@ class Grid:
         """``cell`` and the cells after it that may run beside it: eval / replies cells whose inputs
         are done (and the data cells, when an endpoint does the teacher's work), when
         ``eval.devices`` gives more than one device; else ``[cell]``."""
-        kinds = (*SIDE_BY_SIDE, "data") if self.cfg.teacher.spec.startswith("openai:") else SIDE_BY_SIDE
+        kinds = (*SIDE_BY_SIDE, "data") if teacher_capabilities(self.cfg.teacher.spec).endpoint else SIDE_BY_SIDE
         if cell.kind not in kinds or self.state(cell) == "done":
             return [cell]
         if self._slots is None:

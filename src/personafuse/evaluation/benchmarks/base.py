@@ -52,9 +52,9 @@ def subject_model(options: Mapping[str, Any]) -> tuple[str | None, bool]:
     model = subj.get("model") if isinstance(subj, Mapping) else None
     if not model:
         return None, False
-    from personafuse.specs import ModelSpec
+    from personafuse.backends import model_backend
 
-    return str(model), ModelSpec.parse(str(model)).kind != "openai"
+    return str(model), model_backend(str(model)).capabilities.placement
 
 
 def router_query(prompt: Any) -> str | None:
