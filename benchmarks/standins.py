@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from personafuse.backends.loopback import ChatServer
 
 # The presets' base models: SmolLM2-1.7B-Instruct and Llama-3.1-8B are both LlamaForCausalLM; what
 # tells them apart is kept (SmolLM2 ties its embeddings, Llama 3.1 scales RoPE its own way).
@@ -104,37 +104,11 @@ def _judge_reply(messages: list[dict[str, str]]) -> str:
     return "My final verdict is tie: [[A=B]]" if "[[A>>B]]" in text or "<|User Prompt|>" in text else "Rating: [[5]]"
 
 
-class JudgeServer:
+class JudgeServer(ChatServer):
     """An OpenAI-compatible judge on loopback: one verdict per request, nothing else."""
 
     def __init__(self) -> None:
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a: Any) -> None:
-                pass
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                text = _judge_reply(body.get("messages") or [])
-                out = json.dumps({"id": "judge", "object": "chat.completion", "created": 0, "model": body.get("model", "judge"),
-                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                                  "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> JudgeServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        super().__init__(lambda messages, body: _judge_reply(messages))
 
 
 def preset_sets(folder: Path, teacher_url: str, judge_url: str, *, launcher: str = "accelerate launch --cpu --num_processes 2",
