@@ -50,7 +50,12 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 
 class EndpointFatal(RuntimeError):
-    """The endpoint cannot serve this run at all (bad key, wrong URL/model, quota used up)."""
+    """The endpoint cannot serve this run at all (bad key, wrong URL/model, quota used up);
+    ``status`` is the HTTP status that said so."""
+
+    def __init__(self, detail: str, status: int | None = None):
+        super().__init__(detail)
+        self.status = status
 
 
 class EndpointFailure(RuntimeError):
@@ -289,7 +294,7 @@ class EndpointClient:
             if status == 429:
                 code, msg = _error_of(raw)
                 if code == "insufficient_quota":
-                    raise EndpointFatal(f"{self.name} at {self.base_url}: HTTP 429 insufficient_quota: {msg}")
+                    raise EndpointFatal(f"{self.name} at {self.base_url}: HTTP 429 insufficient_quota: {msg}", 429)
                 ra = parse_retry_after(headers, self.clock.time())
                 wait = p.rate_limit_delay(n429, ra, self.rng)
                 if waited + wait > p.max_rate_limit_wait:
@@ -338,7 +343,7 @@ class EndpointClient:
             code, msg = _error_of(raw)
             detail = f"HTTP {status}{' ' + code if code else ''}: {msg}"[:300]
             if status in FATAL_STATUS:
-                raise EndpointFatal(f"{self.name} at {self.base_url}: {detail}")
+                raise EndpointFatal(f"{self.name} at {self.base_url}: {detail}", status)
             fail = EndpointFailure(ENDPOINT_STATUS, detail)
             if status in RETRY_STATUS or status >= 500:
                 return fail, parse_retry_after(headers, self.clock.time())

@@ -165,21 +165,27 @@ def _benchmark(cfg: ReproduceConfig, i: int, name: str, rep: _Report) -> None:
 
 # ----------------------------------------------------------------------------------- endpoints
 def _ask(base_url: str | None, model: str, purpose: str) -> None:
-    """One short chat completion; raises what the client raises."""
-    from openai import OpenAI
+    """One short chat completion through the openai backend, the grid's own client, with no retry
+    and one deadline; raises what the backend raises."""
+    from personafuse.backends.openai_compat import OpenAIBackend
+    from personafuse.endpoint import run_sync
 
-    client = OpenAI(base_url=base_url or OPENAI_URL, api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
-                    timeout=REQUEST_TIMEOUT_S, max_retries=0)
-    try:
-        client.chat.completions.create(model=model, max_tokens=8, temperature=0.0, messages=[
-            {"role": "system", "content": f"PersonaFuse preflight check: {purpose}."},
-            {"role": "user", "content": "Reply with the word ready."}])
-    finally:
-        client.close()
+    backend = OpenAIBackend(model, base_url=base_url or OPENAI_URL, api_key=os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                            max_in_flight=1, timeout=REQUEST_TIMEOUT_S, max_retries=0, max_rate_limit_wait=0.0)
+    messages = [{"role": "system", "content": f"PersonaFuse preflight check: {purpose}."},
+                {"role": "user", "content": "Reply with the word ready."}]
+
+    async def ask() -> None:
+        try:
+            await backend.chat(messages, max_tokens=8, temperature=0.0, require_content=False)
+        finally:
+            await backend.aclose()
+
+    run_sync(ask)
 
 
 def _endpoint_error(e: Exception, url: str, model: str) -> str:
-    status = getattr(e, "status_code", None)
+    status = getattr(e, "status", None)  # personafuse.endpoint.EndpointFatal's
     if status in (401, 403):
         return f"{url} refused the key (HTTP {status}); OPENAI_API_KEY is read from the environment"
     if status == 404:
