@@ -15,11 +15,16 @@ CPU (this machine; starts and stops its own servers, a few minutes):
     PYTHONPATH=src .venv/bin/python benchmarks/vllm_mixture.py --model pf:CKPT --requests 8 --max-tokens 32
 
 GPU box with vLLM installed (make vllm-env; the adapters are exported here, the server started
-by this script with the GPU's defaults):
+by this script with the GPU's defaults; run on this CPU with --requests 4 --max-tokens 8
+--repeats 1 --dtype float32, all four systems answered):
 
     PYTHONPATH=src .venv/bin/python benchmarks/vllm_mixture.py --model pf:CKPT --requests 64 \
-        --max-tokens 128 --vllm-args "--max-num-seqs 64 --no-enable-prefix-caching" --stock \
+        --max-tokens 128 --dtype bfloat16 --vllm-args "--max-num-seqs 64 --no-enable-prefix-caching" --stock \
         --json docs/results/vllm_mixture_gpu.json
+
+``--dtype`` goes to both engines: each would otherwise take its own default (vLLM the folder's
+config dtype, float32 for the embedded model's converted folder; ``personafuse serve`` bfloat16 on
+a GPU), and the comparison would be float32 against bfloat16.
 """
 
 from __future__ import annotations
@@ -134,7 +139,8 @@ def export(model: str, out: Path, *args: str) -> str:
 def start_vllm(printed: str, modules: str, args: argparse.Namespace, work: Path, plugins: bool) -> Server:
     port = free_port()
     base = shlex.split(printed)[:-2]  # "vllm serve PATH --enable-lora --max-lora-rank R"
-    cmd = [*base, "--lora-modules", *modules.split(), "--host", "127.0.0.1", "--port", str(port), *shlex.split(args.vllm_args)]
+    cmd = [*base, "--lora-modules", *modules.split(), "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
+           *shlex.split(args.vllm_args)]  # fmt: skip
     env = {**os.environ, "PATH": f"{ROOT / '.venv-vllm' / 'bin'}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), "PYTHONPATH": ""}  # fmt: skip
     if not plugins:
@@ -163,7 +169,7 @@ def run_personafuse(args: argparse.Namespace, work: Path, weights: list[list[flo
 
     port = free_port()
     cmd = [sys.executable, "-m", "personafuse.cli", "serve", "--model", args.model, "--port", str(port),
-           "--max-batch", str(args.requests), "--max-tokens-limit", str(args.max_tokens)]  # fmt: skip
+           "--max-batch", str(args.requests), "--max-tokens-limit", str(args.max_tokens), "--dtype", args.dtype]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT / "src")}
     bodies = [{"messages": [{"role": "user", "content": PROMPT}], "max_tokens": args.max_tokens, "temperature": 0,
                "persona": {"weights": dict(zip(TRAIT_POLES, w, strict=True))}} for w in weights]  # fmt: skip
@@ -181,7 +187,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     # No prefix caching: every static-LoRA request shares the prompt and its cached blocks, every
     # mixture has its own cache key (by design), which would compare one prefill against eight.
-    ap.add_argument("--vllm-args", default="--dtype float32 --max-model-len 1024 --max-num-seqs 16 --no-enable-prefix-caching")
+    ap.add_argument("--dtype", default="float32", help="for vLLM and personafuse serve alike (bfloat16 on a GPU)")
+    ap.add_argument("--vllm-args", default="--max-model-len 1024 --max-num-seqs 16 --no-enable-prefix-caching")
     ap.add_argument("--stock", action="store_true", help="also time a vLLM without the plugin (a second start)")
     ap.add_argument("--skip-personafuse", action="store_true")
     ap.add_argument("--json", type=Path, help="write the figures here")
@@ -206,7 +213,8 @@ def main() -> None:
         print(f"  plugin / personafuse serve: {res['plugin_mixtures'] / res['personafuse_serve']:.2f}x")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"requests": args.requests, "max_tokens": args.max_tokens, **res}, indent=2) + "\n")
+        meta = {"requests": args.requests, "max_tokens": args.max_tokens, "repeats": args.repeats, "dtype": args.dtype}
+        args.json.write_text(json.dumps({**meta, **res}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
