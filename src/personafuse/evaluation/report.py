@@ -1,6 +1,7 @@
 """Comparison reports: absolute score and relative change vs a baseline run, per benchmark and
 sub-score (paper Tables 13–16), as Markdown and CSV, plus bar charts of relative improvement like
-paper Figures 5–7."""
+paper Figures 5–7. What is reported for each benchmark (title, sub-scores, figure group and order)
+is stated by its class in evaluation/benchmarks/; nothing here names a benchmark."""
 
 from __future__ import annotations
 
