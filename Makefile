@@ -33,8 +33,15 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/personafuse demo
 
-test: install browser vllm-env
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+# The suite runs on TEST_WORKERS processes (pytest-xdist; tests/conftest.py gives each one torch
+# thread), and .venv-vllm builds in the background meanwhile: only tests/test_vllm_*.py need it,
+# and they wait for the build (its lock) when they get there. Its log: test-artifacts/vllm-env.log.
+TEST_WORKERS ?= 2
+test: install browser
+	@mkdir -p test-artifacts
+	@( $(MAKE) --no-print-directory vllm-env > test-artifacts/vllm-env.log 2>&1 \
+		|| echo "make vllm-env failed (test-artifacts/vllm-env.log); the vLLM tests will retry it" >&2 ) & \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; wait; exit $$rc
 
 # The inner loop: everything but the tests marked slow (over a minute, separate environments) and
 # e2e (the embedded SmolLM2); CI runs `make test`, all of them.

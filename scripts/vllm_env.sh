@@ -13,6 +13,10 @@ PYTHON=${PYTHON:-python3}
 VENV=${VLLM_VENV:-.venv-vllm}
 MAIN_VENV=${MAIN_VENV:-.venv}
 VERSION=${VLLM_VERSION:-0.32.0}
+# One build at a time: `make test` starts this in the background while the suite runs, and the
+# vLLM tests wait on the same lock (tests/test_vllm_e2e.py) instead of starting a second build.
+exec 9>"$VENV.lock"
+flock 9
 TORCH=2.13.0
 if [ -n "${VLLM_DIST:-}" ]; then DIST=$VLLM_DIST
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then DIST=vllm

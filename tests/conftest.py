@@ -10,6 +10,11 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (`make test` runs TEST_WORKERS processes) each worker, and every process a
+# test starts, computes on one thread: N workers x N torch threads on N cores only thrash.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 WORDS = [
     "i",
@@ -297,3 +302,18 @@ def write_jsonl(path, rows) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist, whole files go to the workers in collection order (`--dist loadfile`,
+    so a module's fixtures are built once); the files with slow tests go first, then those that load
+    the embedded model, so the longest ones never start last and leave one worker idle (longest
+    first). Within a file the order stays as written."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    rank: dict[str, int] = {}
+    for item in items:
+        r = 0 if item.get_closest_marker("slow") else 1 if item.get_closest_marker("e2e") else 2
+        rank[item.nodeid.split("::")[0]] = min(r, rank.get(item.nodeid.split("::")[0], 2))
+    first_seen = {f: i for i, f in reversed(list(enumerate(item.nodeid.split("::")[0] for item in items)))}
+    items.sort(key=lambda it: (rank[it.nodeid.split("::")[0]], first_seen[it.nodeid.split("::")[0]]))

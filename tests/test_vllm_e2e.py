@@ -43,6 +43,13 @@ ROUTINGS = {
 
 
 def _ensure_venv() -> None:
+    """`make test` builds the venv in the background while the suite runs: wait for that build
+    (it holds scripts/vllm_env.sh's lock), then build it here only if it is still missing."""
+    import fcntl
+
+    with open(f"{VENV}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_UN)
     if STAMP.is_file():
         return
     proc = subprocess.run(["bash", str(ROOT / "scripts" / "vllm_env.sh")], cwd=ROOT, capture_output=True, text=True, timeout=1500)
