@@ -50,18 +50,28 @@ def tiny_experiment(folder: Path, base_url: str, **grid: object) -> Path:
     return path
 
 
+def _die_with_the_test() -> None:  # pragma: no cover - runs in the child
+    """A test killed by its timeout (pytest-timeout ends the worker) takes its grid with it, and the
+    grid's own PR_SET_PDEATHSIG then ends the grid's cells: no run keeps going after its test."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def reproduce(*args: str, timeout: float = 900, **kw: object) -> subprocess.CompletedProcess[str]:
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.run([sys.executable, "-m", "personafuse.cli", "reproduce", *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, cwd=REPO, **kw)  # type: ignore[call-overload]
+                          env=env, timeout=timeout, cwd=REPO, preexec_fn=_die_with_the_test, **kw)  # type: ignore[call-overload]
 
 
 def popen(*args: str) -> subprocess.Popen[str]:
     env = cli_env()
     env["OMP_NUM_THREADS"] = "1"
     return subprocess.Popen([sys.executable, "-m", "personafuse.cli", "reproduce", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True, text=True)
+                            stderr=subprocess.DEVNULL, env=env, cwd=REPO, start_new_session=True, text=True,
+                            preexec_fn=_die_with_the_test)
 
 
 __all__ = ["os", "popen", "reproduce", "tiny_experiment"]
