@@ -29,7 +29,6 @@ import asyncio
 import json
 import os
 import random
-import re
 import statistics
 import subprocess
 import sys
@@ -129,18 +128,24 @@ async def one_request(
 
 
 def scrape(text: str) -> dict[str, float]:
-    def val(pattern: str) -> float:
-        m = re.search(pattern, text, re.M)
-        return float(m.group(1)) if m else 0.0
+    """Counters read from /metrics with prometheus_client's parser (what the server writes them with)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    # bucket bounds as numbers: "1" (the hand-written text before issue 33) and "1.0" are one bound
+    samples = {(s.name, float(s.labels["le"]) if "le" in s.labels else None): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples}  # fmt: skip
+
+    def val(name: str, le: float | None = None) -> float:
+        return float(samples.get((name, le), 0.0))
 
     out = {
-        "completion_tokens": val(r"^personafuse_completion_tokens_total (\S+)"),
+        "completion_tokens": val("personafuse_completion_tokens_total"),
         # decoding steps and the rows each ran (both schedulers step; "batch" = rows per step)
-        "batches": val(r"^personafuse_step_batch_size_count (\S+)"),
-        "batched_requests": val(r"^personafuse_step_batch_size_sum (\S+)"),
+        "batches": val("personafuse_step_batch_size_count"),
+        "batched_requests": val("personafuse_step_batch_size_sum"),
     }
     for le in ("1", "2", "4", "8", "16", "32", "64"):
-        out[f"batch_le_{le}"] = val(rf'^personafuse_step_batch_size_bucket\{{le="{le}"\}} (\S+)')
+        out[f"batch_le_{le}"] = val("personafuse_step_batch_size_bucket", float(le))
     return out
 
 

@@ -69,3 +69,19 @@ class SlowModel:
         time.sleep(self.prefill_s if prefill else self.step_s)
         out.logits[..., self.eos] = float("-inf")
         return out
+
+
+def metric(text: str, sample: str, **labels: object) -> float:
+    """One sample's value in a ``/metrics`` text (0 when absent), read with prometheus_client's own
+    parser; ``le`` compares as a number ("1" and "1.0" are one bucket bound)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    want = {k: str(v) for k, v in labels.items()}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            got = dict(s.labels)
+            if "le" in want and "le" in got and float(got["le"]) == float(want["le"]):
+                got["le"] = want["le"]
+            if s.name == sample and got == want:
+                return float(s.value)
+    return 0.0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import threading
 
 import httpx
@@ -14,7 +13,7 @@ import torch
 from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
 from personafuse.traits import TRAIT_POLES
-from serve_support import LiveServer
+from serve_support import LiveServer, metric
 
 torch.set_num_threads(1)
 
@@ -189,23 +188,24 @@ def test_concurrent_requests_batch_with_different_mixtures(server):
 
 
 def _batch_hist(text: str, name: str = "batch_size") -> dict[str, float]:
-    count = float(re.search(rf"^personafuse_{name}_count (\S+)", text, re.M).group(1))
-    le1 = float(re.search(rf'^personafuse_{name}_bucket\{{le="1"\}} (\S+)', text, re.M).group(1))
-    return {"count": count, "le1": le1}
+    return {"count": metric(text, f"personafuse_{name}_count"), "le1": metric(text, f"personafuse_{name}_bucket", le=1)}
 
 
 def test_metrics_text(server):
+    """/metrics parses as Prometheus text (prometheus_client's parser) with the server's families."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(server.url + "/metrics").text
-    for name in (
-        'personafuse_requests_total{endpoint="chat_completions",code="200"}',
-        'personafuse_requests_total{endpoint="chat_completions",code="400"}',
-        "personafuse_completion_tokens_total",
-        "personafuse_prompt_tokens_total",
-        "personafuse_request_latency_seconds_bucket",
-        "personafuse_batch_size_bucket",
-        "personafuse_queue_depth 0",
-    ):
-        assert name in text, name
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["personafuse_requests"].type == "counter"
+    assert families["personafuse_request_latency_seconds"].type == "histogram"
+    assert families["personafuse_queue_depth"].type == "gauge"
+    assert not [s.name for f in families.values() for s in f.samples if s.name.endswith("_created")]
+    assert metric(text, "personafuse_requests_total", endpoint="chat_completions", code=200) >= 1
+    assert metric(text, "personafuse_requests_total", endpoint="chat_completions", code=400) >= 1
+    assert metric(text, "personafuse_completion_tokens_total") > 0 and metric(text, "personafuse_prompt_tokens_total") > 0
+    assert metric(text, "personafuse_request_latency_seconds_count") == metric(text, "personafuse_request_latency_seconds_bucket", le="+Inf") > 0
+    assert metric(text, "personafuse_queue_depth") == 0
 
 
 def test_api_key(tiny):
@@ -323,8 +323,8 @@ def test_shutdown_finishes_requests_in_flight(tiny):
             t.start()
         for _ in range(2000):  # bounded: wait until all six have arrived (a connection not yet read is closed on exit)
             h = httpx.get(live.url + "/health").json()
-            answered = re.search(r'code="200"\} (\d+)', httpx.get(live.url + "/metrics").text)
-            if h["running"] + h["queue_depth"] + (int(answered.group(1)) if answered else 0) >= 6:
+            answered = metric(httpx.get(live.url + "/metrics").text, "personafuse_requests_total", endpoint="chat_completions", code=200)
+            if h["running"] + h["queue_depth"] + answered >= 6:
                 break
         live.server.should_exit = True  # what SIGTERM does
         for t in threads:

@@ -23,19 +23,14 @@ import torch
 
 from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
-from serve_support import LiveServer, SlowModel
+from serve_support import LiveServer, SlowModel, metric
 
 torch.set_num_threads(1)
 CHAT = "/v1/chat/completions"
 
 
-def metric(url: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", httpx.get(url + "/metrics").text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def code_count(url: str, code: int) -> float:
-    return metric(url, f'personafuse_requests_total{{endpoint="chat_completions",code="{code}"}}')
+    return metric(httpx.get(url + "/metrics").text, "personafuse_requests_total", endpoint="chat_completions", code=code)
 
 
 def wait_for(cond, what: str, limit_s: float = 30.0) -> None:

@@ -4,7 +4,6 @@ step, failures that must stay inside one request, and the door checks themselves
 from __future__ import annotations
 
 import asyncio
-import re
 import threading
 
 import httpx
@@ -17,7 +16,7 @@ from personafuse.serving import ServeConfig, create_app
 from personafuse.serving import batcher as batcher_module
 from personafuse.serving.batcher import Batcher, Job
 from personafuse.serving.decode import BatchDecode, RowSpec
-from serve_support import LiveServer
+from serve_support import LiveServer, metric
 
 torch.set_num_threads(1)
 PROMPTS = ["i am so anxious", "please help me solve this math problem", "write a poem", "hello"]
@@ -207,11 +206,6 @@ def test_no_bare_500s(server, raw, ctype, status, needle, param):
     assert "Traceback" not in r.text and "Error:" not in err["message"]
 
 
-def metric(text: str, name: str) -> float:
-    m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
 def test_rejections_are_counted_and_unknown_paths_use_the_error_shape(server):
     before = httpx.get(server.url + "/metrics").text
     assert httpx.post(server.url + "/v1/chat/completions", content=b"{}", headers={"content-type": "text/plain"}).status_code == 415
@@ -220,10 +214,9 @@ def test_rejections_are_counted_and_unknown_paths_use_the_error_shape(server):
     r = httpx.get(server.url + "/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
     after = httpx.get(server.url + "/metrics").text
-    key = 'personafuse_requests_total{endpoint="chat_completions",code="415"}'
-    assert metric(after, key) == metric(before, key) + 1
-    key = 'personafuse_requests_total{endpoint="other",code="404"}'
-    assert metric(after, key) == metric(before, key) + 1
+    for endpoint, code in (("chat_completions", 415), ("other", 404)):
+        count = [metric(t, "personafuse_requests_total", endpoint=endpoint, code=code) for t in (before, after)]
+        assert count[1] == count[0] + 1, (endpoint, code)
 
 
 def test_weights_that_overflow_when_summed_are_not_zeroed(server):

@@ -14,7 +14,7 @@ import torch
 from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
 from personafuse.serving.decode import BatchDecode, Prefill, RowSpec, new_row
-from serve_support import LiveServer, SlowModel
+from serve_support import LiveServer, SlowModel, metric
 
 torch.set_num_threads(1)
 CHAT = "/v1/chat/completions"
@@ -171,8 +171,8 @@ def test_joining_a_busy_batch_gives_the_tokens_and_weights_of_a_request_alone(ti
     assert rest[-1] == "data: [DONE]"
     assert busy["choices"][0]["message"]["content"] == quiet["choices"][0]["message"]["content"]
     assert busy["persona"]["weights"] == pytest.approx({**dict.fromkeys(busy["persona"]["weights"], 0.0), "high_A": 0.7, "low_N": 0.3})
-    steps_over_1 = float(metrics.split('personafuse_step_batch_size_bucket{le="1"} ')[1].split()[0])
-    assert float(metrics.split("personafuse_step_batch_size_count ")[1].split()[0]) > steps_over_1  # it did share steps
+    steps_over_1 = metric(metrics, "personafuse_step_batch_size_bucket", le=1)
+    assert metric(metrics, "personafuse_step_batch_size_count") > steps_over_1  # it did share steps
 
 
 def test_base_only_serves_the_base_model_with_the_experts_off(tiny) -> None:
