@@ -148,6 +148,10 @@ def test_resume_after_a_torn_last_line(tmp_path: Path) -> None:
         n0 = len(srv.requests)
         res = _runner(srv, tmp_path, ["gsm8k"]).run()
         assert len(srv.requests) == n0 + 1
+        # the redone record starts a line of its own: a third run reads all three and asks nothing
+        assert [json.loads(x)["id"] for x in p.read_text().splitlines()] == [json.loads(x)["id"] for x in lines]
+        _runner(srv, tmp_path, ["gsm8k"]).run()
+        assert len(srv.requests) == n0 + 1
     assert res["benchmarks"]["gsm8k"]["n_items"] == 3
 
 

@@ -27,6 +27,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from personafuse.fileio import atomic_write, read_jsonl
+
 RECORDS = "records"
 REJECTS = "rejects"
 _SHARD = re.compile(r"^(records|rejects)-(\d{5})\.jsonl$")
@@ -65,31 +67,10 @@ def repair_shard(path: Path) -> int:
 
 
 def iter_lines(path: Path, errors: list[str] | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, record)`` for every complete line of a shard. A torn tail (a write cut by a
-    kill: no final newline and not JSON) is skipped; a final line that is whole JSON but lacks its
-    newline (a file written by hand) is kept. A corrupt line in the middle raises
-    :class:`StoreError` naming file and line, or, when ``errors`` is given, is appended to it and
-    skipped (callers that report every problem at once)."""
-    with open(path, "rb") as f:
-        for n, line in enumerate(f, start=1):
-            torn = not line.endswith(b"\n")
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                if torn:
-                    return
-                msg = f"{path}:{n}: not valid JSON ({e})"
-                if errors is None:
-                    raise StoreError(msg) from None
-                errors.append(msg)
-                continue
-            if not isinstance(rec, dict):
-                msg = f"{path}:{n}: expected a JSON object, got {type(rec).__name__}"
-                if errors is None:
-                    raise StoreError(msg)
-                errors.append(msg)
-                continue
-            yield n, rec
+    """``(line_number, record)`` for every complete line of a shard: the shared tolerant reader
+    (:func:`personafuse.fileio.read_jsonl`: a torn tail skipped, a corrupt line in the middle a
+    :class:`StoreError` naming file and line, or appended to ``errors`` when given)."""
+    return read_jsonl(path, errors, error=StoreError)
 
 
 def line_key(rec: dict[str, Any]) -> str:
@@ -123,12 +104,7 @@ def drop_duplicate_records(paths: list[Path]) -> int:
         if len(kept) == len(lines):
             continue
         removed += len(lines) - len(kept)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(b"".join(kept))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, b"".join(kept), fsync=True)
     return removed
 
 
@@ -219,9 +195,7 @@ class ShardStore:
                     f"{self.out} holds a run with different settings ({lines}); use a new --out folder"
                 )
             return
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)  # atomic: run.json is either absent or complete
+        atomic_write(path, json.dumps(settings, indent=2, sort_keys=True) + "\n")  # run.json: absent or complete
 
     def add_endpoint_counters(self, run: dict[str, Any]) -> dict[str, Any]:
         """Add one run's endpoint counters to ``run.json``'s ``endpoint`` block (totals over every
@@ -244,9 +218,7 @@ class ShardStore:
             "rate_limit_wait_s": round(old.get("rate_limit_wait_s", 0.0) + run.get("rate_limit_wait_s", 0.0), 3),
             "rejects_by_cause": {"endpoint": endpoint, "teacher": len(standing) - endpoint},
         }
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(info, indent=2, sort_keys=True) + "\n")
         return block
 
     # -- writing

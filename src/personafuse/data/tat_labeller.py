@@ -14,7 +14,6 @@ on either).
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from typing import Any
 
 from personafuse.data.schema import make_record
 from personafuse.data.store import iter_lines
+from personafuse.fileio import atomic_write
 from personafuse.traits import TRAIT_POLES, tat_prior
 
 # One description per Table 1 task, written for a sentence encoder: what such a query is about.
@@ -99,8 +99,6 @@ def relabel_records(src: Path, out: Path, labeller: TATLabeller, *, min_similari
             raise ValueError(f"{where}: not a generated record ({e})") from None
         changed += row.get("p") != fields["p"]
     out.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    os.replace(tmp, target)
+    atomic_write(target, "".join(line + "\n" for line in lines))
     tasks = Counter(lab.task for lab in labels if lab.similarity[lab.task] >= min_similarity)
     return {"records": len(lines), "changed": changed, "kept_teacher": kept, "tasks": dict(tasks), "out": str(target)}

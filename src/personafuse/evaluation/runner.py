@@ -23,6 +23,7 @@ from personafuse.chat import Generation
 from personafuse.evaluation.benchmarks import Benchmark, Item, ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.base import prompt_hash
 from personafuse.evaluation.data import subsample
+from personafuse.fileio import atomic_write, end_torn_tail, read_jsonl
 
 RESULTS = "results.json"
 
@@ -68,28 +69,15 @@ class RunMismatch(RuntimeError):
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
-    """Records by id from a run's JSONL; a torn last line (a crash mid-write) is dropped."""
-    out: dict[str, dict[str, Any]] = {}
+    """Records by id from a run's JSONL (:func:`personafuse.fileio.read_jsonl`: a torn last line, a
+    crash mid-write, is dropped; a corrupt one elsewhere names its line)."""
     if not path.is_file():
-        return out
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if n == len(lines):
-                continue
-            raise ValueError(f"{path}:{n}: corrupt record (not JSON); delete the line to redo that item") from None
-        out[str(rec["id"])] = rec
-    return out
+        return {}
+    return {str(rec["id"]): rec for _, rec in read_jsonl(path, hint="; delete the line to redo that item")}
 
 
 def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default))
 
 
 def _unset_dropped(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -204,6 +192,7 @@ class Runner:
         if todo:
             self._ensure_ctx(bench)
             bar = _progress(total=len(items), initial=len(items) - len(todo), desc=bench.name, enabled=self.progress)
+            end_torn_tail(path)  # a killed run's cut line: appending after it would corrupt the next record
             with path.open("a", encoding="utf-8") as f:
                 for s in range(0, len(todo), self.cfg.chunk_size):
                     chunk = todo[s : s + self.cfg.chunk_size]
@@ -261,9 +250,7 @@ class Runner:
             before = {k: done[it.id].get(k) for k in sc}
             changed += before != json.loads(json.dumps(sc, default=_json_default))
             done[it.id].update(sc)
-        tmp = path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in done.values()), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write(path, "".join(json.dumps(r, ensure_ascii=False, default=_json_default) + "\n" for r in done.values()))
         return {"items": len(sel), "items_changed": changed}
 
     def _do_chunk(self, bench: Benchmark, chunk: Sequence[Item]) -> tuple[list[dict[str, Any]], float]:

@@ -10,10 +10,11 @@ order) with the ids in ``training_ids.json``. The report prints the count.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from personafuse.fileio import atomic_write
 
 RECORDS_FILE = "records.jsonl"
 IDS_FILE = "training_ids.json"
@@ -41,9 +42,7 @@ def write_training_records(out: Path, source: str, ids: list[str], folder: Path)
     wanted = set(ids)
     rows = [r for r in accepted(out, source) if str(r["id"]) in wanted]
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (RECORDS_FILE + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    os.replace(tmp, folder / RECORDS_FILE)
+    atomic_write(folder / RECORDS_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     (folder / IDS_FILE).write_text(json.dumps({"source": source, "count": len(rows), "ids": sorted(str(r["id"]) for r in rows)}) + "\n",
                                    encoding="utf-8")
     return len(rows)

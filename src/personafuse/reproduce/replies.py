@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from personafuse.fileio import atomic_write
 
 
 def write_replies(model: str, queries: Path, out: Path, *, system: str, routing: str | None = None, seed: int = 0,
@@ -35,9 +36,7 @@ def write_replies(model: str, queries: Path, out: Path, *, system: str, routing:
         for r, g in zip(rows, gens, strict=True)
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text("".join(lines), encoding="utf-8")
-    os.replace(tmp, out)
+    atomic_write(out, "".join(lines))
     return len(lines)
 
 

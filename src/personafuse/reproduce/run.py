@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from personafuse.backends import teacher_capabilities
+from personafuse.fileio import atomic_write
 from personafuse.reproduce.commands import command, model_spec, train_config, write_train_config
 from personafuse.reproduce.config import ReproduceConfig
 from personafuse.reproduce.parallel import SIDE_BY_SIDE, run_side_by_side, slot_env, slots
@@ -184,9 +185,7 @@ def _read_json(path: Path) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _signal_group(pid: int, sig: int) -> None:

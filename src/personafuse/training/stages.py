@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from personafuse.fileio import atomic_write, read_jsonl
 from personafuse.moe.mixture import MixtureLinear
 from personafuse.moe.model import PersonaFuseModel
 from personafuse.moe.router import router_inputs
@@ -386,7 +387,7 @@ class _StageRun:
             start = state["step"]
             if self.main and log_path.exists():
                 kept = [e for e in _read_log(log_path) if e["step"] <= start]
-                log_path.write_text("".join(json.dumps(e) + "\n" for e in kept))
+                atomic_write(log_path, "".join(json.dumps(e) + "\n" for e in kept))
         elif self.main and log_path.exists():
             log_path.unlink()
         self.acc.wait_for_everyone()
@@ -547,20 +548,11 @@ def _save_checkpoint(out_dir: Path, state: dict[str, Any], keep: int = 2) -> Non
 
 
 def _read_log(path: Path) -> list[dict[str, float]]:
-    """The stage's log lines; a torn last line (a crash mid-write) is dropped, as the evaluation
-    runner and the data store drop theirs."""
+    """The stage's log lines (:func:`personafuse.fileio.read_jsonl`: a torn last line, a crash
+    mid-write, is dropped, as the evaluation runner and the data store drop theirs)."""
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    out = []
-    for n, line in enumerate(lines, 1):
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                break
-            raise ValueError(f"{path}:{n}: not valid JSON; delete the line to go on") from None
-    return out
+    return [entry for _, entry in read_jsonl(path, hint="; delete the line to go on")]
 
 
 def plot_losses(losses: list[dict[str, float]], path: Path, title: str = "") -> None:
@@ -843,6 +835,9 @@ def train(
         raise ValueError(f"Random Route ({tc.random_route} random experts, random_route in the config) has no {stage} stage; it trains {' and '.join(tc.stages)}")
     records = records if records is not None else load_records(tc.data, require_p=True)
     todo = list(tc.stages) if stage == "all" else [stage]
+    # Read (and check) the router stage's own records before any stage trains: a bad file is
+    # refused in seconds, not after the warm-up.
+    router_records = load_records(tc.router_data, require_p=True) if tc.router_data and "router" in todo else records
     runners = {"warmup": run_warmup, "router": run_router, "joint": run_joint}
     last = None
     for name in todo:
@@ -860,7 +855,7 @@ def train(
                     f"stage {name} starts from the {prev} stage's model, but {prev_dir} does not exist; run --stage {prev} first"
                 )
             pf = PersonaFuseModel.from_pretrained(prev_dir)
-        stage_records = load_records(tc.router_data, require_p=True) if name == "router" and tc.router_data else records
+        stage_records = router_records if name == "router" else records
         runners[name](_prepare(pf, tc), stage_records, tc, resume=resume)
         if tc.gradient_checkpointing:
             set_activation_checkpointing(pf.base_model, False)
