@@ -108,7 +108,7 @@ def test_the_variants_are_built_as_the_paper_defines_them(grid):
 
 @on_grid
 def test_the_pairs_file_feeds_the_annotation_study(grid, tmp_path):
-    from personafuse.serving.annotation import AnnotationStore
+    from personafuse.evaluation.annotation import AnnotationStore
 
     _, out = grid
     files = sorted((out / "report" / "pairs").glob("*.jsonl"))

@@ -8,7 +8,13 @@ import sqlite3
 
 import pytest
 
-from personafuse.serving.annotation import AnnotationError, AnnotationStore, export, pair_outcomes, win_rates
+from personafuse.evaluation.annotation import (
+    AnnotationError,
+    AnnotationStore,
+    export,
+    pair_outcomes,
+    win_rates,
+)
 
 PROMPTS = {f"p{i}": ("emotion" if i < 3 else "reasoning", f"question number {i}") for i in range(6)}
 
@@ -130,7 +136,7 @@ def test_bad_input_files(tmp_path):
 def test_http_api_rejects_bad_judgements_and_keeps_serving(tmp_path, files):
     import httpx
 
-    from personafuse.serving.annotation import create_annotation_app
+    from personafuse.evaluation.annotation import create_annotation_app
     from serve_support import LiveServer
 
     store = AnnotationStore(tmp_path / "ann.sqlite", annotators_per_pair=2)
@@ -152,7 +158,7 @@ def test_http_api_rejects_bad_judgements_and_keeps_serving(tmp_path, files):
 
 # ---------------------------------------------------------------------- hostile use of the app
 def _app(tmp_path, files, per_pair=1):
-    from personafuse.serving.annotation import create_annotation_app
+    from personafuse.evaluation.annotation import create_annotation_app
 
     store = AnnotationStore(tmp_path / "ann.sqlite", annotators_per_pair=per_pair)
     store.load_responses(files[:2])  # 6 pairs
@@ -218,7 +224,7 @@ def test_summary_needs_the_owner_key(tmp_path, files):
         r = httpx.get(s.url + "/api/summary", headers={"authorization": "Bearer the-owner-key-123"})
         assert r.status_code == 200 and r.json()["pairs"] == 6
     with pytest.raises(ValueError, match="owner_key is empty"):
-        from personafuse.serving.annotation import create_annotation_app
+        from personafuse.evaluation.annotation import create_annotation_app
 
         create_annotation_app(store, owner_key=" ")
 

@@ -1,2 +1,3 @@
 """Evaluation suite: the paper's benchmarks, LLM judges, lm-eval integration, probing, routing
-analysis and comparison reports (SPEC §5). Heavy imports stay inside the submodules."""
+analysis, comparison reports (SPEC §5) and the pairwise human study (``annotation``). Heavy
+imports stay inside the submodules."""

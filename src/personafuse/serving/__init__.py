@@ -1,7 +1,7 @@
 """Serving PersonaFuse to programs and people: an OpenAI-compatible server with per-request
 personas (``server``), its micro-batching queue (``batcher``) and decode loop (``decode``), a chat
-page (``static/``), a pairwise human-evaluation app (``annotation``), and the vLLM route: a
-stateless front (``vllm_front``) and the plugin vLLM loads (``vllm_plugin``)."""
+page (``static/``), and the vLLM route: a stateless front (``vllm_front``) and the plugin vLLM loads
+(``vllm_plugin``). The pairwise human-evaluation app is :mod:`personafuse.evaluation.annotation`."""
 
 from __future__ import annotations
 

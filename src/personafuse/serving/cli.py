@@ -155,7 +155,7 @@ def annotate_serve_command(
     Participants sign in with tokens from 'personafuse annotate tokens'."""
     import uvicorn
 
-    from personafuse.serving.annotation import AnnotationStore, create_annotation_app
+    from personafuse.evaluation.annotation import AnnotationStore, create_annotation_app
 
     owner_key = _nonempty_key(owner_key, "PERSONAFUSE_OWNER_KEY", "--owner-key")
     store = AnnotationStore(db, annotators_per_pair=annotators_per_pair, reference=reference)
@@ -185,7 +185,7 @@ def annotate_tokens_command(
 ) -> None:
     """Issue participant tokens for the annotation page (only their hashes are stored: hand them
     out now), or register a list of tokens; with no arguments, list the participants."""
-    from personafuse.serving.annotation import AnnotationError, AnnotationStore
+    from personafuse.evaluation.annotation import AnnotationError, AnnotationStore
 
     store = AnnotationStore(db)
     try:
@@ -230,7 +230,7 @@ def annotate_export_command(
     seed: Annotated[int, typer.Option()] = 0,
 ) -> None:
     """Win rates per system pair and task type (majority vote per pair) with bootstrap CIs."""
-    from personafuse.serving.annotation import AnnotationStore, export
+    from personafuse.evaluation.annotation import AnnotationStore, export
 
     paths = export(AnnotationStore(db), out, n_boot=bootstrap, seed=seed)
     for p in paths:
