@@ -12,7 +12,7 @@ request (random Dirichlet weights, seeded). Prints tokens/s per system and the r
 
 CPU (this machine; starts and stops its own servers, a few minutes):
 
-    PYTHONPATH=src .venv/bin/python benchmarks/vllm_mixture.py --model pf:CKPT --requests 8 --max-tokens 32
+    PYTHONPATH=src .venv/bin/python benchmarks/vllm_mixture.py --model pf:CKPT --requests 8 --max-tokens 16 --repeats 2
 
 GPU box with vLLM installed (make vllm-env; the adapters are exported here, the server started
 by this script with the GPU's defaults; run on this CPU with --requests 4 --max-tokens 8
