@@ -2,7 +2,7 @@
 
 1. Persona-CoT data: the embedded SmolLM2 teacher writes records for a shuffled sample of the seed
    queries (cached: a rerun reuses them); the TAT labeller (paper Table 1) relabels their trait
-   vectors, and labels all 312 seed queries for the router stage.
+   vectors.
 2. Training: the three stages, briefly (cached per stage).
 3. Contrasting queries, each reply shown with its ten routing weights and how far the router favours
    the poles Table 1 expects; then the router's agreement on the shipped held-out file.
@@ -31,17 +31,18 @@ DEMO_QUERIES = [
 ]
 # The Table 1 situation each demo query belongs to (its expected and opposed poles: routing_analysis).
 DEMO_SITUATIONS = ["therapist", "math", "creativity"]
-# Replies must end on the model's end-of-sequence token: 64 tokens cut most of them off.
-DEMO_MAX_NEW_TOKENS = 384
+# Replies must end on the model's end-of-sequence token: at 384 the anxious student's five-point
+# answer was cut off mid-sentence (SmolLM2-135M-Instruct writes long lists; no repetition loop).
+DEMO_MAX_NEW_TOKENS = 768
 
 
 def demo_config(out: Path) -> TrainConfig:
-    """Steps small enough for two CPU cores; the paper's losses, tau 1 and stage order. The router
-    stage reads all 312 TAT-labelled seed queries (``router_data``); measured reasons for its steps
-    and rates are in docs/training.md (router flatness experiments)."""
+    """Steps small enough for two CPU cores; the paper's losses, tau 1 and stage order. Every stage
+    reads the 24 TAT-labelled records: the router stage's 120 steps of 8 see each of them 40 times,
+    while all 312 labelled seed queries (``router_data``) would each be seen three times, too few to
+    separate creativity (docs/training.md, router experiments)."""
     tc = TrainConfig(
-        data=str(out / "data_tat"), router_data=str(out / "router_data"), out=str(out / "train"),
-        max_length=320, save_every=20, mixed_precision="no",
+        data=str(out / "data_tat"), out=str(out / "train"), max_length=320, save_every=20, mixed_precision="no",
     )
     tc.warmup = StageConfig(steps=24, batch_size=1, grad_accum=1, lr=1e-3, micro_batch_size=4)
     # The encoder's pretrained body at 1e-5: at 1e-3 it forgets the situations (probing 82.5 % ->
@@ -64,23 +65,12 @@ def _generate(data: Path, queries: int) -> None:
 
 
 def _tat_label(out: Path) -> None:
-    """``data_tat``: the generated records with TAT vectors; ``router_data``: every seed query with
-    its TAT vector (the router stage reads no response)."""
-    from personafuse.data.sources import seed_queries
+    """``data_tat``: the generated records with TAT vectors."""
     from personafuse.data.tat_labeller import TATLabeller, relabel_records
 
-    labeller = TATLabeller()
     if not _count_records(out / "data_tat"):
         shutil.rmtree(out / "data_tat", ignore_errors=True)
-        relabel_records(out / "data", out / "data_tat", labeller)
-    if not _count_records(out / "router_data"):
-        qs = [q.text for q in seed_queries()]
-        lines = [
-            json.dumps({"query": q, "response": "(unused: the router stage reads the query only)", "p": lab.p, "raw": {"tat_task": lab.task}})
-            for q, lab in zip(qs, labeller.label(qs), strict=True)
-        ]
-        (out / "router_data").mkdir(parents=True, exist_ok=True)
-        (out / "router_data" / "records-00000.jsonl").write_text("".join(x + "\n" for x in lines), encoding="utf-8")
+        relabel_records(out / "data", out / "data_tat", TATLabeller())
 
 
 def _fresh_recipe(tc: TrainConfig) -> None:
@@ -108,7 +98,7 @@ def run_demo(out: Path = Path("runs/demo"), queries: int = 24, max_new_tokens: i
     console.print(
         "Trait vectors come from the TAT labeller (paper Table 1, matched with MiniLM), not the teacher: "
         "the 135M teacher's trait labels are noise (it tags an equation with low Agreeableness). "
-        "A capable teacher's labels are used as they are. The router stage reads all 312 seed queries so labelled."
+        "A capable teacher's labels are used as they are."
     )
     _tat_label(out)
     t_data = time.perf_counter()
