@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -172,6 +174,20 @@ def test_tau_must_be_positive():
     for tau in (0.0, -1.0):
         with pytest.raises(ValueError, match=f"tau must be positive, got {tau}"):
             pf.route(QUERIES, tau=tau)
+
+
+def test_one_tau_the_config_s_takes_effect(tmp_path):
+    """Router.tau used to copy config.tau at build time, so ``model.config.tau = x`` did nothing."""
+    pf = build_tiny()
+    flat = pf.route(QUERIES)
+    pf.config.tau = 0.05
+    sharp = pf.route(QUERIES)
+    torch.testing.assert_close(sharp, pf.route(QUERIES, tau=0.05))
+    assert torch.all(entropy(sharp) < entropy(flat)) and pf.router.tau == 0.05
+    pf.router.tau = 0.5  # either name sets the one value
+    assert pf.config.tau == 0.5
+    pf.config = dataclasses.replace(pf.config, tau=1.0)  # a replaced config is read too
+    torch.testing.assert_close(pf.route(QUERIES), flat)
 
 
 def test_a_reply_ended_by_any_eos_id_of_the_generation_config_is_a_stop():

@@ -83,15 +83,12 @@ class HFSubject:
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             enc = self._encode([prompts[i] for i in idx])
-            kw: dict[str, Any] = {"max_new_tokens": max_new_tokens, "pad_token_id": self.tokenizer.pad_token_id}
-            if do_sample:
-                if seed is not None:
-                    torch.manual_seed(seed)
-                kw.update(do_sample=True, temperature=max(float(temperature or 1.0), 1e-3), top_p=1.0, top_k=0)
-            else:
-                kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
             with torch.no_grad():
-                gen = self.model.generate(**enc, **kw)
+                if do_sample:  # the shared sampler, as generate and serve sample (personafuse.sampling)
+                    gen = _sampled(self.model, enc, max_new_tokens, max(float(temperature or 1.0), 1e-3), seed, self.tokenizer.pad_token_id)
+                else:
+                    gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                              do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
             new = gen[:, enc["input_ids"].shape[1] :]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
             for i, t in zip(idx, texts, strict=True):
@@ -100,6 +97,26 @@ class HFSubject:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "hf", "name": self.name, **self.source, **_placement(self.model)}
+
+
+def _sampled(model: Any, enc: Any, max_new_tokens: int, temperature: float, seed: int | None, pad_token_id: int | None) -> Any:
+    """Sampled continuations on the decoding loop ``PersonaFuseModel.generate`` uses, with the
+    shared sampler (one generator per row seeded with ``seed``); a model whose generation config
+    processes logits samples through transformers' ``generate`` (which applies it), seeded globally."""
+    import torch
+
+    from personafuse.moe.decoding import greedy_generate, plain_greedy
+    from personafuse.sampling import BatchSampler
+
+    enc = {k: v.to(model.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
+    if plain_greedy(getattr(model, "generation_config", None)):
+        pick = BatchSampler(enc["input_ids"].shape[0], temperature, 1.0, seed)
+        return greedy_generate(model, enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens,
+                               pad_token_id=pad_token_id, pick=pick)  # fmt: skip
+    if seed is not None:
+        torch.manual_seed(seed)
+    return model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=pad_token_id, do_sample=True,
+                          temperature=temperature, top_p=1.0, top_k=0)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

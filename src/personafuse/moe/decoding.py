@@ -155,8 +155,12 @@ def greedy_generate(
     check_every: int = 16,
     keep_cache: bool | None = None,
     cache_len: int | None = None,
+    pick: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Greedy continuation of left-padded ``input_ids`` [B, T]; returns [B, T + n], n <= max_new_tokens.
+
+    ``pick``: the next tokens [B] from the last logits [B, V] instead of their argmax: the shared
+    sampler (:class:`personafuse.sampling.BatchSampler`) for sampled replies, on the same loop.
 
     ``eos_token_id`` / ``pad_token_id`` default to the model's generation config, as in ``generate``.
     ``compile``: True compiles the decode step with the options ``generate(cache_implementation=
@@ -215,7 +219,7 @@ def greedy_generate(
     for s in range(max_new_tokens):
         if s < min_new_tokens and len(eos):
             logits = logits.index_fill(1, eos, -float("inf"))  # as generate's min_new_tokens
-        token = torch.where(unfinished, logits.argmax(-1), pad_token_id)
+        token = torch.where(unfinished, logits.argmax(-1) if pick is None else pick(logits), pad_token_id)
         out[:, prompt_len + s] = token
         if len(eos):
             stopped = unfinished & torch.isin(token, eos)

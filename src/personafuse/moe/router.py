@@ -13,6 +13,7 @@ weights stay flat and Openness-vs-Conscientiousness situations never separate (d
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -109,11 +110,21 @@ class PersonaEncoder(nn.Module):
 class Router(nn.Module):
     """Maps tokenised queries to a distribution over the ten experts."""
 
-    def __init__(self, encoder: PersonaEncoder, num_experts: int, embed_dim: int, tau: float = 1.0) -> None:
+    def __init__(self, encoder: PersonaEncoder, num_experts: int, embed_dim: int, tau: float | Any = 1.0) -> None:
+        """``tau``: a number, or an object whose ``.tau`` is read at every call: the model passes its
+        config, so ``model.config.tau = x`` takes effect (one temperature, not a copy of it)."""
         super().__init__()
         self.encoder = encoder
         self.expert_embeddings = nn.Parameter(torch.randn(num_experts, embed_dim))
-        self.tau = tau
+        self.tau_source: Any = tau if hasattr(tau, "tau") else SimpleNamespace(tau=float(tau))
+
+    @property
+    def tau(self) -> float:
+        return self.tau_source.tau
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.tau_source.tau = value
 
     def similarities(self, h: torch.Tensor) -> torch.Tensor:
         """s_bi = cos(h_b, e_i): [B, E], in float32 (bf16 cosines are coarse next to a small tau)."""

@@ -14,7 +14,6 @@ TGI's first scheduler (``Batch.concatenate`` / ``Batch.filter``) worked the same
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +22,7 @@ import torch
 
 from personafuse.chat import eos_token_ids
 from personafuse.moe.decoding import cache_kwarg, output_cache
-
-# vLLM's rule (vllm-project/vllm, vllm/sampling_params.py, ``_SAMPLING_EPS``): a temperature below
-# 1e-5 means greedy. Dividing logits by a smaller one overflows to inf and the softmax to NaN.
-GREEDY_BELOW = 1e-5
+from personafuse.sampling import GREEDY_BELOW, row_generator, sample_row
 
 
 @dataclass
@@ -66,8 +62,8 @@ class _Row:
         self.error: str | None = None
         self.reported = False  # its error event was sent
         self.generator = torch.Generator()
-        try:
-            self.generator.manual_seed(spec.seed if spec.seed is not None else random.randrange(2**63))
+        try:  # the shared sampler's generator (personafuse.sampling), as generate and HFSubject seed theirs
+            self.generator = row_generator(spec.seed)
         except (RuntimeError, ValueError, OverflowError, TypeError) as e:  # a seed torch cannot take
             self.fail(f"seed {spec.seed!r}: {e}")
         # Hold back enough characters that a stop string split across steps is never half-sent.
@@ -86,24 +82,6 @@ def _eos_ids(model: Any) -> set[int]:
     return set(eos_token_ids(model.tokenizer, model.base_model))
 
 
-def _sample_row(logits: torch.Tensor, spec: RowSpec, generator: torch.Generator) -> int:
-    """One row's next token: temperature + nucleus sampling with the row's own generator (so a
-    seeded request is reproducible whatever it is batched with). Raises :class:`RowFailed` when
-    the probabilities are not usable (NaN logits), never returns a token drawn from garbage."""
-    probs = torch.softmax(logits / spec.temperature, dim=-1)
-    if spec.top_p < 1.0:
-        sp, si = probs.sort(descending=True)
-        keep = sp.cumsum(0) - sp < spec.top_p
-        # top-p always keeps the most likely token (as vLLM's sampler does), so a tiny top_p is
-        # greedy rather than an empty distribution.
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, si[keep], sp[keep])
-    total = probs.sum()
-    if not bool(torch.isfinite(total)) or float(total) <= 0.0:
-        raise RowFailed(f"next-token probabilities are not finite (temperature {spec.temperature})")
-    return int(torch.multinomial(probs / total, 1, generator=generator))
-
-
 def _sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
     """Next token per row: greedy below :data:`GREEDY_BELOW`, else sampled. A row whose logits or
     sampling fail is marked failed (``row.error``) and the others are unaffected."""
@@ -117,7 +95,8 @@ def _sample(logits: torch.Tensor, rows: Sequence[_Row]) -> list[int]:
             if nan_rows[b]:
                 raise RowFailed("the model produced NaN logits for this row")
             if row.spec.temperature >= GREEDY_BELOW:
-                out[b] = _sample_row(logits[b], row.spec, row.generator)
+                # the shared sampler (personafuse.sampling): the same draw as chat's and eval's
+                out[b] = sample_row(logits[b], row.spec.temperature, row.spec.top_p, row.generator)
         except Exception as e:  # whatever broke, it broke this row only
             row.fail(f"{type(e).__name__}: {e}")
     return out
