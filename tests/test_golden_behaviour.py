@@ -59,6 +59,7 @@ def test_metrics_keep_names_types_labels_and_buckets() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(1500)  # two SmolLM2 loads: a minute alone, far longer on a shared, busy CPU
 def test_greedy_chat_and_route_json_are_byte_identical() -> None:
     """Also proves the committed checkpoint (written by the old code) still loads and replies the same."""
     before, now = _golden("cli_outputs.json"), mg.cli_outputs()
@@ -67,7 +68,6 @@ def test_greedy_chat_and_route_json_are_byte_identical() -> None:
             assert now[model][case] == text, f"{model} {case}: output changed"
 
 
-@pytest.mark.skipif(not (GOLDEN / "eval_scores.json").is_file(), reason="the stored eval run is being recorded")
 def test_eval_rescore_reproduces_the_stored_run(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
