@@ -55,8 +55,8 @@ def _joint() -> StageConfig:  # Appendix A: batch 32, lr 1e-5, 300 steps
 class TrainConfig:
     data: str = "runs/data"  # a directory of records*.jsonl (or one JSONL file)
     # Records for the router stage alone (it reads only query and p), e.g. many labelled queries
-    # where few have responses; None: ``data``. The demo trains its router on the 312 seed queries
-    # labelled by the TAT labeller while its 24 generated records train the experts.
+    # where few have responses; None: ``data``. Give the router stage steps to match: 120 steps of 8
+    # see 312 queries three times each, too few (docs/training.md).
     router_data: str | None = None
     out: str = "runs/train"
     model: PersonaFuseConfig = field(default_factory=PersonaFuseConfig)
