@@ -9,7 +9,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+# wide columns: rich wraps an error box at the terminal width, which would split a long tmp path
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "COLUMNS": "400"}
 CLI = [sys.executable, "-m", "personafuse.cli"]
 
 

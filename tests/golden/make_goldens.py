@@ -182,9 +182,11 @@ def run_cli(args: list[str], env_src: str | None = None) -> str:
 def cli_outputs() -> dict[str, dict[str, str]]:
     """stdout of each case, in this process through typer's test runner (the command's own code
     path, output included), each model loaded once: a fresh process per case would load SmolLM2
-    twelve times."""
+    twelve times. One torch thread, recorded and compared: greedy text from random experts can flip
+    a token with the reduction order, which the thread count changes (`make test` runs on one)."""
     import functools
 
+    import torch
     from typer.testing import CliRunner
 
     import personafuse.chat_cli as chat_cli
@@ -193,6 +195,8 @@ def cli_outputs() -> dict[str, dict[str, str]]:
     cli._register()
     original = chat_cli.load_model
     chat_cli.load_model = functools.lru_cache(maxsize=2)(original)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         out: dict[str, dict[str, str]] = {}
         for m, spec in MODELS.items():
@@ -206,6 +210,7 @@ def cli_outputs() -> dict[str, dict[str, str]]:
         return out
     finally:
         chat_cli.load_model = original
+        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- eval run
