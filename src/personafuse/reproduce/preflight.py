@@ -193,6 +193,12 @@ def _endpoint_error(e: Exception, url: str, model: str) -> str:
     return f"{url} did not answer a request for {model!r}: {type(e).__name__}: {str(e)[:200]}"
 
 
+def _loads_here(rep: _Report, field: str, spec: str, target: str) -> None:
+    """A model this machine loads (no endpoint): reachable, or why not, named by its field."""
+    why = model_problem(target)
+    return rep.bad(field, why) if why else rep.ok(f"{field}: {spec} reachable")
+
+
 def _teacher(cfg: ReproduceConfig, rep: _Report) -> None:
     from personafuse.reproduce.plan import plan
 
@@ -203,8 +209,7 @@ def _teacher(cfg: ReproduceConfig, rep: _Report) -> None:
         return rep.bad("teacher.spec", str(e))
     arg = backend.target
     if not backend.capabilities.endpoint:
-        why = model_problem(arg)
-        return rep.bad("teacher.spec", why) if why else rep.ok(f"teacher.spec: {t.spec} reachable")
+        return _loads_here(rep, "teacher.spec", t.spec, arg)
     url = t.base_url or os.environ.get("OPENAI_BASE_URL")
     if not url and not os.environ.get("OPENAI_API_KEY"):
         return rep.bad("teacher.spec", f"{t.spec} at api.openai.com needs OPENAI_API_KEY; or set teacher.base_url to your server")
@@ -236,8 +241,7 @@ def _judge(cfg: ReproduceConfig, rep: _Report) -> None:
         return rep.bad("eval.judge", str(err))
     arg = backend.target
     if not backend.capabilities.endpoint:
-        why = model_problem(arg)
-        return rep.bad("eval.judge", why) if why else rep.ok(f"eval.judge: {e.judge} reachable")
+        return _loads_here(rep, "eval.judge", e.judge, arg)
     url = e.judge_base_url or os.environ.get("OPENAI_BASE_URL")
     source = "eval.judge_base_url" if e.judge_base_url else ("$OPENAI_BASE_URL" if url else "neither eval.judge_base_url nor $OPENAI_BASE_URL set")
     if teacher_capabilities(cfg.teacher.spec).endpoint:
