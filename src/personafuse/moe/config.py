@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from personafuse.configs import build, config_class, read_mapping
 from personafuse.traits import NUM_POLES
 
 CONFIG_NAME = "personafuse_config.json"
@@ -15,7 +16,7 @@ DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # "auto": the ch
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclass
+@config_class
 class PersonaFuseConfig:
     """Everything needed to rebuild a Persona-MoE model around its (never copied) base weights.
 
@@ -85,13 +86,8 @@ class PersonaFuseConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> PersonaFuseConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known - {"personafuse_version"})
-        if unknown:
-            raise ValueError(
-                f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The config of a mapping (a saved file's ``personafuse_version`` is not a field)."""
+        return build(cls, {k: v for k, v in data.items() if k != "personafuse_version"}, source)
 
     def save(self, directory: str | Path) -> Path:
         from personafuse import __version__
@@ -105,8 +101,4 @@ class PersonaFuseConfig:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no PersonaFuse config here (expected {CONFIG_NAME})")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_mapping(path, "PersonaFuse config"), source=str(path))

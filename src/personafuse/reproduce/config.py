@@ -5,22 +5,24 @@ reported with the field it is in, before any work starts."""
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from personafuse.backends import TEACHER_KINDS, teacher_kind
+from personafuse.configs import ConfigError, build, config_class, read_mapping
 from personafuse.reproduce.variants import VARIANT_TABLE, listed_variants
 
+__all__ = ["ConfigError", "DataConfig", "GridEvalConfig", "ProbeConfig", "ReproduceConfig", "TeacherConfig"]
+
 LABELLERS = ("teacher", "tat", "both")
+# A count of items, tokens or rows: an integer (not True, not "8") of at least 1 (0 for heldout).
+Count = Annotated[int, Field(strict=True, ge=1)]
 
 
-class ConfigError(ValueError):
-    """A bad reproduce config; the message names the field (dotted) and the file."""
-
-
-@dataclass
+@config_class
 class TeacherConfig:
     spec: str = "default"  # default | hf:ID | openai:MODEL | vllm:ID
     base_url: str | None = None
@@ -28,12 +30,12 @@ class TeacherConfig:
     max_new_tokens: int | None = None  # the response step's limit (None: the command's default)
 
 
-@dataclass
+@config_class
 class DataConfig:
     # a query source of `personafuse data generate --source`, or a list of them (mixed in turn)
     source: str | list[str] = "seeds"
-    limit: int = 24  # training queries (the same ones for every data mode)
-    heldout: int = 2  # situation queries per situation kept out of training (router analysis, pairs)
+    limit: Count = 24  # training queries (the same ones for every data mode)
+    heldout: Annotated[int, Field(strict=True, ge=0)] = 2  # situation queries per situation kept out of training (router analysis, pairs)
     seed: int = 0  # shuffles the source before the split
     # teacher: the teacher's activation vectors; tat: the PersonaFuse pipeline learns from the TAT
     # labeller's (personafuse data relabel); both: the teacher's, plus a personafuse_tat variant
@@ -52,14 +54,14 @@ def _grid_benchmarks() -> list[str]:
     return [name for name, cls in BENCHMARKS.items() if cls.grid_default]
 
 
-@dataclass
+@config_class
 class GridEvalConfig:
     """The grid's ``eval`` section (the eval cells' ``personafuse eval`` options; not the runner's
     ``evaluation.runner.EvalConfig``)."""
 
     benchmarks: list[str] = field(default_factory=_grid_benchmarks)
     data: str | None = None
-    limit: int | None = 8
+    limit: Count | None = 8  # None: every item
     item_seed: int = 0  # which items eval.limit picks: the same for every seed and variant (paired comparisons)
     judge: str | None = None  # for the judged benchmarks (needs_judge): openai:MODEL, hf:PATH, default
     judge_base_url: str | None = None
@@ -68,9 +70,9 @@ class GridEvalConfig:
     judge_shares_teacher: bool = False
     # per-benchmark protocol options, as `personafuse eval -o BENCH.KEY=VALUE` (recorded in results)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reasoning_tokens: int = 512  # Persona-CoT prompting's budget before the answer
-    batch_size: int = 8
-    reply_tokens: int = 256  # replies to the held-out queries (the pairwise study's file)
+    reasoning_tokens: Count = 512  # Persona-CoT prompting's budget before the answer
+    batch_size: Count = 8
+    reply_tokens: Count = 256  # replies to the held-out queries (the pairwise study's file)
     threads: int | None = None  # torch CPU threads per cell (None: torch's default)
     # where every model-loading cell (eval, replies, a local teacher's data) runs and in which dtype:
     # the commands' --device auto|cpu|cuda|cuda:N|mps and --dtype auto|bfloat16|float16|float32
@@ -82,7 +84,7 @@ class GridEvalConfig:
     devices: str | list[str] = "auto"
 
 
-@dataclass
+@config_class
 class ProbeConfig:
     """The encoder probing of the paper's Table 6 (``personafuse probe``); off without a dataset."""
 
@@ -95,7 +97,7 @@ class ProbeConfig:
     limit: int | None = 2000
 
 
-@dataclass
+@config_class
 class ReproduceConfig:
     model: str = "default"  # the base model every variant starts from
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -135,14 +137,6 @@ class ReproduceConfig:
         for i, b in enumerate(self.eval.benchmarks):
             if canonical_name(str(b)) not in BENCHMARKS:
                 raise bad(f"eval.benchmarks[{i}]", f"unknown benchmark {b!r}; known: {', '.join(BENCHMARKS)}")
-        counts = [("data.limit", self.data.limit, 1), ("data.heldout", self.data.heldout, 0),
-                  ("eval.reasoning_tokens", self.eval.reasoning_tokens, 1), ("eval.batch_size", self.eval.batch_size, 1),
-                  ("eval.reply_tokens", self.eval.reply_tokens, 1)]
-        if self.eval.limit is not None:  # None: every item
-            counts.append(("eval.limit", self.eval.limit, 1))
-        for key, value, low in counts:
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise bad(key, f"an integer >= {low}, got {value!r}")
         if not isinstance(self.data.source, str | list) or not self.data.sources or not all(isinstance(x, str) and x.strip() for x in self.data.sources):
             raise bad("data.source", f"a query source or a list of them, got {self.data.source!r}")
         if not isinstance(self.eval.options, dict) or not all(isinstance(v, dict) for v in self.eval.options.values()):
@@ -169,7 +163,7 @@ class ReproduceConfig:
         (or ``overrides``) applied to its fields."""
         from personafuse.training.config import TrainConfig
 
-        data: dict[str, Any] = _read_mapping(Path(self.train)) if self.train else {}
+        data: dict[str, Any] = read_mapping(self.train, "training config") if self.train else {}
         for key, value in (self.train_overrides if overrides is None else overrides).items():
             _set_dotted(data, key, value, f"train.{key}")
         return TrainConfig.from_dict(data, source=f"{self.train or 'the default training config'} with --set train.*")
@@ -177,7 +171,7 @@ class ReproduceConfig:
     # ---- reading --------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "config") -> ReproduceConfig:
-        return _build(cls, data, where, "").validate(where)
+        return build(cls, data, where).validate(where)
 
     @classmethod
     def load(cls, path: str | Path | None, sets: list[str] | None = None) -> ReproduceConfig:
@@ -187,17 +181,9 @@ class ReproduceConfig:
         where = str(path) if path else "defaults"
         data: Any = {}
         if path:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"{p}: no such config file")
-            try:
-                data = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as e:  # carries the line and column
-                raise ConfigError(f"{p}: invalid YAML: {e}") from None
-            if not isinstance(data, dict):
-                raise ConfigError(f"{p}: expected a mapping at the top level")
+            data = read_mapping(path)
             if isinstance(data.get("train"), str):
-                data["train"] = _beside(data["train"], p)
+                data["train"] = _beside(data["train"], Path(path))
         for item in sets or []:
             key, sep, raw = item.partition("=")
             if not sep or not key.strip():
@@ -223,27 +209,6 @@ def _check_placement(device: Any, dtype: Any, bad: Any) -> None:
         raise bad("eval.dtype", f"{dtype!r}; use {', '.join(DTYPES)}")
 
 
-def _build(cls: type, data: Any, where: str, prefix: str) -> Any:
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: {prefix.rstrip('.') or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        if key not in fields:
-            raise ConfigError(f"{where}: {prefix}{key}: unknown field; known: {', '.join(fields)}")
-        sub = _NESTED.get((cls, key))
-        kwargs[key] = _build(sub, value, where, f"{prefix}{key}.") if sub else value
-    return cls(**kwargs)
-
-
-_NESTED: dict[tuple[type, str], type] = {
-    (ReproduceConfig, "teacher"): TeacherConfig,
-    (ReproduceConfig, "data"): DataConfig,
-    (ReproduceConfig, "eval"): GridEvalConfig,
-    (ReproduceConfig, "probe"): ProbeConfig,
-}
-
-
 def _beside(path: str, config: Path) -> str:
     """A relative path in a config file: from the working directory if it is there, else from the
     config's folder or the nearest folder above it that has it (the presets name
@@ -254,19 +219,6 @@ def _beside(path: str, config: Path) -> str:
         if (folder / path).exists():
             return str(folder / path)
     return path
-
-
-def _read_mapping(path: Path) -> dict[str, Any]:
-    """A training file's raw mapping (YAML or JSON), before its fields are checked."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return data
 
 
 def _check_devices(devices: Any, bad: Any) -> None:

@@ -8,7 +8,11 @@ from typing import Annotated
 
 import typer
 
+from personafuse.configs import config_message, default, option
 from personafuse.devices import DeviceOpt, DtypeOpt
+from personafuse.serving.config import ServeConfig
+
+S = ServeConfig  # the options below take their defaults and help from its fields
 
 
 def serve_command(
@@ -18,37 +22,23 @@ def serve_command(
     ] = "default",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[
-        str | None, typer.Option(envvar="PERSONAFUSE_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1/*.")
-    ] = None,
-    served_name: Annotated[str, typer.Option(help="Model id reported by /v1/models and in responses.")] = "personafuse",
-    max_batch: Annotated[int, typer.Option(help="Most requests decoded together in one batch.")] = 16,
-    max_queue: Annotated[int, typer.Option(help="Most requests waiting; more get HTTP 429.")] = 256,
-    batch_wait_ms: Annotated[float, typer.Option(help="How long the first waiting request waits for company.")] = 10.0,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted (chat template included).")] = 2048,
-    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 512,
-    default_max_tokens: Annotated[int, typer.Option(help="max_tokens when a request gives none.")] = 256,
-    temperature: Annotated[float, typer.Option(help="Temperature when a request gives none (0 = greedy).")] = 0.7,
+    api_key: Annotated[str | None, option(S, "api_key", envvar="PERSONAFUSE_API_KEY")] = default(S, "api_key"),
+    served_name: Annotated[str, option(S, "model_name")] = default(S, "model_name"),
+    max_batch: Annotated[int, option(S, "max_batch")] = default(S, "max_batch"),
+    max_queue: Annotated[int, option(S, "max_queue")] = default(S, "max_queue"),
+    batch_wait_ms: Annotated[float, option(S, "batch_wait_ms")] = default(S, "batch_wait_ms"),
+    max_prompt_tokens: Annotated[int, option(S, "max_prompt_tokens")] = default(S, "max_prompt_tokens"),
+    max_tokens_limit: Annotated[int, option(S, "max_tokens_limit")] = default(S, "max_tokens_limit"),
+    default_max_tokens: Annotated[int, option(S, "default_max_tokens")] = default(S, "default_max_tokens"),
+    temperature: Annotated[float, option(S, "default_temperature")] = default(S, "default_temperature"),
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (default: torch's choice).")] = None,
-    max_body_bytes: Annotated[int, typer.Option(help="Largest request body; bigger ones get HTTP 413.")] = 1 << 20,
-    max_prompt_chars: Annotated[
-        int | None, typer.Option(help="Longest conversation in characters, refused before tokenising (default: 32 x --max-prompt-tokens).")
-    ] = None,
-    request_timeout: Annotated[
-        float, typer.Option(help="Seconds from arrival a request may take; later ones end with HTTP 504 (0: no deadline).")
-    ] = 600.0,
-    drain_timeout: Annotated[
-        float, typer.Option(help="On SIGTERM/SIGINT, seconds in-flight requests get to finish; the rest end with HTTP 503.")
-    ] = 25.0,
-    scheduler: Annotated[
-        str, typer.Option(help="step: requests join and leave the running batch at every decoding step; batch: each batch runs to its end (the earlier scheduler, for comparison).")
-    ] = "step",
-    prefill_chunk: Annotated[
-        int, typer.Option(help="Newcomers' prompt tokens per prefill forward; running requests decode a step between two chunks.")
-    ] = 256,
-    base_only: Annotated[
-        bool, typer.Option("--base-only", help="Decode with the experts off (the base model alone; responses still report the routing): the anchor of a load test.")
-    ] = False,
+    max_body_bytes: Annotated[int, option(S, "max_body_bytes")] = default(S, "max_body_bytes"),
+    max_prompt_chars: Annotated[int | None, option(S, "max_prompt_chars")] = default(S, "max_prompt_chars"),
+    request_timeout: Annotated[float, option(S, "request_timeout_s")] = default(S, "request_timeout_s"),
+    drain_timeout: Annotated[float, option(S, "drain_timeout_s")] = default(S, "drain_timeout_s"),
+    scheduler: Annotated[str, option(S, "scheduler")] = default(S, "scheduler"),
+    prefill_chunk: Annotated[int, option(S, "prefill_chunk")] = default(S, "prefill_chunk"),
+    base_only: Annotated[bool, option(S, "base_only", "--base-only")] = default(S, "base_only"),
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     engine: Annotated[
@@ -64,41 +54,29 @@ def serve_command(
     With --engine vllm the same API runs the router here and generates on vLLM (the personafuse
     plugin applies each request's mixture): many fronts can share many vLLM replicas."""
     api_key = _nonempty_key(api_key, "PERSONAFUSE_API_KEY", "--api-key")
-    if scheduler not in ("step", "batch"):
-        raise typer.BadParameter(f"{scheduler!r} is not a scheduler; use step or batch", param_hint="--scheduler")
-    if prefill_chunk < 1:
-        raise typer.BadParameter(f"must be at least 1, got {prefill_chunk}", param_hint="--prefill-chunk")
     _check_engine(engine, vllm_url, base_only)
+    try:  # the config's own checks, before any model loads
+        cfg = ServeConfig(
+            model_name=served_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+            batch_wait_ms=batch_wait_ms, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit,
+            default_max_tokens=default_max_tokens, default_temperature=temperature, max_body_bytes=max_body_bytes,
+            max_prompt_chars=max_prompt_chars, request_timeout_s=request_timeout, drain_timeout_s=drain_timeout,
+            scheduler=scheduler, prefill_chunk=prefill_chunk, base_only=base_only,
+        )
+    except ValueError as e:
+        raise typer.BadParameter(config_message(e)) from None
     from personafuse.devices import cli_placement, placement_line
 
     device, dtype = cli_placement(device, dtype)  # a device this machine lacks: exit 2 before loading
     import torch
 
     from personafuse.chat_cli import load_model
-    from personafuse.serving.server import ServeConfig, create_app, serve
+    from personafuse.serving.server import create_app, serve
 
     if threads:
         torch.set_num_threads(threads)
     m = load_model(model, device, dtype).eval()
     typer.echo(placement_line(m, model), err=True)
-    cfg = ServeConfig(
-        model_name=served_name,
-        api_key=api_key,
-        max_batch=max_batch,
-        max_queue=max_queue,
-        batch_wait_ms=batch_wait_ms,
-        max_prompt_tokens=max_prompt_tokens,
-        max_tokens_limit=max_tokens_limit,
-        default_max_tokens=default_max_tokens,
-        default_temperature=temperature,
-        max_body_bytes=max_body_bytes,
-        max_prompt_chars=max_prompt_chars,
-        request_timeout_s=request_timeout,
-        drain_timeout_s=drain_timeout,
-        scheduler=scheduler,
-        prefill_chunk=prefill_chunk,
-        base_only=base_only,
-    )
     typer.echo(f"chat page: http://{host}:{port}/   API: http://{host}:{port}/v1", err=True)
     if engine == "vllm":
         from personafuse.serving.vllm_front import create_front_app

@@ -20,7 +20,6 @@ import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from personafuse.chat import prompt_ids
 from personafuse.moe.routing import Routing
-from personafuse.serving.batcher import SCHEDULERS, Batcher, Job, QueueFull, Unavailable
+from personafuse.serving.batcher import Batcher, Job, QueueFull, Unavailable
+from personafuse.serving.config import ServeConfig
 from personafuse.serving.decode import RowSpec
 from personafuse.serving.lifecycle import GONE, SHUTDOWN, TIMEOUT, Guard, InFlight
 from personafuse.serving.metrics import Metrics
@@ -41,52 +41,11 @@ from personafuse.traits import TraitError
 STATIC = Path(__file__).parent / "static"
 CHAT = "/v1/chat/completions"
 log = logging.getLogger("personafuse.serving")
-# A prompt longer than this many characters per allowed token is refused before it is tokenised
-# (tokenising megabytes would hold a CPU for seconds). English averages ~4 characters a token;
-# 32 leaves room for long words, code and whitespace runs.
-CHARS_PER_TOKEN_BOUND = 32
 # nginx's status for "client closed the request": how /metrics counts a request whose client left.
 CLIENT_GONE = 499
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
                405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                429: "rate_limit_error", 504: "timeout_error"}  # fmt: skip
-
-
-@dataclass
-class ServeConfig:
-    model_name: str = "personafuse"
-    api_key: str | None = None
-    max_batch: int = 16
-    max_queue: int = 256
-    batch_wait_ms: float = 10.0
-    max_prompt_tokens: int = 2048
-    max_tokens_limit: int = 512
-    default_max_tokens: int = 256
-    default_temperature: float = 0.7
-    # Bounds on what one request may cost (docs/serving.md, "Limits and errors").
-    max_body_bytes: int = 1 << 20  # 1 MiB: a 2,048-token prompt is ~10 KB of JSON
-    max_prompt_chars: int | None = None  # None: CHARS_PER_TOKEN_BOUND x max_prompt_tokens
-    request_timeout_s: float = 600.0  # from arrival; 0 = none. The openai client gives up at 600 s too.
-    drain_timeout_s: float = 25.0  # SIGTERM: in-flight requests get this long (inside Kubernetes' 30 s grace)
-    # Scheduling (docs/serving.md, "Scheduling"): "step" lets requests join and leave the running
-    # batch between decoding steps; "batch" runs each batch to its end (the earlier behaviour).
-    scheduler: str = "step"
-    prefill_chunk: int = 256  # newcomers' prompt tokens per prefill forward, between two decode steps
-    base_only: bool = False  # decode with the experts off (the base model alone): a load-test anchor
-
-    def __post_init__(self) -> None:
-        # An empty key used to switch authentication off without a word (e.g. PERSONAFUSE_API_KEY=""
-        # from an unset shell variable): refuse it; leave the key out to run without one.
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key is empty: give a key, or leave it out (None) to serve without authentication")
-        if self.max_body_bytes < 1 or self.request_timeout_s < 0 or self.drain_timeout_s < 0:
-            raise ValueError("max_body_bytes must be positive; request_timeout_s and drain_timeout_s not negative")
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.prefill_chunk < 1:
-            raise ValueError(f"prefill_chunk must be at least 1, got {self.prefill_chunk}")
-        if self.max_prompt_chars is None:
-            self.max_prompt_chars = CHARS_PER_TOKEN_BOUND * self.max_prompt_tokens
 
 
 class APIError(Exception):

@@ -8,10 +8,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import Field
+
+from personafuse.configs import build, config_class, read_mapping
 from personafuse.moe.config import PersonaFuseConfig
 
 STAGES = ("warmup", "router", "joint")
@@ -20,7 +23,7 @@ STAGES = ("warmup", "router", "joint")
 RANDOM_ROUTE_STAGES = ("warmup", "joint")
 
 
-@dataclass
+@config_class
 class StageConfig:
     steps: int
     batch_size: int
@@ -51,7 +54,7 @@ def _joint() -> StageConfig:  # Appendix A: batch 32, lr 1e-5, 300 steps
     return StageConfig(steps=300, batch_size=32, grad_accum=1, lr=1e-5)
 
 
-@dataclass
+@config_class
 class TrainConfig:
     data: str = "runs/data"  # a directory of records*.jsonl (or one JSONL file)
     # Records for the router stage alone (it reads only query and p), e.g. many labelled queries
@@ -75,7 +78,7 @@ class TrainConfig:
     # k > 0 trains the Random Route k baseline instead of PersonaFuse: the same warm-up, no router
     # stage, and a joint stage where each sequence gets k experts drawn at random (1/k each, seeded)
     # and only the experts learn. Evaluate it with ``--routing random:k``.
-    random_route: int = 0
+    random_route: Annotated[int, Field(strict=True)] = 0  # strict: True or "2" is not a count
 
     def __post_init__(self) -> None:
         k = self.random_route
@@ -92,45 +95,18 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainConfig:
+        """The config of a mapping; a stage section given in part keeps that stage's other
+        defaults (``warmup: {steps: 5}``)."""
         data = dict(data)
         for key in REMOVED_FIELDS.keys() & data.keys():  # saved train_config.json files still load
             warnings.warn(f"{source}: '{key}' is no longer a setting ({REMOVED_FIELDS[key]}); ignored", stacklevel=2)
             del data[key]
-        _reject_unknown(cls, data, source)
-        kwargs: dict[str, Any] = {}
-        defaults = cls()
-        for key, value in data.items():
-            if key == "model":
-                kwargs[key] = PersonaFuseConfig.from_dict(value, source=f"{source}: model")
-            elif key in ("warmup", "router", "joint", "sft"):
-                if not isinstance(value, dict):
-                    raise ValueError(f"{source}: '{key}' must be a mapping of stage settings")
-                _reject_unknown(StageConfig, value, f"{source}: {key}")
-                kwargs[key] = dataclasses.replace(getattr(defaults, key), **value)
-            else:
-                kwargs[key] = value
-        return cls(**kwargs)
+        return build(cls, data, source)
 
     @classmethod
     def load(cls, path: str | Path) -> TrainConfig:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"training config {str(p)!r} does not exist")
-        text = p.read_text()
-        try:
-            if p.suffix in (".yaml", ".yml"):
-                import yaml
-
-                data = yaml.safe_load(text) or {}
-            else:
-                data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: line {e.lineno}: invalid JSON ({e.msg})") from None
-        except Exception as e:  # yaml.YAMLError carries its own line numbers
-            raise ValueError(f"{p}: invalid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{p}: expected a mapping at the top level")
-        return cls.from_dict(data, source=str(p))
+        """A YAML or JSON training file."""
+        return cls.from_dict(read_mapping(path, "training config"), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -139,11 +115,3 @@ class TrainConfig:
 # Fields that earlier releases wrote into train_config.json, with what happens instead.
 REMOVED_FIELDS = {"log_every": "every step is logged"}
 
-
-def _reject_unknown(cls: type, data: dict[str, Any], source: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(
-            f"{source}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-        )
