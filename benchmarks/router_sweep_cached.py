@@ -4,7 +4,7 @@ The router stage's expensive part is the SmolLM2 encoder body, which the recipe 
 so barely moves in a few hundred steps. This script pools the body's states once (312 seed queries,
 the 65 held-out queries, the ten pole descriptions; cached in ``--cache``), then trains only the
 projection and the expert embeddings with the stage's own loss (``losses.router_loss``), batches
-(``stages.same_p_plan``), optimiser, schedule and clipping, and scores each recipe on the held-out
+(``plans.same_p_plan``), optimiser, schedule and clipping, and scores each recipe on the held-out
 file (hit rate, contrast) and by situation probing of the projected seed states. Recipes are Python
 dicts on the command line::
 
@@ -82,7 +82,7 @@ def run(data: dict, steps: int = 30, batch: int = 8, lr: float = 1e-3, margin: f
     from personafuse.data.schema import Record
     from personafuse.evaluation.probing import probe_accuracy
     from personafuse.training.losses import router_loss
-    from personafuse.training.stages import same_p_plan
+    from personafuse.training.plans import same_p_plan
 
     idx = list(range(len(data["seed_q"])))
     random.Random(subset).shuffle(idx)

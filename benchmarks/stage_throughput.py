@@ -3,7 +3,7 @@
     python benchmarks/stage_throughput.py --shape llama-3.1-8b --encoder-shape qwen2.5-0.5b \
         --device cuda --dtype bfloat16 --batch 32 --seq 512 --json out.json
 
-Runs the stages' own objectives (personafuse.training.stages.WarmupObjective / RouterObjective /
+Runs the stages' own objectives (personafuse.training.objectives.WarmupObjective / RouterObjective /
 JointObjective) on random token ids: stage 1 with one expert per row, stage 2 on the router
 alone, stage 3 with the router's weights live in the mixture. Reports tokens/s (LM tokens per second
 of optimiser steps) and the peak GPU memory of each stage.
@@ -26,12 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixture_throughput import SHAPES  # noqa: E402
 from personafuse.moe.config import PersonaFuseConfig  # noqa: E402
 from personafuse.moe.model import PersonaFuseModel  # noqa: E402
-from personafuse.training.stages import (  # noqa: E402
-    JointObjective,
-    RouterObjective,
-    WarmupObjective,
-    set_activation_checkpointing,
-)
+from personafuse.training.objectives import JointObjective, RouterObjective, WarmupObjective  # noqa: E402
+from personafuse.training.stages import set_activation_checkpointing  # noqa: E402
 
 ENCODERS = {
     # Qwen2.5-0.5B (config.json of Qwen/Qwen2.5-0.5B), randomly initialised.
@@ -107,23 +103,26 @@ def main() -> None:
         elif stage == "router":
             obj = RouterObjective(pf, 1.0, 0.0)
         else:
-            obj = JointObjective(pf, 1.0, 0.0)
+            obj = JointObjective(pf, 1.0, 0.0, 0.2)
         obj.train()
 
         def step(stage=stage, obj=obj, opt=opt):
             if stage == "router":
                 rb = args.router_batch
-                lc, lt = obj(q_ids[:rb], q_mask[:rb], p[:rb])
-                (lc + lt).backward()
+                loss, _ = obj(q_ids[:rb], q_mask[:rb], p[:rb], row_share=1.0)
+                loss.backward()
             else:
                 for s in range(0, B, micro):
                     sl = slice(s, s + micro)
+                    tokens = B * (T // 2)  # the step's response tokens
                     if stage == "warmup":
-                        sums, counts = obj(ids[sl], mask[sl], labels[sl], experts[sl])
-                        loss = sums.sum() / (B * (T // 2))
+                        rows = len(experts[sl])
+                        loss = obj(ids[sl], mask[sl], labels[sl], experts[sl], expert_tokens=[tokens] * rows, processes=1)
                     else:
-                        sums, counts, lc, lt = obj(ids[sl], mask[sl], labels[sl], q_ids[sl], q_mask[sl], p[sl])
-                        loss = sums.sum() / (B * (T // 2)) + 0.2 * (lc + lt) * (sl.stop - s) / B
+                        loss, _, _ = obj(
+                            ids[sl], mask[sl], labels[sl], q_ids[sl], q_mask[sl], p[sl],
+                            step_tokens=tokens, row_share=len(ids[sl]) / B, processes=1,
+                        )
                     loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from personafuse import embedded  # noqa: E402
 from personafuse.moe.config import PersonaFuseConfig  # noqa: E402
 from personafuse.moe.model import PersonaFuseModel  # noqa: E402
+from personafuse.training.batching import Featurizer  # noqa: E402
 from personafuse.training.config import StageConfig, TrainConfig  # noqa: E402
 from personafuse.training.losses import lm_loss_sums  # noqa: E402
+from personafuse.training.plans import warmup_plan  # noqa: E402
 from personafuse.training.records import Record, load_records  # noqa: E402
-from personafuse.training.stages import Featurizer, run_warmup, warmup_plan  # noqa: E402
+from personafuse.training.stages import run_warmup  # noqa: E402
 from personafuse.traits import TRAIT_POLES, vector_from_poles  # noqa: E402
 
 SITUATION_POLES = {
