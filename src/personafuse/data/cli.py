@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from personafuse.configs import config_message, default, option
+from personafuse.data.config import PipelineConfig
 from personafuse.devices import DeviceOpt, DtypeOpt
 
 if TYPE_CHECKING:
-    from personafuse.data.persona_cot import PipelineConfig, RunSummary
+    from personafuse.data.persona_cot import RunSummary
     from personafuse.data.sources import Query
     from personafuse.data.store import ShardStore
     from personafuse.data.teachers import Teacher
@@ -24,6 +26,7 @@ app = typer.Typer(name="data", help="Generate and inspect Persona-CoT training d
                   add_completion=False, pretty_exceptions_show_locals=False)
 
 LOCAL_RESPONSE_TOKENS = 256
+P = PipelineConfig  # the options below that set its fields take their defaults and help from it
 
 
 def default_constrained(teacher: str) -> bool:
@@ -54,7 +57,7 @@ def generate(
     teacher: Annotated[str, typer.Option(help="default | hf:ID_OR_PATH | openai:MODEL | vllm:ID")] = "default",
     source: Annotated[str, typer.Option(help="seeds | file:PATH | sharegpt|wildchat|personahub|infinity[:HUB_ID_OR_PATH]")] = "seeds",
     limit: Annotated[int | None, typer.Option(help="Use at most N queries from the source.")] = None,
-    mode: Annotated[str, typer.Option(help="persona_cot | direct | human_like")] = "persona_cot",
+    mode: Annotated[str, option(P, "mode")] = default(P, "mode"),
     field: Annotated[list[str] | None, typer.Option("--field", help="Field mapping for files: query=COL, situation=COL (repeatable).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (default: $OPENAI_API_KEY).")] = None,
@@ -62,15 +65,15 @@ def generate(
     timeout: Annotated[float, typer.Option(help="Deadline of one HTTP request, send to last byte (a server that trickles its reply cannot stall the run).")] = 300.0,
     max_retries: Annotated[int, typer.Option(help="Retries per request on 5xx, timeouts, dropped connections and 200s that are not a completion or are empty (429s do not count).")] = 5,
     max_rate_limit_wait: Annotated[float, typer.Option(help="Seconds one request may spend waiting on 429s (Retry-After honoured, jittered), in total.")] = 600.0,
-    max_endpoint_failures: Annotated[str, typer.Option(help="Exit non-zero when more queries than this fail at the endpoint: a count (25) or a share of the queries attempted (5%).")] = "5%",
+    max_endpoint_failures: Annotated[str, option(P, "max_endpoint_failures")] = default(P, "max_endpoint_failures"),
     backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
     batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
     constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (the default for the embedded teacher only) or the full chain of thought parsed from free text (the default for every other teacher).")] = None,
-    single_call: Annotated[bool, typer.Option(help="Free mode: all three steps in one request.")] = False,
-    allow_both_poles: Annotated[bool, typer.Option(help="Keep replies that activate both poles of one trait (the paper does not say; by default they are 'both_poles' rejects).")] = False,
-    poles_per_cue: Annotated[int, typer.Option(help="Constrained mode: at most this many poles per cue.")] = 2,
+    single_call: Annotated[bool, option(P, "single_call")] = default(P, "single_call"),
+    allow_both_poles: Annotated[bool, option(P, "allow_both_poles")] = default(P, "allow_both_poles"),
+    poles_per_cue: Annotated[int, option(P, "poles_per_cue")] = default(P, "poles_per_cue"),
     max_new_tokens: Annotated[int | None, typer.Option(help="Token limit for the response step.")] = None,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (0 = greedy).")] = 0.0,
+    temperature: Annotated[float, option(P, "temperature")] = default(P, "temperature"),
     shuffle: Annotated[bool, typer.Option(help="Shuffle the seed set or file before --limit (Hub sources always sample).")] = False,
     seed: Annotated[int, typer.Option(help="Seed for sampling and shuffling.")] = 0,
     lang: Annotated[str | None, typer.Option(help="Hub sources: keep this language ('' for all).")] = "en",
@@ -86,7 +89,7 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate records for a query source; rerun the same command to resume after a crash."""
-    from personafuse.data.persona_cot import MODES, PipelineConfig, RunSummary
+    from personafuse.data.persona_cot import RunSummary
     from personafuse.data.sources import SourceError, load_source, parse_fields
     from personafuse.data.store import ShardStore, StoreError
     from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
@@ -95,9 +98,21 @@ def generate(
     local = runs_here(teacher)
     # only a local teacher loads a model here: an endpoint's --device is not this machine's business
     device, dtype = cli_placement(device if local else "cpu", dtype)
-    if mode not in MODES:
-        _fail(f"--mode must be one of {', '.join(MODES)}")
-    _check_retry_options(retry_reasons or [], max_endpoint_failures)
+    _check_retry_reasons(retry_reasons or [])
+    # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
+    # letting queries finish (and the progress bar move) in waves.
+    concurrency = concurrency or (2 * batch_size if local else 32)
+    is_constrained = mode == "persona_cot" and (default_constrained(teacher) if constrained is None else constrained)
+    try:  # the config's own checks (mode, --max-endpoint-failures, ...), before any work
+        cfg = PipelineConfig(
+            mode=mode, constrained=is_constrained, allow_both_poles=allow_both_poles, poles_per_cue=poles_per_cue,
+            single_call=single_call, concurrency=concurrency,
+            response_tokens=max_new_tokens or (LOCAL_RESPONSE_TOKENS if local else 1024), temperature=temperature,
+            trim_truncated=is_constrained or (local and mode != "persona_cot"),
+            repetition_penalty=1.2 if local else 1.0, max_endpoint_failures=max_endpoint_failures,
+        )
+    except ValueError as e:
+        _fail(config_message(e))
     try:
         queries = load_source(source, fields=parse_fields(field or []), limit=limit, shuffle=shuffle, seed=seed,
                               lang=lang or None, min_chars=min_chars, max_chars=max_chars, config=hub_config,
@@ -106,24 +121,6 @@ def generate(
         _fail(str(e))
     if not queries:
         _fail(f"source {source!r} gave no queries")
-
-    # Local teachers batch concurrent requests; a couple of batches in flight keeps them full while
-    # letting queries finish (and the progress bar move) in waves.
-    concurrency = concurrency or (2 * batch_size if local else 32)
-    is_constrained = mode == "persona_cot" and (default_constrained(teacher) if constrained is None else constrained)
-    cfg = PipelineConfig(
-        mode=mode,
-        constrained=is_constrained,
-        allow_both_poles=allow_both_poles,
-        poles_per_cue=poles_per_cue,
-        single_call=single_call,
-        concurrency=concurrency,
-        response_tokens=max_new_tokens or (LOCAL_RESPONSE_TOKENS if local else 1024),
-        temperature=temperature,
-        trim_truncated=is_constrained or (local and mode != "persona_cot"),
-        repetition_penalty=1.2 if local else 1.0,
-        max_endpoint_failures=max_endpoint_failures,
-    )
     opts = TeacherOptions(base_url=base_url, api_key=api_key, max_in_flight=concurrency, timeout=timeout,
                           max_retries=max_retries, backoff=backoff, batch_size=batch_size, device=device, dtype=dtype)
     opts.max_rate_limit_wait = max_rate_limit_wait
@@ -153,17 +150,12 @@ def generate(
     typer.echo(json.dumps(summary.as_dict()), err=False)
 
 
-def _check_retry_options(retry_reasons: list[str], max_endpoint_failures: str) -> None:
-    from personafuse.data.persona_cot import endpoint_failure_limit
+def _check_retry_reasons(retry_reasons: list[str]) -> None:
     from personafuse.data.validation import REJECT_REASONS
 
     for r in retry_reasons:
         if r not in REJECT_REASONS:
             _fail(f"--retry-reasons {r!r}: known reasons are {', '.join(REJECT_REASONS)}")
-    try:
-        endpoint_failure_limit(max_endpoint_failures, 0)
-    except ValueError as e:
-        _fail(str(e))
 
 
 def _stop(e: Exception, summary: RunSummary) -> None:

@@ -9,8 +9,12 @@ from typing import Annotated, Any
 
 import typer
 
+from personafuse.configs import default, option
 from personafuse.devices import DeviceOpt, DtypeOpt, cli_placement, placement_line
 from personafuse.evaluation.benchmarks import BENCHMARKS  # the --benchmarks help lists the registry
+from personafuse.evaluation.config import EvalConfig
+
+E = EvalConfig  # the eval options that set its fields take their defaults and help from it
 
 
 def _parse_options(values: list[str] | None) -> dict[str, dict[str, Any]]:
@@ -35,22 +39,22 @@ def _short(v: Any) -> str:
 
 
 def eval_command(
-    model: Annotated[str, typer.Option(help="default | base | hf:ID_OR_PATH | lora:DIR | openai:MODEL | pf:DIR")] = "default",
-    benchmarks: Annotated[str, typer.Option(help="comma-separated: " + ",".join(BENCHMARKS))] = "emobench,eqbench,gsm8k",
-    out: Annotated[Path, typer.Option(help="run directory (results.json + NAME.jsonl); resumed if it exists")] = Path("runs/eval"),
-    data: Annotated[str | None, typer.Option(help="folder laid out like ../shared/benchdata, or one benchmark's file")] = None,
-    limit: Annotated[int | None, typer.Option(help="seeded subsample of N items per benchmark")] = None,
-    seed: Annotated[int, typer.Option(help="sampling, option shuffles and routing seed")] = 0,
-    item_seed: Annotated[int, typer.Option("--item-seed", help="which items --limit picks; the same for every --seed, so seeds compare the same items")] = 0,
-    routing: Annotated[str | None, typer.Option(help="PersonaFuse routing: router | fixed:POLE=W,... | random:K | pole:NAME | top_k:K")] = None,
+    model: Annotated[str, option(E, "model")] = default(E, "model"),
+    benchmarks: Annotated[str, option(E, "benchmarks", help="comma-separated: " + ",".join(BENCHMARKS))] = ",".join(default(E, "benchmarks")),
+    out: Annotated[Path, option(E, "out")] = Path(default(E, "out")),
+    data: Annotated[str | None, option(E, "data")] = default(E, "data"),
+    limit: Annotated[int | None, option(E, "limit")] = default(E, "limit"),
+    seed: Annotated[int, option(E, "seed")] = default(E, "seed"),
+    item_seed: Annotated[int, option(E, "item_seed", "--item-seed")] = default(E, "item_seed"),
+    routing: Annotated[str | None, option(E, "routing")] = default(E, "routing"),
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL for openai:MODEL")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key for openai:MODEL (else OPENAI_API_KEY)")] = None,
-    judge: Annotated[str | None, typer.Option(help="judge for " + "/".join(n for n, c in BENCHMARKS.items() if c.needs_judge) + ": openai:MODEL, hf:PATH, default or base (the embedded model)")] = None,
+    judge: Annotated[str | None, option(E, "judge", help="judge for " + "/".join(n for n, c in BENCHMARKS.items() if c.needs_judge) + ": openai:MODEL, hf:PATH, default or base (the embedded model)")] = default(E, "judge"),
     judge_base_url: Annotated[str | None, typer.Option(help="base URL of the judge endpoint")] = None,
     judge_api_key: Annotated[str | None, typer.Option(help="API key of the judge endpoint")] = None,
-    batch_size: Annotated[int, typer.Option(help="generation batch size")] = 8,
-    system_prompt: Annotated[str | None, typer.Option(help="system message put first in every chat prompt (prompting baselines); raw-completion prompts get none")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="override every benchmark's generation length")] = None,
+    batch_size: Annotated[int, option(E, "batch_size")] = default(E, "batch_size"),
+    system_prompt: Annotated[str | None, option(E, "system_prompt")] = default(E, "system_prompt"),
+    max_new_tokens: Annotated[int | None, option(E, "max_new_tokens")] = default(E, "max_new_tokens"),
     option: Annotated[list[str] | None, typer.Option("--option", "-o", help="BENCHMARK.KEY=VALUE, e.g. eqbench.version=v1, emobench.language=zh")] = None,
     overwrite: Annotated[bool, typer.Option(help="start the run directory afresh")] = False,
     progress: Annotated[bool, typer.Option(help="progress bars")] = True,
@@ -73,7 +77,7 @@ def eval_command(
     from personafuse.evaluation.cot_prompting import with_persona_cot
     from personafuse.evaluation.data import DataError
     from personafuse.evaluation.report import summary_table
-    from personafuse.evaluation.runner import EvalConfig, RunMismatch, Runner
+    from personafuse.evaluation.runner import RunMismatch, Runner
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
     quiet_loading()  # the run shows its own progress; no transformers bar per model load

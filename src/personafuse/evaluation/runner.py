@@ -15,44 +15,18 @@ import os
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from personafuse.chat import Generation
 from personafuse.evaluation.benchmarks import Benchmark, Item, ScoreContext, get_benchmark
 from personafuse.evaluation.benchmarks.base import prompt_hash
+from personafuse.evaluation.config import EvalConfig as EvalConfig  # re-exported: its old home
 from personafuse.evaluation.data import subsample
 from personafuse.fileio import atomic_write, end_torn_tail, read_jsonl
 
 RESULTS = "results.json"
-
-
-@dataclass
-class EvalConfig:
-    model: str
-    benchmarks: list[str]
-    out: str
-    data: str | None = None
-    limit: int | None = None
-    seed: int = 0
-    item_seed: int = 0  # the --limit subsample: the same items whatever --seed (seeds compare alike)
-    judge: str | None = None
-    routing: str | None = None
-    batch_size: int = 8
-    chunk_size: int = 16  # items generated and written per step (the unit of resumption)
-    max_new_tokens: int | None = None  # override every benchmark's default
-    system_prompt: str | None = None
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-benchmark options
-    # Persona-CoT prompting (evaluation.cot_prompting): reasoning tokens before the answer; None: off
-    persona_cot: int | None = None
-
-    def identity(self) -> dict[str, Any]:
-        """What must match for a directory to be resumed (limit and batch sizes may change)."""
-        out = {"model": self.model, "seed": self.seed, "routing": self.routing, "judge": self.judge, "options": self.options, "max_new_tokens": self.max_new_tokens, "system_prompt": self.system_prompt}
-        if self.persona_cot is not None:  # only when on: directories written before it still resume
-            out["persona_cot"] = self.persona_cot
-        return out
 
 
 def _cot_field(gens: Sequence[Generation]) -> dict[str, Any]:
