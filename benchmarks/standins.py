@@ -1,6 +1,6 @@
 """Local stand-ins for what the large reproduce presets fetch: random models of the presets' own
 architecture families, the four Hub query datasets as small files in each dataset's own schema, and
-a judge on loopback. Used by tests/test_reproduce_presets.py (tiny widths, CPU) and
+a judge on loopback. Used by tests/reproduce/test_reproduce_presets.py (tiny widths, CPU) and
 benchmarks/gpu_e2e.sh (Llama-3.1-8B width, made on the device; nothing large is carried).
 
     python benchmarks/standins.py --out DIR [--family llama3] [--width 8b] [--layers 2] [--device cuda]

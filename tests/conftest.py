@@ -306,9 +306,10 @@ def write_jsonl(path, rows) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, whole files go to the workers in collection order (`--dist loadfile`,
-    so a module's fixtures are built once); the files with slow tests go first, then those that load
-    the embedded model, so the longest ones never start last and leave one worker idle (longest
-    first). Within a file the order stays as written."""
+    so a module's fixtures are built once; `make test` passes `--no-loadscope-reorder`, without which
+    xdist re-sorts the files by test count and this order is lost); the files with slow tests go
+    first, then those that load the embedded model, so the longest ones never start last and leave
+    one worker idle (longest first). Within a file the order stays as written."""
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
     rank: dict[str, int] = {}

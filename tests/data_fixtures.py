@@ -1,4 +1,4 @@
-"""Shared fixtures for tests/test_data_*.py (a plain module, so it never clashes with a conftest.py)."""
+"""Shared fixtures for tests/data/test_data_*.py (a plain module, so it never clashes with a conftest.py)."""
 
 from __future__ import annotations
 

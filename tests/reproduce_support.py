@@ -1,4 +1,4 @@
-"""A tiny experiment for tests/test_reproduce_*.py: random 2-layer Llamas (the embedded
+"""A tiny experiment for tests/reproduce/test_reproduce_*.py: random 2-layer Llamas (the embedded
 tokenizer) as base and encoder, the stub teacher on loopback, two benchmarks on fixture data."""
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import pytest
 from personafuse.data.schema import RECORD_KEYS, RecordError, make_record, read_record
 from personafuse.training.records import load_records
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "data.md"
 
 
 def _fields(**over):

@@ -18,8 +18,8 @@ import pytest
 
 from serve_support import CHROMIUM, CHROMIUM_ARGS
 
-ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 OWNER_KEY = "owner-key-for-the-test"
 
 

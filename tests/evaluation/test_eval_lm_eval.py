@@ -366,7 +366,7 @@ def test_documented_command_line(tmp_path: Path, entry: str) -> None:
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     _write_tasks(tasks)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     out = subprocess.run(
         [*([str(Path(sys.executable).parent / "lm_eval")] if entry == "lm_eval" else [sys.executable, "-m", "personafuse.evaluation.lm_eval_model"]),
@@ -405,7 +405,7 @@ def test_lm_eval_gsm8k_and_personafuse_eval_agree_item_by_item(tmp_path: Path) -
         "dataset_kwargs": {"data_files": {"train": str(folder / "train.jsonl"), "test": str(folder / "test.jsonl")}}}))  # fmt: skip
     for f in ("gsm8k_local.yaml", "gsm8k_local.py"):  # one --include_path holds both tasks
         shutil.copy(TASKS_DIR / f, tasks / f)
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
     out = subprocess.run(

@@ -71,7 +71,7 @@ def _gsm_items(tmp_path: Path) -> list:
     p = tmp_path / "test.jsonl"
     rows = [{"question": f"Q{i}?", "answer": f"Work {i}.\n#### {g}"} for i, (g, *_rest) in enumerate(GSM8K_CASES)]
     p.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    # the shots come from train.jsonl beside it (tests/test_eval_parity_gsm8k_fewshot.py checks them)
+    # the shots come from train.jsonl beside it (tests/evaluation/test_eval_parity_gsm8k_fewshot.py checks them)
     (tmp_path / "train.jsonl").write_text((FIXTURE_BENCHDATA / "gsm8k" / "train.jsonl").read_text())
     b = get_benchmark("gsm8k")
     return [b, b.load(p)]

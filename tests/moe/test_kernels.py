@@ -14,7 +14,7 @@ import torch
 
 from personafuse.moe import kernels
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _interpret(code: str) -> str:

@@ -77,7 +77,7 @@ def test_the_plan_runs_each_cell_after_what_it_needs(tmp_path: Path):
     # a train cell reads its own records and every data cell (the ids all modes accepted, issue 30)
     every = ("data/persona_cot", "data/direct", "data/human_like")
     assert next(c for c in cells if c.name == "train/personafuse/seed1").needs == ("relabel/persona_cot", *every)
-    # Random Route k reuses PersonaFuse's warm-up experts (tests/test_random_route.py: they are the same)
+    # Random Route k reuses PersonaFuse's warm-up experts (tests/training/test_random_route.py: they are the same)
     assert next(c for c in cells if c.name == "train/random_route_2/seed1").needs == ("relabel/persona_cot", "train/personafuse/seed1", *every)
     assert next(c for c in cells if c.name == "train/direct_ft/seed1").needs == ("data/direct", "data/persona_cot", "data/human_like")
     assert next(c for c in cells if c.name == "eval/base/seed0").needs == ()

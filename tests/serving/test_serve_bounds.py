@@ -249,7 +249,7 @@ def test_sigterm_drains_within_the_bound(tmp_path):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    script = DRAIN_SCRIPT.format(tests=str(Path(__file__).parent), port=port)
+    script = DRAIN_SCRIPT.format(tests=str(Path(__file__).resolve().parents[1]), port=port)
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-c", script], env=env)
     url = f"http://127.0.0.1:{port}"

@@ -16,7 +16,7 @@ from personafuse.traits import TRAIT_POLES
 from serve_support import CHROMIUM, CHROMIUM_ARGS, LiveServer
 
 torch.set_num_threads(1)
-ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+ARTIFACTS = Path(os.environ.get("PERSONAFUSE_TEST_ARTIFACTS", Path(__file__).resolve().parents[2] / "test-artifacts"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 pytestmark = pytest.mark.e2e
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def test_default_model_server():

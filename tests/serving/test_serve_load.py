@@ -13,7 +13,7 @@ from conftest import build_tiny
 from personafuse.serving import ServeConfig, create_app
 from serve_support import LiveServer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 from serve_load import run_load  # noqa: E402
 
 torch.set_num_threads(1)

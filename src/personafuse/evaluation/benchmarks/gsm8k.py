@@ -57,7 +57,7 @@ from personafuse.evaluation.benchmarks.base import (
 from personafuse.evaluation.data import DataError, field, hub_path, read_jsonl
 
 HUB_ID = "openai/gsm8k"
-LM_EVAL_VERSION = "0.4.13"  # the pin these transcriptions were checked against (tests/test_eval_parity_*)
+LM_EVAL_VERSION = "0.4.13"  # the pin these transcriptions were checked against (tests/evaluation/test_eval_parity_*)
 TASK_YAML = "gsm8k/gsm8k.yaml"
 TASK_VERSION = 3.0
 INVALID = "[invalid]"  # lm-eval's RegexFilter fallback
