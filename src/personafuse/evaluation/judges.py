@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse.configs import config_class
 from personafuse.evaluation.data import DataError
 
 # ---------------------------------------------------------------------------------------------
@@ -41,7 +42,7 @@ DEFAULT_ATTEMPTS = 2  # release 7f1b7f5 hard-codes ``for _ in range(2)``; later 
 ELO_CLIP = 4800.0  # |rating gap| cap (a win rate of 1e-12 from 0 or 1): keeps a no-win side finite
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class ArenaJudgeConfig:
     """What ``judge_config.yaml`` fixes for the judge (read, never restated in our code)."""
 

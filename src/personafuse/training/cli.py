@@ -87,7 +87,9 @@ def train(
         try:
             tc = dataclasses.replace(tc, random_route=random_route)
         except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--random-route") from None
+            from personafuse.configs import config_message
+
+            raise typer.BadParameter(config_message(e), param_hint="--random-route") from None
     final = _run(run_train, tc, stage, resume=resume)
     _say(f"[green]done[/green]: model saved to {final}")
     _say(f"loss logs and curves: {Path(tc.out)}/<stage>/losses.jsonl, loss.png, tensorboard/")
