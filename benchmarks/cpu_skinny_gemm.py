@@ -185,7 +185,7 @@ def c_mixture_forward(lib: ctypes.CDLL, layer: MixtureLinear, c_base: bool):
     torch_forward = type(layer).forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        live = LIVE[self._key] if self._key in LIVE else self.state.live  # noqa: SIM401
+        live = LIVE[self.live_key] if self.live_key in LIVE else self.state.live  # noqa: SIM401
         w = live.expanded
         x2 = x.reshape(-1, x.shape[-1])
         if w is None or live.expert_index is not None or torch.is_grad_enabled() or x2.shape[0] > 32:

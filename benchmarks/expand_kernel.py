@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from mixture_throughput import cuda_graph_us  # noqa: E402
 from personafuse.moe.mixture import MixtureLinear, MixtureState  # noqa: E402
-from personafuse.moe.packing import group_layers  # noqa: E402
+from personafuse.moe.packing import group_layers, group_of  # noqa: E402
 
 
 def build(hidden: int, kv: int, inter: int, device, dtype):
@@ -59,8 +59,22 @@ def build(hidden: int, kv: int, inter: int, device, dtype):
             m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.05)
         setattr(layer, f"{name}_proj", m.to(device=device, dtype=dtype))
     group_layers(layer, state)  # q/k/v and gate/up packed together, o and down alone
-    layer.gate_proj._group.act = "silu"  # Llama's MLP activation, for the fused_act layout
-    return state, {name: getattr(layer, f"{name}_proj") for name in shapes}
+    group_of(layer.gate_proj).act = "silu"  # Llama's MLP activation, for the fused_act layout
+    return state, Projections(layer, list(shapes))
+
+
+class Projections:
+    """The layer's projections by short name, read from the layer at each access: packing swaps its
+    own layer type (PackedMixtureLinear) in while packed, so a reference kept from before is stale."""
+
+    def __init__(self, layer: nn.Module, names: list[str]) -> None:
+        self.layer, self.names = layer, names
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return getattr(self.layer, f"{name}_proj")
+
+    def items(self) -> list[tuple[str, nn.Module]]:
+        return [(n, self[n]) for n in self.names]
 
 
 def main() -> None:
@@ -102,7 +116,7 @@ def main() -> None:
         def run_fused_act(inputs=inputs):
             gate = mods["gate"]
             outs = [mods[n](inputs[n]) for n in ("q", "k", "v", "o")]
-            act = gate._group.compute_act(inputs["gate"], state.expanded.squeeze(1))
+            act = group_of(gate).compute_act(inputs["gate"], state.expanded.squeeze(1))
             return [*outs, act, mods["down"](inputs["down"])]
 
         # name: (pass, pack, fuse)

@@ -7,6 +7,7 @@ import torch
 
 from conftest import build_tiny, tiny_causal_lm
 from personafuse.moe.mixture import MixtureLinear, MixtureState, inject_mixture
+from personafuse.moe.packing import PackedMixtureLinear, group_of
 from personafuse.training.stages import set_activation_checkpointing
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -220,8 +221,8 @@ def test_inference_packs_each_group_and_copies_nothing():
     layers = pf.mixture_layers
     q, k, v, o = (layers[f"model.layers.0.self_attn.{n}"] for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
     gate, up = layers["model.layers.0.mlp.gate_proj"], layers["model.layers.0.mlp.up_proj"]
-    assert q._group is k._group is v._group and gate._group is up._group
-    assert len(o._group.members) == 1 and o._group is not q._group
+    assert group_of(q) is group_of(k) is group_of(v) and group_of(gate) is group_of(up)
+    assert len(group_of(o).members) == 1 and group_of(o) is not group_of(q)
     ids = torch.randint(7, 150, (3, 6), generator=torch.Generator().manual_seed(3))
     w = random_weights(3, seed=4)
     before = _param_bytes(pf)
@@ -235,7 +236,7 @@ def test_inference_packs_each_group_and_copies_nothing():
         n_mm = _matmuls(lambda: pf(ids, weights=w))
         packed = pf(ids, weights=w).logits
     torch.testing.assert_close(packed, plain, atol=1e-6, rtol=1e-5)
-    group = q._group
+    group = group_of(q)
     assert group.weight is not None and not group.fused  # no Triton on CPU: the torch expand
     storage = group.weight.untyped_storage().data_ptr()
     for m in (q, k, v):  # base weights and A are row views of P, B row views of the stacked B
@@ -260,6 +261,8 @@ def test_group_outputs_live_for_one_forward_only():
     x = torch.randn(2, 5, q.in_features, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         pf(ids, weights=w)
+        q = pf.mixture_layers["model.layers.0.self_attn.q_proj"]  # the packed layer swapped in
+        assert isinstance(q, PackedMixtureLinear)
         assert pf.state.shared is None  # siblings' shared outputs are released with the forward
         with pf.state.use(w):
             with pytest.raises(IndexError):  # a failing forward must not leave a stale dict behind
@@ -268,7 +271,7 @@ def test_group_outputs_live_for_one_forward_only():
             alone = q(x)  # a layer called outside a model forward computes its group itself
     with torch.enable_grad(), pf.state.use(w):
         plain = q(x).detach()
-    assert q._group.weight is not None
+    assert q.group.weight is not None
     torch.testing.assert_close(alone, plain, atol=1e-6, rtol=1e-5)
 
 
@@ -295,9 +298,9 @@ def test_pack_follows_in_place_updates_reassignment_moves_and_training():
     assert not torch.allclose(first, changed)
     k.lora_A.data = k.lora_A.data * 0.5  # new storage: the stale pack must not be used
     both()
-    assert k._group.weight is not None  # ... and the next routing decision packs again
+    assert group_of(k).weight is not None  # ... and the next routing decision packs again
     pf.to(torch.float64)  # .to() gives all parameters new storage
-    assert both().dtype == torch.float64 and k._group.weight.dtype == torch.float64
+    assert both().dtype == torch.float64 and group_of(k).weight.dtype == torch.float64
     pf.to(torch.float32)
 
     # Train after packing (inside inference mode): the optimiser's update reaches the pack.
@@ -311,6 +314,32 @@ def test_pack_follows_in_place_updates_reassignment_moves_and_training():
         pf(ids, weights=w).logits.square().mean().backward()
     opt.step()
     both()
+
+
+def test_packing_swaps_its_layer_type_in_and_back_out():
+    """Packing swaps a PackedMixtureLinear in for each member (vLLM-style), over the same tensors,
+    and unpacking swaps plain layers back: the plain layer holds nothing about packing."""
+    pf = build_tiny()
+    pf.state.pack = True
+    names = list(pf.mixture_layers)
+    plain = pf.mixture_layers
+    keys = list(pf.base_model.state_dict())
+    assert not any(isinstance(m, PackedMixtureLinear) for m in plain.values())
+    assert not any(hasattr(m, a) for m in plain.values() for a in ("group", "lo", "hi", "fuse_act"))
+    with torch.no_grad():
+        pf.state.set(random_weights(2, seed=1))  # packs
+    packed = pf.mixture_layers
+    assert list(packed) == names and all(type(m) is PackedMixtureLinear for m in packed.values())
+    assert pf.state.layers == list(packed.values())  # the state's list follows the swap
+    assert list(pf.base_model.state_dict()) == keys  # same names: checkpoints see no difference
+    for n in names:  # the same tensors, nothing copied
+        assert packed[n].base is plain[n].base and packed[n].lora_A is plain[n].lora_A and packed[n].lora_B is plain[n].lora_B
+    q = packed["model.layers.0.self_attn.q_proj"]
+    assert (q.slot, q.bit, q.all_bits, q.lo, q.hi) == (group_of(q).slot, 1, 7, 0, q.out_features)
+    pf.state.invalidate_packs()
+    back = pf.mixture_layers
+    assert all(type(m) is MixtureLinear for m in back.values()) and pf.state.layers == list(back.values())
+    assert all(back[n].lora_A is plain[n].lora_A for n in names)
 
 
 def test_packed_model_saves_and_reloads(tmp_path):
@@ -339,7 +368,7 @@ def test_packed_forward_compiles_without_graph_breaks():
     torch._dynamo.utils.counters.clear()  # reset() keeps earlier tests' counts
     with torch.no_grad():
         pf.state.set(w)  # packs, from a fresh state
-        assert pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group.weight is not None
+        assert pf.mixture_layers["model.layers.0.self_attn.q_proj"].group.weight is not None
         compiled = torch.compile(model, backend="eager", fullgraph=True)
         outs = [compiled(ids, use_cache=False).logits for _ in range(2)]
         # the second call reuses the graph: the pack's bookkeeping ends each call as it began
@@ -360,7 +389,7 @@ def test_dropped_pack_frees_its_storage():
     w = random_weights(2, seed=1)
     with torch.no_grad():
         pf.state.set(w)  # packs
-    group = pf.mixture_layers["model.layers.0.self_attn.q_proj"]._group
+    group = pf.mixture_layers["model.layers.0.self_attn.q_proj"].group
     old_expand = weakref.ref(group.expand)
     pf.to(torch.float64)  # new storage everywhere: the old pack must not be kept alive
     gc.collect()

@@ -8,6 +8,7 @@ import torch
 
 from conftest import build_tiny as _build_tiny
 from conftest import synthetic_records, write_jsonl
+from personafuse.moe.packing import group_of
 from personafuse.training.config import StageConfig, TrainConfig
 from personafuse.training.records import RecordError, load_records
 from personafuse.training.stages import run_joint, run_router, run_warmup
@@ -404,7 +405,7 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     pf.state.set(None)
     with torch.no_grad():  # inference after training sees the trained adapters, packed or not
         packed = pf(ids, weights=w).logits
-        pack = layer._group.weight
+        pack = group_of(layer).weight
         assert pack is not None and layer.lora_A.untyped_storage().data_ptr() == pack.untyped_storage().data_ptr()
         pf.state.pack = False
         pf.state.invalidate_packs()

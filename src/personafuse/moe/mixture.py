@@ -10,7 +10,8 @@ exact sum of the experts' outputs, computed as one rank-80 LoRA: no Python loop 
 no per-request merge. ``expand`` repeats each weight r times and folds in alpha/r; it is computed
 once per routing decision (:meth:`MixtureState.set`) and shared by every layer, so each adapted
 layer costs two skinny matmuls and one multiply. At inference on accelerators, sibling layers
-(q/k/v, gate/up) go further and share two kernels in all (:mod:`personafuse.moe.packing`).
+(q/k/v, gate/up) go further and share two kernels in all: :mod:`personafuse.moe.packing` swaps its
+own layer type in for theirs while packed.
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ class MixtureState:
         if self._synced == self.key and not force:
             return
         for m in self.layers:
-            m._key = self.key
+            m.live_key = self.key
         self._synced = self.key
 
     def __getstate__(self) -> dict:
@@ -161,6 +162,11 @@ class MixtureState:
             for fn in self.on_inference_weights:
                 fn(self, weights)
 
+    def replace_layers(self, swaps: dict[int, MixtureLinear]) -> None:
+        """Put each ``swaps[id(old)]`` in place of ``old`` in :attr:`layers` (the caller has swapped
+        it into the model: packing swaps its layer type in and out)."""
+        self.layers = [swaps.get(id(m), m) for m in self.layers]
+
     def invalidate_packs(self) -> None:
         """Call after giving parameters new storage by hand (``param.data = ...``)."""
         for group in self.groups:
@@ -193,24 +199,31 @@ class MixtureState:
 
 
 class MixtureLinear(nn.Module):
-    """A frozen ``nn.Linear`` plus ten stacked LoRA experts mixed by per-row weights."""
+    """A frozen ``nn.Linear`` plus ten stacked LoRA experts mixed by per-row weights.
 
-    def __init__(self, base: nn.Linear, state: MixtureState, dropout: float = 0.0) -> None:
+    ``experts``: an existing layer's ``(lora_A, lora_B)`` to share rather than new ones (a layer
+    of another type over the same tensors, as packing swaps in: nothing copied or initialised).
+    """
+
+    def __init__(
+        self,
+        base: nn.Linear,
+        state: MixtureState,
+        dropout: float = 0.0,
+        experts: tuple[nn.Parameter, nn.Parameter] | None = None,
+    ) -> None:
         super().__init__()
         self.base = base
         self.state = state
+        self.dropout_p = float(dropout)
+        self.live_key = state.key  # this state's entry in LIVE
+        if experts is not None:
+            self.lora_A, self.lora_B = experts
+            return
         e, r = state.num_experts, state.r
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.lora_A = nn.Parameter(torch.empty(e * r, base.in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, e * r, **factory))
-        self.dropout_p = float(dropout)
-        self._key = state.key  # this state's entry in LIVE
-        # Packed inference (PackedGroup): the group, whether it is packed now, and this layer's
-        # place in it, as plain values on the layer so siblings never reach the group in a forward.
-        self._group: Any = None  # a personafuse.moe.packing.PackedGroup, set by packing.group_layers
-        self._packed = False
-        self._slot = self._bit = self._all = self._lo = self._hi = 0
-        self._fuse_act = 0  # on an MLP's gate: 0 off, 1 inside torch.compile, 2 always (_MLPForward)
         self.reset_parameters()
 
     @property
@@ -238,11 +251,12 @@ class MixtureLinear(nn.Module):
         return self.lora_A[i * r : (i + 1) * r], self.lora_B[:, i * r : (i + 1) * r]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``W x + ((x A_cat^T) * w) B_cat^T`` (the module docstring), by one of four paths that
+        """``W x + ((x A_cat^T) * w) B_cat^T`` (the module docstring), by one of three paths that
         compute the same sum: one expert per row (set_experts), training (the formula as written,
-        autograd-friendly), packed inference (PackedGroup) and plain inference (in place)."""
+        autograd-friendly) and inference (in place). Packed inference is a fourth, in the layer type
+        packing swaps in (:class:`personafuse.moe.packing.PackedMixtureLinear`)."""
         # (not LIVE.get(key, self.state.live): that would reach the state on every call, see LIVE)
-        live = LIVE[self._key] if self._key in LIVE else self.state.live  # noqa: SIM401
+        live = LIVE[self.live_key] if self.live_key in LIVE else self.state.live  # noqa: SIM401
         if live.expert_index is not None:
             base = self.base
             return F.linear(x, base.weight, base.bias) + self._one_expert_per_row(x, live.expert_index)
@@ -256,44 +270,17 @@ class MixtureLinear(nn.Module):
             if self.dropout_p and self.training:
                 x = F.dropout(x, self.dropout_p)
             return y + F.linear(F.linear(x, self.lora_A) * w, self.lora_B)
-        # Inference: no autograd graph to protect, so fewer, in-place ops (see PackedGroup).
-        if self._packed:
-            return self._packed_forward(x, w, live.shared)
+        # Inference: no autograd graph to protect, so fewer, in-place ops.
         y = F.linear(x, self.base.weight, self.base.bias)
         h = F.linear(x, self.lora_A).mul_(w)
         y.view(-1, y.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), self.lora_B.t())
         return y
 
-    def _packed_forward(self, x: torch.Tensor, w: torch.Tensor, shared: dict[int, list] | None) -> torch.Tensor:
-        """The first sibling to run computes the whole group and leaves it in ``shared`` (a dict
-        that lives for one forward of the model) for the others; each returns its slice.
-
-        Why a per-forward dict, not a cache on the group: state written inside a compiled region
-        onto objects that outlive it is replayed by Dynamo after every call, one attribute path
-        per group (1.4 ms per decode step at 32 layers, measured). Without the dict (a layer
-        called outside a model forward) the layer computes its group itself."""
-        if shared is None:
-            return self._group.compute(x, w)[..., self._lo : self._hi]
-        entry = shared.get(self._slot)
-        if entry is None or entry[0] is not x or entry[2] & self._bit:
-            entry = shared[self._slot] = [x, self._group.compute(x, w), 0]
-        entry[2] |= self._bit
-        if entry[2] == self._all:  # every sibling served: free the output as soon as possible
-            shared.pop(self._slot, None)
-        return entry[1][..., self._lo : self._hi]
-
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         # A copy's state gets a new key (MixtureState.__setstate__); until it hands it out
         # (_sync_layers) this layer reads its state's live values directly.
-        self._key = -1
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .half() / .cuda() give every parameter new storage: the pack no longer aliases it.
-        out = super()._apply(fn, recurse)
-        if self._group is not None:
-            self._group.invalidate()
-        return out
+        self.live_key = -1
 
     def _one_expert_per_row(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         # Gather row b's (A_i, B_i) and run two batched matmuls: the same sum as the stacked path

@@ -6,6 +6,14 @@ weights and shrinks as one matrix and its expands as another, and runs the group
 (the expand in Triton, :mod:`personafuse.moe.kernels`). :func:`group_layers` forms the groups when the
 mixture is injected; :meth:`personafuse.moe.mixture.MixtureState.set` packs them once per routing
 decision. The sum computed is the mixture's own (:mod:`personafuse.moe.mixture`), to float rounding.
+
+A packed group's members are layers of this module's own type, :class:`PackedMixtureLinear`, swapped
+into the model in place of the plain ``MixtureLinear`` when the group packs and swapped back when
+it unpacks, as vLLM swaps its LoRA layer types in for the model's linears (``from_layer`` and
+``replace_submodule`` in vllm-project/vllm@001e63a89b474b88345fd72912fe068c4ae83f41,
+vllm/lora/utils.py). The swapped-in layer shares the plain one's parameters (the same tensors, so
+state-dict names, optimisers and checkpoints see no difference) and carries its place in the pack;
+the plain layer carries nothing about packing.
 """
 
 from __future__ import annotations
@@ -18,6 +26,60 @@ from torch import nn
 
 from personafuse.moe import kernels
 from personafuse.moe.mixture import LIVE, MixtureLinear, MixtureState, rows_of
+
+
+class PackedMixtureLinear(MixtureLinear):
+    """A mixture layer whose sibling group is packed: :class:`PackedGroup` swaps one in for each
+    member when it packs (the same base layer, experts and state as the plain layer it replaces)
+    and a plain :class:`MixtureLinear` back when it unpacks. Only its inference path differs: the
+    first sibling called computes the whole group, each returns its slice.
+
+    Its place in the pack is held as plain values on the layer, so siblings never reach the group
+    in a forward: ``slot`` (the group's index in ``state.groups``), ``bit``/``all_bits`` (which
+    siblings have read the shared output), ``lo:hi`` (its output columns) and, on an MLP's gate,
+    ``fuse_act`` (0 off, 1 inside torch.compile, 2 always; read by :class:`_MLPForward`).
+    """
+
+    def __init__(self, layer: MixtureLinear, group: PackedGroup, pos: int, lo: int, hi: int) -> None:
+        super().__init__(layer.base, layer.state, layer.dropout_p, experts=(layer.lora_A, layer.lora_B))
+        self.training = layer.training
+        self.group = group
+        self.slot = group.slot
+        self.bit, self.all_bits = 1 << pos, (1 << len(group.members)) - 1
+        self.lo, self.hi = lo, hi
+        self.fuse_act = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        live = LIVE[self.live_key] if self.live_key in LIVE else self.state.live  # noqa: SIM401
+        w = live.expanded
+        if w is None or live.expert_index is not None or torch.is_grad_enabled() or (self.dropout_p and self.training):
+            return super().forward(x)  # the paths that never use the pack
+        return self._packed_forward(x, rows_of(w, x), live.shared)
+
+    def _packed_forward(self, x: torch.Tensor, w: torch.Tensor, shared: dict[int, list] | None) -> torch.Tensor:
+        """The first sibling to run computes the whole group and leaves it in ``shared`` (a dict
+        that lives for one forward of the model) for the others; each returns its slice.
+
+        Why a per-forward dict, not a cache on the group: state written inside a compiled region
+        onto objects that outlive it is replayed by Dynamo after every call, one attribute path
+        per group (1.4 ms per decode step at 32 layers, measured). Without the dict (a layer
+        called outside a model forward) the layer computes its group itself."""
+        if shared is None:
+            return self.group.compute(x, w)[..., self.lo : self.hi]
+        entry = shared.get(self.slot)
+        if entry is None or entry[0] is not x or entry[2] & self.bit:
+            entry = shared[self.slot] = [x, self.group.compute(x, w), 0]
+        entry[2] |= self.bit
+        if entry[2] == self.all_bits:  # every sibling served: free the output as soon as possible
+            shared.pop(self.slot, None)
+        return entry[1][..., self.lo : self.hi]
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .half() / .cuda() give every parameter new storage: the pack no longer aliases
+        # it, so the group unpacks (and swaps its plain layers back in).
+        out = super()._apply(fn, recurse)
+        self.group.invalidate()
+        return out
 
 
 class PackedGroup:
@@ -38,13 +100,16 @@ class PackedGroup:
     per byte, not per kernel, so there packing is off by default.
 
     Packing happens in :meth:`MixtureState.set` (once per routing decision, outside compiled
-    code), which first checks that the members still alias the pack. ``.to()``/``.half()`` drop the
-    pack (``MixtureLinear._apply``); after ``param.data = ...`` by hand, call
-    :meth:`MixtureState.invalidate_packs` or set the weights again.
+    code), which first checks that the members still alias the pack; it swaps a
+    :class:`PackedMixtureLinear` in for each member, and unpacking swaps plain layers back.
+    ``.to()``/``.half()`` drop the pack (``PackedMixtureLinear._apply``); after ``param.data = ...``
+    by hand, call :meth:`MixtureState.invalidate_packs` or set the weights again.
     """
 
-    def __init__(self, members: list[MixtureLinear]) -> None:
-        self.members = members
+    def __init__(self, members: list[MixtureLinear], places: list[tuple[nn.Module, str]], slot: int) -> None:
+        self.members = members  # the layers in the model now: PackedMixtureLinear while packed
+        self.places = places  # each member's (parent module, attribute name), for the swaps
+        self.slot = slot  # this group's index in state.groups
         self.weight: torch.Tensor | None = None  # P
         self.bias: torch.Tensor | None = None
         self.expand: torch.Tensor | None = None  # B, the members' lora_B stacked by rows
@@ -75,9 +140,17 @@ class PackedGroup:
         self.weight = self.bias = self.expand = None
         self._expand_plan = []  # its views would keep the old storage alive
         self._ptrs = ()
-        for m in self.members:
-            m._packed = False
-            m._fuse_act = 0
+        if any(isinstance(m, PackedMixtureLinear) for m in self.members):
+            self._swap([_plain(m) for m in self.members])
+        if self._mlp is not None and isinstance(self._mlp.__dict__.get("forward"), _MLPForward):
+            del self._mlp.forward  # nothing packed to fuse: the MLP runs its own forward
+
+    def _swap(self, layers: list[MixtureLinear]) -> None:
+        """Put ``layers`` into the model in the members' places (and the state's layer list)."""
+        for (parent, name), layer in zip(self.places, layers, strict=True):
+            setattr(parent, name, layer)
+        self.members[0].state.replace_layers({id(old): new for old, new in zip(self.members, layers, strict=True)})
+        self.members = layers
 
     @property
     def fused(self) -> bool:
@@ -88,15 +161,16 @@ class PackedGroup:
         """Pack if needed and possible; False keeps the members on the plain path."""
         self._fuse = fuse
         packed = self.ready() or self._pack(force)
-        gate = self.members[0]
-        gate._fuse_act = 0
+        mode = 0
         if packed and fuse_act and self.act is not None and self.fused:
-            gate._fuse_act = 2 if fuse else 1
+            mode = 2 if fuse else 1
+        if packed:
+            self.members[0].fuse_act = mode
         if self._mlp is not None:  # the MLP runs its own forward unless the activation is fused
             installed = isinstance(self._mlp.__dict__.get("forward"), _MLPForward)
-            if gate._fuse_act and not installed:
+            if mode and not installed:
                 self._mlp.forward = _MLPForward(self._mlp)
-            elif not gate._fuse_act and installed:
+            elif not mode and installed:
                 del self._mlp.forward
         return packed
 
@@ -150,8 +224,7 @@ class PackedGroup:
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
         self.weight, self.bias, self.expand = weight, bias, expand
-        for m, (lo, hi) in zip(ms, bounds, strict=True):
-            m._lo, m._hi, m._packed = lo, hi, True
+        self._swap([PackedMixtureLinear(m, self, pos, lo, hi) for pos, (m, (lo, hi)) in enumerate(zip(ms, bounds, strict=True))])
         self._ends = [hi for _, hi in bounds]
         rank = expand.shape[1]
         self._expand_plan = [  # (output columns, shrink columns, B_j^T view) per member
@@ -196,6 +269,13 @@ class PackedGroup:
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
+
+
+def _plain(layer: MixtureLinear) -> MixtureLinear:
+    """A plain MixtureLinear over ``layer``'s base, experts and state (what unpacking swaps back)."""
+    plain = MixtureLinear(layer.base, layer.state, layer.dropout_p, experts=(layer.lora_A, layer.lora_B))
+    plain.training = layer.training
+    return plain
 
 
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -243,12 +323,12 @@ class _MLPForward:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
         gate = mlp.gate_proj
-        mode = gate._fuse_act
+        mode = getattr(gate, "fuse_act", 0)  # a PackedMixtureLinear's; a plain layer has none
         if mode and (mode == 2 or torch.compiler.is_compiling()) and not torch.is_grad_enabled():
-            live = LIVE[gate._key] if gate._key in LIVE else gate.state.live  # noqa: SIM401
+            live = LIVE[gate.live_key] if gate.live_key in LIVE else gate.state.live  # noqa: SIM401
             w = live.expanded
             if w is not None and live.expert_index is None and not (gate.dropout_p and gate.training):
-                return mlp.down_proj(gate._group.compute_act(x, rows_of(w, x)))
+                return mlp.down_proj(gate.group.compute_act(x, rows_of(w, x)))
         return type(mlp).forward(mlp, x)
 
 
@@ -260,7 +340,7 @@ def pack_groups(state: MixtureState, weights: torch.Tensor) -> None:
     for group in state.groups:
         if group.ensure(force=state.pack is True, fuse=state.fuse, fuse_act=state.fuse_act) and group.fused and kernels.AUTOTUNE:
             kernels.tune(rows, rows, group.expand, group._ends)  # the decode shape; once per shape
-            if group.members[0]._fuse_act:
+            if group.members[0].fuse_act:
                 kernels.tune(rows, rows, group.expand, group._ends, act=group.act)
 
 
@@ -269,26 +349,34 @@ def group_layers(model: nn.Module, state: MixtureState) -> None:
     the sibling groups (every mixture layer is in one) on ``state`` and have ``state.set`` pack
     them for inference-style weights. Without this call the mixture runs unpacked."""
     for group in state.groups:
-        group.invalidate()
+        group.invalidate()  # packed layers back to plain ones first
     state.groups = []
     grouped: set[int] = set()
     for parent in model.modules():
         if isinstance(parent.__dict__.get("forward"), _MLPForward):
             del parent.forward  # regrouping: the next routing decision installs it again
         for names in SHARED_INPUT_GROUPS:
-            members = [getattr(parent, n, None) for n in names]
-            members = [m for m in members if isinstance(m, MixtureLinear)]
+            places = [(parent, n) for n in names if isinstance(getattr(parent, n, None), MixtureLinear)]
+            members = [getattr(parent, n) for _, n in places]
             if len(members) > 1 and len({m.in_features for m in members}) == 1:
-                group = PackedGroup(members)
+                group = PackedGroup(members, places, slot=len(state.groups))
                 group.act = _fusable_act(parent, members)
                 group._mlp = parent if group.act is not None else None
                 state.groups.append(group)
                 grouped.update(id(m) for m in members)
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, MixtureLinear) and id(m) not in grouped:
-            state.groups.append(PackedGroup([m]))
-    for slot, group in enumerate(state.groups):
-        for pos, m in enumerate(group.members):
-            m._group, m._slot, m._bit, m._all = group, slot, 1 << pos, (1 << len(group.members)) - 1
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            state.groups.append(PackedGroup([m], [(parent, child)], slot=len(state.groups)))
     if pack_groups not in state.on_inference_weights:
         state.on_inference_weights.append(pack_groups)
+
+
+def group_of(layer: MixtureLinear) -> PackedGroup:
+    """The packed group ``layer`` (plain or packed, in the model now or a reference kept from
+    before a swap) belongs to: the group whose member shares its experts."""
+    for group in layer.state.groups:
+        if any(m.lora_A is layer.lora_A for m in group.members):
+            return group
+    raise ValueError("this layer is in no packed group: call packing.group_layers(model, state) first")
