@@ -14,11 +14,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from personafuse.training import stages  # noqa: E402
+from test_training import build_tiny, make_tc  # noqa: E402
+
+from personafuse.training import loop  # noqa: E402
 from personafuse.training.config import StageConfig  # noqa: E402
 from personafuse.training.records import load_records  # noqa: E402
 from personafuse.training.stages import run_joint, run_warmup  # noqa: E402
-from test_training import build_tiny, make_tc  # noqa: E402
 
 STAGE = StageConfig(steps=3, batch_size=2, grad_accum=2, lr=0.5, micro_batch_size=3, max_grad_norm=0.05,
                     warmup_ratio=0.0, scheduler="linear", optimizer="sgd")
@@ -118,8 +119,8 @@ if __name__ == "__main__":
                 (out / "refused.txt").write_text(str(e))
         sys.exit(0)
     sharded_clips = []
-    original = stages._clip_per_expert_sharded
-    stages._clip_per_expert_sharded = lambda *a: sharded_clips.append(1) or original(*a)
+    original = loop._clip_per_expert_sharded
+    loop._clip_per_expert_sharded = lambda *a: sharded_clips.append(1) or original(*a)
     from personafuse.training import engine
 
     copies = []
