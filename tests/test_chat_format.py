@@ -15,9 +15,9 @@ from conftest import build_tiny, make_tokenizer, synthetic_records
 from personafuse import chat
 from personafuse.evaluation.subjects import HFSubject
 from personafuse.moe.router import router_inputs, router_text
+from personafuse.training.batching import Featurizer
 from personafuse.training.config import TrainConfig
 from personafuse.training.records import Record, encode_record
-from personafuse.training.stages import Featurizer
 
 torch.set_num_threads(1)
 

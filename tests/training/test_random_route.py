@@ -13,8 +13,9 @@ import torch
 from conftest import build_tiny, synthetic_records, write_jsonl
 from personafuse.moe.mixture import MixtureState
 from personafuse.training.config import StageConfig, TrainConfig
+from personafuse.training.objectives import random_route_weights
 from personafuse.training.records import load_records
-from personafuse.training.stages import random_route_weights, run_joint, train
+from personafuse.training.stages import run_joint, train
 
 
 def _records(tmp_path, n=40, seed=4):
