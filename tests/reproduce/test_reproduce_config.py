@@ -37,7 +37,7 @@ def test_yaml_and_dotted_overrides(tmp_path: Path):
         (["teacher.spec="], "teacher.spec"),
         (["teacher.spec=gpt4"], "teacher.spec"),
         (["eval.limt=3"], "eval.limt"),
-        (["seeds=[0, x]"], "seeds"),
+        (["seeds=[0, x]"], "seeds[1]"),
         (["eval.limit=0"], "eval.limit"),
         (["data.labeller=llm"], "data.labeller"),
         (["train=nowhere.yaml"], "train"),
