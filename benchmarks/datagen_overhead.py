@@ -24,7 +24,8 @@ import urllib.request
 from pathlib import Path
 
 from personafuse.data import prompts
-from personafuse.data.persona_cot import PipelineConfig, generate
+from personafuse.data.config import PipelineConfig
+from personafuse.data.run import generate
 from personafuse.data.sources import Query, seed_queries
 from personafuse.data.store import ShardStore
 from personafuse.data.teachers import OpenAITeacher

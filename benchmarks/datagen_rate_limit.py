@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from personafuse.data.persona_cot import PipelineConfig, generate
+from personafuse.data.config import PipelineConfig
+from personafuse.data.run import generate
 from personafuse.data.sources import seed_queries
 from personafuse.data.store import ShardStore
 from personafuse.data.stub_server import Faults, StubServer

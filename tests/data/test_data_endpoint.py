@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import lines, write_jsonl
-from personafuse.data.persona_cot import EndpointFailuresExceeded, PipelineConfig, RunSummary, generate
+from personafuse.data.config import PipelineConfig
 from personafuse.data.prompts import pole_label
+from personafuse.data.run import EndpointFailuresExceeded, RunSummary, generate
 from personafuse.data.sources import Query, seed_queries
 from personafuse.data.store import ShardStore
 from personafuse.data.stub_server import Faults, StubServer, _poles_for

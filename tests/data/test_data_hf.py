@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from data_fixtures import REPO, cli_env, lines
-from personafuse.data.persona_cot import PipelineConfig, generate
+from personafuse.data.config import PipelineConfig
+from personafuse.data.run import generate
 from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
 from personafuse.data.teachers import GenParams, HFTeacher, TeacherError, embedded_teacher_path, make_teacher

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import cli, lines, stub_server, write_jsonl
-from personafuse.data.persona_cot import PipelineConfig, generate
+from personafuse.data.config import PipelineConfig
+from personafuse.data.run import generate
 from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
 from personafuse.data.stub_server import StubServer

@@ -17,7 +17,7 @@ from personafuse.data.config import PipelineConfig
 from personafuse.devices import DeviceOpt, DtypeOpt
 
 if TYPE_CHECKING:
-    from personafuse.data.persona_cot import RunSummary
+    from personafuse.data.run import RunSummary
     from personafuse.data.sources import Query
     from personafuse.data.store import ShardStore
     from personafuse.data.teachers import Teacher
@@ -89,7 +89,7 @@ def generate(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Generate records for a query source; rerun the same command to resume after a crash."""
-    from personafuse.data.persona_cot import RunSummary
+    from personafuse.data.run import RunSummary
     from personafuse.data.sources import SourceError, load_source, parse_fields
     from personafuse.data.store import ShardStore, StoreError
     from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
@@ -161,7 +161,7 @@ def _check_retry_reasons(retry_reasons: list[str]) -> None:
 def _stop(e: Exception, summary: RunSummary) -> None:
     """A run that stopped or finished with too many endpoint failures: its counters, then why
     (exit 1 when every query was tried but too many failed at the endpoint, else 2)."""
-    from personafuse.data.persona_cot import EndpointFailuresExceeded
+    from personafuse.data.run import EndpointFailuresExceeded
 
     if summary.total:
         typer.echo(json.dumps(summary.as_dict()), err=False)
@@ -175,7 +175,7 @@ async def _run(queries: list[Query], teacher: Teacher, store: ShardStore, cfg: P
                retry_reasons: list[str], show: bool, summary: RunSummary) -> RunSummary:
     from tqdm import tqdm
 
-    from personafuse.data.persona_cot import generate as run_generate
+    from personafuse.data.run import generate as run_generate
 
     bar: tqdm | None = None
 

@@ -1,4 +1,4 @@
-"""The Persona-CoT procedure (three steps), the baseline modes, and the resumable run loop.
+"""The Persona-CoT procedure (three steps) and the baseline modes: one query to one record.
 
 Free mode (capable teachers): (1) cues as JSON, (2) poles per cue with reasons as JSON -> ``p``,
 (3) the response in headed sections with a rationale; or all three in one request
@@ -7,7 +7,9 @@ social cue and task cue and the response, but each cue's poles are chosen by com
 teacher's log-likelihood of the ten pole options, calibrated against a content-free prompt
 (so a model's general preference for some words does not decide the label).
 
-Every query ends as exactly one line: a record or a counted rejection that keeps the raw text.
+A query the teacher fails on raises a :class:`Rejection` carrying its :class:`QueryTrace` (raw
+replies, timings); the run loop over a whole source (:mod:`personafuse.data.run`) writes every query
+as exactly one line: a record or a counted rejection that keeps the raw text.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,11 +35,8 @@ from personafuse.data.parsing import (
 )
 from personafuse.data.schema import make_record
 from personafuse.data.sources import Query
-from personafuse.data.store import ShardStore
 from personafuse.data.teachers import Completion, GenParams, Teacher, TeacherError, TeacherRequestError
 from personafuse.data.validation import (
-    DUPLICATE,
-    ENDPOINT_REJECTS,
     TRUNCATED,
     UNPARSEABLE,
     Rejection,
@@ -46,12 +44,13 @@ from personafuse.data.validation import (
     check_response,
     trim_to_sentence,
 )
-from personafuse.endpoint import EndpointStats
 from personafuse.traits import TRAIT_POLES, TRAITS
 
 
 @dataclass
-class _Ctx:
+class QueryTrace:
+    """What one query's steps left behind: each step's raw reply and timing, and the step in flight."""
+
     raw: dict[str, Any] = field(default_factory=lambda: {k: None for k in ("cues", "traits", "response", "rationale", "scores")})
     timings: dict[str, float | None] = field(default_factory=lambda: {k: None for k in ("cues", "traits", "response", "total")})
     step: str | None = None  # the step whose request is in flight (named in endpoint rejects)
@@ -68,7 +67,7 @@ class PersonaCoT:
         self._baseline: dict[str, list[float]] = {}
         self._baseline_lock = asyncio.Lock()
 
-    async def _ask(self, ctx: _Ctx, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
+    async def _ask(self, ctx: QueryTrace, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
         """One request; a repeated ask of a step replaces its raw text (raw shows the reply used)."""
         t0 = time.perf_counter()
         ctx.step = step
@@ -77,7 +76,7 @@ class PersonaCoT:
         ctx.raw[step] = c.text
         return c
 
-    async def _ask_whole(self, ctx: _Ctx, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
+    async def _ask_whole(self, ctx: QueryTrace, step: str, messages: prompts.Messages, max_tokens: int) -> Completion:
         """Steps 1 and 2: a reply cut at the token limit would lose cues or poles, so it is asked
         once more with twice the budget and rejected as ``truncated_response`` if cut again."""
         c = await self._ask(ctx, step, messages, max_tokens)
@@ -88,7 +87,7 @@ class PersonaCoT:
                                            f"({max_tokens}, then {2 * max_tokens} tokens)", step)
         return c
 
-    async def _answer(self, ctx: _Ctx, messages: prompts.Messages, max_tokens: int,
+    async def _answer(self, ctx: QueryTrace, messages: prompts.Messages, max_tokens: int,
                       parse: Callable[[str], Any], parts_of: Callable[[Any], ResponseParts]) -> tuple[Completion, Any]:
         """The response step (or the single call): a reply cut before its rationale heading has a
         cut answer (or a cut earlier section), so it is asked once more with twice the budget and
@@ -128,7 +127,7 @@ class PersonaCoT:
         return GenParams(max_tokens, self.cfg.temperature, repetition_penalty=self.cfg.repetition_penalty)
 
     async def run(self, q: Query) -> dict[str, Any]:
-        ctx = _Ctx()
+        ctx = QueryTrace()
         t0 = time.perf_counter()
         try:
             if self.cfg.mode != "persona_cot":
@@ -157,7 +156,7 @@ class PersonaCoT:
     # -- record layout (data/schema.py; docs/data.md documents it). Every key has one type per
     # output folder (strings are "" rather than null when absent): datasets infers a column's type
     # from the first shard, and a small shard written after a resume must not pin a column to null.
-    def _record(self, q: Query, ctx: _Ctx, part: dict[str, Any]) -> dict[str, Any]:
+    def _record(self, q: Query, ctx: QueryTrace, part: dict[str, Any]) -> dict[str, Any]:
         return make_record(
             id=q.id,
             query=q.text,
@@ -191,14 +190,14 @@ class PersonaCoT:
         return check_response(response), rationale
 
     # -- baselines
-    async def _baseline_mode(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
+    async def _baseline_mode(self, ctx: QueryTrace, q: Query) -> dict[str, Any]:
         msgs = prompts.direct_messages(q.text) if self.cfg.mode == "direct" else prompts.human_like_messages(q.text)
         c = await self._ask(ctx, "response", msgs, self.cfg.response_tokens)
         response, _ = self._finish(c, ResponseParts(c.text.strip(), None), asked_rationale=False)
         return {"response": response}
 
     # -- free mode, three requests
-    async def _free(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
+    async def _free(self, ctx: QueryTrace, q: Query) -> dict[str, Any]:
         c1 = await self._ask_whole(ctx, "cues", prompts.cue_messages(q.text), self.cfg.cue_tokens)
         cues = parse_cues(c1.text)
         c2 = await self._ask_whole(ctx, "traits", prompts.traits_messages(q.text, cues.social, cues.task),
@@ -210,7 +209,7 @@ class PersonaCoT:
         response, rationale = self._finish(c3, parts, asked_rationale=True)
         return self._persona_part(cues.social, cues.task, choice, p, response, rationale)
 
-    async def _single(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
+    async def _single(self, ctx: QueryTrace, q: Query) -> dict[str, Any]:
         c, full = await self._answer(ctx, prompts.single_call_messages(q.text),
                                      self.cfg.cue_tokens + self.cfg.traits_tokens + self.cfg.response_tokens,
                                      parse_full, lambda f: f.parts)
@@ -235,7 +234,7 @@ class PersonaCoT:
         }
 
     # -- constrained mode (small local teachers)
-    async def _constrained(self, ctx: _Ctx, q: Query) -> dict[str, Any]:
+    async def _constrained(self, ctx: QueryTrace, q: Query) -> dict[str, Any]:
         t0 = time.perf_counter()
         params = self._params(min(self.cfg.cue_tokens, 40))  # one sentence
         cs, ct = await asyncio.gather(
@@ -325,184 +324,3 @@ def _one_sentence(text: str) -> str:
     m = _SENT.match(s)
     out = m.group(1) if m else s
     return out.strip() if len(out.strip()) >= 8 else ""
-
-
-# -------------------------------------------------------------------------------------- run loop
-
-
-@dataclass
-class RunSummary:
-    total: int = 0  # queries in the source
-    skipped: int = 0  # already done by an earlier run
-    records: int = 0
-    rejected: int = 0
-    reasons: Counter[str] = field(default_factory=Counter)
-    seconds: float = 0.0
-    endpoint: EndpointStats | None = None  # HTTP teachers: live request counters
-
-    def rejects_by_cause(self) -> dict[str, int]:
-        """Endpoint faults vs the teacher's writing (duplicates in the source are neither)."""
-        endpoint = sum(n for r, n in self.reasons.items() if r in ENDPOINT_REJECTS)
-        return {"endpoint": endpoint, "teacher": self.rejected - endpoint - self.reasons.get(DUPLICATE, 0)}
-
-    def as_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"total": self.total, "skipped": self.skipped, "records": self.records,
-                             "rejected": self.rejected, "reasons": dict(self.reasons), "seconds": self.seconds,
-                             "rejects_by_cause": self.rejects_by_cause()}
-        if self.endpoint is not None:  # the layout of run.json's "endpoint"
-            d["endpoint"] = {**self.endpoint.as_dict(), "rejects_by_cause": self.rejects_by_cause()}
-        return d
-
-
-class EndpointFailuresExceeded(TeacherError):
-    """The run finished, but more queries failed at the endpoint than ``--max-endpoint-failures``."""
-
-
-def _reject_line(q: Query, key: str, rej: Rejection, cfg: PipelineConfig, teacher: Teacher,
-                 ctx: _Ctx | None) -> dict[str, Any]:
-    return {
-        "key": key,
-        "id": q.id,
-        "query": q.text,
-        "situation": q.situation or "",
-        "source": q.source,
-        "mode": cfg.mode,
-        "reason": rej.reason,
-        "detail": rej.detail,
-        "step": rej.step,
-        "teacher": teacher.name,
-        "prompt_version": prompts.PROMPT_VERSION,
-        "timings": ctx.timings if ctx else None,
-        "raw": ctx.raw if ctx else None,
-    }
-
-
-ProgressFn = Callable[[RunSummary], None]
-
-
-def _plan(queries: Iterable[Query], store: ShardStore, cfg: PipelineConfig, teacher: Teacher,
-          retry: set[str], summary: RunSummary) -> list[Query]:
-    """The queries to run: not done before, or rejected for a reason being retried. A key with a
-    record is never redone; repeats of a query become counted ``duplicate_query`` rejects."""
-    seen: Counter[str] = Counter()
-    work: list[Query] = []
-    for q in queries:
-        summary.total += 1
-        qid = q.id
-        seen[qid] += 1
-        if seen[qid] > 1:
-            key = f"dup:{qid}:{seen[qid] - 1}"
-            if key in store.done_keys:
-                summary.skipped += 1
-                continue
-            store.write_reject(_reject_line(q, key, Rejection(DUPLICATE, f"same normalised query as id {qid}"),
-                                            cfg, teacher, None))
-            summary.rejected += 1
-            summary.reasons[DUPLICATE] += 1
-            continue
-        if qid in store.record_keys or (qid in store.done_keys and store.reject_reasons.get(qid) not in retry):
-            summary.skipped += 1
-            continue
-        work.append(q)
-    return work
-
-
-async def generate(
-    queries: Iterable[Query],
-    teacher: Teacher,
-    store: ShardStore,
-    cfg: PipelineConfig,
-    *,
-    retry_reasons: Iterable[str] = (),
-    on_start: Callable[[int], None] | None = None,
-    progress: ProgressFn | None = None,
-    summary: RunSummary | None = None,
-) -> RunSummary:
-    """Process every query not yet in ``store``; duplicates become counted rejections.
-
-    Endpoint rejects (and the older ``teacher_error``) are always retried; ``retry_reasons`` adds
-    teacher reasons. Raises :class:`TeacherError` when the endpoint cannot serve the run, after
-    ``max_consecutive_errors`` endpoint rejects in a row, or (:class:`EndpointFailuresExceeded`,
-    once every query was tried) when endpoint rejects exceed ``max_endpoint_failures``. Pass a
-    ``summary`` to keep the counters when it raises; the endpoint counters go into ``run.json``.
-    """
-    t_start = time.perf_counter()
-    store.check_settings(cfg.settings(teacher))
-    summary = summary if summary is not None else RunSummary()
-    summary.endpoint = teacher.endpoint_stats
-    base = teacher.endpoint_stats.as_dict() if teacher.endpoint_stats is not None else None
-    work = _plan(queries, store, cfg, teacher, set(retry_reasons) | ENDPOINT_REJECTS, summary)
-    if on_start:
-        on_start(len(work))
-    if progress:
-        progress(summary)
-    try:
-        await _run_work(work, PersonaCoT(teacher, cfg), store, cfg, teacher, summary, progress)
-    finally:
-        summary.seconds = time.perf_counter() - t_start
-        if teacher.endpoint_stats is not None:
-            store.add_endpoint_counters(_delta(teacher.endpoint_stats.as_dict(), base))
-    failed = summary.rejects_by_cause()["endpoint"]
-    if failed > cfg.endpoint_failure_limit(len(work)):
-        causes = ", ".join(f"{r} {n}" for r, n in sorted(summary.reasons.items()) if r in ENDPOINT_REJECTS)
-        raise EndpointFailuresExceeded(
-            f"{failed} of {len(work)} queries failed at the endpoint ({causes}), more than --max-endpoint-failures "
-            f"{cfg.max_endpoint_failures} allows; the {summary.records} records written are kept. Once the endpoint "
-            f"is healthy, rerun the same command: it redoes only the failed queries")
-    return summary
-
-
-def _delta(now: dict[str, Any], before: dict[str, Any] | None) -> dict[str, Any]:
-    """This run's share of an endpoint's counters (a teacher object may serve several runs)."""
-    if before is None:
-        return now
-    return {
-        "requests": now["requests"] - before["requests"],
-        "retries": now["retries"] - before["retries"],
-        "http_status": {k: v - before["http_status"].get(k, 0) for k, v in now["http_status"].items()
-                        if v - before["http_status"].get(k, 0)},
-        "rate_limit_wait_s": round(now["rate_limit_wait_s"] - before["rate_limit_wait_s"], 3),
-    }
-
-
-async def _run_work(work: list[Query], pipe: PersonaCoT, store: ShardStore, cfg: PipelineConfig, teacher: Teacher,
-                    summary: RunSummary, progress: ProgressFn | None) -> None:
-    it = iter(work)
-    consecutive = 0
-    fatal: list[BaseException] = []
-
-    def reject(q: Query, rej: Rejection, ctx: _Ctx | None) -> None:
-        nonlocal consecutive
-        store.write_reject(_reject_line(q, q.id, rej, cfg, teacher, ctx))
-        summary.rejected += 1
-        summary.reasons[rej.reason] += 1
-        consecutive = consecutive + 1 if rej.reason in ENDPOINT_REJECTS else 0
-        if consecutive >= cfg.max_consecutive_errors and not fatal:
-            fatal.append(TeacherError(
-                f"{consecutive} queries in a row failed at the endpoint; last: {rej.reason}: {rej.detail}. Stopping; "
-                f"rerun the same command once the teacher is back (it redoes only the failed queries)"))
-
-    async def worker() -> None:
-        nonlocal consecutive
-        for q in it:  # shared iterator: each worker pulls the next query
-            if fatal:
-                return
-            try:
-                rec = await pipe.run(q)
-            except Rejection as rej:
-                reject(q, rej, rej.ctx)
-            except TeacherError as e:
-                fatal.append(e)
-                return
-            except Exception as e:  # noqa: BLE001 - teacher output must never crash a run
-                reject(q, Rejection(UNPARSEABLE, f"{type(e).__name__}: {e}"[:500]), None)
-            else:
-                store.write_record(rec)
-                summary.records += 1
-                consecutive = 0
-            if progress:
-                progress(summary)
-
-    await asyncio.gather(*(worker() for _ in range(min(cfg.concurrency, max(1, len(work))))))
-    if fatal:
-        raise fatal[0]
