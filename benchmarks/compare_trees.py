@@ -131,7 +131,7 @@ BENCHES: dict[str, Bench] = {
         ],
     ),
 }
-DEFAULT_BENCHES = "mixture,mixture_pf,stage,serve,datagen"
+DEFAULT_BENCHES = "mixture,stage,serve,datagen,mixture_pf"  # most telling first
 # an API the new script uses that the old tree lacks (or calls differently)
 FALLBACK_ERRORS = ("ImportError", "ModuleNotFoundError", "AttributeError", "TypeError", "unrecognized arguments")
 
