@@ -382,12 +382,14 @@ def test_half_precision_model_trains_float32_master_weights(tmp_path):
     sc = StageConfig(steps=3, batch_size=2, lr=1e-5, micro_batch_size=10, warmup_ratio=0.0, scheduler="constant")
     tc = make_tc(tmp_path, warmup=sc)
     pf = build_tiny().to(torch.bfloat16)
+    # the layer as built: packing swaps a packed layer in for it and unpacking swaps it back
+    layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
     pf.state.pack = True  # packed for inference before training: the stage must not leave it stale
     ids = torch.randint(7, 150, (2, 6), generator=torch.Generator().manual_seed(1))
     w = torch.softmax(torch.randn(2, 10, generator=torch.Generator().manual_seed(2)), -1)
     with torch.no_grad():
         pf(ids, weights=w)
-    layer = pf.mixture_layers["model.layers.0.self_attn.q_proj"]
+    assert pf.mixture_layers["model.layers.0.self_attn.q_proj"] is not layer  # packed now
     a0 = layer.lora_A.detach().float().clone()
     seen = []
     original = layer.forward

@@ -122,6 +122,7 @@ class PackedGroup:
         self._mlp: nn.Module | None = None  # and that MLP
         self._ptrs: tuple[int, ...] = ()
         self._last_storage: tuple[int, ...] = ()  # the latest pack's storages (their views may be packed again)
+        self._origins: list[MixtureLinear | None] = []  # the plain layers the packed ones replaced
 
     def _current_ptrs(self) -> tuple[int, ...]:
         ptrs = []
@@ -141,7 +142,9 @@ class PackedGroup:
         self._expand_plan = []  # its views would keep the old storage alive
         self._ptrs = ()
         if any(isinstance(m, PackedMixtureLinear) for m in self.members):
-            self._swap([_plain(m) for m in self.members])
+            origins = self._origins or [None] * len(self.members)
+            self._swap([_plain(m, o) for m, o in zip(self.members, origins, strict=True)])
+            self._origins = []
         if self._mlp is not None and isinstance(self._mlp.__dict__.get("forward"), _MLPForward):
             del self._mlp.forward  # nothing packed to fuse: the MLP runs its own forward
 
@@ -224,6 +227,10 @@ class PackedGroup:
             if t is not None:  # like a parameter: CUDA graphs must not copy it in at every replay
                 torch._dynamo.mark_static_address(t)
         self.weight, self.bias, self.expand = weight, bias, expand
+        # the plain layers themselves come back on unpacking, so references and hooks a user holds
+        # on them (or a training loop's patched forward) stay live across a pack and unpack
+        old = self._origins + [None] * (len(ms) - len(self._origins))
+        self._origins = [o if isinstance(m, PackedMixtureLinear) else m for m, o in zip(ms, old, strict=True)]
         self._swap([PackedMixtureLinear(m, self, pos, lo, hi) for pos, (m, (lo, hi)) in enumerate(zip(ms, bounds, strict=True))])
         self._ends = [hi for _, hi in bounds]
         rank = expand.shape[1]
@@ -271,8 +278,14 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-def _plain(layer: MixtureLinear) -> MixtureLinear:
-    """A plain MixtureLinear over ``layer``'s base, experts and state (what unpacking swaps back)."""
+def _plain(layer: MixtureLinear, origin: MixtureLinear | None = None) -> MixtureLinear:
+    """A plain MixtureLinear over ``layer``'s base, experts and state (what unpacking swaps back):
+    ``origin``, the plain layer it replaced, while it still holds the same parts."""
+    if origin is not None and all(
+        getattr(origin, k) is getattr(layer, k) for k in ("base", "state", "lora_A", "lora_B")
+    ):
+        origin.training = layer.training
+        return origin
     plain = MixtureLinear(layer.base, layer.state, layer.dropout_p, experts=(layer.lora_A, layer.lora_B))
     plain.training = layer.training
     return plain
