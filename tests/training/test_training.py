@@ -277,6 +277,10 @@ def _two_processes_equal_one(tmp_path, engine_env: dict[str, str]) -> dict:
         torch.testing.assert_close(one[k], two[k], atol=1e-5, rtol=1e-4, msg=k)
     logs = (tmp_path / "two" / "out" / "joint" / "losses.jsonl").read_text().splitlines()
     assert len(logs) == 3  # one writer, no duplicate lines
+    for stage in ("warmup", "joint"):  # the logged loss is the whole step's, not the main process's share
+        lm = [[json.loads(x)["loss_lm"] for x in (tmp_path / d / "out" / stage / "losses.jsonl").read_text().splitlines()]
+              for d in ("one", "two")]
+        assert lm[1] == pytest.approx(lm[0], rel=1e-4), stage
     assert saved["adamw_resume_gap"] <= 1e-6
     return saved
 

@@ -173,10 +173,18 @@ def run_joint(
             loss, l_lm = chunk_loss(acc, model, [k for k, _ in chunk], frac, step, norm, totals)
             acc.backward(loss)
             lm_tot += float(l_lm) / acc.num_processes
+        lm_tot = _step_sum(acc, lm_tot)  # each process holds its rows' share of the step's token-mean
         router = tc.gamma * totals["loss_router"] if totals else 0.0  # the logged L_joint's router term
         return {"loss": lm_tot + router, "loss_lm": lm_tot, **totals, "tokens": float(norm)}
 
     return train_loop("joint", sc, tc, objective, step_fn, plan, _stage_dir(tc, "joint"), resume=resume, stop_after=stop_after)
+
+
+def _step_sum(acc, share: float) -> float:
+    """The whole step's logged loss from each process's share of it (one process: the share)."""
+    if acc.num_processes == 1:
+        return share
+    return float(acc.reduce(torch.tensor(share, device=acc.device), reduction="sum"))
 
 
 def run_sft(
@@ -203,7 +211,7 @@ def run_sft(
             loss = model_(b["input_ids"], b["attention_mask"], b["labels"], step_tokens=norm, processes=acc.num_processes)
             acc.backward(loss)
             total += float(loss.detach()) / acc.num_processes
-        return {"loss_lm": total, "tokens": float(norm)}
+        return {"loss_lm": _step_sum(acc, total), "tokens": float(norm)}
 
     return train_loop(
         "sft",
