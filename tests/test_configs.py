@@ -12,6 +12,7 @@ import pytest
 
 from personafuse.configs import ConfigError, build, default, field_of
 from personafuse.data.config import PipelineConfig
+from personafuse.data.teacher_options import TeacherOptions
 from personafuse.evaluation.config import EvalConfig
 from personafuse.moe.config import PersonaFuseConfig
 from personafuse.reproduce.config import ReproduceConfig
@@ -86,7 +87,9 @@ DERIVED: dict[str, dict[str, tuple[type, str]]] = {
     "data generate": {"mode": (PipelineConfig, "mode"), "single_call": (PipelineConfig, "single_call"),
                       "allow_both_poles": (PipelineConfig, "allow_both_poles"), "poles_per_cue": (PipelineConfig, "poles_per_cue"),
                       "temperature": (PipelineConfig, "temperature"),
-                      "max_endpoint_failures": (PipelineConfig, "max_endpoint_failures")},
+                      "max_endpoint_failures": (PipelineConfig, "max_endpoint_failures"),
+                      **{name: (TeacherOptions, name)
+                         for name in ("timeout", "max_retries", "backoff", "max_rate_limit_wait", "batch_size")}},
     "eval": {name: (EvalConfig, name) for name in ("model", "data", "limit", "seed", "item_seed", "routing", "judge",
                                                    "batch_size", "system_prompt", "max_new_tokens")},
 }

@@ -14,6 +14,7 @@ import typer
 
 from personafuse.configs import config_message, default, option
 from personafuse.data.config import PipelineConfig
+from personafuse.data.teacher_options import TeacherOptions
 from personafuse.devices import DeviceOpt, DtypeOpt
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ app = typer.Typer(name="data", help="Generate and inspect Persona-CoT training d
 
 LOCAL_RESPONSE_TOKENS = 256
 P = PipelineConfig  # the options below that set its fields take their defaults and help from it
+T = TeacherOptions  # likewise the endpoint policy and local batching options
 
 
 def default_constrained(teacher: str) -> bool:
@@ -62,12 +64,12 @@ def generate(
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
     api_key: Annotated[str | None, typer.Option(help="API key (default: $OPENAI_API_KEY).")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Queries in flight, also the cap on HTTP requests in flight (default 32; 2 x --batch-size for local teachers).")] = None,
-    timeout: Annotated[float, typer.Option(help="Deadline of one HTTP request, send to last byte (a server that trickles its reply cannot stall the run).")] = 300.0,
-    max_retries: Annotated[int, typer.Option(help="Retries per request on 5xx, timeouts, dropped connections and 200s that are not a completion or are empty (429s do not count).")] = 5,
-    max_rate_limit_wait: Annotated[float, typer.Option(help="Seconds one request may spend waiting on 429s (Retry-After honoured, jittered), in total.")] = 600.0,
+    timeout: Annotated[float, option(T, "timeout")] = default(T, "timeout"),
+    max_retries: Annotated[int, option(T, "max_retries")] = default(T, "max_retries"),
+    max_rate_limit_wait: Annotated[float, option(T, "max_rate_limit_wait")] = default(T, "max_rate_limit_wait"),
     max_endpoint_failures: Annotated[str, option(P, "max_endpoint_failures")] = default(P, "max_endpoint_failures"),
-    backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
-    batch_size: Annotated[int, typer.Option(help="Local teachers: sequences per generate() batch.")] = 8,
+    backoff: Annotated[float, option(T, "backoff")] = default(T, "backoff"),
+    batch_size: Annotated[int, option(T, "batch_size")] = default(T, "batch_size"),
     constrained: Annotated[bool | None, typer.Option("--constrained/--free", help="Pole choice by log-likelihood (the default for the embedded teacher only) or the full chain of thought parsed from free text (the default for every other teacher).")] = None,
     single_call: Annotated[bool, option(P, "single_call")] = default(P, "single_call"),
     allow_both_poles: Annotated[bool, option(P, "allow_both_poles")] = default(P, "allow_both_poles"),
@@ -92,7 +94,7 @@ def generate(
     from personafuse.data.run import RunSummary
     from personafuse.data.sources import SourceError, load_source, parse_fields
     from personafuse.data.store import ShardStore, StoreError
-    from personafuse.data.teachers import TeacherError, TeacherOptions, make_teacher
+    from personafuse.data.teachers import TeacherError, make_teacher
     from personafuse.devices import cli_placement, placement_line
 
     local = runs_here(teacher)

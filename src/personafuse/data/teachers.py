@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ from personafuse.backends.base import (
 from personafuse.backends.local_hf import HFBackend, load_hf
 from personafuse.backends.openai_compat import OpenAIBackend, resolve_api_key
 from personafuse.backends.vllm_offline import VLLMBackend
+from personafuse.data.teacher_options import TeacherOptions
 from personafuse.endpoint import Clock, EndpointFailure, EndpointFatal, EndpointStats
 
 __all__ = ["Completion", "GenParams", "HFTeacher", "OpenAITeacher", "Teacher", "TeacherError", "TeacherOptions",
@@ -213,22 +213,6 @@ class VLLMTeacher(Teacher):
 
 
 # ------------------------------------------------------------------------------------------ specs
-
-
-@dataclass
-class TeacherOptions:
-    base_url: str | None = None
-    api_key: str | None = None
-    max_in_flight: int = 32
-    timeout: float = 300.0  # one request, send to last byte
-    max_retries: int = 5
-    backoff: float = 1.0
-    max_rate_limit_wait: float = 600.0  # cumulative 429 waiting per request
-    clock: Clock | None = None  # tests and benchmarks run on a fast clock
-    batch_size: int = 8
-    device: str | None = None
-    dtype: str | None = None
-    gguf_file: str | None = None
 
 
 def make_teacher(spec: str, opts: TeacherOptions | None = None) -> Teacher:
