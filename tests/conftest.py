@@ -318,3 +318,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         rank[item.nodeid.split("::")[0]] = min(r, rank.get(item.nodeid.split("::")[0], 2))
     first_seen = {f: i for i, f in reversed(list(enumerate(item.nodeid.split("::")[0] for item in items)))}
     items.sort(key=lambda it: (rank[it.nodeid.split("::")[0]], first_seen[it.nodeid.split("::")[0]]))
+
+
+# Prompts whose lengths are out of order, so a length sort reorders them: batched generation must
+# still return reply k for prompt k (tests/evaluation/test_eval_subjects.py, tests/moe/test_generation.py).
+UNSORTED_PROMPTS = [
+    "please help me with this math problem and my exam",
+    "hello",
+    "i feel so anxious about my job",
+    [{"role": "user", "content": "write a poem"}],
+    "why",
+    "can you solve the equation x plus two",
+]

@@ -3,17 +3,9 @@ docstring names)."""
 
 from __future__ import annotations
 
+from conftest import UNSORTED_PROMPTS as PROMPTS
 from conftest import make_tokenizer, tiny_causal_lm
 from personafuse.evaluation.subjects import HFSubject
-
-PROMPTS = [  # lengths out of order, so a length sort reorders them
-    "please help me with this math problem and my exam",
-    "hello",
-    "i feel so anxious about my job",
-    [{"role": "user", "content": "write a poem"}],
-    "why",
-    "can you solve the equation x plus two",
-]
 
 
 def test_hf_subject_keeps_each_reply_with_its_prompt() -> None:

@@ -5,17 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from conftest import UNSORTED_PROMPTS as PROMPTS
 from conftest import build_tiny
 from personafuse.traits import weights_dict
-
-PROMPTS = [  # lengths out of order, so a length sort reorders them
-    "please help me with this math problem and my exam",
-    "hello",
-    "i feel so anxious about my job",
-    [{"role": "user", "content": "write a poem"}],
-    "why",
-    "can you solve the equation x plus two",
-]
 
 
 def test_personafuse_generate_keeps_each_reply_with_its_prompt_and_weights() -> None:
