@@ -75,9 +75,8 @@ def run_warmup(
             )
             acc.backward(loss)
             total += loss.detach() / acc.num_processes
-        total = acc.reduce(total, reduction="sum")
         active = sum(1 for n in norms if n)
-        return {"loss_lm": float(total) / max(active, 1), "experts": float(active), "tokens": float(sum(norms))}
+        return {"loss_lm": _step_sum(acc, float(total)) / max(active, 1), "experts": float(active), "tokens": float(sum(norms))}
 
     return train_loop(
         "warmup",
