@@ -118,3 +118,21 @@ def test_cli_options_take_default_and_help_from_the_config_field(path: str) -> N
     if path == "eval":  # the two options whose CLI form differs from the field's
         assert params["benchmarks"].default == ",".join(default(EvalConfig, "benchmarks"))
         assert str(params["out"].default) == default(EvalConfig, "out")
+
+
+def test_the_reasoning_token_budget_has_one_default() -> None:
+    """`eval --reasoning-tokens`, the grid's eval.reasoning_tokens, the grid's replies cell and the
+    prompting wrapper itself all start from evaluation.config.REASONING_TOKENS."""
+    import inspect
+
+    from personafuse.evaluation.config import REASONING_TOKENS
+    from personafuse.evaluation.cot_prompting import PersonaCoTPrompting
+    from personafuse.reproduce.config import GridEvalConfig
+    from personafuse.reproduce.replies import build_parser
+
+    params = {p.name: p for p in _command("eval").params}
+    assert params["reasoning_tokens"].default == REASONING_TOKENS
+    assert default(GridEvalConfig, "reasoning_tokens") == REASONING_TOKENS
+    assert build_parser().parse_args(["--model", "base", "--queries", "q", "--out", "o", "--system", "s"]).reasoning_tokens == REASONING_TOKENS
+    assert inspect.signature(PersonaCoTPrompting).parameters["reasoning_tokens"].default == REASONING_TOKENS
+

@@ -12,7 +12,7 @@ import typer
 from personafuse.configs import default, option
 from personafuse.devices import DeviceOpt, DtypeOpt, cli_placement, placement_line
 from personafuse.evaluation.benchmarks import BENCHMARKS  # the --benchmarks help lists the registry
-from personafuse.evaluation.config import EvalConfig
+from personafuse.evaluation.config import REASONING_TOKENS, EvalConfig
 
 E = EvalConfig  # the eval options that set its fields take their defaults and help from it
 
@@ -61,7 +61,7 @@ def eval_command(
     rescore: Annotated[bool, typer.Option(help="re-parse and re-score the stored responses (no regeneration)")] = False,
     threads: Annotated[int | None, typer.Option(help="torch CPU threads (1 is much faster on a busy shared CPU)")] = None,
     persona_cot_prompting: Annotated[bool, typer.Option(help="Persona-CoT prompting baseline: the model names the cues and poles, then answers; only the answer is scored")] = False,
-    reasoning_tokens: Annotated[int, typer.Option(help="with --persona-cot-prompting: tokens allowed for the reasoning on top of each benchmark's answer cap")] = 512,
+    reasoning_tokens: Annotated[int, typer.Option(help="with --persona-cot-prompting: tokens allowed for the reasoning on top of each benchmark's answer cap")] = REASONING_TOKENS,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:

@@ -8,6 +8,11 @@ from typing import Any
 
 from personafuse.configs import config_class, help_field
 
+# Persona-CoT prompting's budget for steps 1 and 2 each (the pipeline's cue and trait replies are JSON
+# of about 60-200 tokens); `eval --reasoning-tokens`, the grid's eval.reasoning_tokens and
+# evaluation.cot_prompting all default to it.
+REASONING_TOKENS = 512
+
 
 @config_class
 class EvalConfig:

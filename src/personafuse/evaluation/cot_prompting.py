@@ -30,9 +30,8 @@ from personafuse.data import prompts as pipeline
 from personafuse.data.parsing import parse_cues, parse_traits
 from personafuse.data.prompts import pole_label
 from personafuse.data.validation import Rejection
+from personafuse.evaluation.config import REASONING_TOKENS
 
-# Steps 1 and 2 each (the pipeline's cue and trait replies are JSON of about 60-200 tokens).
-REASONING_TOKENS = 512
 STEPS = ("cues", "traits", "answer")
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 
 from personafuse.backends import TEACHER_KINDS, teacher_kind
 from personafuse.configs import ConfigError, build, config_class, read_mapping
+from personafuse.evaluation.config import REASONING_TOKENS
 from personafuse.reproduce.variants import VARIANT_TABLE, listed_variants
 
 __all__ = ["ConfigError", "DataConfig", "GridEvalConfig", "ProbeConfig", "ReproduceConfig", "TeacherConfig"]
@@ -70,7 +71,7 @@ class GridEvalConfig:
     judge_shares_teacher: bool = False
     # per-benchmark protocol options, as `personafuse eval -o BENCH.KEY=VALUE` (recorded in results)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    reasoning_tokens: Count = 512  # Persona-CoT prompting's budget before the answer
+    reasoning_tokens: Count = REASONING_TOKENS  # Persona-CoT prompting's budget before the answer
     batch_size: Count = 8
     reply_tokens: Count = 256  # replies to the held-out queries (the pairwise study's file)
     threads: int | None = None  # torch CPU threads per cell (None: torch's default)

@@ -11,6 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
+from personafuse.evaluation.config import REASONING_TOKENS
 from personafuse.fileio import atomic_write
 
 
@@ -40,7 +41,7 @@ def write_replies(model: str, queries: Path, out: Path, *, system: str, routing:
     return len(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m personafuse.reproduce.replies", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", required=True, help="a --model spec (base, hf:, lora:, pf:)")
     ap.add_argument("--queries", required=True, type=Path)
@@ -51,10 +52,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--persona-cot-prompting", action="store_true", help="the Persona-CoT prompting baseline")
-    ap.add_argument("--reasoning-tokens", type=int, default=512)
+    ap.add_argument("--reasoning-tokens", type=int, default=REASONING_TOKENS)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     ap.add_argument("--dtype", default="auto", help="auto | bfloat16 | float16 | float32")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
     a = ap.parse_args(argv)
     from personafuse.devices import DeviceError, check_dtype, resolve_device
 
