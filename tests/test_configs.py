@@ -12,6 +12,7 @@ import pytest
 
 from personafuse.configs import ConfigError, build, default, field_of
 from personafuse.data.config import PipelineConfig
+from personafuse.data.source_options import SourceOptions
 from personafuse.data.teacher_options import TeacherOptions
 from personafuse.evaluation.config import EvalConfig
 from personafuse.moe.config import PersonaFuseConfig
@@ -89,7 +90,10 @@ DERIVED: dict[str, dict[str, tuple[type, str]]] = {
                       "temperature": (PipelineConfig, "temperature"),
                       "max_endpoint_failures": (PipelineConfig, "max_endpoint_failures"),
                       **{name: (TeacherOptions, name)
-                         for name in ("timeout", "max_retries", "backoff", "max_rate_limit_wait", "batch_size")}},
+                         for name in ("timeout", "max_retries", "backoff", "max_rate_limit_wait", "batch_size")},
+                      **{name: (SourceOptions, name) for name in ("source", "limit", "shuffle", "seed", "lang", "min_chars",
+                                                                   "max_chars")},
+                      "hub_config": (SourceOptions, "config"), "hub_split": (SourceOptions, "split")},
     "eval": {name: (EvalConfig, name) for name in ("model", "data", "limit", "seed", "item_seed", "routing", "judge",
                                                    "batch_size", "system_prompt", "max_new_tokens")},
 }

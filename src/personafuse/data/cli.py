@@ -14,6 +14,7 @@ import typer
 
 from personafuse.configs import config_message, default, option
 from personafuse.data.config import PipelineConfig
+from personafuse.data.source_options import SourceOptions
 from personafuse.data.teacher_options import TeacherOptions
 from personafuse.devices import DeviceOpt, DtypeOpt
 
@@ -29,6 +30,7 @@ app = typer.Typer(name="data", help="Generate and inspect Persona-CoT training d
 LOCAL_RESPONSE_TOKENS = 256
 P = PipelineConfig  # the options below that set its fields take their defaults and help from it
 T = TeacherOptions  # likewise the endpoint policy and local batching options
+S = SourceOptions  # and the query source's
 
 
 def default_constrained(teacher: str) -> bool:
@@ -57,8 +59,8 @@ def _fail(msg: str) -> None:
 def generate(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder (records*.jsonl, rejects*.jsonl, run.json).")],
     teacher: Annotated[str, typer.Option(help="default | hf:ID_OR_PATH | openai:MODEL | vllm:ID")] = "default",
-    source: Annotated[str, typer.Option(help="seeds | file:PATH | sharegpt|wildchat|personahub|infinity[:HUB_ID_OR_PATH]")] = "seeds",
-    limit: Annotated[int | None, typer.Option(help="Use at most N queries from the source.")] = None,
+    source: Annotated[str, option(S, "source")] = default(S, "source"),
+    limit: Annotated[int | None, option(S, "limit")] = default(S, "limit"),
     mode: Annotated[str, option(P, "mode")] = default(P, "mode"),
     field: Annotated[list[str] | None, typer.Option("--field", help="Field mapping for files: query=COL, situation=COL (repeatable).")] = None,
     base_url: Annotated[str | None, typer.Option(help="OpenAI-compatible base URL (default: $OPENAI_BASE_URL).")] = None,
@@ -76,13 +78,13 @@ def generate(
     poles_per_cue: Annotated[int, option(P, "poles_per_cue")] = default(P, "poles_per_cue"),
     max_new_tokens: Annotated[int | None, typer.Option(help="Token limit for the response step.")] = None,
     temperature: Annotated[float, option(P, "temperature")] = default(P, "temperature"),
-    shuffle: Annotated[bool, typer.Option(help="Shuffle the seed set or file before --limit (Hub sources always sample).")] = False,
-    seed: Annotated[int, typer.Option(help="Seed for sampling and shuffling.")] = 0,
-    lang: Annotated[str | None, typer.Option(help="Hub sources: keep this language ('' for all).")] = "en",
-    min_chars: Annotated[int, typer.Option(help="Hub sources: shortest query kept.")] = 8,
-    max_chars: Annotated[int, typer.Option(help="Hub sources: longest query kept.")] = 4000,
-    hub_config: Annotated[str | None, typer.Option(help="Hub sources: dataset config name.")] = None,
-    hub_split: Annotated[str | None, typer.Option(help="Hub sources: split.")] = None,
+    shuffle: Annotated[bool, option(S, "shuffle")] = default(S, "shuffle"),
+    seed: Annotated[int, option(S, "seed")] = default(S, "seed"),
+    lang: Annotated[str | None, option(S, "lang")] = default(S, "lang"),
+    min_chars: Annotated[int, option(S, "min_chars")] = default(S, "min_chars"),
+    max_chars: Annotated[int, option(S, "max_chars")] = default(S, "max_chars"),
+    hub_config: Annotated[str | None, option(S, "config", "--hub-config")] = default(S, "config"),
+    hub_split: Annotated[str | None, option(S, "split", "--hub-split")] = default(S, "split"),
     shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = 10_000,
     fsync: Annotated[bool, typer.Option(help="fsync after every line (survives power loss, slower).")] = False,
     retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Also redo queries rejected for this reason (e.g. unparseable); endpoint rejects (endpoint_*, teacher_error) are always redone.")] = None,
