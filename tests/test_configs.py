@@ -140,3 +140,14 @@ def test_the_reasoning_token_budget_has_one_default() -> None:
     assert build_parser().parse_args(["--model", "base", "--queries", "q", "--out", "o", "--system", "s"]).reasoning_tokens == REASONING_TOKENS
     assert inspect.signature(PersonaCoTPrompting).parameters["reasoning_tokens"].default == REASONING_TOKENS
 
+
+
+def test_data_generate_store_options_are_the_store_defaults() -> None:
+    import inspect
+
+    from personafuse.data.store import ShardStore
+
+    params = {p.name: p for p in _command("data generate").params}
+    store = inspect.signature(ShardStore).parameters
+    assert params["shard_size"].default == store["shard_size"].default
+    assert params["fsync"].default == store["fsync"].default

@@ -15,6 +15,7 @@ import typer
 from personafuse.configs import config_message, default, option
 from personafuse.data.config import PipelineConfig
 from personafuse.data.source_options import SourceOptions
+from personafuse.data.store import SHARD_SIZE
 from personafuse.data.teacher_options import TeacherOptions
 from personafuse.devices import DeviceOpt, DtypeOpt
 
@@ -85,7 +86,7 @@ def generate(
     max_chars: Annotated[int, option(S, "max_chars")] = default(S, "max_chars"),
     hub_config: Annotated[str | None, option(S, "config", "--hub-config")] = default(S, "config"),
     hub_split: Annotated[str | None, option(S, "split", "--hub-split")] = default(S, "split"),
-    shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = 10_000,
+    shard_size: Annotated[int, typer.Option(help="Lines per output shard.")] = SHARD_SIZE,
     fsync: Annotated[bool, typer.Option(help="fsync after every line (survives power loss, slower).")] = False,
     retry_reasons: Annotated[list[str] | None, typer.Option("--retry-reasons", help="Also redo queries rejected for this reason (e.g. unparseable); endpoint rejects (endpoint_*, teacher_error) are always redone.")] = None,
     device: DeviceOpt = "auto",

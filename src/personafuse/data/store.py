@@ -29,6 +29,8 @@ from typing import Any
 
 from personafuse.fileio import atomic_write, read_jsonl
 
+SHARD_SIZE = 10_000  # lines per records/rejects shard (`data generate --shard-size`)
+
 RECORDS = "records"
 REJECTS = "rejects"
 _SHARD = re.compile(r"^(records|rejects)-(\d{5})\.jsonl$")
@@ -111,7 +113,7 @@ def drop_duplicate_records(paths: list[Path]) -> int:
 class ShardStore:
     """Append-only writer for one output folder. Use as a context manager."""
 
-    def __init__(self, out: str | os.PathLike[str], *, shard_size: int = 10_000, fsync: bool = False):
+    def __init__(self, out: str | os.PathLike[str], *, shard_size: int = SHARD_SIZE, fsync: bool = False):
         self.out = Path(out)
         self.shard_size = shard_size
         self.fsync = fsync
