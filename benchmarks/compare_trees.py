@@ -155,11 +155,17 @@ def git_info(tree: Path) -> dict[str, Any]:
 
 
 def stage_tree(stage: Path, label: str, src_tree: Path, script_tree: Path) -> Path:
-    """A directory with ``benchmarks/`` (a snapshot of script_tree's) and ``src`` -> src_tree/src."""
+    """A directory with ``benchmarks/`` (a snapshot of script_tree's), ``src`` -> src_tree/src and
+    src_tree's stub teacher ``tests/stub_teacher.py`` where it has one (an older tree has it as the
+    module personafuse.data.stub_server in its src, which datagen_overhead.py falls back to)."""
     d = stage / label
     d.mkdir(parents=True)
     (d / "src").symlink_to((src_tree / "src").resolve(), target_is_directory=True)
     shutil.copytree(script_tree / "benchmarks", d / "benchmarks", ignore=shutil.ignore_patterns("__pycache__"))
+    stub = src_tree / "tests" / "stub_teacher.py"
+    if stub.is_file():
+        (d / "tests").mkdir()
+        shutil.copy2(stub, d / "tests" / stub.name)
     return d
 
 

@@ -1,6 +1,6 @@
 """Pipeline overhead against bare concurrent ``openai`` calls, both hitting a local stub teacher.
 
-The stub (``personafuse.data.stub_server``, its own process) answers every request after a fixed
+The stub (``tests/stub_teacher.py``, its own process) answers every request after a fixed
 latency. *bare* sends the same Persona-CoT prompts with ``AsyncOpenAI`` and a semaphore of
 ``--in-flight`` and does nothing with the replies; *pipeline* runs ``personafuse.data.generate``
 (three dependent requests per query, parsing, validation, JSONL writes) with the same number of
@@ -37,10 +37,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# the stub teacher is a test stand-in in tests/, not part of the package
+STUB = Path(__file__).resolve().parent.parent / "tests" / "stub_teacher.py"
+
+
+def stub_command() -> list[str]:
+    """The stub from this tree's tests/; an older tree (e.g. staged by compare_trees.py without
+    tests/) still has it as the module ``personafuse.data.stub_server``."""
+    return [str(STUB)] if STUB.is_file() else ["-m", "personafuse.data.stub_server"]
+
+
 def start_stub(latency: float) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "personafuse.data.stub_server", "--port", str(port),
-                             "--latency", str(latency)])
+    proc = subprocess.Popen([sys.executable, *stub_command(), "--port", str(port), "--latency", str(latency)])
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.time() + 30
     while time.time() < deadline:

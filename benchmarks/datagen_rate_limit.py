@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,11 @@ from personafuse.data.config import PipelineConfig
 from personafuse.data.run import generate
 from personafuse.data.sources import seed_queries
 from personafuse.data.store import ShardStore
-from personafuse.data.stub_server import Faults, StubServer
 from personafuse.data.teachers import OpenAITeacher
+
+# the stub teacher is a test stand-in that lives in tests/, not in the package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from stub_teacher import Faults, StubServer  # noqa: E402
 
 
 def one(retry_after: str, n: int, rate: float) -> dict[str, object]:

@@ -37,7 +37,7 @@ echo "assets: $((SECONDS - t0)) s"
 
 # 2. the teacher on loopback
 PORT=$($PY -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-$PY -m personafuse.data.stub_server --port "$PORT" --latency 0 > "$OUT/teacher.log" 2>&1 &
+$PY tests/stub_teacher.py --port "$PORT" --latency 0 > "$OUT/teacher.log" 2>&1 &
 TEACHER=$!
 trap 'kill $TEACHER 2>/dev/null || true' EXIT
 for _ in $(seq 100); do

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from personafuse.data.stub_server import StubServer
+from stub_teacher import StubServer
 
 REPO = Path(__file__).resolve().parents[1]
 

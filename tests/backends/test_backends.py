@@ -21,9 +21,9 @@ from personafuse.backends import (
 from personafuse.backends.openai_compat import OpenAIBackend
 from personafuse.chat import RawPrompt
 from personafuse.data.cli import runs_here
-from personafuse.data.stub_server import StubServer
 from personafuse.data.teachers import GenParams, OpenAITeacher, TeacherRequestError
 from personafuse.evaluation.subjects import OpenAISubject
+from stub_teacher import StubServer
 
 MSGS = [{"role": "user", "content": "hello"}]
 

@@ -10,8 +10,8 @@ import pytest
 
 from data_fixtures import cli, lines, stub_server
 from personafuse.data.sources import seed_queries
-from personafuse.data.stub_server import StubServer
 from personafuse.traits import TRAIT_POLES
+from stub_teacher import StubServer
 
 RECORD_KEYS = {"id", "query", "situation", "source", "mode", "cues", "traits", "trait_reasons", "p", "response",
                "rationale", "teacher", "prompt_version", "constrained", "timings", "raw"}

@@ -20,10 +20,10 @@ from personafuse.data.prompts import pole_label
 from personafuse.data.run import EndpointFailuresExceeded, RunSummary, generate
 from personafuse.data.sources import Query, seed_queries
 from personafuse.data.store import ShardStore
-from personafuse.data.stub_server import Faults, StubServer, _poles_for
 from personafuse.data.teachers import GenParams, OpenAITeacher, TeacherError, TeacherRequestError
 from personafuse.endpoint import RetryPolicy, parse_retry_after
 from personafuse.training.records import load_records
+from stub_teacher import Faults, StubServer, poles_for
 from virtual_clock import VirtualClock
 
 QUERIES = [Query(q.text, "seeds", q.situation) for q in seed_queries()[:40]]
@@ -54,7 +54,7 @@ def _no_cut_step(recs: list[dict]) -> None:
     """Every record holds the stub's whole reply for every step: both cues, every pole it names,
     the whole answer and the rationale."""
     for r in recs:
-        social, task = _poles_for(r["query"])
+        social, task = poles_for(r["query"])
         assert sorted(r["traits"]) == sorted({*social, *task}), r["raw"]["traits"]
         assert r["cues"]["task"] == "A clear, well organised answer that addresses the request."
         assert r["response"].endswith(r["query"]) and r["rationale"].startswith("The reply shows")

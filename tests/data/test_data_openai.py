@@ -14,9 +14,9 @@ from personafuse.data.config import PipelineConfig
 from personafuse.data.run import generate
 from personafuse.data.sources import Query
 from personafuse.data.store import ShardStore
-from personafuse.data.stub_server import StubServer
 from personafuse.data.teachers import GenParams, OpenAITeacher, TeacherError, TeacherRequestError
 from personafuse.traits import TRAIT_POLES
+from stub_teacher import StubServer
 
 
 @pytest.fixture()

@@ -16,7 +16,7 @@ import pytest
 from data_fixtures import REPO, cli, cli_env, lines, write_jsonl
 from personafuse.data.sources import seed_queries
 from personafuse.data.store import ShardStore, StoreError, read_all, repair_shard
-from personafuse.data.stub_server import StubServer
+from stub_teacher import StubServer
 
 
 def test_torn_tail_is_repaired_and_work_redone(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import stub_server
-from personafuse.data.stub_server import StubServer
 from personafuse.reproduce.variants import TAT_VARIANT, listed_variants, variant_title
 from reproduce_support import reproduce, tiny_experiment
+from stub_teacher import StubServer
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from data_fixtures import stub_server
-from personafuse.data.stub_server import StubServer
 from reproduce_support import popen, reproduce, tiny_experiment
+from stub_teacher import StubServer
 
 pytestmark = pytest.mark.slow  # three grid runs and a resume: about 2.5 min on two cores
 GRID = {"variants": ["direct_ft", "personafuse"], "data": {"limit": 8, "heldout": 0}}

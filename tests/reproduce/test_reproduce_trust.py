@@ -16,8 +16,8 @@ import psutil
 import pytest
 
 from data_fixtures import stub_server
-from personafuse.data.stub_server import StubServer
 from reproduce_support import popen, reproduce, tiny_experiment
+from stub_teacher import StubServer
 
 # queries, data/direct, train/direct_ft/seed0, eval/direct_ft/seed0, replies/direct_ft/seed0, report
 GRID = {"variants": ["direct_ft"], "data": {"limit": 8, "heldout": 1}}

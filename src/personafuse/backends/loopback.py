@@ -2,7 +2,7 @@
 ``/v1/chat/completions`` and ``/v1/completions`` server on loopback (127.0.0.1, a free port) in a
 thread, whose replies come from a function. The evaluation tests' scripted subjects and judges and
 the stand-in judge of ``benchmarks/standins.py`` are this server (the Persona-CoT teacher with
-fault injection is :mod:`personafuse.data.stub_server`)."""
+fault injection is ``tests/stub_teacher.py``, a test stand-in outside the package)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ which requests fail is a pure function of the request and its attempt number, so
 Time comes from a :class:`personafuse.endpoint.Clock` shared with the client, so tests can run a
 40 s outage or a 60 s ``Retry-After`` on a fast clock.
 
-Run it standalone: ``python -m personafuse.data.stub_server --port 8011 --latency 0.1``.
+It lives in tests/ (a stand-in, not part of the library); tests import it as ``stub_teacher``.
+Run it standalone: ``python tests/stub_teacher.py --port 8011 --latency 0.1``.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _query_of(messages: list[dict[str, str]]) -> str:
     return (m.group(1) if m else user).strip()
 
 
-def _poles_for(query: str) -> tuple[list[str], list[str]]:
+def poles_for(query: str) -> tuple[list[str], list[str]]:
     h = hashlib.sha256(query.encode()).digest()
     traits = list(TRAITS)
     t1, t2 = traits[h[0] % 5], traits[(h[0] % 5 + 1 + h[1] % 4) % 5]
@@ -129,7 +130,7 @@ def reply_for(messages: list[dict[str, str]]) -> tuple[str, str]:
     """``(text, finish_reason)`` for one request (pure function of the messages)."""
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     q = _query_of(messages)
-    social, task = _poles_for(q)
+    social, task = poles_for(q)
     if '"social_cue"' in system:
         return json.dumps({"social_cue": f"The person writes about: {q[:60]}. They want to be taken seriously.",
                            "task_cue": "A clear, well organised answer that addresses the request."}), "stop"
