@@ -69,6 +69,9 @@ class StubState:
     tokens: float = 0.0
     last_refill: float = 0.0
     max_tokens_seen: list[int] = field(default_factory=list)
+    in_flight: int = 0  # chat requests between arrival and reply
+    max_in_flight: int = 0  # the most at once: what a client's concurrency cap really let through
+    hold: threading.Event | None = None  # while given and not set, every reply waits (a test lines requests up)
 
 
 def _draw(key: str, n: int, salt: str) -> float:
@@ -218,7 +221,14 @@ def make_app(state: StubState) -> Callable[..., Any]:
         if (early := _endpoint_fault(state)) is not None:
             await respond(*early)
             return
-        await asyncio.sleep(state.latency * (4 if "[slow]" in q else 1))
+        state.in_flight += 1
+        state.max_in_flight = max(state.max_in_flight, state.in_flight)
+        try:
+            await asyncio.sleep(state.latency * (4 if "[slow]" in q else 1))
+            while state.hold is not None and not state.hold.is_set():
+                await asyncio.sleep(0.005)
+        finally:
+            state.in_flight -= 1
         if "[down]" in q:
             await respond(500, {"error": {"message": "teacher is down"}})
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -97,27 +97,46 @@ def test_single_call_and_baseline_modes(stub: StubServer, tmp_path: Path) -> Non
 
 
 def test_concurrency_cap_and_timeout(stub: StubServer) -> None:
-    stub.state.latency = 0.2
+    """--max-in-flight caps the requests the endpoint sees at once (and lets that many through);
+    an attempt past --timeout fails after 1 + --max-retries attempts instead of waiting for the reply.
+    Told by what the stub saw, not by wall time: the stub holds every reply until the test releases it."""
+    hold = stub.state.hold = threading.Event()
 
-    async def go() -> tuple[float, float]:
+    async def capped() -> list[str]:
         t = OpenAITeacher("stub", base_url=stub.base_url, max_in_flight=4)
-        msgs = [[{"role": "user", "content": f"q{i}"}] for i in range(8)]
-        t0 = time.perf_counter()
-        await asyncio.gather(*(t.complete(m, GenParams(16)) for m in msgs))
-        capped = time.perf_counter() - t0
-        # a 0.05 s timeout against a 0.8 s reply ([slow]) fails after retries, not forever
-        t2 = OpenAITeacher("stub", base_url=stub.base_url, timeout=0.05, max_retries=1, backoff=0.01)
-        t0 = time.perf_counter()
-        with pytest.raises(TeacherRequestError, match="timeout"):
-            await t2.complete([{"role": "user", "content": "q [slow]"}], GenParams(16))
-        timed = time.perf_counter() - t0
+        jobs = asyncio.gather(*(t.complete([{"role": "user", "content": f"q{i}"}], GenParams(16)) for i in range(8)))
+        # the cap's worth lined up at the stub (a bounded wait: a client that sends fewer fails below,
+        # not by hanging); then an uncapped client would get the other four there too
+        for _ in range(3000):
+            if stub.state.in_flight >= 4 or jobs.done():
+                break
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        hold.set()
+        done = await jobs
         await t.aclose()
-        await t2.aclose()
-        return capped, timed
+        return [c.text for c in done]
 
-    capped, timed = asyncio.run(go())
-    assert 0.38 < capped < 2.0  # 8 requests, 4 in flight, 0.2 s each -> two waves (0.2 s without the cap)
-    assert timed < 0.75  # gave up without waiting for the 0.8 s reply
+    texts = asyncio.run(capped())
+    assert len(texts) == 8 and all(texts)
+    assert stub.state.requests == 8 and stub.state.in_flight == 0
+    assert stub.state.max_in_flight == 4  # never more than the cap at once, and the cap really in parallel
+
+    hold.clear()  # the next reply never comes while the teacher waits
+
+    async def timed_out() -> tuple[int, int, int]:
+        t = OpenAITeacher("stub", base_url=stub.base_url, timeout=0.5, max_retries=1, backoff=0.01)
+        try:
+            with pytest.raises(TeacherRequestError, match="timeout"):
+                await t.complete([{"role": "user", "content": "q held"}], GenParams(16))
+            return t.retries, stub.state.requests, stub.state.statuses[200]  # read before the stub may reply
+        finally:
+            hold.set()
+            await t.aclose()
+
+    retries, requests, replies = asyncio.run(timed_out())
+    assert (retries, requests) == (1, 8 + 2)  # one attempt and one retry reached the stub, then it gave up
+    assert replies == 8  # without a reply to the held request: it failed on its deadline
 
 
 def test_fatal_status_and_missing_key(stub: StubServer, monkeypatch: pytest.MonkeyPatch) -> None:
