@@ -2,8 +2,9 @@
 
 * :func:`atomic_write`: the whole file or none of it (a sibling ``NAME.tmp``, then ``os.replace``),
   for results, run settings and rewritten record files that a kill must not leave half-written;
-* :func:`read_jsonl`: the lines of an append-only JSONL file (generated records, eval replies,
-  training logs) where a kill can cut the last write short.
+* :func:`read_jsonl`: the lines of a JSONL file: an append-only one (generated records, eval
+  replies, training logs) where a kill can cut the last write short, or (``strict=True``) one a
+  user gives us (benchmark data, query sources, judgment records, responses to annotate).
 """
 
 from __future__ import annotations
@@ -37,25 +38,34 @@ def read_jsonl(
     *,
     error: type[Exception] = ValueError,
     hint: str = "",
+    strict: bool = False,
 ) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line_number, object)`` for every complete line of a JSONL file; blank lines are skipped.
+    """``(line_number, object)`` for every complete line of a JSONL file; blank lines are skipped,
+    a UTF-8 byte-order mark on the first line is accepted.
 
     A torn tail (a write cut by a kill: no final newline and not JSON) is skipped; a final line that
-    is whole JSON but lacks its newline (a file written by hand) is kept. A corrupt line anywhere
-    else, or one that is not a JSON object, raises ``error`` naming file and line (``hint`` added:
-    what to do about it), or, when ``errors`` is given, is appended to it and skipped (callers that
-    report every problem at once)."""
+    is whole JSON but lacks its newline (a file written by hand) is kept. ``strict``: for files a
+    user gives us (benchmarks, query sources), where a cut last line is lost data, not a crash of
+    ours: that line is an error like any other. A corrupt line (not UTF-8, not JSON, or not a JSON
+    object) raises ``error`` naming file and line (``hint`` added: what to do about it), or, when
+    ``errors`` is given, is appended to it and skipped (callers that report every problem at once)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
-            torn = not line.endswith(b"\n")
+            torn = not strict and not line.endswith(b"\n")
             try:
-                obj = json.loads(line)
-            except ValueError as e:
+                # explicit decode (not json.loads(bytes), which guesses UTF-16/32) so a bad byte is named as such
+                obj = json.loads(line.decode("utf-8-sig" if n == 1 else "utf-8"))
+            except UnicodeDecodeError as e:
+                if torn:  # a kill can cut a multi-byte character in half
+                    return
+                msg = f"{path}:{n}: not valid UTF-8 ({e.reason}){hint}"
+            except ValueError as e:  # JSONDecodeError, or e.g. an integer over Python's digit limit
                 if torn:
                     return
-                msg = f"{path}:{n}: not valid JSON ({e}){hint}"
+                why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+                msg = f"{path}:{n}: not valid JSON ({why}){hint}"
             else:
                 if isinstance(obj, dict):
                     yield n, obj

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personafuse.fileio import read_jsonl
+
 
 class SourceError(ValueError):
     """Bad query source: missing file, wrong field mapping, empty source, unreadable line."""
@@ -70,21 +72,9 @@ def read_rows(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
         raise SourceError(f"{path}: is a folder; pass a file")
     fmt = _format_of(path)
     if fmt == "jsonl":
-        with open(path, "rb") as f:  # binary + per-line decode so errors name the right line
-            for n, raw in enumerate(f, start=1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise SourceError(f"{path}:{n}: not valid UTF-8 ({e.reason})") from None
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise SourceError(f"{path}:{n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise SourceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield f"{path}:{n}", row
+        # strict: a query file cut short is lost data, not a torn write of ours to skip
+        for n, row in read_jsonl(path, error=SourceError, strict=True):
+            yield f"{path}:{n}", row
     elif fmt == "json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -142,12 +132,9 @@ def _get(row: Mapping[str, Any], dotted: str) -> Any:
 def seed_queries() -> list[Query]:
     """The bundled seed set (written for this project; tagged by situation)."""
     res = importlib.resources.files("personafuse.data") / "seeds" / "seed_queries.jsonl"
-    out = []
-    for n, line in enumerate(res.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            row = json.loads(line)
-            out.append(Query(row["query"], row["situation"], "seeds", {"line": n}))
-    return out
+    with importlib.resources.as_file(res) as path:
+        return [Query(row["query"], row["situation"], "seeds", {"line": n})
+                for n, row in read_jsonl(path, error=SourceError, strict=True)]
 
 
 def file_queries(path: str | Path, mapping: Mapping[str, str] | None = None) -> list[Query]:

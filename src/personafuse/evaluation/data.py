@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from personafuse import fileio
+
 BENCHDATA_ENV = "PERSONAFUSE_BENCHDATA"
 # A local folder laid out like the remote repositories (``<folder>/<owner>/<repo>/<path>``) that
 # stands in for the Hub and GitHub: air-gapped machines and the tests use it.
@@ -127,23 +129,15 @@ def _github_download(remote: Remote, path: str) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file; blank lines are skipped, a bad line raises naming file:line."""
+    """Rows of a JSON-lines file, each with its ``__line__``; blank lines are skipped, a bad line
+    (a cut last one too: benchmark files are input, strict) raises naming file:line."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     rows: list[dict[str, Any]] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{p}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            row["__line__"] = lineno
-            rows.append(row)
+    for lineno, row in fileio.read_jsonl(p, error=DataError, strict=True):
+        row["__line__"] = lineno
+        rows.append(row)
     return rows
 
 

@@ -19,7 +19,6 @@ A judge is any subject (``openai:MODEL`` endpoint or a local Hugging Face model,
 from __future__ import annotations
 
 import ast
-import json
 import math
 import re
 from collections import defaultdict
@@ -30,6 +29,7 @@ from typing import Any
 
 from personafuse.configs import config_class
 from personafuse.evaluation.data import DataError
+from personafuse.fileio import read_jsonl
 
 # ---------------------------------------------------------------------------------------------
 # Arena-Hard-Auto v0.1
@@ -268,13 +268,8 @@ class MentalJudgePrompt:
     def from_judgment_file(cls, path: str | Path) -> MentalJudgePrompt:
         p = Path(path)
         instr = None
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+        # the authors' records are input: a cut last line is an error, not skipped
+        for n, rec in read_jsonl(p, error=DataError, strict=True):
             judge = rec.get("judge")
             if not (isinstance(judge, list) and len(judge) == 2 and judge[1] == MENTAL_PROMPT_NAME):
                 continue

@@ -11,7 +11,6 @@ the study owner (``personafuse annotate tokens``); only its SHA-256 is stored.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import random
 import secrets
@@ -23,6 +22,8 @@ from collections.abc import Iterable
 from itertools import combinations
 from pathlib import Path
 from typing import Any
+
+from personafuse.fileio import read_jsonl
 
 CRITERIA = ("preferred", "usefulness", "social_presence")
 CRITERION_LABEL = {"preferred": "overall preference", "usefulness": "perceived usefulness", "social_presence": "social presence"}
@@ -106,13 +107,8 @@ class AnnotationStore:
         rows = []
         for f in files:
             f = Path(f)
-            for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise AnnotationError(f"{f}:{n}: not JSON ({e})") from None
+            # strict: a response file cut short must not silently lose its last reply
+            for n, obj in read_jsonl(f, error=AnnotationError, strict=True):
                 pid = obj.get("id", obj.get("prompt_id"))
                 prompt = obj.get("prompt", obj.get("query"))
                 if pid is None or prompt is None or not isinstance(obj.get("response"), str):
