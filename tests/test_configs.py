@@ -151,3 +151,27 @@ def test_data_generate_store_options_are_the_store_defaults() -> None:
     store = inspect.signature(ShardStore).parameters
     assert params["shard_size"].default == store["shard_size"].default
     assert params["fsync"].default == store["fsync"].default
+
+
+def test_the_replies_cell_names_a_bad_queries_line_before_loading_a_model(tmp_path: Path) -> None:
+    from personafuse.reproduce.replies import write_replies
+
+    q = tmp_path / "queries.jsonl"
+    q.write_text('{"id": "a", "query": "Hi there"}\n{"id": "b"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"queries\.jsonl:2: no query"):
+        write_replies("hf:/nonexistent/model", q, tmp_path / "out.jsonl", system="x")
+    q.write_text('{"id": "a", "query": "Hi there"}\n{"id": "b", "query": "cut', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"queries\.jsonl:2: not valid JSON"):
+        write_replies("hf:/nonexistent/model", q, tmp_path / "out.jsonl", system="x")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_source_loaders_default_to_source_options() -> None:
+    import inspect
+
+    from personafuse.data.sources import hub_queries, load_source
+
+    for fn in (load_source, hub_queries):
+        for name, p in inspect.signature(fn).parameters.items():
+            if name in ("limit", "shuffle", "seed", "lang", "min_chars", "max_chars", "config", "split"):
+                assert p.default == default(SourceOptions, name), (fn.__name__, name)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from personafuse.configs import default
+from personafuse.data.source_options import SourceOptions as S
 from personafuse.fileio import read_jsonl
 
 
@@ -285,13 +287,13 @@ def hub_queries(
     kind: str,
     id_or_path: str | None = None,
     *,
-    limit: int | None = None,
-    lang: str | None = "en",
-    min_chars: int = 8,
-    max_chars: int = 4000,
-    seed: int = 0,
-    config: str | None = None,
-    split: str | None = None,
+    limit: int | None = default(S, "limit"),
+    lang: str | None = default(S, "lang"),
+    min_chars: int = default(S, "min_chars"),
+    max_chars: int = default(S, "max_chars"),
+    seed: int = default(S, "seed"),
+    config: str | None = default(S, "config"),
+    split: str | None = default(S, "split"),
     buffer_size: int = 10_000,
     stats: HubStats | None = None,
 ) -> list[Query]:
@@ -378,14 +380,14 @@ def load_source(
     spec: str,
     *,
     fields: Mapping[str, str] | None = None,
-    limit: int | None = None,
-    shuffle: bool = False,
-    seed: int = 0,
-    lang: str | None = "en",
-    min_chars: int = 8,
-    max_chars: int = 4000,
-    config: str | None = None,
-    split: str | None = None,
+    limit: int | None = default(S, "limit"),
+    shuffle: bool = default(S, "shuffle"),
+    seed: int = default(S, "seed"),
+    lang: str | None = default(S, "lang"),
+    min_chars: int = default(S, "min_chars"),
+    max_chars: int = default(S, "max_chars"),
+    config: str | None = default(S, "config"),
+    split: str | None = default(S, "split"),
 ) -> list[Query]:
     """Resolve a ``--source`` spec: ``seeds``, ``file:PATH`` (or a bare path), ``KIND[:ID_OR_PATH]``."""
     kind, _, rest = spec.partition(":")

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from personafuse.evaluation.config import REASONING_TOKENS
-from personafuse.fileio import atomic_write
+from personafuse.fileio import atomic_write, read_jsonl
 
 
 def write_replies(model: str, queries: Path, out: Path, *, system: str, routing: str | None = None, seed: int = 0,
@@ -24,7 +24,12 @@ def write_replies(model: str, queries: Path, out: Path, *, system: str, routing:
     from personafuse.evaluation.cot_prompting import with_persona_cot
     from personafuse.evaluation.subjects import SubjectOptions, load_subject
 
-    rows = [json.loads(line) for line in queries.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for n, row in read_jsonl(queries, strict=True):  # before the model loads: a bad file fails at once
+        missing = [k for k in ("id", "query") if not isinstance(row.get(k), str) or not row[k].strip()]
+        if missing:
+            raise ValueError(f"{queries}:{n}: no {' or '.join(missing)} (each line needs id and query)")
+        rows.append(row)
     from personafuse.devices import placement_line
 
     loaded = load_subject(model, SubjectOptions(routing=routing, seed=seed, batch_size=batch_size, device=device, dtype=dtype))
