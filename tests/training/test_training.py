@@ -281,6 +281,12 @@ def _two_processes_equal_one(tmp_path, engine_env: dict[str, str]) -> dict:
         lm = [[json.loads(x)["loss_lm"] for x in (tmp_path / d / "out" / stage / "losses.jsonl").read_text().splitlines()]
               for d in ("one", "two")]
         assert lm[1] == pytest.approx(lm[0], rel=1e-4), stage
+        # the checkpoint holds the whole trained tensors (gathered under FSDP), keyed as one process keys them
+        ckpt = [torch.load(tmp_path / d / "out" / stage / "checkpoint-3" / "state.pt", weights_only=False)["params"]
+                for d in ("one", "two")]
+        assert ckpt[0].keys() == ckpt[1].keys() and ckpt[0]
+        for k in ckpt[0]:
+            torch.testing.assert_close(ckpt[0][k], ckpt[1][k], atol=1e-5, rtol=1e-4, msg=f"{stage} checkpoint {k}")
     assert saved["adamw_resume_gap"] <= 1e-6
     return saved
 

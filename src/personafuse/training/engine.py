@@ -7,7 +7,8 @@ config with ``distributed_type: FSDP`` and ``fsdp_version: 2``) run the same loo
   ``fully_shard`` moves the copy's parameters into shards, so the caller's model stays a plain model
   on its original device (the frozen base is not duplicated on the accelerator) and gets the trained
   tensors back, whole, when the stage ends (:func:`hand_back`);
-- checkpoints hold whole tensors (gathered by every process, written by the main one): the same
+- checkpoints hold whole tensors (gathered through torch's distributed-checkpoint state-dict API,
+  trained tensors only, and written by the main process): the same
   ``state.pt`` layout as one process or DDP writes, except that an FSDP run's optimiser state is
   keyed by parameter path and resumes under FSDP only.
 
@@ -141,19 +142,45 @@ def params_by_path(model: nn.Module, paths: dict[str, str]) -> dict[str, nn.Para
     return {k: named[path] for k, path in paths.items()}
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a (possibly sharded) parameter. Collective under FSDP: every process
-    must call it, in the same order."""
-    from torch.distributed.tensor import DTensor
+def _state_dict_keys(model: nn.Module, live: dict[str, nn.Parameter]) -> dict[str, str]:
+    """Each trained tensor's key in torch DCP's model state dict: its path in ``model``, canonical
+    as in :func:`params_by_path` (DCP's ``_get_fqns`` drops the same activation-checkpointing and
+    compile levels)."""
+    from accelerate.utils.fsdp_utils import fsdp2_canonicalize_names
 
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    names = {id(p): n for n, p in fsdp2_canonicalize_names(dict(model.named_parameters())).items()}
+    missing = [k for k, p in live.items() if id(p) not in names]
+    if missing:
+        raise ValueError(f"trained tensors not in the sharded model: {', '.join(missing[:5])}")
+    return {k: names[id(p)] for k, p in live.items()}
+
+
+def _gather_trained(model: nn.Module, live: dict[str, nn.Parameter], *, cpu_offload: bool) -> dict[str, torch.Tensor]:
+    """Whole tensors of an FSDP2 model's trained parameters, keyed as ``live``. Collective: every
+    process calls it. torch DCP's get_model_state_dict (torch 2.13,
+    torch/distributed/checkpoint/state_dict.py) with ignore_frozen_params drops the
+    requires_grad=False parameters before it gathers, so the frozen base stays sharded (except a
+    frozen tensor tied under a second name, e.g. tied input/output embeddings: DCP drops frozen
+    tensors by named_parameters(), which names a shared tensor once). With cpu_offload, process 0
+    alone receives the tensors (on the CPU) and the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    keys = _state_dict_keys(model, live)
+    frozen = [k for k, p in live.items() if not p.requires_grad]
+    if frozen:  # DCP would leave them out: the stage's trained set is its requires_grad set
+        raise ValueError(f"trained tensors marked frozen (requires_grad=False): {', '.join(frozen[:5])}")
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, ignore_frozen_params=True)
+    full = get_model_state_dict(model, options=opts)
+    return {k: full[key] for k, key in keys.items()} if full else {}
 
 
 @torch.no_grad()
-def hand_back(live: dict[str, nn.Parameter], trainable: dict[str, nn.Parameter]) -> None:
-    """Copy the trained tensors of the sharded copy into the caller's parameters."""
-    for k, p in live.items():
-        trainable[k].copy_(full_tensor(p.detach()).to(trainable[k].device))
+def hand_back(model: nn.Module, live: dict[str, nn.Parameter], trainable: dict[str, nn.Parameter]) -> None:
+    """Copy the trained tensors of the sharded copy ``model`` into the caller's parameters, on
+    every process. Collective under FSDP."""
+    # every process keeps its caller's model, so every process needs the whole tensors: no cpu_offload
+    for k, t in _gather_trained(model, live, cpu_offload=False).items():
+        trainable[k].copy_(t.to(trainable[k].device))
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -175,15 +202,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def checkpoint_state(
     acc: Any, model: nn.Module, live: dict[str, nn.Parameter], optimizer: Any, scheduler: Any, step: int
 ) -> dict[str, Any]:
-    """Whole tensors of everything a resume needs. Collective under FSDP (every process calls it;
-    the main process writes the result)."""
-    params = {k: full_tensor(p.detach()).cpu().clone() for k, p in live.items()}
+    """Whole tensors of everything a resume needs. Collective under FSDP: every process calls it,
+    the main process (rank 0, the only one that receives the tensors) writes the result."""
     if is_fsdp(acc):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+        params = _gather_trained(model, live, cpu_offload=True)
         opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
         optim = {"format": "fsdp-full", "state": get_optimizer_state_dict(model, _inner(optimizer), options=opts)}
-    else:
+    else:  # one process or DDP: the parameters are whole already
+        params = {k: p.detach().cpu().clone() for k, p in live.items()}
         optim = optimizer.state_dict()
     return {
         "step": step,
@@ -197,18 +225,22 @@ def checkpoint_state(
 def load_checkpoint_state(
     acc: Any, model: nn.Module, live: dict[str, nn.Parameter], optimizer: Any, scheduler: Any, state: dict, where: str
 ) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    unknown = [k for k in state["params"] if k not in live]
+    if unknown:
+        raise ValueError(f"{where}: tensor {unknown[0]!r} is not trained by this stage")
+    if is_fsdp(acc):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    with torch.no_grad():
-        for k, t in state["params"].items():
-            if k not in live:
-                raise ValueError(f"{where}: tensor {k!r} is not trained by this stage")
-            p = live[k]
-            if isinstance(p, DTensor):
-                full = t.to(device=p.to_local().device, dtype=p.dtype)
-                p.to_local().copy_(distribute_tensor(full, p.device_mesh, p.placements).to_local())
-            else:
-                p.copy_(t)
+        # torch 2.13 DCP (torch/distributed/checkpoint/state_dict.py): with full_state_dict every
+        # process passes the whole tensors (each read state.pt) and keeps its own shard of them;
+        # strict=False as the checkpoint holds the trained tensors only.
+        keys = _state_dict_keys(model, live)
+        full = {keys[k]: t for k, t in state["params"].items()}
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, strict=False))
+    else:
+        with torch.no_grad():
+            for k, t in state["params"].items():
+                live[k].copy_(t)
     optim = state["optimizer"]
     sharded = isinstance(optim, dict) and optim.get("format") == "fsdp-full"
     if sharded != is_fsdp(acc):

@@ -191,7 +191,7 @@ class _StageRun:
     def finish(self) -> None:
         """Hand the trained values back to ``trainable`` in their original dtypes."""
         if self.live is not self.trainable:
-            engine.hand_back(self.live, self.trainable)
+            engine.hand_back(self.model, self.live, self.trainable)
             self.acc.free_memory()  # the sharded copy, its optimiser state and gradients
         _restore_dtypes(self.trainable, self.original_dtypes)
         _drop_inference_packs(self.objective)
