@@ -29,6 +29,7 @@ import asyncio
 import email.utils
 import hashlib
 import json
+import math
 import re
 import threading
 import time
@@ -267,8 +268,10 @@ def _endpoint_fault(state: StubState) -> tuple[int, dict[str, Any], list[tuple[b
         headers = []
         if f.retry_after is not None:
             value = f.retry_after
-            if value.startswith("date+"):  # an HTTP date that many seconds ahead on the shared clock
-                value = email.utils.formatdate(state.clock.time() + float(value[5:]), usegmt=True)
+            if value.startswith("date+"):  # an HTTP date that many seconds ahead on the shared clock,
+                # rounded up as a server must: HTTP dates have whole seconds, and one truncated down
+                # would send the client back before the bucket refills (a second 429 in ~5% of runs)
+                value = email.utils.formatdate(math.ceil(state.clock.time() + float(value[5:])), usegmt=True)
             headers.append((b"retry-after", value.encode()))
         if f.retry_after_ms is not None:
             headers.append((b"retry-after-ms", f.retry_after_ms.encode()))
