@@ -304,6 +304,22 @@ def write_jsonl(path, rows) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def records_on_disk(tmp_path, n: int, seed: int) -> list:
+    """``n`` synthetic records written to ``tmp_path/data`` and loaded back as training Records
+    (the folder ``train_config`` points at)."""
+    from personafuse.training.records import load_records
+
+    write_jsonl(tmp_path / "data" / "records-00000.jsonl", synthetic_records(n, seed=seed))
+    return load_records(tmp_path / "data")
+
+
+def train_config(tmp_path, **kw):
+    """A TrainConfig over ``tmp_path/data`` writing to ``tmp_path/out``, full precision."""
+    from personafuse.training.config import TrainConfig
+
+    return TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), mixed_precision="no", **kw)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist, whole files go to the workers in collection order (`--dist loadfile`,
     so a module's fixtures are built once; `make test` passes `--no-loadscope-reorder`, without which

@@ -11,20 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import build_tiny, synthetic_records, write_jsonl
+from conftest import build_tiny, records_on_disk, train_config
 from personafuse.training.config import StageConfig, TrainConfig
-from personafuse.training.records import Record, load_records
+from personafuse.training.records import Record
 from personafuse.training.stages import run_warmup
-
-
-def _records(tmp_path: Path, n: int, seed: int) -> list[Record]:
-    write_jsonl(tmp_path / "data" / "records-00000.jsonl", synthetic_records(n, seed=seed))
-    return load_records(tmp_path / "data")
-
-
-def _tc(tmp_path: Path, **kw) -> TrainConfig:
-    return TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), mixed_precision="no", **kw)
-
 
 SC_RESUME = StageConfig(steps=5, batch_size=3, lr=5e-3, micro_batch_size=4)
 
@@ -32,7 +22,7 @@ SC_RESUME = StageConfig(steps=5, batch_size=3, lr=5e-3, micro_batch_size=4)
 def _crash_after_step_3(tmp_path: Path, records: list[Record]) -> tuple[TrainConfig, Path]:
     """Checkpoints every 2 steps; the process dies after step 3's log line, before any checkpoint-3.
     (stop_after=3 writes checkpoint-3 too; removing it leaves what the crash would have left.)"""
-    tc = _tc(tmp_path / "split", warmup=SC_RESUME, save_every=2)
+    tc = train_config(tmp_path / "split", warmup=SC_RESUME, save_every=2)
     run_warmup(build_tiny(init_range=0.3), records, tc, stop_after=3)
     stage = Path(tc.out) / "warmup"
     shutil.rmtree(stage / "checkpoint-3")
@@ -42,7 +32,7 @@ def _crash_after_step_3(tmp_path: Path, records: list[Record]) -> tuple[TrainCon
 
 def _straight(tmp_path: Path, records: list[Record]):
     pf = build_tiny(init_range=0.3)
-    result = run_warmup(pf, records, _tc(tmp_path / "full", warmup=SC_RESUME, save_every=2))
+    result = run_warmup(pf, records, train_config(tmp_path / "full", warmup=SC_RESUME, save_every=2))
     return pf, result
 
 
@@ -58,7 +48,7 @@ def _same_run(a, ra, b, rb) -> None:
 def test_resume_drops_log_lines_past_the_last_checkpoint(tmp_path: Path) -> None:
     """Step 3 was logged but never checkpointed: the resume redoes it, and the log holds each step
     once. Planted bug caught: train_loop keeping every old log line on resume (``<= start`` dropped)."""
-    records = _records(tmp_path, 30, seed=4)
+    records = records_on_disk(tmp_path, 30, seed=4)
     full, full_result = _straight(tmp_path, records)
     tc, log = _crash_after_step_3(tmp_path, records)
     assert [json.loads(x)["step"] for x in log.read_text().splitlines()] == [1, 2, 3]
@@ -70,7 +60,7 @@ def test_resume_drops_log_lines_past_the_last_checkpoint(tmp_path: Path) -> None
 
 def test_resume_survives_a_torn_last_log_line(tmp_path: Path) -> None:
     """The crash hit mid-write of step 4's log line: the torn line is dropped, not a crash."""
-    records = _records(tmp_path, 30, seed=4)
+    records = records_on_disk(tmp_path, 30, seed=4)
     full, full_result = _straight(tmp_path, records)
     tc, log = _crash_after_step_3(tmp_path, records)
     with log.open("a") as f:

@@ -11,19 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import build_tiny, synthetic_records, write_jsonl
-from personafuse.training.config import StageConfig, TrainConfig
-from personafuse.training.records import Record, load_records
+from conftest import build_tiny, records_on_disk, train_config
+from personafuse.training.config import StageConfig
 from personafuse.training.stages import Featurizer, run_joint
-
-
-def _records(tmp_path: Path, n: int, seed: int) -> list[Record]:
-    write_jsonl(tmp_path / "data" / "records-00000.jsonl", synthetic_records(n, seed=seed))
-    return load_records(tmp_path / "data")
-
-
-def _tc(tmp_path: Path, **kw) -> TrainConfig:
-    return TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), mixed_precision="no", **kw)
 
 
 def _no_dropout(module: nn.Module) -> None:
@@ -73,11 +63,11 @@ def test_joint_lm_loss_reaches_the_router_through_the_mixture_weights(tmp_path: 
     """One joint SGD step with gamma=0 (L_lm only): the router's update must be -lr times the
     finite-difference gradient of L_lm. Planted bug caught: ``self.pf.state.set(w.detach())`` in
     JointObjective.forward (the router then never moves)."""
-    records = _records(tmp_path, 6, seed=5)
+    records = records_on_disk(tmp_path, 6, seed=5)
     lr = 1.0
     sc = StageConfig(steps=1, batch_size=6, micro_batch_size=6, lr=lr, optimizer="sgd", scheduler="constant",
                      warmup_ratio=0.0, max_grad_norm=None)
-    tc = _tc(tmp_path, joint=sc, gamma=0.0, save_every=1000)
+    tc = train_config(tmp_path, joint=sc, gamma=0.0, save_every=1000)
     pf = build_tiny(init_range=0.3).double()  # float64 LM; the router's cosines stay float32
     _no_dropout(pf)
     before = copy.deepcopy(pf)

@@ -10,21 +10,11 @@ import json
 import pytest
 import torch
 
-from conftest import build_tiny, synthetic_records, write_jsonl
+from conftest import build_tiny, records_on_disk, train_config
 from personafuse.moe.mixture import MixtureState
 from personafuse.training.config import StageConfig, TrainConfig
 from personafuse.training.objectives import random_route_weights
-from personafuse.training.records import load_records
 from personafuse.training.stages import run_joint, train
-
-
-def _records(tmp_path, n=40, seed=4):
-    write_jsonl(tmp_path / "data" / "records-00000.jsonl", synthetic_records(n, seed=seed))
-    return load_records(tmp_path / "data")
-
-
-def _tc(tmp_path, **kw) -> TrainConfig:
-    return TrainConfig(data=str(tmp_path / "data"), out=str(tmp_path / "out"), save_every=1000, mixed_precision="no", **kw)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -42,7 +32,7 @@ def test_each_row_gets_k_experts_at_one_over_k_whatever_the_chunking(k):
 
 
 def test_random_route_joint_trains_the_experts_only_under_k_random_experts(tmp_path, monkeypatch):
-    records = _records(tmp_path, n=48, seed=5)
+    records = records_on_disk(tmp_path, 48, 5)
     pf = build_tiny(init_range=0.3)
     before = {n: p.detach().clone() for n, p in pf.named_parameters()}
     seen: list[torch.Tensor] = []
@@ -55,7 +45,7 @@ def test_random_route_joint_trains_the_experts_only_under_k_random_experts(tmp_p
 
     monkeypatch.setattr(MixtureState, "set", spy)
     sc = StageConfig(steps=60, batch_size=8, lr=1e-2, micro_batch_size=4, warmup_ratio=0.0, scheduler="constant")
-    tc = _tc(tmp_path, random_route=2, joint=sc)
+    tc = train_config(tmp_path, save_every=1000, random_route=2, joint=sc)
     result = run_joint(pf, records, tc)
     rows = torch.cat(seen)
     assert rows.shape[0] == 60 * 8  # every sequence of every step ran under a random route ...
@@ -69,11 +59,11 @@ def test_random_route_joint_trains_the_experts_only_under_k_random_experts(tmp_p
 
 
 def test_interrupt_and_resume_equals_uninterrupted(tmp_path):
-    records = _records(tmp_path)
+    records = records_on_disk(tmp_path, 40, 4)
     sc = StageConfig(steps=6, batch_size=3, lr=5e-3, micro_batch_size=2)
     full = build_tiny()
-    run_joint(full, records, _tc(tmp_path / "full", random_route=2, joint=sc))
-    tc = _tc(tmp_path / "split", random_route=2, joint=sc)
+    run_joint(full, records, train_config(tmp_path / "full", save_every=1000, random_route=2, joint=sc))
+    tc = train_config(tmp_path / "split", save_every=1000, random_route=2, joint=sc)
     run_joint(build_tiny(), records, tc, stop_after=3)
     resumed = build_tiny()
     run_joint(resumed, records, tc, resume=True)
@@ -85,9 +75,9 @@ def test_the_pipeline_runs_warmup_then_joint_and_no_router_stage(tmp_path):
     from personafuse import PersonaFuseModel
 
     tiny = build_tiny(tmp_path)  # saved base and encoder: the pipeline builds its model from the config
-    _records(tmp_path, n=24)
+    records_on_disk(tmp_path, 24, 4)
     small = StageConfig(steps=2, batch_size=2, lr=1e-3, micro_batch_size=4)
-    tc = _tc(tmp_path, model=tiny.config, random_route=3, warmup=small, joint=small)
+    tc = train_config(tmp_path, save_every=1000, model=tiny.config, random_route=3, warmup=small, joint=small)
     final = train(tc)
     out = tmp_path / "out"
     assert final == out / "joint" / "model"
@@ -108,11 +98,11 @@ def test_the_warmup_does_not_depend_on_random_route(tmp_path):
     from personafuse import PersonaFuseModel
 
     tiny = build_tiny(tmp_path)
-    _records(tmp_path, n=24)
+    records_on_disk(tmp_path, 24, 4)
     small = StageConfig(steps=3, batch_size=2, lr=1e-2, micro_batch_size=4)
     models = []
     for k in (0, 2):
-        tc = dataclasses.replace(_tc(tmp_path, model=tiny.config, random_route=k, warmup=small), out=str(tmp_path / f"k{k}"))
+        tc = dataclasses.replace(train_config(tmp_path, save_every=1000, model=tiny.config, random_route=k, warmup=small), out=str(tmp_path / f"k{k}"))
         models.append(PersonaFuseModel.from_pretrained(train(tc, "warmup")))
     a, b = dict(models[0].named_parameters()), dict(models[1].named_parameters())
     assert any(p.abs().sum() > 0 for n, p in a.items() if "lora_B" in n)  # it trained (a fresh B is zero)
